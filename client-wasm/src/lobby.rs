@@ -1,0 +1,337 @@
+//! The lobby: connection state, who is online, and chat, kept live over the hub WebSocket.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use shared::hub::{ChatLine, ClientMsg, PROTOCOL_VERSION, ServerMsg, UserSummary, close};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::JsFuture;
+use web_sys::{
+    CloseEvent, HtmlElement, HtmlFormElement, HtmlInputElement, MessageEvent, RequestInit, RequestRedirect,
+    Response, ResponseType, SubmitEvent, WebSocket,
+};
+
+use crate::dom;
+
+/// Chat lines kept on screen; older ones are removed.
+const MAX_LINES: u32 = 200;
+/// Seconds between latency probes.
+const PING_EVERY_MS: i32 = 5_000;
+
+/// The lobby's elements (rendered by the server) and its live state.
+pub struct Lobby {
+    status: HtmlElement,
+    chat_log: HtmlElement,
+    chat_form: HtmlFormElement,
+    chat_input: HtmlInputElement,
+    chat_error: HtmlElement,
+    online_list: HtmlElement,
+    online_count: HtmlElement,
+    state: RefCell<State>,
+}
+
+#[derive(Default)]
+struct State {
+    socket: Option<WebSocket>,
+    /// Callbacks of the current socket, kept alive as long as it is.
+    callbacks: Vec<Box<dyn std::any::Any>>,
+    online: BTreeMap<i64, UserSummary>,
+    me: Option<i64>,
+    failures: u32,
+    ping: Option<(u32, f64)>,
+    next_ping_id: u32,
+}
+
+impl Lobby {
+    /// Finds the lobby markup; `None` on pages without it.
+    pub fn attach() -> Result<Option<Rc<Self>>, JsValue> {
+        let (
+            Some(status),
+            Some(chat_log),
+            Some(chat_form),
+            Some(chat_input),
+            Some(chat_error),
+            Some(online_list),
+            Some(online_count),
+        ) = (
+            dom::by_id("status"),
+            dom::by_id("chat-log"),
+            dom::by_id("chat-form"),
+            dom::by_id("chat-input"),
+            dom::by_id("chat-error"),
+            dom::by_id("online-list"),
+            dom::by_id("online-count"),
+        )
+        else {
+            return Ok(None);
+        };
+        let lobby = Rc::new(Self {
+            status,
+            chat_log,
+            chat_form,
+            chat_input,
+            chat_error,
+            online_list,
+            online_count,
+            state: RefCell::default(),
+        });
+        let weak = Rc::downgrade(&lobby);
+        let on_submit = Closure::<dyn FnMut(SubmitEvent)>::new(move |event: SubmitEvent| {
+            event.prevent_default();
+            if let Some(lobby) = weak.upgrade() {
+                lobby.send_chat();
+            }
+        });
+        lobby.chat_form.add_event_listener_with_callback("submit", on_submit.as_ref().unchecked_ref())?;
+        // The form lives as long as the page.
+        on_submit.forget();
+        Ok(Some(lobby))
+    }
+
+    fn set_status(&self, state: &str, text: &str) {
+        self.status.set_text_content(Some(text));
+        let _ = self.status.set_attribute("data-state", state);
+        self.status.set_class_name(&format!("status {state}"));
+        let connected = state == "online";
+        self.chat_input.set_disabled(!connected);
+        if let Some(button) = self.chat_form.query_selector("button").ok().flatten() {
+            let _ = button.toggle_attribute_with_force("disabled", !connected);
+        }
+    }
+
+    fn show_error(&self, message: Option<&str>) {
+        self.chat_error.set_text_content(message);
+        self.chat_error.set_hidden(message.is_none());
+    }
+
+    fn send(&self, msg: &ClientMsg) {
+        if let (Some(socket), Ok(json)) = (&self.state.borrow().socket, serde_json::to_string(msg)) {
+            let _ = socket.send_with_str(&json);
+        }
+    }
+
+    fn send_chat(&self) {
+        let text = self.chat_input.value();
+        if text.trim().is_empty() {
+            return;
+        }
+        self.send(&ClientMsg::Chat { text });
+        self.chat_input.set_value("");
+        self.show_error(None);
+    }
+
+    fn on_message(self: &Rc<Self>, msg: ServerMsg) {
+        match msg {
+            ServerMsg::Welcome { me, online, chat, .. } => {
+                {
+                    let mut state = self.state.borrow_mut();
+                    state.me = Some(me.id);
+                    state.online = online.into_iter().map(|u| (u.id, u)).collect();
+                    state.failures = 0;
+                }
+                self.set_status("online", "Online");
+                dom::clear(&self.chat_log);
+                for line in &chat {
+                    self.append_chat(line);
+                }
+                self.render_online();
+                self.ping();
+            }
+            ServerMsg::UserOnline { user } => {
+                self.state.borrow_mut().online.insert(user.id, user);
+                self.render_online();
+            }
+            ServerMsg::UserOffline { id } => {
+                self.state.borrow_mut().online.remove(&id);
+                self.render_online();
+            }
+            ServerMsg::Chat(line) => self.append_chat(&line),
+            ServerMsg::Pong { id } => self.on_pong(id),
+            ServerMsg::Error { message, .. } => self.show_error(Some(&message)),
+            ServerMsg::Reload { .. } => self.set_status("reload", "A new version is out: reload the page"),
+        }
+    }
+
+    fn append_chat(&self, line: &ChatLine) {
+        let Ok(li) = dom::element("li", "chat-line", "") else { return };
+        let date = js_sys::Date::new(&JsValue::from_f64(line.at_ms as f64));
+        let time = format!("{:02}:{:02}", date.get_hours(), date.get_minutes());
+        let is_me = self.state.borrow().me == Some(line.from.id);
+        for (class, text) in [
+            ("time", time.as_str()),
+            (if is_me { "from me" } else { "from" }, line.from.name.as_str()),
+            ("text", line.text.as_str()),
+        ] {
+            if let Ok(part) = dom::element("span", class, text) {
+                let _ = li.append_child(&part);
+            }
+        }
+        let log = &self.chat_log;
+        let at_bottom = log.scroll_top() + log.client_height() + 40 >= log.scroll_height();
+        let _ = log.append_child(&li);
+        while log.child_element_count() > MAX_LINES {
+            if let Some(first) = log.first_element_child() {
+                first.remove();
+            }
+        }
+        if at_bottom {
+            log.set_scroll_top(log.scroll_height());
+        }
+    }
+
+    fn render_online(&self) {
+        let state = self.state.borrow();
+        let mut users: Vec<&UserSummary> = state.online.values().collect();
+        users.sort_by_key(|u| u.name.to_lowercase());
+        dom::clear(&self.online_list);
+        for user in users {
+            let me = state.me == Some(user.id);
+            if let Ok(li) = dom::element("li", if me { "user me" } else { "user" }, &user.name) {
+                let _ = li.set_attribute("data-user", &user.name);
+                let _ = self.online_list.append_child(&li);
+            }
+        }
+        self.online_count.set_text_content(Some(&state.online.len().to_string()));
+    }
+
+    /// Sends a latency probe; the answer updates the status line.
+    fn ping(&self) {
+        let id = {
+            let mut state = self.state.borrow_mut();
+            state.next_ping_id = state.next_ping_id.wrapping_add(1);
+            let id = state.next_ping_id;
+            state.ping = Some((id, now_ms()));
+            id
+        };
+        self.send(&ClientMsg::Ping { id });
+    }
+
+    fn on_pong(self: &Rc<Self>, id: u32) {
+        let sent = self.state.borrow().ping.filter(|(pid, _)| *pid == id).map(|(_, at)| at);
+        if let Some(sent) = sent {
+            self.status.set_text_content(Some(&format!("Online · {} ms", (now_ms() - sent).round())));
+        }
+        let weak = Rc::downgrade(self);
+        later(PING_EVERY_MS, move || {
+            if let Some(lobby) = weak.upgrade()
+                && lobby.state.borrow().socket.is_some()
+            {
+                lobby.ping();
+            }
+        });
+    }
+}
+
+/// Opens the hub WebSocket and wires its events to the lobby.
+pub fn connect(lobby: Rc<Lobby>) {
+    if let Err(e) = try_connect(&lobby) {
+        web_sys::console::error_1(&e);
+        retry(lobby);
+    }
+}
+
+fn try_connect(lobby: &Rc<Lobby>) -> Result<(), JsValue> {
+    lobby.set_status("connecting", "Connecting…");
+    let socket = WebSocket::new(&dom::socket_url("/ws")?)?;
+
+    let on_open = {
+        let weak = Rc::downgrade(lobby);
+        Closure::<dyn FnMut()>::new(move || {
+            if let Some(lobby) = weak.upgrade() {
+                lobby.send(&ClientMsg::Hello { version: PROTOCOL_VERSION });
+            }
+        })
+    };
+    let on_message = {
+        let weak = Rc::downgrade(lobby);
+        Closure::<dyn FnMut(MessageEvent)>::new(move |event: MessageEvent| {
+            let Some(lobby) = weak.upgrade() else { return };
+            let Some(text) = event.data().as_string() else { return };
+            match serde_json::from_str::<ServerMsg>(&text) {
+                Ok(msg) => lobby.on_message(msg),
+                Err(e) => web_sys::console::warn_1(&format!("unreadable hub message: {e}").into()),
+            }
+        })
+    };
+    let on_close = {
+        let weak = Rc::downgrade(lobby);
+        Closure::<dyn FnMut(CloseEvent)>::new(move |event: CloseEvent| {
+            if let Some(lobby) = weak.upgrade() {
+                on_closed(lobby, event.code(), &event.reason());
+            }
+        })
+    };
+    socket.set_onopen(Some(on_open.as_ref().unchecked_ref()));
+    socket.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+    socket.set_onclose(Some(on_close.as_ref().unchecked_ref()));
+    let mut state = lobby.state.borrow_mut();
+    state.socket = Some(socket);
+    state.callbacks = vec![Box::new(on_open), Box::new(on_message), Box::new(on_close)];
+    Ok(())
+}
+
+fn on_closed(lobby: Rc<Lobby>, code: u16, reason: &str) {
+    {
+        let mut state = lobby.state.borrow_mut();
+        state.socket = None;
+        state.online.clear();
+        state.ping = None;
+    }
+    lobby.render_online();
+    match code {
+        close::SESSION_ENDED => {
+            let _ = dom::window().location().assign("/login");
+        }
+        close::RELOAD => lobby.set_status("reload", "A new version is out: reload the page"),
+        _ => {
+            let why = if reason.is_empty() { "connection lost".to_owned() } else { reason.to_owned() };
+            lobby.set_status("offline", &format!("Offline ({why}); reconnecting…"));
+            retry(lobby);
+        }
+    }
+}
+
+/// Reconnects after a growing delay, first making sure the session still exists: a failed
+/// WebSocket upgrade (401) cannot be told apart from a network failure in the browser.
+fn retry(lobby: Rc<Lobby>) {
+    let failures = {
+        let mut state = lobby.state.borrow_mut();
+        state.failures += 1;
+        state.failures
+    };
+    let delay = (500 * 2_i32.pow(failures.min(5))).min(10_000);
+    later(delay, move || {
+        wasm_bindgen_futures::spawn_local(async move {
+            if session_ended().await {
+                let _ = dom::window().location().assign("/login");
+            } else {
+                connect(lobby);
+            }
+        });
+    });
+}
+
+/// Whether `/play` now redirects, meaning the session is gone.
+async fn session_ended() -> bool {
+    let init = RequestInit::new();
+    init.set_redirect(RequestRedirect::Manual);
+    let Ok(promise) = web_sys::Request::new_with_str_and_init("/play", &init)
+        .map(|request| dom::window().fetch_with_request(&request))
+    else {
+        return false;
+    };
+    match JsFuture::from(promise).await.and_then(JsCast::dyn_into::<Response>) {
+        Ok(response) => response.type_() == ResponseType::Opaqueredirect,
+        Err(_) => false, // the server is unreachable: keep retrying
+    }
+}
+
+fn later(ms: i32, f: impl FnOnce() + 'static) {
+    let callback = Closure::once_into_js(f);
+    let _ = dom::window().set_timeout_with_callback_and_timeout_and_arguments_0(callback.unchecked_ref(), ms);
+}
+
+fn now_ms() -> f64 {
+    js_sys::Date::now()
+}

@@ -1,0 +1,268 @@
+//! Command line and environment, validated once into a [`Config`] that the rest of the server
+//! receives. Every flag can also be set with a `RALLYPOINT_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Rallypoint: a self-hosted multiplayer game server for the browser.
+#[derive(Debug, Parser)]
+#[command(name = "rallypoint", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the site, the lobby hub and the game rooms.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address and port for HTTP and WebSocket traffic.
+    #[arg(long, env = "RALLYPOINT_LISTEN", default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
+    pub listen: SocketAddr,
+
+    /// Database to use. `sqlite://PATH` keeps everything in one file, created with its folder
+    /// when missing.
+    #[arg(
+        long,
+        env = "RALLYPOINT_DATABASE_URL",
+        default_value = "sqlite://./data/rallypoint.db",
+        value_name = "URL"
+    )]
+    pub database_url: String,
+
+    /// Folder with the built client and stylesheets (the output of `cargo xtask dist` or Trunk).
+    /// Default: `./static` when it exists, else `./web/dist`.
+    #[arg(long, env = "RALLYPOINT_STATIC_DIR", value_name = "DIR")]
+    pub static_dir: Option<PathBuf>,
+
+    /// The origin browsers use to reach this server, such as `https://play.example.com`. It is
+    /// the only `Origin` allowed for WebSocket upgrades and form posts, and `https` makes
+    /// cookies `Secure`.
+    /// Without it, a request's own Host is taken as the site's origin (fine on a laptop).
+    #[arg(long, env = "RALLYPOINT_PUBLIC_URL", value_name = "URL")]
+    pub public_url: Option<String>,
+
+    /// Take the client address from the last `X-Forwarded-For` entry. Set it only behind a
+    /// reverse proxy that sets that header, or clients can choose their own address.
+    #[arg(long, env = "RALLYPOINT_TRUST_FORWARDED_FOR")]
+    pub trust_forwarded_for: bool,
+
+    /// Most TCP connections served at once (HTTP and WebSocket); further ones are closed at once.
+    #[arg(long, env = "RALLYPOINT_MAX_CONNECTIONS", default_value_t = 50_000, value_name = "N")]
+    pub max_connections: usize,
+
+    /// Log filter, for example `info` or `rallypoint_server=debug,info`.
+    #[arg(long, env = "RALLYPOINT_LOG", default_value = "info", value_name = "FILTER")]
+    pub log: String,
+}
+
+/// The validated configuration of a running server.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the database lives.
+    pub database_url: String,
+    /// Folder of static files served under `/static/`.
+    pub static_dir: PathBuf,
+    /// The site's public origin (`scheme://host[:port]`), when configured.
+    pub public_origin: Option<String>,
+    /// Whether cookies carry the `Secure` attribute (the public URL is https).
+    pub secure_cookies: bool,
+    /// See [`ServeArgs::trust_forwarded_for`].
+    pub trust_forwarded_for: bool,
+    /// See [`ServeArgs::max_connections`].
+    pub max_connections: usize,
+    /// Limits and timeouts, with production defaults; tests shorten some of them.
+    pub limits: Limits,
+}
+
+/// Sizes, rates and timeouts. The defaults are what production runs with.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest HTTP request body (forms).
+    pub http_body_bytes: usize,
+    /// Time allowed for a whole HTTP request/response, WebSocket upgrades excluded.
+    pub http_request_timeout: Duration,
+    /// Time allowed for a client to send its request headers.
+    pub http_header_timeout: Duration,
+    /// How long a session lasts after login.
+    pub session_ttl: Duration,
+    /// Failed logins allowed per account within [`Self::login_window`].
+    pub login_failures_per_account: u32,
+    /// Failed logins allowed per client address within [`Self::login_window`].
+    pub login_failures_per_address: u32,
+    /// The window over which failed logins are counted.
+    pub login_window: Duration,
+    /// Password hashes waiting for a hashing thread; beyond it a login gets "busy, retry".
+    pub hash_queue: usize,
+    /// Threads that hash passwords (run at a lower CPU priority than the network).
+    pub hash_threads: usize,
+    /// Messages queued for one WebSocket client before it is dropped as too slow.
+    pub ws_outbox: usize,
+    /// Time a client has to send `hello` after the upgrade.
+    pub ws_hello_timeout: Duration,
+    /// Interval between server pings.
+    pub ws_ping_interval: Duration,
+    /// A connection with no traffic at all for this long is closed.
+    pub ws_idle_timeout: Duration,
+    /// Time allowed for one write to a client before it is dropped as too slow.
+    pub ws_write_timeout: Duration,
+    /// Malformed messages tolerated on one connection before it is closed with 1008.
+    pub ws_malformed_strikes: u32,
+    /// Messages a client may send per second on average, and in a burst.
+    pub ws_messages_per_second: f64,
+    /// See [`Self::ws_messages_per_second`].
+    pub ws_message_burst: f64,
+    /// Chat messages a user may send per second on average, and in a burst.
+    pub chat_per_second: f64,
+    /// See [`Self::chat_per_second`].
+    pub chat_burst: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        Self {
+            http_body_bytes: 16 * 1024,
+            http_request_timeout: Duration::from_secs(15),
+            http_header_timeout: Duration::from_secs(10),
+            session_ttl: Duration::from_hours(30 * 24),
+            login_failures_per_account: 5,
+            login_failures_per_address: 30,
+            login_window: Duration::from_mins(15),
+            hash_queue: 256,
+            hash_threads: cores,
+            ws_outbox: 64,
+            ws_hello_timeout: Duration::from_secs(10),
+            ws_ping_interval: Duration::from_secs(20),
+            ws_idle_timeout: Duration::from_mins(1),
+            ws_write_timeout: Duration::from_secs(10),
+            ws_malformed_strikes: 5,
+            ws_messages_per_second: 20.0,
+            ws_message_burst: 40.0,
+            chat_per_second: 1.0,
+            chat_burst: 5.0,
+        }
+    }
+}
+
+/// A configuration value that cannot be used, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--public-url {0:?} is not an http(s) origin such as https://play.example.com")]
+    PublicUrl(String),
+    #[error("--database-url {0:?} is not supported: use sqlite://PATH")]
+    DatabaseUrl(String),
+    #[error(
+        "no built client in {0}: run `cargo xtask run` (or `cargo xtask dist`), or point --static-dir at a folder holding rallypoint-client.js"
+    )]
+    StaticDir(PathBuf),
+    #[error("--max-connections must be at least 1")]
+    MaxConnections,
+}
+
+impl Config {
+    /// Validates command-line arguments into a configuration.
+    pub fn from_args(args: &ServeArgs) -> Result<Self, ConfigError> {
+        let public_origin = args.public_url.as_deref().map(parse_origin).transpose()?;
+        let secure_cookies = public_origin.as_deref().is_some_and(|o| o.starts_with("https://"));
+        if !args.database_url.starts_with("sqlite:") {
+            return Err(ConfigError::DatabaseUrl(args.database_url.clone()));
+        }
+        if args.max_connections == 0 {
+            return Err(ConfigError::MaxConnections);
+        }
+        let static_dir = match &args.static_dir {
+            Some(dir) => dir.clone(),
+            None => ["static", "web/dist"]
+                .iter()
+                .map(PathBuf::from)
+                .find(|d| d.is_dir())
+                .unwrap_or_else(|| PathBuf::from("static")),
+        };
+        check_static_dir(&static_dir)?;
+        Ok(Self {
+            database_url: args.database_url.clone(),
+            static_dir,
+            public_origin,
+            secure_cookies,
+            trust_forwarded_for: args.trust_forwarded_for,
+            max_connections: args.max_connections,
+            limits: Limits::default(),
+        })
+    }
+
+    /// A configuration for tests and tools: the given database and static folder, default limits.
+    pub fn new(database_url: impl Into<String>, static_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            static_dir: static_dir.into(),
+            public_origin: None,
+            secure_cookies: false,
+            trust_forwarded_for: false,
+            max_connections: 50_000,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// The file that proves a folder holds the built client.
+pub const CLIENT_JS: &str = "rallypoint-client.js";
+
+fn check_static_dir(dir: &Path) -> Result<(), ConfigError> {
+    if dir.join(CLIENT_JS).is_file() {
+        Ok(())
+    } else {
+        Err(ConfigError::StaticDir(dir.to_path_buf()))
+    }
+}
+
+/// Reduces a URL such as `https://Example.com:443/x` to its origin, `https://example.com`.
+fn parse_origin(raw: &str) -> Result<String, ConfigError> {
+    let err = || ConfigError::PublicUrl(raw.to_owned());
+    let url = url::Url::parse(raw).map_err(|_| err())?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(err());
+    }
+    Ok(url.origin().ascii_serialization())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_are_normalised() {
+        assert_eq!(parse_origin("https://Play.Example.com/").unwrap(), "https://play.example.com");
+        assert_eq!(parse_origin("https://example.com:443/x").unwrap(), "https://example.com");
+        assert_eq!(parse_origin("http://127.0.0.1:8080").unwrap(), "http://127.0.0.1:8080");
+        for bad in ["example.com", "ftp://example.com", "http://", "not a url"] {
+            assert!(parse_origin(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_flag_has_an_environment_variable() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let serve = cli.find_subcommand("serve").unwrap();
+        for arg in serve.get_arguments() {
+            if matches!(arg.get_id().as_str(), "help" | "version") {
+                continue;
+            }
+            let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            assert!(
+                env.as_deref().is_some_and(|e| e.starts_with("RALLYPOINT_")),
+                "--{} has no RALLYPOINT_ variable",
+                arg.get_id()
+            );
+            assert!(arg.get_help().is_some(), "--{} has no help", arg.get_id());
+        }
+    }
+}

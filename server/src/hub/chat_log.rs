@@ -1,0 +1,75 @@
+//! Lobby chat kept in the database: written in batches by one task, read back on start.
+
+use shared::hub::{ChatLine, UserSummary};
+use tokio::sync::mpsc;
+
+use crate::db::Db;
+
+/// Chat lines waiting to be written; when full, new lines are refused as "busy".
+const QUEUE: usize = 4096;
+/// Most lines written in one transaction.
+const BATCH: usize = 256;
+
+struct Record {
+    user_id: i64,
+    body: String,
+    sent_at: i64,
+}
+
+/// The sending side of the chat writer.
+pub struct ChatLog {
+    tx: mpsc::Sender<Record>,
+}
+
+impl ChatLog {
+    /// Starts the writer task; it ends, after writing everything queued, when `ChatLog` drops.
+    pub fn start(db: Db) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        (Self { tx }, tokio::spawn(write(db, rx)))
+    }
+
+    /// Queues a line for writing; `false` when the queue is full.
+    pub fn append(&self, user_id: i64, line: &ChatLine) -> bool {
+        let record = Record { user_id, body: line.text.clone(), sent_at: line.at_ms };
+        self.tx.try_send(record).is_ok()
+    }
+}
+
+async fn write(db: Db, mut rx: mpsc::Receiver<Record>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        if let Err(e) = write_batch(&db, &batch).await {
+            tracing::error!(error = %e, lines = batch.len(), "could not store chat lines");
+        }
+        batch.clear();
+    }
+}
+
+async fn write_batch(db: &Db, batch: &[Record]) -> Result<(), sqlx::Error> {
+    let mut tx = db.begin().await?;
+    for r in batch {
+        sqlx::query("INSERT INTO chat_messages (user_id, body, sent_at) VALUES (?, ?, ?)")
+            .bind(r.user_id)
+            .bind(&r.body)
+            .bind(r.sent_at)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await
+}
+
+/// The last `n` chat lines, oldest first.
+pub async fn recent(db: &Db, n: usize) -> Result<Vec<ChatLine>, sqlx::Error> {
+    let rows = sqlx::query_as::<_, (i64, String, String, i64)>(
+        "SELECT u.id, u.username, c.body, c.sent_at FROM chat_messages c JOIN users u ON u.id = c.user_id
+         ORDER BY c.id DESC LIMIT ?",
+    )
+    .bind(n as i64)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .rev()
+        .map(|(id, name, text, at_ms)| ChatLine { from: UserSummary { id, name }, text, at_ms })
+        .collect())
+}

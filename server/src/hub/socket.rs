@@ -1,0 +1,223 @@
+//! One hub WebSocket connection: a single task that reads the client, writes its outbox, and
+//! keeps the heartbeat. Everything that can go wrong with a client ends here, in this task.
+
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use shared::hub::{ClientMsg, ErrorCode, MAX_CHAT_CHARS, PROTOCOL_VERSION, ServerMsg, close};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep_until, timeout};
+
+use super::{Command, ConnId, Hub, Outbound};
+use crate::accounts::Session;
+use crate::rate::TokenBucket;
+
+/// Why a connection ended, for the log and for tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The peer closed or the transport failed: nothing more to send.
+    Gone,
+    /// We close with this code and reason.
+    Close(u16, &'static str),
+}
+
+/// Runs one authenticated connection until it ends.
+pub async fn serve(socket: WebSocket, hub: Hub, session: Session) {
+    let conn = hub.next_conn_id();
+    let mut task = Connection::new(socket, &hub);
+    let end = match task.handshake(conn, &hub, &session).await {
+        Ok(outbox) => {
+            let end = task.run(conn, &hub, outbox).await;
+            let _ = hub.send(Command::Leave { conn }).await;
+            end
+        }
+        Err(end) => end,
+    };
+    tracing::debug!(conn, user = session.user.id, ?end, "hub connection ended");
+    if let End::Close(code, reason) = end {
+        task.close(code, reason).await;
+    }
+}
+
+struct Connection<'a> {
+    socket: WebSocket,
+    limits: &'a crate::config::Limits,
+    strikes: u32,
+    inbound: TokenBucket,
+}
+
+enum Step {
+    Continue,
+    Stop(End),
+}
+
+impl<'a> Connection<'a> {
+    fn new(socket: WebSocket, hub: &'a Hub) -> Self {
+        let limits = hub.limits();
+        Self {
+            socket,
+            limits,
+            strikes: 0,
+            inbound: TokenBucket::new(limits.ws_messages_per_second, limits.ws_message_burst, Instant::now()),
+        }
+    }
+
+    /// Waits for `hello`, checks its version and joins the hub.
+    async fn handshake(
+        &mut self,
+        conn: ConnId,
+        hub: &Hub,
+        session: &Session,
+    ) -> Result<mpsc::Receiver<Outbound>, End> {
+        let first = match timeout(self.limits.ws_hello_timeout, self.socket.recv()).await {
+            Err(_) => return Err(End::Close(close::POLICY, "expected hello")),
+            Ok(None) => return Err(End::Gone),
+            Ok(Some(Err(e))) => return Err(transport_error(e)),
+            Ok(Some(Ok(msg))) => msg,
+        };
+        let hello = match &first {
+            Message::Text(text) => ClientMsg::from_json(text.as_str()).ok(),
+            _ => None,
+        };
+        match hello {
+            Some(ClientMsg::Hello { version }) if version == PROTOCOL_VERSION => {}
+            Some(ClientMsg::Hello { .. }) => {
+                let _ = self.write(ServerMsg::Reload { version: PROTOCOL_VERSION }).await;
+                return Err(End::Close(close::RELOAD, "protocol version changed: reload the page"));
+            }
+            _ => return Err(End::Close(close::POLICY, "expected hello")),
+        }
+        let (outbox_tx, outbox) = mpsc::channel(self.limits.ws_outbox);
+        let (welcome_tx, welcome_rx) = oneshot::channel();
+        let join = Command::Join {
+            conn,
+            session: session.key,
+            user: session.user.summary(),
+            outbox: outbox_tx,
+            welcome: welcome_tx,
+        };
+        let gone = End::Close(close::GOING_AWAY, "server shutting down");
+        hub.send(join).await.map_err(|_| gone)?;
+        let welcome = welcome_rx.await.map_err(|_| gone)?;
+        self.write(welcome).await?;
+        Ok(outbox)
+    }
+
+    async fn run(&mut self, conn: ConnId, hub: &Hub, mut outbox: mpsc::Receiver<Outbound>) -> End {
+        let ping_every = self.limits.ws_ping_interval;
+        let mut last_heard = Instant::now();
+        let heartbeat = sleep_until(last_heard + ping_every);
+        tokio::pin!(heartbeat);
+        loop {
+            let step = tokio::select! {
+                incoming = self.socket.recv() => match incoming {
+                    None => Step::Stop(End::Gone),
+                    Some(Err(e)) => Step::Stop(transport_error(e)),
+                    Some(Ok(msg)) => {
+                        last_heard = Instant::now();
+                        self.on_message(conn, hub, msg).await
+                    }
+                },
+                out = outbox.recv() => match out {
+                    Some(Outbound::Text(text)) => self.write_frame(Message::Text(text)).await,
+                    Some(Outbound::Close(code, reason)) => Step::Stop(End::Close(code, reason)),
+                    // The hub forgot this connection because its outbox was full.
+                    None => Step::Stop(End::Close(close::TOO_SLOW, "too slow to read")),
+                },
+                () = &mut heartbeat => {
+                    let now = Instant::now();
+                    heartbeat.as_mut().reset(now + ping_every);
+                    if now.duration_since(last_heard) >= self.limits.ws_idle_timeout {
+                        Step::Stop(End::Close(close::IDLE, "idle timeout"))
+                    } else {
+                        self.write_frame(Message::Ping(axum::body::Bytes::new())).await
+                    }
+                }
+            };
+            if let Step::Stop(end) = step {
+                return end;
+            }
+        }
+    }
+
+    async fn on_message(&mut self, conn: ConnId, hub: &Hub, msg: Message) -> Step {
+        let text = match msg {
+            Message::Text(text) => text,
+            Message::Binary(_) => return self.strike("the hub speaks JSON text, not binary").await,
+            Message::Ping(_) | Message::Pong(_) => return Step::Continue,
+            Message::Close(_) => return Step::Stop(End::Gone),
+        };
+        if !self.inbound.take(Instant::now()) {
+            return Step::Stop(End::Close(close::POLICY, "too many messages"));
+        }
+        match ClientMsg::from_json(text.as_str()) {
+            Err(_) => self.strike("not a valid message").await,
+            Ok(ClientMsg::Hello { .. }) => {
+                self.reply_error(ErrorCode::Unexpected, "Already said hello.").await
+            }
+            Ok(ClientMsg::Ping { id }) => self.reply(ServerMsg::Pong { id }).await,
+            Ok(ClientMsg::Chat { text }) => {
+                let text = text.trim();
+                let chars = text.chars().count();
+                if chars == 0 || chars > MAX_CHAT_CHARS {
+                    let message = format!("Chat messages are 1 to {MAX_CHAT_CHARS} characters.");
+                    return self.reply_error(ErrorCode::ChatLength, &message).await;
+                }
+                let command = Command::Chat { conn, text: text.to_owned() };
+                match hub.send(command).await {
+                    Ok(()) => Step::Continue,
+                    Err(_) => Step::Stop(End::Close(close::GOING_AWAY, "server shutting down")),
+                }
+            }
+        }
+    }
+
+    /// Counts a malformed message: an error reply, and the connection closes after too many.
+    async fn strike(&mut self, what: &str) -> Step {
+        self.strikes += 1;
+        if self.strikes >= self.limits.ws_malformed_strikes {
+            return Step::Stop(End::Close(close::POLICY, "too many malformed messages"));
+        }
+        self.reply_error(ErrorCode::Malformed, what).await
+    }
+
+    async fn reply_error(&mut self, code: ErrorCode, message: &str) -> Step {
+        self.reply(ServerMsg::Error { code, message: message.to_owned() }).await
+    }
+
+    async fn reply(&mut self, msg: ServerMsg) -> Step {
+        match self.write(msg).await {
+            Ok(()) => Step::Continue,
+            Err(end) => Step::Stop(end),
+        }
+    }
+
+    async fn write(&mut self, msg: ServerMsg) -> Result<(), End> {
+        match self.write_frame(Message::Text(msg.to_json().into())).await {
+            Step::Continue => Ok(()),
+            Step::Stop(end) => Err(end),
+        }
+    }
+
+    /// Writes one frame; a client that does not take it within the write timeout is dropped.
+    async fn write_frame(&mut self, frame: Message) -> Step {
+        match timeout(self.limits.ws_write_timeout, self.socket.send(frame)).await {
+            Ok(Ok(())) => Step::Continue,
+            Ok(Err(_)) | Err(_) => Step::Stop(End::Gone),
+        }
+    }
+
+    async fn close(mut self, code: u16, reason: &'static str) {
+        let frame = Message::Close(Some(CloseFrame { code, reason: reason.into() }));
+        let _ = timeout(Duration::from_secs(1), self.socket.send(frame)).await;
+    }
+}
+
+/// A read error: an oversized message gets close code 1009; anything else just ends.
+fn transport_error(e: axum::Error) -> End {
+    use tokio_tungstenite::tungstenite::Error;
+    match e.into_inner().downcast::<Error>() {
+        Ok(e) if matches!(*e, Error::Capacity(_)) => End::Close(close::TOO_BIG, "message too big"),
+        _ => End::Gone,
+    }
+}

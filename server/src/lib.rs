@@ -1,0 +1,111 @@
+//! The Rallypoint server as a library: `main.rs` parses flags and calls [`run`]; tests call
+//! [`start`] with a port-0 listener.
+
+pub mod accounts;
+pub mod config;
+pub mod db;
+mod http;
+pub mod hub;
+mod random;
+mod rate;
+pub mod site;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::accounts::Accounts;
+use crate::config::Config;
+use crate::db::Db;
+use crate::hub::Hub;
+
+/// Everything a request handler can reach.
+pub struct App {
+    pub config: Config,
+    pub db: Db,
+    pub accounts: Accounts,
+    pub hub: Hub,
+}
+
+/// The server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+    #[error("cannot load the lobby chat: {0}")]
+    Chat(#[from] sqlx::Error),
+}
+
+/// A server running in this process.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, closes every WebSocket with 1001, finishes requests in flight and
+    /// writes what is queued for the database.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Opens the database, starts the hub and serves on `listener` until [`Running::stop`].
+pub async fn start(listener: TcpListener, config: Config) -> Result<Running, StartError> {
+    let addr = listener.local_addr().map_err(|e| db::DbError::Folder { path: "listener".into(), source: e })?;
+    let db = db::open(&config.database_url).await?;
+    let (hub, hub_task) = Hub::start(db.clone(), config.limits.clone()).await?;
+    let accounts = Accounts::new(db.clone(), &config.limits);
+    let app = Arc::new(App { config, db, accounts, hub });
+    let (stop, stopped) = oneshot::channel::<()>();
+    let router = site::router(Arc::clone(&app));
+    let task = {
+        let app = Arc::clone(&app);
+        tokio::spawn(async move {
+            let purge = tokio::spawn(purge_sessions(Arc::clone(&app)));
+            http::serve(listener, router, app.config.max_connections, app.config.limits.http_header_timeout, async {
+                let _ = stopped.await;
+                app.hub.shutdown().await;
+            })
+            .await;
+            purge.abort();
+            let _ = hub_task.await;
+            app.db.close().await;
+        })
+    };
+    Ok(Running { addr, app, stop, task })
+}
+
+/// Serves until `shutdown` completes, then stops gracefully.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), StartError> {
+    let running = start(listener, config).await?;
+    tracing::info!(addr = %running.addr, "serving");
+    shutdown.await;
+    tracing::info!("shutting down");
+    running.stop().await;
+    Ok(())
+}
+
+/// Deletes expired sessions once an hour.
+async fn purge_sessions(app: Arc<App>) {
+    let mut every = tokio::time::interval(std::time::Duration::from_hours(1));
+    loop {
+        every.tick().await;
+        match app.accounts.purge_expired().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(sessions = n, "purged expired sessions"),
+            Err(e) => tracing::warn!(error = %e, "could not purge expired sessions"),
+        }
+    }
+}

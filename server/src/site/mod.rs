@@ -1,0 +1,335 @@
+//! The site: server-rendered pages and forms, the static files, and the hub WebSocket's door.
+//!
+//! Handlers are thin: they check the request, call `accounts` or `hub`, and render a page.
+//! Errors become responses in one place, [`AppError`].
+
+pub mod csrf;
+mod error;
+mod pages;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum_extra::extract::CookieJar;
+use axum_extra::extract::cookie::{Cookie, SameSite};
+use serde::Deserialize;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::services::ServeDir;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::App;
+use crate::accounts::{LoginError, NewSession, RegisterError, Session};
+pub use error::AppError;
+use pages::{AccountPage, AuthPage, HomePage, Layout, PlayPage};
+
+type AppState = State<Arc<App>>;
+
+/// The whole HTTP surface of the server.
+pub fn router(app: Arc<App>) -> Router {
+    let limits = &app.config.limits;
+    let static_files = ServeDir::new(&app.config.static_dir)
+        .precompressed_br()
+        .precompressed_gzip()
+        .append_index_html_on_directories(false);
+    // The WebSocket route stays outside the request timeout: an upgraded socket lives on.
+    let pages = Router::new()
+        .route("/", get(home))
+        .route("/register", get(register_form).post(register))
+        .route("/login", get(login_form).post(login))
+        .route("/logout", post(logout))
+        .route("/play", get(play))
+        .route("/account", get(account))
+        .route("/account/end-other-sessions", post(end_other_sessions))
+        .route("/healthz", get(healthz))
+        .nest_service("/static", static_files)
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(Arc::clone(&app), refuse_cross_site_posts))
+        .layer(RequestBodyLimitLayer::new(limits.http_body_bytes))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limits.http_request_timeout));
+    Router::new()
+        .route("/ws", get(hub_socket))
+        .merge(pages)
+        .layer(middleware::from_fn(security_headers))
+        .with_state(app)
+}
+
+/// Headers that every response carries.
+async fn security_headers(request: Request, next: Next) -> Response {
+    let is_static = request.uri().path().starts_with("/static/");
+    let mut response = next.run(request).await;
+    let h = response.headers_mut();
+    let set = |h: &mut HeaderMap, name: &'static str, value: &'static str| {
+        h.entry(name).or_insert(HeaderValue::from_static(value));
+    };
+    set(
+        h,
+        "content-security-policy",
+        "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; img-src 'self' data:; \
+         connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    );
+    set(h, "x-content-type-options", "nosniff");
+    set(h, "referrer-policy", "same-origin");
+    set(h, "x-frame-options", "DENY");
+    // Static files are revalidated on every load (cheap 304s), so a new build is never mixed
+    // with an old one; pages are never cached, since they depend on the session.
+    set(h, "cache-control", if is_static { "no-cache" } else { "no-store" });
+    response
+}
+
+/// Refuses any non-GET request whose Origin is another site's (see [`csrf::same_origin`]).
+async fn refuse_cross_site_posts(State(app): AppState, request: Request, next: Next) -> Response {
+    let safe = matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if safe || csrf::same_origin(&app.config, request.headers()) {
+        next.run(request).await
+    } else {
+        AppError::Forbidden("This form was sent from another site.").into_response()
+    }
+}
+
+/// The session named by the request's cookie, if it is live.
+pub struct MaybeSession(pub Option<Session>);
+
+impl FromRequestParts<Arc<App>> for MaybeSession {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, AppError> {
+        let jar = CookieJar::from_headers(&parts.headers);
+        let Some(token) = jar.get(session_cookie(&app.config)).map(Cookie::value) else {
+            return Ok(Self(None));
+        };
+        Ok(Self(app.accounts.session(token).await?))
+    }
+}
+
+fn session_cookie(config: &crate::config::Config) -> &'static str {
+    if config.secure_cookies { "__Host-rp_session" } else { "rp_session" }
+}
+
+/// The client's address: the socket's peer, or the proxy's word when configured to trust it.
+fn client_ip(app: &App, headers: &HeaderMap, peer: SocketAddr) -> IpAddr {
+    if app.config.trust_forwarded_for {
+        let forwarded = headers.get_all("x-forwarded-for").iter().next_back();
+        if let Some(ip) = forwarded
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .and_then(|v| v.trim().parse().ok())
+        {
+            return ip;
+        }
+    }
+    peer.ip()
+}
+
+fn layout(app: &App, jar: CookieJar, session: Option<&Session>) -> (CookieJar, Layout) {
+    let (jar, csrf) = csrf::ensure(&app.config, jar);
+    (jar, Layout { user: session.map(|s| s.user.name.clone()), csrf })
+}
+
+async fn home(State(app): AppState, jar: CookieJar, MaybeSession(session): MaybeSession) -> Response {
+    let (jar, layout) = layout(&app, jar, session.as_ref());
+    (jar, HomePage { layout }).into_response()
+}
+
+/// A register or login form as posted. Missing fields read as empty, so that a broken form
+/// gets the same clear message as an empty one.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct AuthForm {
+    username: String,
+    password: String,
+    password_confirm: String,
+    csrf: String,
+}
+
+async fn register_form(State(app): AppState, jar: CookieJar, MaybeSession(s): MaybeSession) -> Response {
+    if s.is_some() {
+        return Redirect::to("/play").into_response();
+    }
+    let (jar, layout) = layout(&app, jar, None);
+    (jar, AuthPage::register(layout, "", None)).into_response()
+}
+
+async fn login_form(State(app): AppState, jar: CookieJar, MaybeSession(s): MaybeSession) -> Response {
+    if s.is_some() {
+        return Redirect::to("/play").into_response();
+    }
+    let (jar, layout) = layout(&app, jar, None);
+    (jar, AuthPage::login(layout, "", None)).into_response()
+}
+
+async fn register(
+    State(app): AppState,
+    jar: CookieJar,
+    form: Result<axum::Form<AuthForm>, axum::extract::rejection::FormRejection>,
+) -> Result<Response, AppError> {
+    let axum::Form(form) = form.map_err(|_| AppError::BadForm)?;
+    if !csrf::verify(&app.config, &jar, &form.csrf) {
+        return Err(AppError::Csrf);
+    }
+    let result = app.accounts.register(&form.username, &form.password, &form.password_confirm).await;
+    let status = match result {
+        Ok(new) => return Ok(signed_in(&app, jar, new).await),
+        Err(RegisterError::Db(e)) => return Err(e.into()),
+        Err(RegisterError::Busy(_)) => return Err(AppError::Busy),
+        Err(RegisterError::Taken) => StatusCode::CONFLICT,
+        Err(_) => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    let message = result.err().map(|e| e.to_string());
+    let (jar, layout) = layout(&app, jar, None);
+    Ok((status, jar, AuthPage::register(layout, &form.username, message)).into_response())
+}
+
+async fn login(
+    State(app): AppState,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    jar: CookieJar,
+    form: Result<axum::Form<AuthForm>, axum::extract::rejection::FormRejection>,
+) -> Result<Response, AppError> {
+    let axum::Form(form) = form.map_err(|_| AppError::BadForm)?;
+    if !csrf::verify(&app.config, &jar, &form.csrf) {
+        return Err(AppError::Csrf);
+    }
+    let ip = client_ip(&app, &headers, peer);
+    let (status, retry_after, message) = match app.accounts.login(&form.username, &form.password, ip).await {
+        Ok(new) => return Ok(signed_in(&app, jar, new).await),
+        Err(LoginError::Db(e)) => return Err(e.into()),
+        Err(LoginError::Busy(_)) => return Err(AppError::Busy),
+        Err(e @ LoginError::Throttled { retry_after }) => {
+            (StatusCode::TOO_MANY_REQUESTS, Some(retry_after.as_secs().max(1)), e.to_string())
+        }
+        Err(e) => (StatusCode::UNAUTHORIZED, None, e.to_string()),
+    };
+    let (jar, layout) = layout(&app, jar, None);
+    let mut response = (status, jar, AuthPage::login(layout, &form.username, Some(message))).into_response();
+    if let Some(secs) = retry_after {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    Ok(response)
+}
+
+/// Sets the new session's cookie, ends the session the browser held before (a new id on every
+/// login), and sends the user to the lobby.
+async fn signed_in(app: &App, jar: CookieJar, new: NewSession) -> Response {
+    let name = session_cookie(&app.config);
+    if let Some(old) = jar.get(name).map(Cookie::value)
+        && let Ok(Some(old)) = app.accounts.session(old).await
+    {
+        let _ = app.accounts.end_session(old.key).await;
+        let _ = app.hub.end_sessions(vec![old.key]).await;
+    }
+    let cookie = Cookie::build((name, new.token))
+        .path("/")
+        .http_only(true)
+        .secure(app.config.secure_cookies)
+        .same_site(SameSite::Lax)
+        .max_age(time_duration(new.max_age))
+        .build();
+    (jar.add(cookie), Redirect::to("/play")).into_response()
+}
+
+fn time_duration(d: std::time::Duration) -> time::Duration {
+    time::Duration::seconds(d.as_secs() as i64)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct CsrfForm {
+    csrf: String,
+}
+
+async fn logout(
+    State(app): AppState,
+    jar: CookieJar,
+    MaybeSession(session): MaybeSession,
+    form: Result<axum::Form<CsrfForm>, axum::extract::rejection::FormRejection>,
+) -> Result<Response, AppError> {
+    let axum::Form(form) = form.map_err(|_| AppError::BadForm)?;
+    if !csrf::verify(&app.config, &jar, &form.csrf) {
+        return Err(AppError::Csrf);
+    }
+    if let Some(session) = session {
+        app.accounts.end_session(session.key).await?;
+        let _ = app.hub.end_sessions(vec![session.key]).await;
+    }
+    let gone = Cookie::build((session_cookie(&app.config), "")).path("/").build();
+    Ok((jar.remove(gone), Redirect::to("/")).into_response())
+}
+
+async fn play(State(app): AppState, jar: CookieJar, MaybeSession(session): MaybeSession) -> Response {
+    let Some(session) = session else { return Redirect::to("/login").into_response() };
+    let (jar, layout) = layout(&app, jar, Some(&session));
+    (jar, PlayPage { layout }).into_response()
+}
+
+async fn account(
+    State(app): AppState,
+    jar: CookieJar,
+    MaybeSession(session): MaybeSession,
+) -> Result<Response, AppError> {
+    let Some(session) = session else { return Ok(Redirect::to("/login").into_response()) };
+    let created_at = app.accounts.created_at(session.user.id).await?;
+    let sessions = app.accounts.session_count(session.user.id).await?;
+    let (jar, layout) = layout(&app, jar, Some(&session));
+    Ok((jar, AccountPage { layout, member_since: pages::date(created_at), sessions }).into_response())
+}
+
+async fn end_other_sessions(
+    State(app): AppState,
+    jar: CookieJar,
+    MaybeSession(session): MaybeSession,
+    form: Result<axum::Form<CsrfForm>, axum::extract::rejection::FormRejection>,
+) -> Result<Response, AppError> {
+    let axum::Form(form) = form.map_err(|_| AppError::BadForm)?;
+    if !csrf::verify(&app.config, &jar, &form.csrf) {
+        return Err(AppError::Csrf);
+    }
+    let Some(session) = session else { return Ok(Redirect::to("/login").into_response()) };
+    let ended = app.accounts.end_other_sessions(session.user.id, session.key).await?;
+    let _ = app.hub.end_sessions(ended).await;
+    Ok(Redirect::to("/account").into_response())
+}
+
+async fn healthz(State(app): AppState) -> Response {
+    if crate::db::is_healthy(&app.db).await {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n").into_response()
+    }
+}
+
+async fn not_found() -> AppError {
+    AppError::NotFound
+}
+
+/// The hub WebSocket: 403 for another site's page, 401 without a live session.
+async fn hub_socket(
+    State(app): AppState,
+    headers: HeaderMap,
+    MaybeSession(session): MaybeSession,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if !csrf::same_origin(&app.config, &headers) {
+        return (StatusCode::FORBIDDEN, "cross-site WebSocket refused\n").into_response();
+    }
+    let Some(session) = session else {
+        return (StatusCode::UNAUTHORIZED, "sign in first\n").into_response();
+    };
+    let max = shared::hub::MAX_CLIENT_MESSAGE_BYTES;
+    let hub = app.hub.clone();
+    upgrade
+        // Small buffers: most of an idle connection's memory is its buffers.
+        .read_buffer_size(1024)
+        .write_buffer_size(0)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| crate::hub::socket::serve(socket, hub, session))
+}

@@ -1,0 +1,223 @@
+//! Messages on the hub WebSocket (`/ws`): lobby, presence and chat.
+//!
+//! Control traffic is JSON so that it can be read in a browser's devtools. Every message is an
+//! object with a `type` field. The first message a client sends is [`ClientMsg::Hello`], which
+//! carries [`PROTOCOL_VERSION`]; a client of another version is told to reload.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the hub protocol. Bump it whenever a message changes shape.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest WebSocket message, in bytes, that the hub accepts from a client.
+pub const MAX_CLIENT_MESSAGE_BYTES: usize = 4096;
+
+/// Longest chat message, in characters (Unicode scalar values).
+pub const MAX_CHAT_CHARS: usize = 500;
+
+/// How many recent chat messages a client receives when it joins.
+pub const CHAT_HISTORY_LEN: usize = 50;
+
+/// WebSocket close codes the hub uses, so that clients can react to each.
+pub mod close {
+    /// The server is shutting down or restarting; reconnect later.
+    pub const GOING_AWAY: u16 = 1001;
+    /// Too many malformed messages, or the first message was not `hello`.
+    pub const POLICY: u16 = 1008;
+    /// A message was larger than [`super::MAX_CLIENT_MESSAGE_BYTES`].
+    pub const TOO_BIG: u16 = 1009;
+    /// The client speaks another protocol version: reload the page.
+    pub const RELOAD: u16 = 4000;
+    /// The session ended (logout or expiry): sign in again.
+    pub const SESSION_ENDED: u16 = 4001;
+    /// Nothing was heard from the client for too long.
+    pub const IDLE: u16 = 4002;
+    /// The client did not read what the server sent it fast enough.
+    pub const TOO_SLOW: u16 = 4003;
+}
+
+/// A message from a client to the hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientMsg {
+    /// The first message on every connection.
+    Hello {
+        /// The client's [`PROTOCOL_VERSION`].
+        version: u32,
+    },
+    /// Say something in the lobby chat.
+    Chat {
+        /// The text, at most [`MAX_CHAT_CHARS`] characters.
+        text: String,
+    },
+    /// Ask for a [`ServerMsg::Pong`] with the same id, to measure round-trip time.
+    Ping {
+        /// Chosen by the client.
+        id: u32,
+    },
+}
+
+/// A user as others see them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserSummary {
+    /// The user's id, stable for the account's life.
+    pub id: i64,
+    /// The user's name, as registered.
+    pub name: String,
+}
+
+/// One line of lobby chat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatLine {
+    /// Who said it.
+    pub from: UserSummary,
+    /// What they said, as plain text (never HTML).
+    pub text: String,
+    /// When the server received it, in milliseconds since the Unix epoch.
+    pub at_ms: i64,
+}
+
+/// Why the hub refused a client message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The message was not valid JSON of a known type.
+    Malformed,
+    /// The message was valid but not allowed now (for example a second `hello`).
+    Unexpected,
+    /// Chat text was empty or longer than [`MAX_CHAT_CHARS`].
+    ChatLength,
+    /// The user is sending chat faster than allowed.
+    RateLimited,
+    /// The server is too busy to take this now; try again.
+    Busy,
+}
+
+/// A message from the hub to a client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    /// The answer to a valid `hello`: who you are, who is online, recent chat (oldest first).
+    Welcome {
+        /// The server's [`PROTOCOL_VERSION`].
+        version: u32,
+        /// The authenticated user.
+        me: UserSummary,
+        /// Everyone online now, each user once however many tabs they have open.
+        online: Vec<UserSummary>,
+        /// Up to [`CHAT_HISTORY_LEN`] recent chat lines, oldest first.
+        chat: Vec<ChatLine>,
+    },
+    /// The client's version differs from the server's: reload the page.
+    Reload {
+        /// The server's [`PROTOCOL_VERSION`].
+        version: u32,
+    },
+    /// A user came online (their first connection).
+    UserOnline {
+        /// Who.
+        user: UserSummary,
+    },
+    /// A user went offline (their last connection closed).
+    UserOffline {
+        /// Whose id.
+        id: i64,
+    },
+    /// A chat line, sent to every connected client including the sender.
+    Chat(ChatLine),
+    /// The answer to [`ClientMsg::Ping`].
+    Pong {
+        /// The id from the ping.
+        id: u32,
+    },
+    /// A client message was refused; the connection stays open.
+    Error {
+        /// What kind of refusal.
+        code: ErrorCode,
+        /// A sentence for the user.
+        message: String,
+    },
+}
+
+impl ClientMsg {
+    /// Parses a client message from JSON text.
+    pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+}
+
+impl ServerMsg {
+    /// Encodes this message as JSON text.
+    pub fn to_json(&self) -> String {
+        // Serializing these plain data types cannot fail: no maps with non-string keys, no I/O.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alice() -> UserSummary {
+        UserSummary { id: 7, name: "alice".into() }
+    }
+
+    #[test]
+    fn every_client_message_round_trips() {
+        for msg in [
+            ClientMsg::Hello { version: PROTOCOL_VERSION },
+            ClientMsg::Chat { text: "hi <b>there</b> \u{1f600}".into() },
+            ClientMsg::Ping { id: 42 },
+        ] {
+            let json = serde_json::to_string(&msg).unwrap();
+            assert_eq!(ClientMsg::from_json(&json).unwrap(), msg, "{json}");
+        }
+    }
+
+    #[test]
+    fn every_server_message_round_trips() {
+        let line = ChatLine { from: alice(), text: "gg".into(), at_ms: 1_700_000_000_000 };
+        for msg in [
+            ServerMsg::Welcome {
+                version: PROTOCOL_VERSION,
+                me: alice(),
+                online: vec![alice()],
+                chat: vec![line.clone()],
+            },
+            ServerMsg::Reload { version: 9 },
+            ServerMsg::UserOnline { user: alice() },
+            ServerMsg::UserOffline { id: 7 },
+            ServerMsg::Chat(line),
+            ServerMsg::Pong { id: 1 },
+            ServerMsg::Error { code: ErrorCode::RateLimited, message: "slow down".into() },
+        ] {
+            let json = msg.to_json();
+            assert_eq!(serde_json::from_str::<ServerMsg>(&json).unwrap(), msg, "{json}");
+        }
+    }
+
+    #[test]
+    fn wire_format_is_tagged_json() {
+        assert_eq!(
+            serde_json::to_string(&ClientMsg::Hello { version: 1 }).unwrap(),
+            r#"{"type":"hello","version":1}"#
+        );
+        assert_eq!(ServerMsg::UserOffline { id: 3 }.to_json(), r#"{"type":"user_offline","id":3}"#);
+    }
+
+    #[test]
+    fn unknown_or_malformed_messages_are_errors() {
+        for bad in [
+            "",
+            "null",
+            "{}",
+            r#"{"type":"nope"}"#,
+            r#"{"type":"chat"}"#,
+            r#"{"type":"chat","text":5}"#,
+            r#"{"type":"hello","version":1,"extra":true}"#,
+            r#"{"type":"hello","version":-1}"#,
+        ] {
+            assert!(ClientMsg::from_json(bad).is_err(), "accepted {bad:?}");
+        }
+    }
+}

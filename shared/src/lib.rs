@@ -1,0 +1,7 @@
+//! Rallypoint's shared crate: the protocol spoken between browser, bots and server, and the
+//! deterministic game simulation that the server runs and the client predicts with.
+//!
+//! Invariant: this crate is pure. It performs no I/O, reads no clock and draws no ambient
+//! randomness, so that the same inputs give the same bytes natively and in WebAssembly.
+
+pub mod hub;
