@@ -4,12 +4,22 @@
 mod dom;
 mod lobby;
 
+use std::cell::RefCell;
+use std::rc::Rc;
+
 use wasm_bindgen::prelude::*;
+
+thread_local! {
+    /// The page's lobby. Callbacks hold weak references to it; this is the strong one, so the
+    /// lobby lives as long as the page.
+    static LOBBY: RefCell<Option<Rc<lobby::Lobby>>> = const { RefCell::new(None) };
+}
 
 /// Entry point, called by `boot.js` once the module is instantiated.
 #[wasm_bindgen(start)]
 pub fn start() -> Result<(), JsValue> {
     if let Some(lobby) = lobby::Lobby::attach()? {
+        LOBBY.with(|slot| *slot.borrow_mut() = Some(Rc::clone(&lobby)));
         lobby::connect(lobby);
     }
     Ok(())

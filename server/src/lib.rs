@@ -2,6 +2,7 @@
 //! [`start`] with a port-0 listener.
 
 pub mod accounts;
+pub mod client;
 pub mod config;
 pub mod db;
 mod http;

@@ -1,1 +1,232 @@
+//! The end-to-end harness: the real `rallypoint` binary on a free port with its own database,
+//! and real headless Chromium driven over WebDriver (Debian's chromium + chromium-driver).
+//!
+//! `cargo xtask test` builds the binary and the client first and passes their paths in
+//! `RALLYPOINT_BIN` and `RALLYPOINT_STATIC_DIR`.
 
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::process::{Child, Command};
+
+/// How long a browser step may take before the test fails.
+pub const STEP: Duration = Duration::from_secs(15);
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn env_path(var: &str, default: PathBuf) -> PathBuf {
+    std::env::var_os(var).map_or(default, PathBuf::from)
+}
+
+fn must_exist(path: PathBuf, what: &str) -> PathBuf {
+    assert!(path.exists(), "{what} not found at {}: run `cargo xtask test`", path.display());
+    path
+}
+
+/// A `rallypoint serve` process with a fresh database.
+pub struct Server {
+    pub base: String,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts the server with extra flags.
+    pub async fn start_with(extra: &[&str]) -> Self {
+        let bin = must_exist(env_path("RALLYPOINT_BIN", workspace().join("target/debug/rallypoint")), "the server binary");
+        let static_dir = must_exist(env_path("RALLYPOINT_STATIC_DIR", workspace().join("web/dist")), "the built client");
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let db = format!("sqlite://{}", dir.path().join("rp.db").display());
+        let mut child = Command::new(bin)
+            .args(["serve", "--listen", "127.0.0.1:0", "--database-url", &db])
+            .arg("--static-dir")
+            .arg(static_dir)
+            .args(extra)
+            .env("RALLYPOINT_LOG", "info")
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the server starts");
+        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        let addr = tokio::time::timeout(STEP, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(addr) = line.split("addr=").nth(1).filter(|_| line.contains("serving")) {
+                    return addr.trim().to_owned();
+                }
+            }
+            panic!("the server exited before serving");
+        })
+        .await
+        .expect("the server starts within the step timeout");
+        // Keep draining the log so that the server never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self { base: format!("http://{addr}"), child, _dir: dir }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Stops the server with SIGTERM and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+        }
+        let _ = tokio::time::timeout(STEP, self.child.wait()).await;
+    }
+}
+
+/// A chromedriver process; each [`Browser`] it opens is a separate Chromium with its own
+/// profile (so separate cookies, like two people on two machines).
+pub struct Driver {
+    url: String,
+    _child: Child,
+}
+
+impl Driver {
+    pub async fn start() -> Self {
+        let chromedriver = must_exist(env_path("CHROMEDRIVER", "/usr/bin/chromedriver".into()), "chromedriver");
+        let port = free_port();
+        let mut child = Command::new(chromedriver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromedriver starts");
+        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        tokio::time::timeout(STEP, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("started successfully") {
+                    return;
+                }
+            }
+            panic!("chromedriver exited before it was ready");
+        })
+        .await
+        .expect("chromedriver is ready within the step timeout");
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self { url: format!("http://127.0.0.1:{port}"), _child: child }
+    }
+
+    /// Opens a new headless Chromium with a fresh profile; `extra` flags are added.
+    pub async fn browser(&self, extra: &[&str]) -> Browser {
+        let chromium = env_path("CHROMIUM", "/usr/bin/chromium".into());
+        let profile = tempfile::tempdir().expect("a temporary folder");
+        let mut args: Vec<String> = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            "--window-size=1280,900",
+            "--allow-loopback-in-peer-connection",
+            "--disable-features=WebRtcHideLocalIpsWithMdns",
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+        args.push(format!("--user-data-dir={}", profile.path().display()));
+        args.extend(extra.iter().map(ToString::to_string));
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            serde_json::json!({ "binary": chromium, "args": args }),
+        );
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let client = ClientBuilder::new(connector)
+            .capabilities(caps)
+            .connect(&self.url)
+            .await
+            .expect("a Chromium session");
+        Browser { client, _profile: profile }
+    }
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("an address").port()
+}
+
+/// One headless Chromium.
+pub struct Browser {
+    pub client: Client,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    pub async fn goto(&self, url: &str) {
+        self.client.goto(url).await.expect("navigation");
+    }
+
+    /// The path of the current page.
+    pub async fn path(&self) -> String {
+        self.client.current_url().await.expect("a URL").path().to_owned()
+    }
+
+    /// Fills the form fields by name and submits the form they are in.
+    pub async fn submit(&self, fields: &[(&str, &str)]) {
+        for (name, value) in fields {
+            let input = self.find(&format!("input[name='{name}']")).await;
+            input.clear().await.expect("clear");
+            input.send_keys(value).await.expect("typing");
+        }
+        self.find("main form button[type='submit']").await.click().await.expect("submit");
+    }
+
+    /// Waits for an element matching a CSS selector.
+    pub async fn find(&self, css: &str) -> fantoccini::elements::Element {
+        self.client
+            .wait()
+            .at_most(STEP)
+            .for_element(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no element {css}: {e}"))
+    }
+
+    /// Waits until `check` holds, polling the page (WebDriver offers no events to await).
+    pub async fn wait_until<F, Fut>(&self, what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + STEP;
+        while !check().await {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether an element matching `css` exists now.
+    pub async fn exists(&self, css: &str) -> bool {
+        self.client.find_all(Locator::Css(css)).await.is_ok_and(|found| !found.is_empty())
+    }
+
+    /// Runs JavaScript in the page and returns its value.
+    pub async fn js(&self, script: &str) -> serde_json::Value {
+        self.client.execute(script, vec![]).await.expect("script runs")
+    }
+
+    /// Saves a screenshot as `target/e2e/NAME.png`, to look at after a run.
+    pub async fn screenshot(&self, name: &str) {
+        let dir = workspace().join("target/e2e");
+        let png = self.client.screenshot().await.expect("a screenshot");
+        std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(dir.join(format!("{name}.png")), png)).expect("saved");
+    }
+
+    pub async fn close(self) {
+        let _ = self.client.close().await;
+    }
+}

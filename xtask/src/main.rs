@@ -1,1 +1,216 @@
-fn main() {}
+//! `cargo xtask`: the project's build tool. It installs what a fresh machine lacks, builds the
+//! wasm client with Trunk and the server with cargo, and runs, tests, packages or benchmarks.
+
+mod tools;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+  run [ARGS…]      build everything and serve on http://127.0.0.1:8080 (ARGS go to `rallypoint serve`)
+  test             run every test, real-browser tests included
+  ci               formatting, lints (native and wasm), then `test`
+  dist             write dist/: the release binary and its static files, ready to copy anywhere
+  bench hub        benchmark the hub (connections, memory, chat fan-out, login storm)
+  client           build only the wasm client into web/dist/
+";
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("\nxtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let command = args.next().unwrap_or_default();
+    let rest: Vec<String> = args.collect();
+    let root = root();
+    std::env::set_current_dir(&root).context("cannot enter the workspace folder")?;
+    match command.as_str() {
+        "run" => serve(&rest),
+        "test" => test(),
+        "ci" => ci(),
+        "dist" => dist(),
+        "bench" => bench(&rest),
+        "client" => {
+            tools::ensure(tools::Need::Build)?;
+            build_client()
+        }
+        "" | "help" | "-h" | "--help" => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        other => bail!("unknown command {other:?}\n\n{USAGE}"),
+    }
+}
+
+/// The workspace root: the folder above this crate.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+/// Prints a step header, so that a long run shows where it is.
+pub fn step(what: &str) {
+    eprintln!("\n==> {what}");
+}
+
+/// Runs a command to completion, echoing it first; fails when it fails.
+pub fn sh(cmd: &mut Command) -> Result<()> {
+    eprintln!("$ {}", display(cmd));
+    let status = cmd.status().with_context(|| format!("cannot start {}", display(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", display(cmd));
+    }
+    Ok(())
+}
+
+fn display(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// `trunk build --release` into web/dist/, then brotli and gzip copies of every asset.
+fn build_client() -> Result<()> {
+    step("Building the wasm client with Trunk (web/ + client-wasm/ -> web/dist/)");
+    sh(tools::command("trunk")?.args(["build", "--release"]))?;
+    precompress(Path::new("web/dist"))
+}
+
+/// Writes `.br` and `.gz` next to each compressible file, which the server sends to browsers
+/// that accept them.
+fn precompress(dir: &Path) -> Result<()> {
+    use std::io::Write as _;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let compressible = matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("js" | "wasm" | "css" | "svg" | "html")
+        );
+        if !compressible {
+            continue;
+        }
+        let data = std::fs::read(&path)?;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&data)?;
+        std::fs::write(with_suffix(&path, "gz"), gz.finish()?)?;
+        let mut br = Vec::new();
+        let params = brotli::enc::BrotliEncoderParams { quality: 11, ..Default::default() };
+        brotli::BrotliCompress(&mut data.as_slice(), &mut br, &params)?;
+        std::fs::write(with_suffix(&path, "br"), br)?;
+        if path.extension().is_some_and(|e| e == "wasm") {
+            let gz_len = std::fs::metadata(with_suffix(&path, "gz"))?.len();
+            let br_len = std::fs::metadata(with_suffix(&path, "br"))?.len();
+            eprintln!(
+                "    client: {} KB raw, {} KB gzip, {} KB brotli",
+                data.len() / 1024,
+                gz_len / 1024,
+                br_len / 1024
+            );
+        }
+    }
+    Ok(())
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".");
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+fn build_server(release: bool) -> Result<PathBuf> {
+    step(if release { "Building the server (release)" } else { "Building the server" });
+    let mut cmd = cargo();
+    cmd.args(["build", "-p", "rallypoint-server", "--bin", "rallypoint"]);
+    if release {
+        cmd.arg("--release");
+    }
+    sh(&mut cmd)?;
+    Ok(target_dir().join(if release { "release" } else { "debug" }).join("rallypoint"))
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from)
+}
+
+fn serve(args: &[String]) -> Result<()> {
+    tools::ensure(tools::Need::Build)?;
+    build_client()?;
+    let bin = build_server(true)?;
+    step("Serving on http://127.0.0.1:8080 with the SQLite database ./data/rallypoint.db (Ctrl-C stops)");
+    let mut cmd = Command::new(bin);
+    cmd.args(["serve", "--static-dir", "web/dist"]).args(args);
+    sh(&mut cmd)
+}
+
+fn test() -> Result<()> {
+    tools::ensure(tools::Need::Browser)?;
+    build_client()?;
+    let bin = build_server(false)?;
+    step("Running the tests (unit, integration, native clients, headless Chromium)");
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--exclude", "rallypoint-client"])
+        .env("RALLYPOINT_BIN", std::fs::canonicalize(&bin)?)
+        .env("RALLYPOINT_STATIC_DIR", std::fs::canonicalize("web/dist")?)
+        .env("CHROMEDRIVER", tools::CHROMEDRIVER)
+        .env("CHROMIUM", tools::CHROMIUM);
+    sh(&mut cmd)
+}
+
+fn ci() -> Result<()> {
+    step("Formatting");
+    sh(cargo().args(["fmt", "--all", "--check"]))?;
+    step("Lints (native)");
+    sh(cargo().args(["clippy", "--workspace", "--exclude", "rallypoint-client", "--all-targets", "--", "-D", "warnings"]))?;
+    tools::ensure(tools::Need::Build)?;
+    step("Lints (wasm client)");
+    sh(cargo().args(["clippy", "-p", "rallypoint-client", "--target", "wasm32-unknown-unknown", "--", "-D", "warnings"]))?;
+    test()
+}
+
+fn dist() -> Result<()> {
+    tools::ensure(tools::Need::Build)?;
+    build_client()?;
+    let bin = build_server(true)?;
+    step("Writing dist/");
+    let out = Path::new("dist");
+    if out.exists() {
+        std::fs::remove_dir_all(out).context("cannot clear dist/")?;
+    }
+    let static_dir = out.join("static");
+    std::fs::create_dir_all(&static_dir)?;
+    std::fs::copy(&bin, out.join("rallypoint")).context("cannot copy the binary")?;
+    for entry in std::fs::read_dir("web/dist")? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() && !entry.file_name().to_string_lossy().starts_with("index.html") {
+            std::fs::copy(entry.path(), static_dir.join(entry.file_name()))?;
+        }
+    }
+    eprintln!(
+        "\ndist/ is ready: copy it anywhere and run `./rallypoint serve` inside it.\n\
+         It serves http://127.0.0.1:8080 with the database ./data/rallypoint.db; see `./rallypoint serve --help`."
+    );
+    Ok(())
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    let Some(what) = args.first() else { bail!("which benchmark? `cargo xtask bench hub`") };
+    let bin = build_server(true)?;
+    step(&format!("Benchmark: {what}"));
+    let mut cmd = Command::new(bin);
+    cmd.arg("bench").args(args);
+    sh(&mut cmd)
+}

@@ -1,0 +1,296 @@
+//! A native Rust client that speaks to a Rallypoint server exactly as the browser does: it
+//! fetches the forms, posts them with their CSRF token, keeps the session cookie, and opens the
+//! hub WebSocket. Bots, benchmarks and tests use it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use reqwest::StatusCode;
+use reqwest::cookie::CookieStore as _;
+use shared::hub::{ClientMsg, PROTOCOL_VERSION, ServerMsg};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use url::Url;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("bad server URL {0:?}")]
+    Url(String),
+    #[error("HTTP: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("{path} answered {status}: {message}")]
+    Refused { path: String, status: StatusCode, message: String },
+    #[error("the page {0} has no CSRF token")]
+    NoCsrf(String),
+    #[error("WebSocket: {0}")]
+    Ws(#[from] tungstenite::Error),
+    #[error("the hub closed the connection ({code}: {reason})")]
+    Closed { code: u16, reason: String },
+    #[error("unexpected hub message: {0}")]
+    Unexpected(String),
+    #[error("timed out waiting for the hub")]
+    Timeout,
+}
+
+/// One user's browser-like session with a server.
+pub struct Client {
+    http: reqwest::Client,
+    jar: Arc<reqwest::cookie::Jar>,
+    base: Url,
+}
+
+impl Client {
+    /// A client for the server at `base`, such as `http://127.0.0.1:8080`.
+    pub fn new(base: &str) -> Result<Self, ClientError> {
+        let base = Url::parse(base).map_err(|_| ClientError::Url(base.to_owned()))?;
+        let jar = Arc::new(reqwest::cookie::Jar::default());
+        let http = reqwest::Client::builder()
+            .cookie_provider(Arc::clone(&jar))
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(Self { http, jar, base })
+    }
+
+    pub fn base(&self) -> &Url {
+        &self.base
+    }
+
+    fn url(&self, path: &str) -> Url {
+        self.base.join(path).unwrap_or_else(|_| self.base.clone())
+    }
+
+    /// The underlying HTTP client, which carries this session's cookies.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// Fetches a page and returns the CSRF token of its forms. A page that redirects (the
+    /// login form, once signed in) is replaced by the home page, whose log-out form has one.
+    pub async fn csrf(&self, path: &str) -> Result<String, ClientError> {
+        let mut response = self.http.get(self.url(path)).send().await?;
+        if response.status().is_redirection() {
+            response = self.http.get(self.url("/")).send().await?;
+        }
+        let page = response.text().await?;
+        csrf_in(&page).ok_or_else(|| ClientError::NoCsrf(path.to_owned()))
+    }
+
+    /// Posts a form from `path` with its CSRF token; returns the response.
+    pub async fn post_form(&self, path: &str, fields: &[(&str, &str)]) -> Result<reqwest::Response, ClientError> {
+        let csrf = self.csrf(path).await?;
+        let mut form: Vec<(&str, &str)> = fields.to_vec();
+        form.push(("csrf", &csrf));
+        Ok(self.http.post(self.url(path)).form(&form).send().await?)
+    }
+
+    /// Registers a new account and signs in.
+    pub async fn register(&self, username: &str, password: &str) -> Result<(), ClientError> {
+        let fields = [("username", username), ("password", password), ("password_confirm", password)];
+        expect_redirect("/register", self.post_form("/register", &fields).await?).await
+    }
+
+    /// Signs in.
+    pub async fn login(&self, username: &str, password: &str) -> Result<(), ClientError> {
+        let fields = [("username", username), ("password", password)];
+        expect_redirect("/login", self.post_form("/login", &fields).await?).await
+    }
+
+    /// Signs in, registering the account first if it does not exist.
+    pub async fn login_or_register(&self, username: &str, password: &str) -> Result<(), ClientError> {
+        match self.login(username, password).await {
+            Err(ClientError::Refused { status: StatusCode::UNAUTHORIZED, .. }) => {
+                self.register(username, password).await
+            }
+            other => other,
+        }
+    }
+
+    /// Signs out.
+    pub async fn logout(&self) -> Result<(), ClientError> {
+        let csrf = self.csrf("/").await?;
+        let response = self.http.post(self.url("/logout")).form(&[("csrf", csrf)]).send().await?;
+        expect_redirect("/logout", response).await
+    }
+
+    /// The `Cookie` header this client sends to the server.
+    pub fn cookie_header(&self) -> Option<String> {
+        self.jar.cookies(&self.base).and_then(|v| v.to_str().ok().map(str::to_owned))
+    }
+
+    /// The hub's WebSocket URL.
+    pub fn hub_url(&self) -> Url {
+        let mut url = self.url("/ws");
+        let scheme = if self.base.scheme() == "https" { "wss" } else { "ws" };
+        let _ = url.set_scheme(scheme);
+        url
+    }
+
+    /// Opens the hub WebSocket, says hello and waits for the welcome.
+    pub async fn hub(&self) -> Result<Hub, ClientError> {
+        Hub::open(self.hub_request()?, None).await
+    }
+
+    /// The upgrade request for the hub, with this session's cookie.
+    pub fn hub_request(&self) -> Result<tungstenite::handshake::client::Request, ClientError> {
+        let mut request = self.hub_url().as_str().into_client_request()?;
+        if let Some(cookie) = self.cookie_header().and_then(|c| c.parse().ok()) {
+            request.headers_mut().insert("cookie", cookie);
+        }
+        Ok(request)
+    }
+}
+
+async fn expect_redirect(path: &str, response: reqwest::Response) -> Result<(), ClientError> {
+    let status = response.status();
+    if status == StatusCode::SEE_OTHER {
+        return Ok(());
+    }
+    let body = response.text().await.unwrap_or_default();
+    Err(ClientError::Refused { path: path.to_owned(), status, message: page_message(&body) })
+}
+
+/// The token in a page's `<input type="hidden" name="csrf" value="…">`.
+pub fn csrf_in(page: &str) -> Option<String> {
+    let at = page.find("name=\"csrf\" value=\"")? + "name=\"csrf\" value=\"".len();
+    let len = page[at..].find('"')?;
+    Some(page[at..at + len].to_owned())
+}
+
+/// The error message a page shows (`class="error"`), or its first paragraph.
+pub fn page_message(page: &str) -> String {
+    let start = page.find("class=\"error\"").or_else(|| page.find("<p>"));
+    start
+        .and_then(|s| {
+            let rest = &page[s..];
+            let open = rest.find('>')? + 1;
+            let close = rest[open..].find('<')?;
+            Some(rest[open..open + close].trim().to_owned())
+        })
+        .unwrap_or_default()
+}
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// An open hub connection, past the welcome.
+pub struct Hub {
+    socket: Socket,
+    /// The server's welcome message.
+    pub welcome: ServerMsg,
+}
+
+impl Hub {
+    /// Connects (over `stream` when given, to choose the local address), says hello and
+    /// waits for the welcome.
+    pub async fn open(
+        request: tungstenite::handshake::client::Request,
+        stream: Option<TcpStream>,
+    ) -> Result<Self, ClientError> {
+        let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
+        let (socket, _) = match stream {
+            Some(stream) => {
+                tokio_tungstenite::client_async_with_config(request, MaybeTlsStream::Plain(stream), Some(config))
+                    .await?
+            }
+            None => tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?,
+        };
+        let mut hub = Self { socket, welcome: ServerMsg::Pong { id: 0 } };
+        hub.send(&ClientMsg::Hello { version: PROTOCOL_VERSION }).await?;
+        hub.welcome = hub.recv_timeout(Duration::from_secs(10)).await?;
+        match hub.welcome {
+            ServerMsg::Welcome { .. } => Ok(hub),
+            ref other => Err(ClientError::Unexpected(other.to_json())),
+        }
+    }
+
+    /// Sends a message.
+    pub async fn send(&mut self, msg: &ClientMsg) -> Result<(), ClientError> {
+        let json = serde_json::to_string(msg).unwrap_or_default();
+        Ok(self.socket.send(Message::text(json)).await?)
+    }
+
+    /// Sends a raw frame (tests use it for bad input).
+    pub async fn send_raw(&mut self, message: Message) -> Result<(), ClientError> {
+        Ok(self.socket.send(message).await?)
+    }
+
+    /// The next hub message; a close frame becomes [`ClientError::Closed`].
+    pub async fn recv(&mut self) -> Result<ServerMsg, ClientError> {
+        loop {
+            let Some(frame) = self.socket.next().await else {
+                return Err(ClientError::Closed { code: 1006, reason: "connection lost".into() });
+            };
+            match frame? {
+                Message::Text(text) => {
+                    return serde_json::from_str(text.as_str())
+                        .map_err(|_| ClientError::Unexpected(text.as_str().to_owned()));
+                }
+                Message::Close(frame) => {
+                    let (code, reason) = close_parts(frame);
+                    return Err(ClientError::Closed { code, reason });
+                }
+                Message::Binary(_) => return Err(ClientError::Unexpected("binary frame".into())),
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+            }
+        }
+    }
+
+    /// Like [`Self::recv`], giving up after `limit`.
+    pub async fn recv_timeout(&mut self, limit: Duration) -> Result<ServerMsg, ClientError> {
+        tokio::time::timeout(limit, self.recv()).await.map_err(|_| ClientError::Timeout)?
+    }
+
+    /// Waits for the first message that `pick` accepts, skipping others.
+    pub async fn recv_until<T>(
+        &mut self,
+        limit: Duration,
+        mut pick: impl FnMut(ServerMsg) -> Option<T>,
+    ) -> Result<T, ClientError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if let Some(found) = pick(self.recv_timeout(left).await?) {
+                return Ok(found);
+            }
+        }
+    }
+
+    /// Sends a WebSocket ping frame and waits for its pong; returns the round-trip time.
+    pub async fn ws_ping(&mut self) -> Result<Duration, ClientError> {
+        let start = std::time::Instant::now();
+        self.socket.send(Message::Ping(Vec::new().into())).await?;
+        loop {
+            match self.socket.next().await {
+                Some(Ok(Message::Pong(_))) => return Ok(start.elapsed()),
+                Some(Ok(Message::Close(frame))) => {
+                    let (code, reason) = close_parts(frame);
+                    return Err(ClientError::Closed { code, reason });
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(ClientError::Closed { code: 1006, reason: "connection lost".into() }),
+            }
+        }
+    }
+
+    /// The TCP stream under the WebSocket (tests use it to play a peer that stops answering).
+    pub fn into_tcp(self) -> Option<TcpStream> {
+        match self.socket.into_inner() {
+            MaybeTlsStream::Plain(stream) => Some(stream),
+            _ => None,
+        }
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(mut self) {
+        let _ = self.socket.close(None).await;
+    }
+}
+
+fn close_parts(frame: Option<CloseFrame>) -> (u16, String) {
+    frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.as_str().to_owned()))
+}

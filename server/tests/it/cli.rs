@@ -1,0 +1,87 @@
+//! The `rallypoint` binary's start-up: bad flags, a port in use, an unwritable database, a
+//! missing client build. Each gives one clear line and a non-zero exit status.
+
+use std::process::{Command, Output};
+
+fn rallypoint(args: &[&str], static_dir: &std::path::Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rallypoint"))
+        .args(args)
+        .env("RALLYPOINT_STATIC_DIR", static_dir)
+        .env_remove("RALLYPOINT_LISTEN")
+        .env_remove("RALLYPOINT_DATABASE_URL")
+        .output()
+        .unwrap()
+}
+
+/// A folder that looks like a built client.
+fn static_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(rallypoint_server::config::CLIENT_JS), "").unwrap();
+    dir
+}
+
+fn one_error_line(output: &Output) -> String {
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    errors[0].to_owned()
+}
+
+#[test]
+fn a_port_in_use_is_one_clear_line() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = static_dir();
+    let db = format!("sqlite://{}", dir.path().join("rp.db").display());
+    let output = rallypoint(&["serve", "--listen", &addr, "--database-url", &db], dir.path());
+    let line = one_error_line(&output);
+    assert!(line.contains(&format!("cannot listen on {addr}")) && line.contains("--listen"), "{line}");
+    assert_eq!(output.status.code(), Some(1));
+}
+
+#[test]
+fn an_unwritable_database_path_is_one_clear_line() {
+    let dir = static_dir();
+    let output = rallypoint(&["serve", "--listen", "127.0.0.1:0", "--database-url", "sqlite:///proc/rallypoint/rp.db"], dir.path());
+    let line = one_error_line(&output);
+    assert!(line.contains("/proc/rallypoint"), "{line}");
+}
+
+#[test]
+fn bad_flags_and_values_are_refused() {
+    let dir = static_dir();
+    for (args, needle) in [
+        (&["serve", "--listen", "nonsense"][..], "--listen"),
+        (&["serve", "--bogus"][..], "--bogus"),
+        (&["serve", "--public-url", "ftp://x"][..], "--public-url"),
+        (&["serve", "--database-url", "mysql://x"][..], "--database-url"),
+        (&["serve", "--max-connections", "0"][..], "--max-connections"),
+        (&["serve", "--log", "info,[["][..], "--log"),
+    ] {
+        let output = rallypoint(args, dir.path());
+        assert!(!output.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.lines().next().is_some_and(|l| l.starts_with("error:") && l.contains(needle)), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn a_missing_client_build_says_what_to_run() {
+    let empty = tempfile::tempdir().unwrap();
+    let output = rallypoint(&["serve", "--listen", "127.0.0.1:0"], empty.path());
+    let line = one_error_line(&output);
+    assert!(line.contains("cargo xtask run"), "{line}");
+}
+
+#[test]
+fn help_explains_every_flag_and_its_variable() {
+    let output = rallypoint(&["serve", "--help"], std::path::Path::new("."));
+    let help = String::from_utf8_lossy(&output.stdout);
+    for flag in ["--listen", "--database-url", "--static-dir", "--public-url", "--trust-forwarded-for"] {
+        assert!(help.contains(flag), "{flag}");
+    }
+    for var in ["RALLYPOINT_LISTEN", "RALLYPOINT_DATABASE_URL", "RALLYPOINT_STATIC_DIR", "RALLYPOINT_PUBLIC_URL"] {
+        assert!(help.contains(var), "{var}");
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests: a real server on port 0 with a real SQLite file, driven over HTTP and
+//! WebSocket by the native client, as a browser would.
+
+mod cli;
+mod hub;
+mod site;
+mod support;

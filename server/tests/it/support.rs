@@ -1,0 +1,65 @@
+//! Starting servers and clients for the tests.
+
+use std::time::Duration;
+
+use rallypoint_server::client::Client;
+use rallypoint_server::config::{Config, Limits};
+use rallypoint_server::{Running, start};
+use tokio::net::TcpListener;
+
+pub const PASSWORD: &str = "correct horse battery";
+
+/// A server on an ephemeral port with its own database folder.
+pub struct TestServer {
+    pub running: Running,
+    pub base: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a server after `adjust` has changed its configuration.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, adjust).await
+    }
+
+    /// Starts a server on the database in `dir` (to restart one on the same data).
+    pub async fn start_in(dir: tempfile::TempDir, adjust: impl FnOnce(&mut Config)) -> Self {
+        let url = format!("sqlite://{}", dir.path().join("rp.db").display());
+        let mut config = Config::new(url, dir.path());
+        config.limits = test_limits();
+        adjust(&mut config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = start(listener, config).await.unwrap();
+        let base = format!("http://{}", running.addr);
+        Self { running, base, dir }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.base).unwrap()
+    }
+
+    /// A new client signed in as a freshly registered user.
+    pub async fn user(&self, name: &str) -> Client {
+        let client = self.client();
+        client.register(name, PASSWORD).await.unwrap();
+        client
+    }
+
+    /// Stops the server and hands back its data folder.
+    pub async fn stop(self) -> tempfile::TempDir {
+        self.running.stop().await;
+        self.dir
+    }
+}
+
+/// Production limits, with hashing kept cheap in threads and timers short enough for tests.
+fn test_limits() -> Limits {
+    Limits { hash_threads: 2, ..Limits::default() }
+}
+
+pub const SECOND: Duration = Duration::from_secs(1);

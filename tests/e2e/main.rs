@@ -1,0 +1,6 @@
+//! End-to-end tests in real headless Chromium against the real binary.
+
+mod lobby;
+
+/// Browser tests share two cores: one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

@@ -1,0 +1,146 @@
+//! Installs what a fresh machine lacks, each once, saying what and why:
+//! the wasm32 target, Trunk 0.21, wasm-bindgen-cli at exactly Cargo.lock's version, and, for the
+//! browser tests, Debian's Chromium and ChromeDriver.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{sh, step};
+
+pub const CHROMIUM: &str = "/usr/bin/chromium";
+pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const WASM_TARGET: &str = "wasm32-unknown-unknown";
+const TRUNK_SERIES: &str = "0.21";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Enough to build the client.
+    Build,
+    /// Also a browser for the end-to-end tests.
+    Browser,
+}
+
+pub fn ensure(need: Need) -> Result<()> {
+    ensure_wasm_target()?;
+    ensure_trunk()?;
+    ensure_wasm_bindgen()?;
+    if need == Need::Browser {
+        ensure_chromium()?;
+    }
+    Ok(())
+}
+
+/// Where `cargo install` puts binaries.
+fn cargo_bin() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_default()
+        .join("bin")
+}
+
+/// A command for an installed tool, with cargo's bin folder on PATH (Trunk looks up
+/// wasm-bindgen there).
+pub fn command(tool: &str) -> Result<Command> {
+    let mut paths = vec![cargo_bin()];
+    paths.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+    let path = std::env::join_paths(paths)?;
+    let program = which(tool).unwrap_or_else(|| cargo_bin().join(tool));
+    let mut cmd = Command::new(program);
+    cmd.env("PATH", path);
+    Ok(cmd)
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).chain([cargo_bin()]).map(|d| d.join(tool)).find(|p| p.is_file())
+}
+
+/// The first line a tool prints for `--version`, if it runs.
+fn version_of(tool: &str) -> Option<String> {
+    let out = command(tool).ok()?.arg("--version").output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").trim().to_owned())
+}
+
+fn ensure_wasm_target() -> Result<()> {
+    let out = Command::new("rustup").args(["target", "list", "--installed"]).output();
+    let installed = out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == WASM_TARGET));
+    if !installed {
+        step("Installing the Rust target wasm32-unknown-unknown (the browser client compiles to WebAssembly)");
+        sh(Command::new("rustup").args(["target", "add", WASM_TARGET]))?;
+    }
+    Ok(())
+}
+
+/// `cargo install` with a profile tuned for a quick build: these are build tools, whose own
+/// speed hardly matters, and the default fat-LTO release build takes ~3x longer on 2 cores.
+fn cargo_install(args: &[&str]) -> Result<()> {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.arg("install")
+        .args(args)
+        .env("CARGO_PROFILE_RELEASE_LTO", "off")
+        .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "16")
+        .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "1");
+    sh(&mut cmd)
+}
+
+fn ensure_trunk() -> Result<()> {
+    match version_of("trunk") {
+        Some(v) if v.starts_with(&format!("trunk {TRUNK_SERIES}.")) => return Ok(()),
+        Some(v) => step(&format!("Installing Trunk {TRUNK_SERIES} (found {v}; this project's Trunk.toml is for {TRUNK_SERIES})")),
+        None => step(&format!(
+            "Installing Trunk {TRUNK_SERIES} (it builds and bundles the wasm client). One time only; about 4 minutes on 2 cores"
+        )),
+    }
+    cargo_install(&["--locked", "trunk", "--version", &format!("^{TRUNK_SERIES}")])
+}
+
+/// The wasm-bindgen version in Cargo.lock: the CLI must match the crate exactly.
+fn locked_wasm_bindgen() -> Result<String> {
+    let lock = std::fs::read_to_string("Cargo.lock").context("cannot read Cargo.lock")?;
+    let mut lines = lock.lines();
+    while let Some(line) = lines.next() {
+        if line == "name = \"wasm-bindgen\""
+            && let Some(v) = lines.next().and_then(|l| l.strip_prefix("version = \""))
+        {
+            return Ok(v.trim_end_matches('"').to_owned());
+        }
+    }
+    bail!("Cargo.lock names no wasm-bindgen version")
+}
+
+fn ensure_wasm_bindgen() -> Result<()> {
+    let want = locked_wasm_bindgen()?;
+    match version_of("wasm-bindgen") {
+        Some(v) if v == format!("wasm-bindgen {want}") => return Ok(()),
+        Some(v) => step(&format!("Installing wasm-bindgen-cli {want} (found {v}; it must equal the wasm-bindgen crate in Cargo.lock)")),
+        None => step(&format!(
+            "Installing wasm-bindgen-cli {want} (Trunk uses it to generate the client's JS glue). One time only; about 2 minutes"
+        )),
+    }
+    // Not --locked: the CLI's own lockfile names a webpki-roots release the registry no longer
+    // serves.
+    cargo_install(&["wasm-bindgen-cli", "--version", &format!("={want}")])
+}
+
+fn ensure_chromium() -> Result<()> {
+    if PathBuf::from(CHROMIUM).is_file() && PathBuf::from(CHROMEDRIVER).is_file() {
+        return Ok(());
+    }
+    step("Installing Debian's chromium and chromium-driver (the end-to-end tests drive a real headless browser)");
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0"));
+    let apt = |args: &[&str]| -> Command {
+        let mut cmd = if root { Command::new("apt-get") } else { Command::new("sudo") };
+        if !root {
+            cmd.arg("apt-get");
+        }
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    sh(&mut apt(&["update", "-q"]))?;
+    sh(&mut apt(&["install", "-y", "-q", "--no-install-recommends", "chromium", "chromium-driver"]))
+        .context("could not install Chromium; install the Debian packages chromium and chromium-driver by hand")?;
+    Ok(())
+}
