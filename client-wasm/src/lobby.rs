@@ -8,8 +8,8 @@ use shared::hub::{ChatLine, ClientMsg, PROTOCOL_VERSION, ServerMsg, UserSummary,
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{
-    CloseEvent, HtmlElement, HtmlFormElement, HtmlInputElement, MessageEvent, RequestInit, RequestRedirect,
-    Response, ResponseType, SubmitEvent, WebSocket,
+    CloseEvent, HtmlElement, HtmlFormElement, HtmlInputElement, MessageEvent, RequestInit,
+    RequestRedirect, Response, ResponseType, SubmitEvent, WebSocket,
 };
 
 use crate::dom;
@@ -28,6 +28,7 @@ pub struct Lobby {
     chat_error: HtmlElement,
     online_list: HtmlElement,
     online_count: HtmlElement,
+    title: HtmlElement,
     state: RefCell<State>,
 }
 
@@ -54,6 +55,7 @@ impl Lobby {
             Some(chat_error),
             Some(online_list),
             Some(online_count),
+            Some(title),
         ) = (
             dom::by_id("status"),
             dom::by_id("chat-log"),
@@ -62,6 +64,7 @@ impl Lobby {
             dom::by_id("chat-error"),
             dom::by_id("online-list"),
             dom::by_id("online-count"),
+            dom::by_id("lobby-name"),
         )
         else {
             return Ok(None);
@@ -74,6 +77,7 @@ impl Lobby {
             chat_error,
             online_list,
             online_count,
+            title,
             state: RefCell::default(),
         });
         let weak = Rc::downgrade(&lobby);
@@ -83,7 +87,9 @@ impl Lobby {
                 lobby.send_chat();
             }
         });
-        lobby.chat_form.add_event_listener_with_callback("submit", on_submit.as_ref().unchecked_ref())?;
+        lobby
+            .chat_form
+            .add_event_listener_with_callback("submit", on_submit.as_ref().unchecked_ref())?;
         // The form lives as long as the page.
         on_submit.forget();
         Ok(Some(lobby))
@@ -106,7 +112,8 @@ impl Lobby {
     }
 
     fn send(&self, msg: &ClientMsg) {
-        if let (Some(socket), Ok(json)) = (&self.state.borrow().socket, serde_json::to_string(msg)) {
+        if let (Some(socket), Ok(json)) = (&self.state.borrow().socket, serde_json::to_string(msg))
+        {
             let _ = socket.send_with_str(&json);
         }
     }
@@ -123,44 +130,51 @@ impl Lobby {
 
     fn on_message(self: &Rc<Self>, msg: ServerMsg) {
         match msg {
-            ServerMsg::Welcome { me, online, chat, .. } => {
+            ServerMsg::Welcome { me, lobby, .. } => {
                 {
                     let mut state = self.state.borrow_mut();
                     state.me = Some(me.id);
-                    state.online = online.into_iter().map(|u| (u.id, u)).collect();
+                    state.online.clear();
                     state.failures = 0;
                 }
                 self.set_status("online", "Online");
+                self.title.set_text_content(Some(&format!("Lobby {lobby}")));
                 dom::clear(&self.chat_log);
-                for line in &chat {
-                    self.append_chat(line);
-                }
                 self.render_online();
                 self.ping();
             }
-            ServerMsg::UserOnline { user } => {
-                self.state.borrow_mut().online.insert(user.id, user);
-                self.render_online();
-            }
-            ServerMsg::UserOffline { id } => {
-                self.state.borrow_mut().online.remove(&id);
+            ServerMsg::Presence { joined, left } => {
+                {
+                    let mut state = self.state.borrow_mut();
+                    for id in left {
+                        state.online.remove(&id);
+                    }
+                    state.online.extend(joined.into_iter().map(|u| (u.id, u)));
+                }
                 self.render_online();
             }
             ServerMsg::Chat(line) => self.append_chat(&line),
             ServerMsg::Pong { id } => self.on_pong(id),
             ServerMsg::Error { message, .. } => self.show_error(Some(&message)),
-            ServerMsg::Reload { .. } => self.set_status("reload", "A new version is out: reload the page"),
+            ServerMsg::Reload { .. } => {
+                self.set_status("reload", "A new version is out: reload the page")
+            }
         }
     }
 
     fn append_chat(&self, line: &ChatLine) {
-        let Ok(li) = dom::element("li", "chat-line", "") else { return };
+        let Ok(li) = dom::element("li", "chat-line", "") else {
+            return;
+        };
         let date = js_sys::Date::new(&JsValue::from_f64(line.at_ms as f64));
         let time = format!("{:02}:{:02}", date.get_hours(), date.get_minutes());
         let is_me = self.state.borrow().me == Some(line.from.id);
         for (class, text) in [
             ("time", time.as_str()),
-            (if is_me { "from me" } else { "from" }, line.from.name.as_str()),
+            (
+                if is_me { "from me" } else { "from" },
+                line.from.name.as_str(),
+            ),
             ("text", line.text.as_str()),
         ] {
             if let Ok(part) = dom::element("span", class, text) {
@@ -192,7 +206,8 @@ impl Lobby {
                 let _ = self.online_list.append_child(&li);
             }
         }
-        self.online_count.set_text_content(Some(&state.online.len().to_string()));
+        self.online_count
+            .set_text_content(Some(&state.online.len().to_string()));
     }
 
     /// Sends a latency probe; the answer updates the status line.
@@ -208,9 +223,15 @@ impl Lobby {
     }
 
     fn on_pong(self: &Rc<Self>, id: u32) {
-        let sent = self.state.borrow().ping.filter(|(pid, _)| *pid == id).map(|(_, at)| at);
+        let sent = self
+            .state
+            .borrow()
+            .ping
+            .filter(|(pid, _)| *pid == id)
+            .map(|(_, at)| at);
         if let Some(sent) = sent {
-            self.status.set_text_content(Some(&format!("Online · {} ms", (now_ms() - sent).round())));
+            self.status
+                .set_text_content(Some(&format!("Online · {} ms", (now_ms() - sent).round())));
         }
         let weak = Rc::downgrade(self);
         later(PING_EVERY_MS, move || {
@@ -239,7 +260,9 @@ fn try_connect(lobby: &Rc<Lobby>) -> Result<(), JsValue> {
         let weak = Rc::downgrade(lobby);
         Closure::<dyn FnMut()>::new(move || {
             if let Some(lobby) = weak.upgrade() {
-                lobby.send(&ClientMsg::Hello { version: PROTOCOL_VERSION });
+                lobby.send(&ClientMsg::Hello {
+                    version: PROTOCOL_VERSION,
+                });
             }
         })
     };
@@ -247,7 +270,9 @@ fn try_connect(lobby: &Rc<Lobby>) -> Result<(), JsValue> {
         let weak = Rc::downgrade(lobby);
         Closure::<dyn FnMut(MessageEvent)>::new(move |event: MessageEvent| {
             let Some(lobby) = weak.upgrade() else { return };
-            let Some(text) = event.data().as_string() else { return };
+            let Some(text) = event.data().as_string() else {
+                return;
+            };
             match serde_json::from_str::<ServerMsg>(&text) {
                 Ok(msg) => lobby.on_message(msg),
                 Err(e) => web_sys::console::warn_1(&format!("unreadable hub message: {e}").into()),
@@ -285,7 +310,11 @@ fn on_closed(lobby: Rc<Lobby>, code: u16, reason: &str) {
         }
         close::RELOAD => lobby.set_status("reload", "A new version is out: reload the page"),
         _ => {
-            let why = if reason.is_empty() { "connection lost".to_owned() } else { reason.to_owned() };
+            let why = if reason.is_empty() {
+                "connection lost".to_owned()
+            } else {
+                reason.to_owned()
+            };
             lobby.set_status("offline", &format!("Offline ({why}); reconnecting…"));
             retry(lobby);
         }
@@ -321,7 +350,10 @@ async fn session_ended() -> bool {
     else {
         return false;
     };
-    match JsFuture::from(promise).await.and_then(JsCast::dyn_into::<Response>) {
+    match JsFuture::from(promise)
+        .await
+        .and_then(JsCast::dyn_into::<Response>)
+    {
         Ok(response) => response.type_() == ResponseType::Opaqueredirect,
         Err(_) => false, // the server is unreachable: keep retrying
     }
@@ -329,7 +361,8 @@ async fn session_ended() -> bool {
 
 fn later(ms: i32, f: impl FnOnce() + 'static) {
     let callback = Closure::once_into_js(f);
-    let _ = dom::window().set_timeout_with_callback_and_timeout_and_arguments_0(callback.unchecked_ref(), ms);
+    let _ = dom::window()
+        .set_timeout_with_callback_and_timeout_and_arguments_0(callback.unchecked_ref(), ms);
 }
 
 fn now_ms() -> f64 {

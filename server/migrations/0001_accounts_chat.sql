@@ -22,10 +22,14 @@ CREATE INDEX sessions_by_expiry ON sessions (expires_at);
 
 CREATE TABLE chat_messages (
     id      INTEGER PRIMARY KEY,
+    -- Which lobby (0-based) the line was said in.
+    lobby   INTEGER NOT NULL,
     user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     body    TEXT    NOT NULL,
     sent_at INTEGER NOT NULL -- Unix milliseconds
 );
+
+CREATE INDEX chat_messages_by_lobby ON chat_messages (lobby, id);
 
 -- Secrets the server generates once and keeps across restarts (for example the key that signs
 -- room tickets).

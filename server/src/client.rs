@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::{SinkExt as _, StreamExt as _};
 use reqwest::StatusCode;
 use reqwest::cookie::CookieStore as _;
-use shared::hub::{ClientMsg, PROTOCOL_VERSION, ServerMsg};
+use shared::hub::{ChatLine, ClientMsg, PROTOCOL_VERSION, ServerMsg, UserSummary};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -23,7 +23,11 @@ pub enum ClientError {
     #[error("HTTP: {0}")]
     Http(#[from] reqwest::Error),
     #[error("{path} answered {status}: {message}")]
-    Refused { path: String, status: StatusCode, message: String },
+    Refused {
+        path: String,
+        status: StatusCode,
+        message: String,
+    },
     #[error("the page {0} has no CSRF token")]
     NoCsrf(String),
     #[error("WebSocket: {0}")]
@@ -81,7 +85,11 @@ impl Client {
     }
 
     /// Posts a form from `path` with its CSRF token; returns the response.
-    pub async fn post_form(&self, path: &str, fields: &[(&str, &str)]) -> Result<reqwest::Response, ClientError> {
+    pub async fn post_form(
+        &self,
+        path: &str,
+        fields: &[(&str, &str)],
+    ) -> Result<reqwest::Response, ClientError> {
         let csrf = self.csrf(path).await?;
         let mut form: Vec<(&str, &str)> = fields.to_vec();
         form.push(("csrf", &csrf));
@@ -90,7 +98,11 @@ impl Client {
 
     /// Registers a new account and signs in.
     pub async fn register(&self, username: &str, password: &str) -> Result<(), ClientError> {
-        let fields = [("username", username), ("password", password), ("password_confirm", password)];
+        let fields = [
+            ("username", username),
+            ("password", password),
+            ("password_confirm", password),
+        ];
         expect_redirect("/register", self.post_form("/register", &fields).await?).await
     }
 
@@ -101,11 +113,16 @@ impl Client {
     }
 
     /// Signs in, registering the account first if it does not exist.
-    pub async fn login_or_register(&self, username: &str, password: &str) -> Result<(), ClientError> {
+    pub async fn login_or_register(
+        &self,
+        username: &str,
+        password: &str,
+    ) -> Result<(), ClientError> {
         match self.login(username, password).await {
-            Err(ClientError::Refused { status: StatusCode::UNAUTHORIZED, .. }) => {
-                self.register(username, password).await
-            }
+            Err(ClientError::Refused {
+                status: StatusCode::UNAUTHORIZED,
+                ..
+            }) => self.register(username, password).await,
             other => other,
         }
     }
@@ -113,19 +130,30 @@ impl Client {
     /// Signs out.
     pub async fn logout(&self) -> Result<(), ClientError> {
         let csrf = self.csrf("/").await?;
-        let response = self.http.post(self.url("/logout")).form(&[("csrf", csrf)]).send().await?;
+        let response = self
+            .http
+            .post(self.url("/logout"))
+            .form(&[("csrf", csrf)])
+            .send()
+            .await?;
         expect_redirect("/logout", response).await
     }
 
     /// The `Cookie` header this client sends to the server.
     pub fn cookie_header(&self) -> Option<String> {
-        self.jar.cookies(&self.base).and_then(|v| v.to_str().ok().map(str::to_owned))
+        self.jar
+            .cookies(&self.base)
+            .and_then(|v| v.to_str().ok().map(str::to_owned))
     }
 
     /// The hub's WebSocket URL.
     pub fn hub_url(&self) -> Url {
         let mut url = self.url("/ws");
-        let scheme = if self.base.scheme() == "https" { "wss" } else { "ws" };
+        let scheme = if self.base.scheme() == "https" {
+            "wss"
+        } else {
+            "ws"
+        };
         let _ = url.set_scheme(scheme);
         url
     }
@@ -151,7 +179,11 @@ async fn expect_redirect(path: &str, response: reqwest::Response) -> Result<(), 
         return Ok(());
     }
     let body = response.text().await.unwrap_or_default();
-    Err(ClientError::Refused { path: path.to_owned(), status, message: page_message(&body) })
+    Err(ClientError::Refused {
+        path: path.to_owned(),
+        status,
+        message: page_message(&body),
+    })
 }
 
 /// The token in a page's `<input type="hidden" name="csrf" value="…">`.
@@ -176,11 +208,15 @@ pub fn page_message(page: &str) -> String {
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// An open hub connection, past the welcome.
+/// An open hub connection, past the welcome and the lobby's state that follows it.
 pub struct Hub {
     socket: Socket,
     /// The server's welcome message.
     pub welcome: ServerMsg,
+    /// Everyone in the lobby when this connection joined, in the order the server listed them.
+    pub online: Vec<UserSummary>,
+    /// The lobby's recent chat when this connection joined, oldest first.
+    pub history: Vec<ChatLine>,
 }
 
 impl Hub {
@@ -190,21 +226,60 @@ impl Hub {
         request: tungstenite::handshake::client::Request,
         stream: Option<TcpStream>,
     ) -> Result<Self, ClientError> {
-        let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
+        let config = tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0);
         let (socket, _) = match stream {
             Some(stream) => {
-                tokio_tungstenite::client_async_with_config(request, MaybeTlsStream::Plain(stream), Some(config))
-                    .await?
+                tokio_tungstenite::client_async_with_config(
+                    request,
+                    MaybeTlsStream::Plain(stream),
+                    Some(config),
+                )
+                .await?
             }
-            None => tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?,
+            None => {
+                tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?
+            }
         };
-        let mut hub = Self { socket, welcome: ServerMsg::Pong { id: 0 } };
-        hub.send(&ClientMsg::Hello { version: PROTOCOL_VERSION }).await?;
-        hub.welcome = hub.recv_timeout(Duration::from_secs(10)).await?;
-        match hub.welcome {
-            ServerMsg::Welcome { .. } => Ok(hub),
-            ref other => Err(ClientError::Unexpected(other.to_json())),
+        let mut hub = Self {
+            socket,
+            welcome: ServerMsg::Pong { id: 0 },
+            online: Vec::new(),
+            history: Vec::new(),
+        };
+        hub.send(&ClientMsg::Hello {
+            version: PROTOCOL_VERSION,
+        })
+        .await?;
+        let limit = Duration::from_secs(10);
+        hub.welcome = hub.recv_timeout(limit).await?;
+        let ServerMsg::Welcome {
+            online, history, ..
+        } = hub.welcome
+        else {
+            return Err(ClientError::Unexpected(hub.welcome.to_json()));
+        };
+        while hub.online.len() < online as usize {
+            match hub.recv_timeout(limit).await? {
+                ServerMsg::Presence { joined, .. } => hub.online.extend(joined),
+                other => return Err(ClientError::Unexpected(other.to_json())),
+            }
         }
+        while hub.history.len() < history as usize {
+            match hub.recv_timeout(limit).await? {
+                ServerMsg::Chat(line) => hub.history.push(line),
+                other => return Err(ClientError::Unexpected(other.to_json())),
+            }
+        }
+        Ok(hub)
+    }
+
+    /// The names of [`Self::online`], sorted.
+    pub fn online_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.online.iter().map(|u| u.name.clone()).collect();
+        names.sort();
+        names
     }
 
     /// Sends a message.
@@ -222,7 +297,10 @@ impl Hub {
     pub async fn recv(&mut self) -> Result<ServerMsg, ClientError> {
         loop {
             let Some(frame) = self.socket.next().await else {
-                return Err(ClientError::Closed { code: 1006, reason: "connection lost".into() });
+                return Err(ClientError::Closed {
+                    code: 1006,
+                    reason: "connection lost".into(),
+                });
             };
             match frame? {
                 Message::Text(text) => {
@@ -241,7 +319,9 @@ impl Hub {
 
     /// Like [`Self::recv`], giving up after `limit`.
     pub async fn recv_timeout(&mut self, limit: Duration) -> Result<ServerMsg, ClientError> {
-        tokio::time::timeout(limit, self.recv()).await.map_err(|_| ClientError::Timeout)?
+        tokio::time::timeout(limit, self.recv())
+            .await
+            .map_err(|_| ClientError::Timeout)?
     }
 
     /// Waits for the first message that `pick` accepts, skipping others.
@@ -272,7 +352,12 @@ impl Hub {
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(e.into()),
-                None => return Err(ClientError::Closed { code: 1006, reason: "connection lost".into() }),
+                None => {
+                    return Err(ClientError::Closed {
+                        code: 1006,
+                        reason: "connection lost".into(),
+                    });
+                }
             }
         }
     }
@@ -292,5 +377,7 @@ impl Hub {
 }
 
 fn close_parts(frame: Option<CloseFrame>) -> (u16, String) {
-    frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.as_str().to_owned()))
+    frame.map_or((1005, String::new()), |f| {
+        (u16::from(f.code), f.reason.as_str().to_owned())
+    })
 }

@@ -24,7 +24,12 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address and port for HTTP and WebSocket traffic.
-    #[arg(long, env = "RALLYPOINT_LISTEN", default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
+    #[arg(
+        long,
+        env = "RALLYPOINT_LISTEN",
+        default_value = "127.0.0.1:8080",
+        value_name = "ADDR:PORT"
+    )]
     pub listen: SocketAddr,
 
     /// Database to use. `sqlite://PATH` keeps everything in one file, created with its folder
@@ -55,11 +60,31 @@ pub struct ServeArgs {
     pub trust_forwarded_for: bool,
 
     /// Most TCP connections served at once (HTTP and WebSocket); further ones are closed at once.
-    #[arg(long, env = "RALLYPOINT_MAX_CONNECTIONS", default_value_t = 50_000, value_name = "N")]
+    #[arg(
+        long,
+        env = "RALLYPOINT_MAX_CONNECTIONS",
+        default_value_t = 50_000,
+        value_name = "N"
+    )]
     pub max_connections: usize,
 
+    /// Most users in one lobby: beyond it, people are put in a second lobby, and so on. Each lobby
+    /// has its own presence list and chat.
+    #[arg(
+        long,
+        env = "RALLYPOINT_LOBBY_CAPACITY",
+        default_value_t = 1000,
+        value_name = "USERS"
+    )]
+    pub lobby_capacity: usize,
+
     /// Log filter, for example `info` or `rallypoint_server=debug,info`.
-    #[arg(long, env = "RALLYPOINT_LOG", default_value = "info", value_name = "FILTER")]
+    #[arg(
+        long,
+        env = "RALLYPOINT_LOG",
+        default_value = "info",
+        value_name = "FILTER"
+    )]
     pub log: String,
 }
 
@@ -119,6 +144,8 @@ pub struct Limits {
     pub ws_messages_per_second: f64,
     /// See [`Self::ws_messages_per_second`].
     pub ws_message_burst: f64,
+    /// Most users in one lobby.
+    pub lobby_capacity: usize,
     /// Chat messages a user may send per second on average, and in a burst.
     pub chat_per_second: f64,
     /// See [`Self::chat_per_second`].
@@ -146,6 +173,7 @@ impl Default for Limits {
             ws_malformed_strikes: 5,
             ws_messages_per_second: 20.0,
             ws_message_burst: 40.0,
+            lobby_capacity: 1000,
             chat_per_second: 1.0,
             chat_burst: 5.0,
         }
@@ -165,18 +193,25 @@ pub enum ConfigError {
     StaticDir(PathBuf),
     #[error("--max-connections must be at least 1")]
     MaxConnections,
+    #[error("--lobby-capacity must be at least 1")]
+    LobbyCapacity,
 }
 
 impl Config {
     /// Validates command-line arguments into a configuration.
     pub fn from_args(args: &ServeArgs) -> Result<Self, ConfigError> {
         let public_origin = args.public_url.as_deref().map(parse_origin).transpose()?;
-        let secure_cookies = public_origin.as_deref().is_some_and(|o| o.starts_with("https://"));
+        let secure_cookies = public_origin
+            .as_deref()
+            .is_some_and(|o| o.starts_with("https://"));
         if !args.database_url.starts_with("sqlite:") {
             return Err(ConfigError::DatabaseUrl(args.database_url.clone()));
         }
         if args.max_connections == 0 {
             return Err(ConfigError::MaxConnections);
+        }
+        if args.lobby_capacity == 0 {
+            return Err(ConfigError::LobbyCapacity);
         }
         let static_dir = match &args.static_dir {
             Some(dir) => dir.clone(),
@@ -194,7 +229,10 @@ impl Config {
             secure_cookies,
             trust_forwarded_for: args.trust_forwarded_for,
             max_connections: args.max_connections,
-            limits: Limits::default(),
+            limits: Limits {
+                lobby_capacity: args.lobby_capacity,
+                ..Limits::default()
+            },
         })
     }
 
@@ -239,9 +277,18 @@ mod tests {
 
     #[test]
     fn origins_are_normalised() {
-        assert_eq!(parse_origin("https://Play.Example.com/").unwrap(), "https://play.example.com");
-        assert_eq!(parse_origin("https://example.com:443/x").unwrap(), "https://example.com");
-        assert_eq!(parse_origin("http://127.0.0.1:8080").unwrap(), "http://127.0.0.1:8080");
+        assert_eq!(
+            parse_origin("https://Play.Example.com/").unwrap(),
+            "https://play.example.com"
+        );
+        assert_eq!(
+            parse_origin("https://example.com:443/x").unwrap(),
+            "https://example.com"
+        );
+        assert_eq!(
+            parse_origin("http://127.0.0.1:8080").unwrap(),
+            "http://127.0.0.1:8080"
+        );
         for bad in ["example.com", "ftp://example.com", "http://", "not a url"] {
             assert!(parse_origin(bad).is_err(), "{bad}");
         }

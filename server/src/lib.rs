@@ -60,28 +60,47 @@ impl Running {
 
 /// Opens the database, starts the hub and serves on `listener` until [`Running::stop`].
 pub async fn start(listener: TcpListener, config: Config) -> Result<Running, StartError> {
-    let addr = listener.local_addr().map_err(|e| db::DbError::Folder { path: "listener".into(), source: e })?;
+    let addr = listener.local_addr().map_err(|e| db::DbError::Folder {
+        path: "listener".into(),
+        source: e,
+    })?;
     let db = db::open(&config.database_url).await?;
     let (hub, hub_task) = Hub::start(db.clone(), config.limits.clone()).await?;
     let accounts = Accounts::new(db.clone(), &config.limits);
-    let app = Arc::new(App { config, db, accounts, hub });
+    let app = Arc::new(App {
+        config,
+        db,
+        accounts,
+        hub,
+    });
     let (stop, stopped) = oneshot::channel::<()>();
     let router = site::router(Arc::clone(&app));
     let task = {
         let app = Arc::clone(&app);
         tokio::spawn(async move {
             let purge = tokio::spawn(purge_sessions(Arc::clone(&app)));
-            http::serve(listener, router, app.config.max_connections, app.config.limits.http_header_timeout, async {
-                let _ = stopped.await;
-                app.hub.shutdown().await;
-            })
+            http::serve(
+                listener,
+                router,
+                app.config.max_connections,
+                app.config.limits.http_header_timeout,
+                async {
+                    let _ = stopped.await;
+                    app.hub.shutdown().await;
+                },
+            )
             .await;
             purge.abort();
             let _ = hub_task.await;
             app.db.close().await;
         })
     };
-    Ok(Running { addr, app, stop, task })
+    Ok(Running {
+        addr,
+        app,
+        stop,
+        task,
+    })
 }
 
 /// Serves until `shutdown` completes, then stops gracefully.

@@ -18,6 +18,9 @@ pub const MAX_CHAT_CHARS: usize = 500;
 /// How many recent chat messages a client receives when it joins.
 pub const CHAT_HISTORY_LEN: usize = 50;
 
+/// Most users named in one [`ServerMsg::Presence`] message; longer lists come in several.
+pub const PRESENCE_CHUNK: usize = 64;
+
 /// WebSocket close codes the hub uses, so that clients can react to each.
 pub mod close {
     /// The server is shutting down or restarting; reconnect later.
@@ -97,31 +100,34 @@ pub enum ErrorCode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMsg {
-    /// The answer to a valid `hello`: who you are, who is online, recent chat (oldest first).
+    /// The answer to a valid `hello`. It is followed by [`ServerMsg::Presence`] messages
+    /// naming everyone in the lobby, then the lobby's recent chat, oldest first (up to
+    /// [`CHAT_HISTORY_LEN`] [`ServerMsg::Chat`] lines).
     Welcome {
         /// The server's [`PROTOCOL_VERSION`].
         version: u32,
         /// The authenticated user.
         me: UserSummary,
-        /// Everyone online now, each user once however many tabs they have open.
-        online: Vec<UserSummary>,
-        /// Up to [`CHAT_HISTORY_LEN`] recent chat lines, oldest first.
-        chat: Vec<ChatLine>,
+        /// Which lobby the user is in (1, 2, …). Busy servers split people into lobbies of a
+        /// fixed size; a user's tabs are always in the same one.
+        lobby: u32,
+        /// How many users the [`ServerMsg::Presence`] messages that follow name.
+        online: u32,
+        /// How many chat lines follow them.
+        history: u32,
     },
     /// The client's version differs from the server's: reload the page.
     Reload {
         /// The server's [`PROTOCOL_VERSION`].
         version: u32,
     },
-    /// A user came online (their first connection).
-    UserOnline {
-        /// Who.
-        user: UserSummary,
-    },
-    /// A user went offline (their last connection closed).
-    UserOffline {
-        /// Whose id.
-        id: i64,
+    /// Who came online in the lobby and who left, since the last such message. Each user is
+    /// counted once, however many tabs they have open. At most [`PRESENCE_CHUNK`] users each.
+    Presence {
+        /// Users now online (a user may be named again; treat it as an update).
+        joined: Vec<UserSummary>,
+        /// Ids of users who went offline.
+        left: Vec<i64>,
     },
     /// A chat line, sent to every connected client including the sender.
     Chat(ChatLine),
@@ -159,14 +165,21 @@ mod tests {
     use super::*;
 
     fn alice() -> UserSummary {
-        UserSummary { id: 7, name: "alice".into() }
+        UserSummary {
+            id: 7,
+            name: "alice".into(),
+        }
     }
 
     #[test]
     fn every_client_message_round_trips() {
         for msg in [
-            ClientMsg::Hello { version: PROTOCOL_VERSION },
-            ClientMsg::Chat { text: "hi <b>there</b> \u{1f600}".into() },
+            ClientMsg::Hello {
+                version: PROTOCOL_VERSION,
+            },
+            ClientMsg::Chat {
+                text: "hi <b>there</b> \u{1f600}".into(),
+            },
             ClientMsg::Ping { id: 42 },
         ] {
             let json = serde_json::to_string(&msg).unwrap();
@@ -176,23 +189,37 @@ mod tests {
 
     #[test]
     fn every_server_message_round_trips() {
-        let line = ChatLine { from: alice(), text: "gg".into(), at_ms: 1_700_000_000_000 };
+        let line = ChatLine {
+            from: alice(),
+            text: "gg".into(),
+            at_ms: 1_700_000_000_000,
+        };
         for msg in [
             ServerMsg::Welcome {
                 version: PROTOCOL_VERSION,
                 me: alice(),
-                online: vec![alice()],
-                chat: vec![line.clone()],
+                lobby: 1,
+                online: 1,
+                history: 0,
             },
             ServerMsg::Reload { version: 9 },
-            ServerMsg::UserOnline { user: alice() },
-            ServerMsg::UserOffline { id: 7 },
+            ServerMsg::Presence {
+                joined: vec![alice()],
+                left: vec![8, 9],
+            },
             ServerMsg::Chat(line),
             ServerMsg::Pong { id: 1 },
-            ServerMsg::Error { code: ErrorCode::RateLimited, message: "slow down".into() },
+            ServerMsg::Error {
+                code: ErrorCode::RateLimited,
+                message: "slow down".into(),
+            },
         ] {
             let json = msg.to_json();
-            assert_eq!(serde_json::from_str::<ServerMsg>(&json).unwrap(), msg, "{json}");
+            assert_eq!(
+                serde_json::from_str::<ServerMsg>(&json).unwrap(),
+                msg,
+                "{json}"
+            );
         }
     }
 
@@ -202,7 +229,14 @@ mod tests {
             serde_json::to_string(&ClientMsg::Hello { version: 1 }).unwrap(),
             r#"{"type":"hello","version":1}"#
         );
-        assert_eq!(ServerMsg::UserOffline { id: 3 }.to_json(), r#"{"type":"user_offline","id":3}"#);
+        assert_eq!(
+            ServerMsg::Presence {
+                joined: vec![],
+                left: vec![3]
+            }
+            .to_json(),
+            r#"{"type":"presence","joined":[],"left":[3]}"#
+        );
     }
 
     #[test]

@@ -52,7 +52,10 @@ fn run() -> Result<()> {
 
 /// The workspace root: the folder above this crate.
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 /// Prints a step header, so that a long run shows where it is.
@@ -63,7 +66,9 @@ pub fn step(what: &str) {
 /// Runs a command to completion, echoing it first; fails when it fails.
 pub fn sh(cmd: &mut Command) -> Result<()> {
     eprintln!("$ {}", display(cmd));
-    let status = cmd.status().with_context(|| format!("cannot start {}", display(cmd)))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {}", display(cmd)))?;
     if !status.success() {
         bail!("`{}` failed ({status})", display(cmd));
     }
@@ -107,7 +112,10 @@ fn precompress(dir: &Path) -> Result<()> {
         gz.write_all(&data)?;
         std::fs::write(with_suffix(&path, "gz"), gz.finish()?)?;
         let mut br = Vec::new();
-        let params = brotli::enc::BrotliEncoderParams { quality: 11, ..Default::default() };
+        let params = brotli::enc::BrotliEncoderParams {
+            quality: 11,
+            ..Default::default()
+        };
         brotli::BrotliCompress(&mut data.as_slice(), &mut br, &params)?;
         std::fs::write(with_suffix(&path, "br"), br)?;
         if path.extension().is_some_and(|e| e == "wasm") {
@@ -132,14 +140,20 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 }
 
 fn build_server(release: bool) -> Result<PathBuf> {
-    step(if release { "Building the server (release)" } else { "Building the server" });
+    step(if release {
+        "Building the server (release)"
+    } else {
+        "Building the server"
+    });
     let mut cmd = cargo();
     cmd.args(["build", "-p", "rallypoint-server", "--bin", "rallypoint"]);
     if release {
         cmd.arg("--release");
     }
     sh(&mut cmd)?;
-    Ok(target_dir().join(if release { "release" } else { "debug" }).join("rallypoint"))
+    Ok(target_dir()
+        .join(if release { "release" } else { "debug" })
+        .join("rallypoint"))
 }
 
 fn target_dir() -> PathBuf {
@@ -150,7 +164,9 @@ fn serve(args: &[String]) -> Result<()> {
     tools::ensure(tools::Need::Build)?;
     build_client()?;
     let bin = build_server(true)?;
-    step("Serving on http://127.0.0.1:8080 with the SQLite database ./data/rallypoint.db (Ctrl-C stops)");
+    step(
+        "Serving on http://127.0.0.1:8080 with the SQLite database ./data/rallypoint.db (Ctrl-C stops)",
+    );
     let mut cmd = Command::new(bin);
     cmd.args(["serve", "--static-dir", "web/dist"]).args(args);
     sh(&mut cmd)
@@ -174,10 +190,28 @@ fn ci() -> Result<()> {
     step("Formatting");
     sh(cargo().args(["fmt", "--all", "--check"]))?;
     step("Lints (native)");
-    sh(cargo().args(["clippy", "--workspace", "--exclude", "rallypoint-client", "--all-targets", "--", "-D", "warnings"]))?;
+    sh(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "rallypoint-client",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     tools::ensure(tools::Need::Build)?;
     step("Lints (wasm client)");
-    sh(cargo().args(["clippy", "-p", "rallypoint-client", "--target", "wasm32-unknown-unknown", "--", "-D", "warnings"]))?;
+    sh(cargo().args([
+        "clippy",
+        "-p",
+        "rallypoint-client",
+        "--target",
+        "wasm32-unknown-unknown",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     test()
 }
 
@@ -195,7 +229,12 @@ fn dist() -> Result<()> {
     std::fs::copy(&bin, out.join("rallypoint")).context("cannot copy the binary")?;
     for entry in std::fs::read_dir("web/dist")? {
         let entry = entry?;
-        if entry.file_type()?.is_file() && !entry.file_name().to_string_lossy().starts_with("index.html") {
+        if entry.file_type()?.is_file()
+            && !entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("index.html")
+        {
             std::fs::copy(entry.path(), static_dir.join(entry.file_name()))?;
         }
     }
@@ -207,7 +246,9 @@ fn dist() -> Result<()> {
 }
 
 fn bench(args: &[String]) -> Result<()> {
-    let Some(what) = args.first() else { bail!("which benchmark? `cargo xtask bench hub`") };
+    let Some(what) = args.first() else {
+        bail!("which benchmark? `cargo xtask bench hub`")
+    };
     let bin = build_server(true)?;
     step(&format!("Benchmark: {what}"));
     let mut cmd = Command::new(bin);

@@ -58,7 +58,11 @@ impl<'a> Connection<'a> {
             socket,
             limits,
             strikes: 0,
-            inbound: TokenBucket::new(limits.ws_messages_per_second, limits.ws_message_burst, Instant::now()),
+            inbound: TokenBucket::new(
+                limits.ws_messages_per_second,
+                limits.ws_message_burst,
+                Instant::now(),
+            ),
         }
     }
 
@@ -82,8 +86,15 @@ impl<'a> Connection<'a> {
         match hello {
             Some(ClientMsg::Hello { version }) if version == PROTOCOL_VERSION => {}
             Some(ClientMsg::Hello { .. }) => {
-                let _ = self.write(ServerMsg::Reload { version: PROTOCOL_VERSION }).await;
-                return Err(End::Close(close::RELOAD, "protocol version changed: reload the page"));
+                let _ = self
+                    .write(ServerMsg::Reload {
+                        version: PROTOCOL_VERSION,
+                    })
+                    .await;
+                return Err(End::Close(
+                    close::RELOAD,
+                    "protocol version changed: reload the page",
+                ));
             }
             _ => return Err(End::Close(close::POLICY, "expected hello")),
         }
@@ -98,8 +109,13 @@ impl<'a> Connection<'a> {
         };
         let gone = End::Close(close::GOING_AWAY, "server shutting down");
         hub.send(join).await.map_err(|_| gone)?;
-        let welcome = welcome_rx.await.map_err(|_| gone)?;
-        self.write(welcome).await?;
+        // Written here rather than through the outbox: it may be many frames, and the outbox is
+        // sized for what arrives while a client is connected.
+        for frame in welcome_rx.await.map_err(|_| gone)? {
+            if let Step::Stop(end) = self.write_frame(Message::Text(frame)).await {
+                return Err(end);
+            }
+        }
         Ok(outbox)
     }
 
@@ -153,7 +169,8 @@ impl<'a> Connection<'a> {
         match ClientMsg::from_json(text.as_str()) {
             Err(_) => self.strike("not a valid message").await,
             Ok(ClientMsg::Hello { .. }) => {
-                self.reply_error(ErrorCode::Unexpected, "Already said hello.").await
+                self.reply_error(ErrorCode::Unexpected, "Already said hello.")
+                    .await
             }
             Ok(ClientMsg::Ping { id }) => self.reply(ServerMsg::Pong { id }).await,
             Ok(ClientMsg::Chat { text }) => {
@@ -163,7 +180,10 @@ impl<'a> Connection<'a> {
                     let message = format!("Chat messages are 1 to {MAX_CHAT_CHARS} characters.");
                     return self.reply_error(ErrorCode::ChatLength, &message).await;
                 }
-                let command = Command::Chat { conn, text: text.to_owned() };
+                let command = Command::Chat {
+                    conn,
+                    text: text.to_owned(),
+                };
                 match hub.send(command).await {
                     Ok(()) => Step::Continue,
                     Err(_) => Step::Stop(End::Close(close::GOING_AWAY, "server shutting down")),
@@ -182,7 +202,11 @@ impl<'a> Connection<'a> {
     }
 
     async fn reply_error(&mut self, code: ErrorCode, message: &str) -> Step {
-        self.reply(ServerMsg::Error { code, message: message.to_owned() }).await
+        self.reply(ServerMsg::Error {
+            code,
+            message: message.to_owned(),
+        })
+        .await
     }
 
     async fn reply(&mut self, msg: ServerMsg) -> Step {
@@ -208,7 +232,10 @@ impl<'a> Connection<'a> {
     }
 
     async fn close(mut self, code: u16, reason: &'static str) {
-        let frame = Message::Close(Some(CloseFrame { code, reason: reason.into() }));
+        let frame = Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        }));
         let _ = timeout(Duration::from_secs(1), self.socket.send(frame)).await;
     }
 }

@@ -51,9 +51,15 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/healthz", get(healthz))
         .nest_service("/static", static_files)
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(Arc::clone(&app), refuse_cross_site_posts))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&app),
+            refuse_cross_site_posts,
+        ))
         .layer(RequestBodyLimitLayer::new(limits.http_body_bytes))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limits.http_request_timeout));
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            limits.http_request_timeout,
+        ));
     Router::new()
         .route("/ws", get(hub_socket))
         .merge(pages)
@@ -80,13 +86,20 @@ async fn security_headers(request: Request, next: Next) -> Response {
     set(h, "x-frame-options", "DENY");
     // Static files are revalidated on every load (cheap 304s), so a new build is never mixed
     // with an old one; pages are never cached, since they depend on the session.
-    set(h, "cache-control", if is_static { "no-cache" } else { "no-store" });
+    set(
+        h,
+        "cache-control",
+        if is_static { "no-cache" } else { "no-store" },
+    );
     response
 }
 
 /// Refuses any non-GET request whose Origin is another site's (see [`csrf::same_origin`]).
 async fn refuse_cross_site_posts(State(app): AppState, request: Request, next: Next) -> Response {
-    let safe = matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    let safe = matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    );
     if safe || csrf::same_origin(&app.config, request.headers()) {
         next.run(request).await
     } else {
@@ -110,7 +123,11 @@ impl FromRequestParts<Arc<App>> for MaybeSession {
 }
 
 fn session_cookie(config: &crate::config::Config) -> &'static str {
-    if config.secure_cookies { "__Host-rp_session" } else { "rp_session" }
+    if config.secure_cookies {
+        "__Host-rp_session"
+    } else {
+        "rp_session"
+    }
 }
 
 /// The client's address: the socket's peer, or the proxy's word when configured to trust it.
@@ -130,10 +147,20 @@ fn client_ip(app: &App, headers: &HeaderMap, peer: SocketAddr) -> IpAddr {
 
 fn layout(app: &App, jar: CookieJar, session: Option<&Session>) -> (CookieJar, Layout) {
     let (jar, csrf) = csrf::ensure(&app.config, jar);
-    (jar, Layout { user: session.map(|s| s.user.name.clone()), csrf })
+    (
+        jar,
+        Layout {
+            user: session.map(|s| s.user.name.clone()),
+            csrf,
+        },
+    )
 }
 
-async fn home(State(app): AppState, jar: CookieJar, MaybeSession(session): MaybeSession) -> Response {
+async fn home(
+    State(app): AppState,
+    jar: CookieJar,
+    MaybeSession(session): MaybeSession,
+) -> Response {
     let (jar, layout) = layout(&app, jar, session.as_ref());
     (jar, HomePage { layout }).into_response()
 }
@@ -149,7 +176,11 @@ struct AuthForm {
     csrf: String,
 }
 
-async fn register_form(State(app): AppState, jar: CookieJar, MaybeSession(s): MaybeSession) -> Response {
+async fn register_form(
+    State(app): AppState,
+    jar: CookieJar,
+    MaybeSession(s): MaybeSession,
+) -> Response {
     if s.is_some() {
         return Redirect::to("/play").into_response();
     }
@@ -157,7 +188,11 @@ async fn register_form(State(app): AppState, jar: CookieJar, MaybeSession(s): Ma
     (jar, AuthPage::register(layout, "", None)).into_response()
 }
 
-async fn login_form(State(app): AppState, jar: CookieJar, MaybeSession(s): MaybeSession) -> Response {
+async fn login_form(
+    State(app): AppState,
+    jar: CookieJar,
+    MaybeSession(s): MaybeSession,
+) -> Response {
     if s.is_some() {
         return Redirect::to("/play").into_response();
     }
@@ -174,7 +209,10 @@ async fn register(
     if !csrf::verify(&app.config, &jar, &form.csrf) {
         return Err(AppError::Csrf);
     }
-    let result = app.accounts.register(&form.username, &form.password, &form.password_confirm).await;
+    let result = app
+        .accounts
+        .register(&form.username, &form.password, &form.password_confirm)
+        .await;
     let status = match result {
         Ok(new) => return Ok(signed_in(&app, jar, new).await),
         Err(RegisterError::Db(e)) => return Err(e.into()),
@@ -184,7 +222,12 @@ async fn register(
     };
     let message = result.err().map(|e| e.to_string());
     let (jar, layout) = layout(&app, jar, None);
-    Ok((status, jar, AuthPage::register(layout, &form.username, message)).into_response())
+    Ok((
+        status,
+        jar,
+        AuthPage::register(layout, &form.username, message),
+    )
+        .into_response())
 }
 
 async fn login(
@@ -199,19 +242,29 @@ async fn login(
         return Err(AppError::Csrf);
     }
     let ip = client_ip(&app, &headers, peer);
-    let (status, retry_after, message) = match app.accounts.login(&form.username, &form.password, ip).await {
-        Ok(new) => return Ok(signed_in(&app, jar, new).await),
-        Err(LoginError::Db(e)) => return Err(e.into()),
-        Err(LoginError::Busy(_)) => return Err(AppError::Busy),
-        Err(e @ LoginError::Throttled { retry_after }) => {
-            (StatusCode::TOO_MANY_REQUESTS, Some(retry_after.as_secs().max(1)), e.to_string())
-        }
-        Err(e) => (StatusCode::UNAUTHORIZED, None, e.to_string()),
-    };
+    let (status, retry_after, message) =
+        match app.accounts.login(&form.username, &form.password, ip).await {
+            Ok(new) => return Ok(signed_in(&app, jar, new).await),
+            Err(LoginError::Db(e)) => return Err(e.into()),
+            Err(LoginError::Busy(_)) => return Err(AppError::Busy),
+            Err(e @ LoginError::Throttled { retry_after }) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                Some(retry_after.as_secs().max(1)),
+                e.to_string(),
+            ),
+            Err(e) => (StatusCode::UNAUTHORIZED, None, e.to_string()),
+        };
     let (jar, layout) = layout(&app, jar, None);
-    let mut response = (status, jar, AuthPage::login(layout, &form.username, Some(message))).into_response();
+    let mut response = (
+        status,
+        jar,
+        AuthPage::login(layout, &form.username, Some(message)),
+    )
+        .into_response();
     if let Some(secs) = retry_after {
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     Ok(response)
 }
@@ -260,12 +313,20 @@ async fn logout(
         app.accounts.end_session(session.key).await?;
         let _ = app.hub.end_sessions(vec![session.key]).await;
     }
-    let gone = Cookie::build((session_cookie(&app.config), "")).path("/").build();
+    let gone = Cookie::build((session_cookie(&app.config), ""))
+        .path("/")
+        .build();
     Ok((jar.remove(gone), Redirect::to("/")).into_response())
 }
 
-async fn play(State(app): AppState, jar: CookieJar, MaybeSession(session): MaybeSession) -> Response {
-    let Some(session) = session else { return Redirect::to("/login").into_response() };
+async fn play(
+    State(app): AppState,
+    jar: CookieJar,
+    MaybeSession(session): MaybeSession,
+) -> Response {
+    let Some(session) = session else {
+        return Redirect::to("/login").into_response();
+    };
     let (jar, layout) = layout(&app, jar, Some(&session));
     (jar, PlayPage { layout }).into_response()
 }
@@ -275,11 +336,21 @@ async fn account(
     jar: CookieJar,
     MaybeSession(session): MaybeSession,
 ) -> Result<Response, AppError> {
-    let Some(session) = session else { return Ok(Redirect::to("/login").into_response()) };
+    let Some(session) = session else {
+        return Ok(Redirect::to("/login").into_response());
+    };
     let created_at = app.accounts.created_at(session.user.id).await?;
     let sessions = app.accounts.session_count(session.user.id).await?;
     let (jar, layout) = layout(&app, jar, Some(&session));
-    Ok((jar, AccountPage { layout, member_since: pages::date(created_at), sessions }).into_response())
+    Ok((
+        jar,
+        AccountPage {
+            layout,
+            member_since: pages::date(created_at),
+            sessions,
+        },
+    )
+        .into_response())
 }
 
 async fn end_other_sessions(
@@ -292,8 +363,13 @@ async fn end_other_sessions(
     if !csrf::verify(&app.config, &jar, &form.csrf) {
         return Err(AppError::Csrf);
     }
-    let Some(session) = session else { return Ok(Redirect::to("/login").into_response()) };
-    let ended = app.accounts.end_other_sessions(session.user.id, session.key).await?;
+    let Some(session) = session else {
+        return Ok(Redirect::to("/login").into_response());
+    };
+    let ended = app
+        .accounts
+        .end_other_sessions(session.user.id, session.key)
+        .await?;
     let _ = app.hub.end_sessions(ended).await;
     Ok(Redirect::to("/account").into_response())
 }

@@ -27,11 +27,21 @@ pub struct AuthPage {
 
 impl AuthPage {
     pub fn register(layout: Layout, username: &str, error: Option<String>) -> Self {
-        Self { layout, register: true, username: keep(username), error }
+        Self {
+            layout,
+            register: true,
+            username: keep(username),
+            error,
+        }
     }
 
     pub fn login(layout: Layout, username: &str, error: Option<String>) -> Self {
-        Self { layout, register: false, username: keep(username), error }
+        Self {
+            layout,
+            register: false,
+            username: keep(username),
+            error,
+        }
     }
 }
 
@@ -64,7 +74,9 @@ pub struct ErrorPage {
 /// A Unix time as a calendar date, `YYYY-MM-DD` (UTC).
 pub fn date(unix_seconds: i64) -> String {
     use time::OffsetDateTime;
-    OffsetDateTime::from_unix_timestamp(unix_seconds).map(|t| t.date().to_string()).unwrap_or_default()
+    OffsetDateTime::from_unix_timestamp(unix_seconds)
+        .map(|t| t.date().to_string())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -50,6 +50,11 @@ impl TestServer {
         client
     }
 
+    /// A signed-in user called `crowd{i}`.
+    pub async fn user_named(&self, i: usize) -> Client {
+        self.user(&format!("crowd{i}")).await
+    }
+
     /// Stops the server and hands back its data folder.
     pub async fn stop(self) -> tempfile::TempDir {
         self.running.stop().await;
@@ -59,7 +64,10 @@ impl TestServer {
 
 /// Production limits, with hashing kept cheap in threads and timers short enough for tests.
 fn test_limits() -> Limits {
-    Limits { hash_threads: 2, ..Limits::default() }
+    Limits {
+        hash_threads: 2,
+        ..Limits::default()
+    }
 }
 
 pub const SECOND: Duration = Duration::from_secs(1);
