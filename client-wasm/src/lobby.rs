@@ -157,7 +157,7 @@ impl Lobby {
             ServerMsg::Pong { id } => self.on_pong(id),
             ServerMsg::Error { message, .. } => self.show_error(Some(&message)),
             ServerMsg::Reload { .. } => {
-                self.set_status("reload", "A new version is out: reload the page")
+                self.set_status("reload", "A new version is out: reload the page");
             }
         }
     }

@@ -1,5 +1,8 @@
 //! End-to-end tests in real headless Chromium against the real binary.
 
+// Test code may panic on anything unexpected: that is how a test fails.
+#![allow(clippy::unwrap_used)]
+
 mod lobby;
 
 /// Browser tests share two cores: one at a time.

@@ -4,6 +4,9 @@
 //! `cargo xtask test` builds the binary and the client first and passes their paths in
 //! `RALLYPOINT_BIN` and `RALLYPOINT_STATIC_DIR`.
 
+// Test code may panic on anything unexpected: that is how a test fails.
+#![allow(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use futures_util::{SinkExt as _, StreamExt as _};
+
 use rallypoint_server::client::{ClientError, Hub};
 use shared::hub::{ClientMsg, ErrorCode, MAX_CLIENT_MESSAGE_BYTES, ServerMsg, close};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
@@ -240,11 +242,12 @@ async fn a_crowd_arriving_at_once_is_announced_in_a_few_batches() {
     let mut watcher = server.user("watcher").await.hub().await.unwrap();
     let clients: Vec<_> =
         futures_util::future::join_all((0..100).map(|i| server.user_named(i))).await;
-    let hubs: Vec<Hub> = futures_util::future::join_all(clients.iter().map(|c| c.hub()))
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+    let hubs: Vec<Hub> =
+        futures_util::future::join_all(clients.iter().map(rallypoint_server::client::Client::hub))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
     let mut seen = std::collections::BTreeSet::new();
     let mut messages = 0;
     while seen.len() < 100 {
@@ -406,7 +409,6 @@ async fn another_protocol_version_is_told_to_reload() {
     let (mut socket, _) = tokio_tungstenite::connect_async(user.hub_request().unwrap())
         .await
         .unwrap();
-    use futures_util::{SinkExt as _, StreamExt as _};
     socket
         .send(Message::text(r#"{"type":"hello","version":999}"#))
         .await
@@ -427,7 +429,6 @@ async fn another_protocol_version_is_told_to_reload() {
 
 #[tokio::test]
 async fn the_first_message_must_be_hello_and_come_in_time() {
-    use futures_util::{SinkExt as _, StreamExt as _};
     let server =
         TestServer::start_with(|c| c.limits.ws_hello_timeout = Duration::from_millis(200)).await;
     let user = server.user("silent").await;

@@ -1,6 +1,9 @@
 //! Integration tests: a real server on port 0 with a real SQLite file, driven over HTTP and
 //! WebSocket by the native client, as a browser would.
 
+// Test code may panic on anything unexpected: that is how a test fails.
+#![allow(clippy::unwrap_used)]
+
 mod cli;
 mod hub;
 mod site;

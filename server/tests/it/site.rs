@@ -8,7 +8,7 @@ use reqwest::header::{LOCATION, RETRY_AFTER, SET_COOKIE};
 
 use crate::support::{PASSWORD, TestServer};
 
-async fn location(response: &reqwest::Response) -> String {
+fn location(response: &reqwest::Response) -> String {
     response
         .headers()
         .get(LOCATION)
@@ -36,7 +36,7 @@ async fn register_signs_in_and_play_needs_a_session() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
-    assert_eq!(location(&response).await, "/login");
+    assert_eq!(location(&response), "/login");
 
     let csrf = anonymous.csrf("/register").await.unwrap();
     let form = [
@@ -53,7 +53,7 @@ async fn register_signs_in_and_play_needs_a_session() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
-    assert_eq!(location(&response).await, "/play");
+    assert_eq!(location(&response), "/play");
     let cookie = response
         .headers()
         .get_all(SET_COOKIE)
@@ -289,7 +289,7 @@ async fn logout_ends_the_session_on_the_server() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
-    assert_eq!(location(&response).await, "/login");
+    assert_eq!(location(&response), "/login");
 }
 
 #[tokio::test]
@@ -399,7 +399,7 @@ async fn sessions_expire() {
         .send()
         .await
         .unwrap();
-    assert_eq!(location(&response).await, "/login");
+    assert_eq!(location(&response), "/login");
 }
 
 #[tokio::test]
