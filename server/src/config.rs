@@ -19,6 +19,9 @@ pub struct Cli {
 pub enum Command {
     /// Serve the site, the lobby hub and the game rooms.
     Serve(ServeArgs),
+    /// Benchmarks, run by `cargo xtask bench` (not for production).
+    #[command(hide = true)]
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]

@@ -2,6 +2,7 @@
 //! [`start`] with a port-0 listener.
 
 pub mod accounts;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod db;
@@ -126,6 +127,35 @@ async fn purge_sessions(app: Arc<App>) {
             Ok(0) => {}
             Ok(n) => tracing::info!(sessions = n, "purged expired sessions"),
             Err(e) => tracing::warn!(error = %e, "could not purge expired sessions"),
+        }
+    }
+}
+
+/// Raises the limit on open files (every connection is one): to `want` for both the soft and
+/// the hard limit where allowed (as root), else the soft limit to the hard one.
+pub fn raise_fd_limit(want: Option<u64>) {
+    #[allow(unsafe_code)]
+    // SAFETY: getrlimit/setrlimit read and write a plain struct owned by this frame.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) != 0 {
+            return;
+        }
+        if let Some(want) = want.filter(|&w| w > limit.rlim_max) {
+            let raised = libc::rlimit {
+                rlim_cur: want,
+                rlim_max: want,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) == 0 {
+                return;
+            }
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit);
         }
     }
 }

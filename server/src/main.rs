@@ -9,6 +9,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(&args),
+        Command::Bench(args) => rallypoint_server::bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -22,7 +23,7 @@ fn main() -> ExitCode {
 fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     init_logging(&args.log)?;
     let config = Config::from_args(args)?;
-    raise_fd_limit();
+    rallypoint_server::raise_fd_limit(None);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -45,24 +46,6 @@ fn init_logging(filter: &str) -> anyhow::Result<()> {
         .with_ansi(ansi)
         .init();
     Ok(())
-}
-
-/// Lifts the soft limit on open files to the hard limit: every connection is a file.
-fn raise_fd_limit() {
-    #[allow(unsafe_code)]
-    // SAFETY: getrlimit/setrlimit read and write a plain struct owned by this frame.
-    unsafe {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) == 0
-            && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit);
-        }
-    }
 }
 
 async fn shutdown_signal() {

@@ -19,7 +19,9 @@ pub const MAX_CHAT_CHARS: usize = 500;
 pub const CHAT_HISTORY_LEN: usize = 50;
 
 /// Most users named in one [`ServerMsg::Presence`] message; longer lists come in several.
-pub const PRESENCE_CHUNK: usize = 64;
+/// Small on purpose: a server keeps, per connection, a write buffer as large as the largest
+/// frame it ever sent that connection.
+pub const PRESENCE_CHUNK: usize = 16;
 
 /// WebSocket close codes the hub uses, so that clients can react to each.
 pub mod close {

@@ -250,8 +250,17 @@ fn bench(args: &[String]) -> Result<()> {
         bail!("which benchmark? `cargo xtask bench hub`")
     };
     let bin = build_server(true)?;
-    step(&format!("Benchmark: {what}"));
-    let mut cmd = Command::new(bin);
+    step(&format!(
+        "Benchmark: {what} (server on core 0, load generators on core 1)"
+    ));
+    // The benchmark pins the server it starts to core 0; its own clients run on core 1.
+    let mut cmd = if Path::new("/usr/bin/taskset").exists() {
+        let mut cmd = Command::new("taskset");
+        cmd.args(["-c", "1"]).arg(bin);
+        cmd
+    } else {
+        Command::new(bin)
+    };
     cmd.arg("bench").args(args);
     sh(&mut cmd)
 }

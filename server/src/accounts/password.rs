@@ -93,6 +93,11 @@ fn work(rx: &Mutex<Receiver<Job>>) {
     }
 }
 
+/// Hashes on the calling thread (for tools, not for request handlers).
+pub fn hash_blocking(password: &[u8]) -> String {
+    hash_now(password)
+}
+
 /// argon2id with the crate's defaults, which are OWASP's: m = 19 MiB, t = 2, p = 1.
 fn hash_now(password: &[u8]) -> String {
     Argon2::default()

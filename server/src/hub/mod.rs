@@ -35,13 +35,31 @@ pub type ConnId = u64;
 /// How often presence changes are sent out, at most.
 pub const PRESENCE_FLUSH: Duration = Duration::from_millis(100);
 
-/// What the hub asks a connection's task to do.
+/// What the hub asks a connection's task to do. It is 16 bytes on purpose: tokio allocates a
+/// block of 32 slots for every channel up front, and there is one channel per connection.
 #[derive(Debug, Clone)]
 pub enum Outbound {
-    /// Send this text frame.
-    Text(Utf8Bytes),
-    /// Send a close frame with this code and reason, then end.
-    Close(u16, &'static str),
+    /// Send this text frame (one encoding, shared by every recipient).
+    Text(Arc<Utf8Bytes>),
+    /// Send a close frame, then end.
+    Close(Closing),
+}
+
+/// Why the hub closes a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closing {
+    SessionEnded,
+    GoingAway,
+}
+
+impl Closing {
+    /// The close code and reason sent to the client.
+    pub fn frame(self) -> (u16, &'static str) {
+        match self {
+            Self::SessionEnded => (close::SESSION_ENDED, "session ended"),
+            Self::GoingAway => (close::GOING_AWAY, "server shutting down"),
+        }
+    }
 }
 
 /// Requests to the hub task.
@@ -229,7 +247,7 @@ impl State {
                 Command::EndSessions { sessions } => {
                     for session in sessions {
                         for conn in self.by_session.get(&session).cloned().unwrap_or_default() {
-                            self.close(conn, close::SESSION_ENDED, "session ended");
+                            self.close(conn, Closing::SessionEnded);
                         }
                     }
                 }
@@ -248,7 +266,7 @@ impl State {
                 Command::Shutdown => {
                     let conns: Vec<ConnId> = self.conns.keys().copied().collect();
                     for conn in conns {
-                        self.close(conn, close::GOING_AWAY, "server shutting down");
+                        self.close(conn, Closing::GoingAway);
                     }
                     return;
                 }
@@ -454,7 +472,7 @@ impl State {
     }
 
     fn send_to(&mut self, conn: ConnId, msg: &ServerMsg) {
-        let frame = Outbound::Text(msg.to_json().into());
+        let frame = Outbound::Text(Arc::new(msg.to_json().into()));
         if self
             .conns
             .get(&conn)
@@ -466,12 +484,13 @@ impl State {
 
     /// Sends one encoded copy of `msg` to every connection in a lobby.
     fn broadcast(&mut self, lobby: usize, msg: &ServerMsg) {
-        let text: Utf8Bytes = msg.to_json().into();
+        let text: Arc<Utf8Bytes> = Arc::new(msg.to_json().into());
         for id in &self.lobbies[lobby].conns {
-            let full = self
-                .conns
-                .get(id)
-                .is_some_and(|c| c.outbox.try_send(Outbound::Text(text.clone())).is_err());
+            let full = self.conns.get(id).is_some_and(|c| {
+                c.outbox
+                    .try_send(Outbound::Text(Arc::clone(&text)))
+                    .is_err()
+            });
             if full {
                 // Forgetting the connection drops its sender, which ends its task: the socket is
                 // closed once the pending write completes or times out.
@@ -480,11 +499,19 @@ impl State {
         }
     }
 
-    fn close(&mut self, conn: ConnId, code: u16, reason: &'static str) {
+    fn close(&mut self, conn: ConnId, why: Closing) {
         if let Some(c) = self.conns.get(&conn) {
             // A full outbox still ends the task: the sender is dropped by `leave`.
-            let _ = c.outbox.try_send(Outbound::Close(code, reason));
+            let _ = c.outbox.try_send(Outbound::Close(why));
         }
         self.leave(conn);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_outbox_slot_is_small() {
+        assert!(size_of::<super::Outbound>() <= 16);
     }
 }

@@ -135,8 +135,11 @@ impl<'a> Connection<'a> {
                     }
                 },
                 out = outbox.recv() => match out {
-                    Some(Outbound::Text(text)) => self.write_frame(Message::Text(text)).await,
-                    Some(Outbound::Close(code, reason)) => Step::Stop(End::Close(code, reason)),
+                    Some(Outbound::Text(text)) => self.write_frame(Message::Text((*text).clone())).await,
+                    Some(Outbound::Close(why)) => {
+                        let (code, reason) = why.frame();
+                        Step::Stop(End::Close(code, reason))
+                    }
                     // The hub forgot this connection because its outbox was full.
                     None => Step::Stop(End::Close(close::TOO_SLOW, "too slow to read")),
                 },

@@ -1,0 +1,260 @@
+//! Benchmarks, run by `cargo xtask bench …` as `rallypoint bench …`. Each one starts a real
+//! `rallypoint serve` child process pinned to one core (`taskset -c 0`, one tokio worker) and
+//! drives it over loopback with native clients from this process, then prints a report.
+//! Bounded: every phase has a fixed size and duration, and the run stops by itself.
+
+mod hub;
+
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    which: Which,
+}
+
+#[derive(Debug, Subcommand)]
+enum Which {
+    /// Idle connections and memory per connection, chat fan-out, logins under load.
+    Hub(hub::HubArgs),
+    /// Holds idle hub connections for `bench hub` (a second process: each process here may
+    /// open only 20,000 files).
+    Hold(hub::HoldArgs),
+}
+
+/// Runs the chosen benchmark.
+pub fn run(args: BenchArgs) -> Result<()> {
+    crate::raise_fd_limit(Some(200_000));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match args.which {
+            Which::Hub(args) => hub::run(args).await,
+            Which::Hold(args) => hub::hold(args).await,
+        }
+    })
+}
+
+/// A `rallypoint serve` child process with its own database.
+pub struct ServerProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    pub base: String,
+    pub database_url: String,
+    _dir: tempfile::TempDir,
+    pinned: bool,
+}
+
+impl ServerProcess {
+    /// A folder for the server's database and static files, and the database URL.
+    pub fn prepare() -> Result<(tempfile::TempDir, String)> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join(crate::config::CLIENT_JS), "")?;
+        let url = format!("sqlite://{}", dir.path().join("bench.db").display());
+        Ok((dir, url))
+    }
+
+    /// Starts the server on core 0 with one tokio worker and waits until it answers.
+    pub async fn start(
+        dir: tempfile::TempDir,
+        database_url: String,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let addr = free_addr()?;
+        let exe = std::env::current_exe()?;
+        let pinned = Path::new("/usr/bin/taskset").exists();
+        // RALLYPOINT_BENCH_WRAP runs the server under a profiler, e.g. "heaptrack" or "perf record".
+        let wrap: Vec<String> = std::env::var("RALLYPOINT_BENCH_WRAP")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if pinned {
+            argv.extend(["taskset".into(), "-c".into(), "0".into()]);
+        }
+        argv.extend(wrap.into_iter().map(Into::into));
+        argv.push(exe.into_os_string());
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
+        cmd.args([
+            "serve",
+            "--listen",
+            &addr.to_string(),
+            "--database-url",
+            &database_url,
+        ])
+        .arg("--static-dir")
+        .arg(dir.path())
+        .args(["--max-connections", "100000", "--log", "warn"])
+        .args(extra)
+        .env("TOKIO_WORKER_THREADS", "1")
+        .stdin(Stdio::null())
+        // Its own process group, so that signals reach it through taskset or a profiler.
+        .process_group(0);
+        let child = cmd.spawn().context("cannot start the server")?;
+        let server = Self {
+            child,
+            addr,
+            base: format!("http://{addr}"),
+            database_url,
+            _dir: dir,
+            pinned,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if reqwest::get(format!("{}/healthz", server.base))
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                return Ok(server);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("the server did not start within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn pinned(&self) -> bool {
+        self.pinned
+    }
+
+    /// Resident memory in KiB.
+    pub fn rss_kib(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .context("no VmRSS in /proc/PID/status")
+    }
+
+    /// The soft limit on open files that the server runs with.
+    pub fn open_files_limit(&self) -> Result<u64> {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", self.pid()))?;
+        limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|v| v.parse().ok())
+            .context("no open-files limit in /proc/PID/limits")
+    }
+
+    /// CPU time used so far (user + system).
+    pub fn cpu(&self) -> Result<Duration> {
+        cpu_of(self.pid())
+    }
+
+    /// Stops the server with SIGTERM and waits for it.
+    pub fn stop(mut self) -> Result<()> {
+        self.signal("TERM");
+        self.child.wait()?;
+        Ok(())
+    }
+
+    fn signal(&self, name: &str) {
+        let group = format!("-{}", self.pid());
+        let _ = Command::new("kill")
+            .args(["-s", name, "--", &group])
+            .status();
+    }
+}
+
+impl Drop for ServerProcess {
+    /// A benchmark that fails half-way leaves no server behind.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.signal("KILL");
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// CPU time of a process: fields 14 and 15 of /proc/PID/stat, in clock ticks of 1/100 s
+/// (Linux's USER_HZ).
+pub fn cpu_of(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("odd /proc/PID/stat")?;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: u64 = fields
+        .get(11..13)
+        .context("short /proc/PID/stat")?
+        .iter()
+        .filter_map(|f| f.parse::<u64>().ok())
+        .sum();
+    Ok(Duration::from_millis(ticks * 10))
+}
+
+fn free_addr() -> Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// Percentiles of a set of samples.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Percentiles {
+    pub count: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    pub fn of(mut samples: Vec<Duration>) -> Self {
+        if samples.is_empty() {
+            return Self::default();
+        }
+        samples.sort_unstable();
+        let at = |q: f64| {
+            let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+            samples[i].as_secs_f64() * 1000.0
+        };
+        Self {
+            count: samples.len(),
+            p50_ms: at(0.50),
+            p99_ms: at(0.99),
+            max_ms: at(1.0),
+        }
+    }
+}
+
+impl std::fmt::Display for Percentiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (n = {})",
+            self.p50_ms, self.p99_ms, self.max_ms, self.count
+        )
+    }
+}
+
+/// Source addresses for client sockets: spread over 127.0.0.2–127.0.0.201 so that no one
+/// address runs out of ephemeral ports.
+pub fn client_source(i: usize) -> std::net::IpAddr {
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2 + (i % 200) as u8))
+}
+
+/// Where a report is written when asked for JSON.
+pub fn write_json(path: Option<&PathBuf>, report: &impl serde::Serialize) -> Result<()> {
+    if let Some(path) = path {
+        std::fs::write(path, serde_json::to_string_pretty(report)?)?;
+        eprintln!("report written to {}", path.display());
+    }
+    Ok(())
+}
