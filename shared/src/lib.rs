@@ -4,4 +4,9 @@
 //! Invariant: this crate is pure. It performs no I/O, reads no clock and draws no ambient
 //! randomness, so that the same inputs give the same bytes natively and in WebAssembly.
 
+pub mod arena;
+pub mod game;
 pub mod hub;
+pub mod inputs;
+pub mod predict;
+pub mod room;

@@ -1,0 +1,251 @@
+//! Messages on a room connection (`/room` WebSocket now, WebRTC data channels later): compact
+//! binary (bitcode), one message per frame. Generic over the game's input, view and rules.
+//!
+//! The first message a client sends is [`ToRoom::Join`] with the ticket the hub gave it.
+
+use bitcode::{Decode, Encode};
+
+use crate::game::{Outcome, Seat};
+
+/// Version of the room protocol.
+pub const ROOM_PROTOCOL_VERSION: u32 = 1;
+
+/// Largest message a client may send on a room connection, in bytes.
+pub const MAX_TO_ROOM_BYTES: usize = 1024;
+
+/// Most inputs in one [`ToRoom::Inputs`] message. A client sends, every tick, its newest inputs
+/// that the server has not acknowledged yet, up to this many: a lost datagram, or an input the
+/// server dropped in a burst, is simply sent again. Only a long round trip makes the list long
+/// (one input per tick of round trip), and it must stay longer than that, or an input dropped
+/// in a burst could fall out of every later message.
+pub const MAX_INPUTS_PER_MESSAGE: usize = 32;
+
+/// Close codes of a room connection.
+pub mod close {
+    /// Malformed messages, or too many of them.
+    pub const POLICY: u16 = 1008;
+    /// A message over [`super::MAX_TO_ROOM_BYTES`].
+    pub const TOO_BIG: u16 = 1009;
+    /// The ticket is malformed or its signature is wrong.
+    pub const TICKET_FORGED: u16 = 4010;
+    /// The ticket is too old.
+    pub const TICKET_EXPIRED: u16 = 4011;
+    /// The ticket was used already.
+    pub const TICKET_USED: u16 = 4012;
+    /// The ticket belongs to another user, or names another room.
+    pub const TICKET_FOREIGN: u16 = 4013;
+    /// The match is over, or the seat was given up.
+    pub const MATCH_OVER: u16 = 4014;
+    /// Another connection of the same player took the seat.
+    pub const REPLACED: u16 = 4015;
+    /// The match stopped on a server error.
+    pub const ROOM_FAILED: u16 = 4016;
+    /// The client speaks another room protocol version: reload the page.
+    pub const RELOAD: u16 = 4000;
+    /// The first message was not a join, or came too late.
+    pub const NO_JOIN: u16 = 4017;
+}
+
+/// A message from a player to their room.
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub enum ToRoom<I> {
+    /// Claims a seat with a ticket from the hub.
+    Join {
+        /// [`ROOM_PROTOCOL_VERSION`].
+        version: u32,
+        /// The ticket, as the hub gave it.
+        ticket: String,
+    },
+    /// The newest inputs, oldest first: `inputs[i]` has sequence number `first_seq + i`.
+    Inputs {
+        /// Sequence number of `inputs[0]`; sequence numbers start at 1.
+        first_seq: u32,
+        /// The tick the client believed the server was at when it sent the newest input.
+        tick: u32,
+        /// At most [`MAX_INPUTS_PER_MESSAGE`].
+        inputs: Vec<I>,
+    },
+    /// Asks for a [`FromRoom::Pong`], to measure the round trip.
+    Ping {
+        /// Chosen by the client.
+        id: u32,
+    },
+    /// The player leaves the match for good.
+    Leave,
+}
+
+/// A player's rating before and after a match.
+#[derive(Debug, Clone, Copy, PartialEq, Encode, Decode, serde::Serialize, serde::Deserialize)]
+pub struct RatingChange {
+    /// Rating before the match (rounded).
+    pub before: i32,
+    /// Rating after the match (rounded).
+    pub after: i32,
+}
+
+/// A message from a room to one player.
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub enum FromRoom<V, R> {
+    /// The seat is yours.
+    Joined {
+        /// Your seat.
+        seat: Seat,
+        /// Names of the players, by seat.
+        players: Vec<String>,
+        /// The mode's name.
+        mode: String,
+        /// Ticks per second.
+        tick_hz: u16,
+        /// The current tick.
+        tick: u32,
+        /// What the client needs to predict.
+        rules: R,
+    },
+    /// What you see at a tick.
+    Snapshot {
+        /// The tick.
+        tick: u32,
+        /// The last of your inputs applied before this tick's state.
+        ack: u32,
+        /// Your view.
+        view: V,
+    },
+    /// The answer to [`ToRoom::Ping`].
+    Pong {
+        /// The id from the ping.
+        id: u32,
+    },
+    /// The match is over; the result is recorded.
+    Ended {
+        /// How it ended.
+        outcome: Outcome,
+        /// Rating changes, by seat.
+        ratings: Vec<RatingChange>,
+    },
+}
+
+impl<I: bitcode::Encode + bitcode::DecodeOwned> ToRoom<I> {
+    /// Encodes for the wire.
+    pub fn encode(&self) -> Vec<u8> {
+        bitcode::encode(self)
+    }
+
+    /// Decodes from the wire.
+    pub fn decode(bytes: &[u8]) -> Result<Self, bitcode::Error> {
+        bitcode::decode(bytes)
+    }
+}
+
+impl<V: bitcode::Encode + bitcode::DecodeOwned, R: bitcode::Encode + bitcode::DecodeOwned>
+    FromRoom<V, R>
+{
+    /// Encodes for the wire.
+    pub fn encode(&self) -> Vec<u8> {
+        bitcode::encode(self)
+    }
+
+    /// Decodes from the wire.
+    pub fn decode(bytes: &[u8]) -> Result<Self, bitcode::Error> {
+        bitcode::decode(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arena::{ArenaInput, ArenaRules, ArenaView, Me, Seen, SeenBullet};
+    use crate::game::EndReason;
+
+    type Up = ToRoom<ArenaInput>;
+    type Down = FromRoom<ArenaView, ArenaRules>;
+
+    #[test]
+    fn every_message_round_trips() {
+        let input = ArenaInput {
+            buttons: ArenaInput::UP | ArenaInput::FIRE,
+            aim_x: -300,
+            aim_y: 12,
+        };
+        for msg in [
+            Up::Join {
+                version: ROOM_PROTOCOL_VERSION,
+                ticket: "abc.def".into(),
+            },
+            Up::Inputs {
+                first_seq: 7,
+                tick: 99,
+                inputs: vec![input; 4],
+            },
+            Up::Ping { id: 5 },
+            Up::Leave,
+        ] {
+            assert_eq!(Up::decode(&msg.encode()).unwrap(), msg);
+        }
+        let view = ArenaView {
+            me: Me {
+                x: 100,
+                y: 200,
+                hp: 80,
+                respawn: 0,
+            },
+            others: vec![Seen {
+                seat: 1,
+                x: 3,
+                y: 4,
+                aim_x: 127,
+                aim_y: 0,
+                hp: 100,
+            }],
+            bullets: vec![SeenBullet {
+                x: 5,
+                y: 6,
+                vx: -136,
+                vy: 0,
+            }],
+            scores: vec![1, 2],
+            ticks_left: 500,
+        };
+        let outcome = Outcome {
+            ranks: vec![1, 2],
+            scores: vec![10, 3],
+            reason: EndReason::ScoreLimit,
+            ticks: 900,
+        };
+        for msg in [
+            Down::Joined {
+                seat: 1,
+                players: vec!["a".into(), "b".into()],
+                mode: "duel".into(),
+                tick_hz: 30,
+                tick: 0,
+                rules: ArenaRules { tick_hz: 30 },
+            },
+            Down::Snapshot {
+                tick: 12,
+                ack: 11,
+                view,
+            },
+            Down::Pong { id: 5 },
+            Down::Ended {
+                outcome,
+                ratings: vec![
+                    RatingChange {
+                        before: 1500,
+                        after: 1562
+                    };
+                    2
+                ],
+            },
+        ] {
+            assert_eq!(Down::decode(&msg.encode()).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn garbage_does_not_decode() {
+        // A compact format decodes some short garbage into valid messages; these must not.
+        for bad in [&[][..], &[3, 1], &[0, 255, 255, 255, 255, 255], &[9; 40]] {
+            assert!(Up::decode(bad).is_err(), "{bad:?}");
+        }
+    }
+}
