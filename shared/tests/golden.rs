@@ -2,6 +2,9 @@
 //! the simulation is bit-for-bit deterministic across platforms. `cargo xtask test` runs this
 //! file both ways (in wasm under Node with wasm-bindgen-test-runner).
 
+// Test code may panic on anything unexpected: that is how a test fails.
+#![allow(clippy::unwrap_used)]
+
 use rallypoint_shared::arena::{Arena, ArenaInput};
 use rallypoint_shared::game::{EndReason, Game, MatchSetup, Rng};
 

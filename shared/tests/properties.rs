@@ -1,6 +1,8 @@
 //! Property tests of the simulation: same inputs give the same state; a client that predicts
 //! its own player and reconciles with delayed snapshots ends up exactly where the server says,
 //! with no corrections, whatever the latency, jitter and packet loss.
+// Test code may panic on anything unexpected: that is how a test fails.
+#![allow(clippy::unwrap_used)]
 #![cfg(not(target_arch = "wasm32"))]
 
 use proptest::prelude::*;
