@@ -13,9 +13,7 @@ pub fn document() -> Document {
 
 /// The element with this id, cast to `T`, if present.
 pub fn by_id<T: JsCast>(id: &str) -> Option<T> {
-    document()
-        .get_element_by_id(id)
-        .and_then(|e| e.dyn_into::<T>().ok())
+    document().get_element_by_id(id).and_then(|e| e.dyn_into::<T>().ok())
 }
 
 /// A new element with a class and text content. Text is always set as text, never as HTML.
@@ -36,10 +34,6 @@ pub fn clear(el: &Element) {
 /// The WebSocket URL for `path` on this page's host (`wss:` under https).
 pub fn socket_url(path: &str) -> Result<String, JsValue> {
     let location = window().location();
-    let scheme = if location.protocol()? == "https:" {
-        "wss"
-    } else {
-        "ws"
-    };
+    let scheme = if location.protocol()? == "https:" { "wss" } else { "ws" };
     Ok(format!("{scheme}://{}{path}", location.host()?))
 }

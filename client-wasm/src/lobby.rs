@@ -8,8 +8,8 @@ use shared::hub::{ChatLine, ClientMsg, PROTOCOL_VERSION, ServerMsg, UserSummary,
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{
-    CloseEvent, HtmlElement, HtmlFormElement, HtmlInputElement, MessageEvent, RequestInit,
-    RequestRedirect, Response, ResponseType, SubmitEvent, WebSocket,
+    CloseEvent, HtmlElement, HtmlFormElement, HtmlInputElement, MessageEvent, RequestInit, RequestRedirect, Response,
+    ResponseType, SubmitEvent, WebSocket,
 };
 
 use crate::dom;
@@ -87,9 +87,7 @@ impl Lobby {
                 lobby.send_chat();
             }
         });
-        lobby
-            .chat_form
-            .add_event_listener_with_callback("submit", on_submit.as_ref().unchecked_ref())?;
+        lobby.chat_form.add_event_listener_with_callback("submit", on_submit.as_ref().unchecked_ref())?;
         // The form lives as long as the page.
         on_submit.forget();
         Ok(Some(lobby))
@@ -112,8 +110,7 @@ impl Lobby {
     }
 
     fn send(&self, msg: &ClientMsg) {
-        if let (Some(socket), Ok(json)) = (&self.state.borrow().socket, serde_json::to_string(msg))
-        {
+        if let (Some(socket), Ok(json)) = (&self.state.borrow().socket, serde_json::to_string(msg)) {
             let _ = socket.send_with_str(&json);
         }
     }
@@ -171,10 +168,7 @@ impl Lobby {
         let is_me = self.state.borrow().me == Some(line.from.id);
         for (class, text) in [
             ("time", time.as_str()),
-            (
-                if is_me { "from me" } else { "from" },
-                line.from.name.as_str(),
-            ),
+            (if is_me { "from me" } else { "from" }, line.from.name.as_str()),
             ("text", line.text.as_str()),
         ] {
             if let Ok(part) = dom::element("span", class, text) {
@@ -206,8 +200,7 @@ impl Lobby {
                 let _ = self.online_list.append_child(&li);
             }
         }
-        self.online_count
-            .set_text_content(Some(&state.online.len().to_string()));
+        self.online_count.set_text_content(Some(&state.online.len().to_string()));
     }
 
     /// Sends a latency probe; the answer updates the status line.
@@ -223,15 +216,9 @@ impl Lobby {
     }
 
     fn on_pong(self: &Rc<Self>, id: u32) {
-        let sent = self
-            .state
-            .borrow()
-            .ping
-            .filter(|(pid, _)| *pid == id)
-            .map(|(_, at)| at);
+        let sent = self.state.borrow().ping.filter(|(pid, _)| *pid == id).map(|(_, at)| at);
         if let Some(sent) = sent {
-            self.status
-                .set_text_content(Some(&format!("Online · {} ms", (now_ms() - sent).round())));
+            self.status.set_text_content(Some(&format!("Online · {} ms", (now_ms() - sent).round())));
         }
         let weak = Rc::downgrade(self);
         later(PING_EVERY_MS, move || {
@@ -260,9 +247,7 @@ fn try_connect(lobby: &Rc<Lobby>) -> Result<(), JsValue> {
         let weak = Rc::downgrade(lobby);
         Closure::<dyn FnMut()>::new(move || {
             if let Some(lobby) = weak.upgrade() {
-                lobby.send(&ClientMsg::Hello {
-                    version: PROTOCOL_VERSION,
-                });
+                lobby.send(&ClientMsg::Hello { version: PROTOCOL_VERSION });
             }
         })
     };
@@ -310,11 +295,7 @@ fn on_closed(lobby: Rc<Lobby>, code: u16, reason: &str) {
         }
         close::RELOAD => lobby.set_status("reload", "A new version is out: reload the page"),
         _ => {
-            let why = if reason.is_empty() {
-                "connection lost".to_owned()
-            } else {
-                reason.to_owned()
-            };
+            let why = if reason.is_empty() { "connection lost".to_owned() } else { reason.to_owned() };
             lobby.set_status("offline", &format!("Offline ({why}); reconnecting…"));
             retry(lobby);
         }
@@ -350,10 +331,7 @@ async fn session_ended() -> bool {
     else {
         return false;
     };
-    match JsFuture::from(promise)
-        .await
-        .and_then(JsCast::dyn_into::<Response>)
-    {
+    match JsFuture::from(promise).await.and_then(JsCast::dyn_into::<Response>) {
         Ok(response) => response.type_() == ResponseType::Opaqueredirect,
         Err(_) => false, // the server is unreachable: keep retrying
     }
@@ -361,8 +339,7 @@ async fn session_ended() -> bool {
 
 fn later(ms: i32, f: impl FnOnce() + 'static) {
     let callback = Closure::once_into_js(f);
-    let _ = dom::window()
-        .set_timeout_with_callback_and_timeout_and_arguments_0(callback.unchecked_ref(), ms);
+    let _ = dom::window().set_timeout_with_callback_and_timeout_and_arguments_0(callback.unchecked_ref(), ms);
 }
 
 fn now_ms() -> f64 {

@@ -23,11 +23,7 @@ pub enum ClientError {
     #[error("HTTP: {0}")]
     Http(#[from] reqwest::Error),
     #[error("{path} answered {status}: {message}")]
-    Refused {
-        path: String,
-        status: StatusCode,
-        message: String,
-    },
+    Refused { path: String, status: StatusCode, message: String },
     #[error("the page {0} has no CSRF token")]
     NoCsrf(String),
     #[error("WebSocket: {0}")]
@@ -85,11 +81,7 @@ impl Client {
     }
 
     /// Posts a form from `path` with its CSRF token; returns the response.
-    pub async fn post_form(
-        &self,
-        path: &str,
-        fields: &[(&str, &str)],
-    ) -> Result<reqwest::Response, ClientError> {
+    pub async fn post_form(&self, path: &str, fields: &[(&str, &str)]) -> Result<reqwest::Response, ClientError> {
         let csrf = self.csrf(path).await?;
         let mut form: Vec<(&str, &str)> = fields.to_vec();
         form.push(("csrf", &csrf));
@@ -98,11 +90,7 @@ impl Client {
 
     /// Registers a new account and signs in.
     pub async fn register(&self, username: &str, password: &str) -> Result<(), ClientError> {
-        let fields = [
-            ("username", username),
-            ("password", password),
-            ("password_confirm", password),
-        ];
+        let fields = [("username", username), ("password", password), ("password_confirm", password)];
         expect_redirect("/register", self.post_form("/register", &fields).await?).await
     }
 
@@ -113,16 +101,11 @@ impl Client {
     }
 
     /// Signs in, registering the account first if it does not exist.
-    pub async fn login_or_register(
-        &self,
-        username: &str,
-        password: &str,
-    ) -> Result<(), ClientError> {
+    pub async fn login_or_register(&self, username: &str, password: &str) -> Result<(), ClientError> {
         match self.login(username, password).await {
-            Err(ClientError::Refused {
-                status: StatusCode::UNAUTHORIZED,
-                ..
-            }) => self.register(username, password).await,
+            Err(ClientError::Refused { status: StatusCode::UNAUTHORIZED, .. }) => {
+                self.register(username, password).await
+            }
             other => other,
         }
     }
@@ -130,30 +113,19 @@ impl Client {
     /// Signs out.
     pub async fn logout(&self) -> Result<(), ClientError> {
         let csrf = self.csrf("/").await?;
-        let response = self
-            .http
-            .post(self.url("/logout"))
-            .form(&[("csrf", csrf)])
-            .send()
-            .await?;
+        let response = self.http.post(self.url("/logout")).form(&[("csrf", csrf)]).send().await?;
         expect_redirect("/logout", response).await
     }
 
     /// The `Cookie` header this client sends to the server.
     pub fn cookie_header(&self) -> Option<String> {
-        self.jar
-            .cookies(&self.base)
-            .and_then(|v| v.to_str().ok().map(str::to_owned))
+        self.jar.cookies(&self.base).and_then(|v| v.to_str().ok().map(str::to_owned))
     }
 
     /// The hub's WebSocket URL.
     pub fn hub_url(&self) -> Url {
         let mut url = self.url("/ws");
-        let scheme = if self.base.scheme() == "https" {
-            "wss"
-        } else {
-            "ws"
-        };
+        let scheme = if self.base.scheme() == "https" { "wss" } else { "ws" };
         let _ = url.set_scheme(scheme);
         url
     }
@@ -179,11 +151,7 @@ async fn expect_redirect(path: &str, response: reqwest::Response) -> Result<(), 
         return Ok(());
     }
     let body = response.text().await.unwrap_or_default();
-    Err(ClientError::Refused {
-        path: path.to_owned(),
-        status,
-        message: page_message(&body),
-    })
+    Err(ClientError::Refused { path: path.to_owned(), status, message: page_message(&body) })
 }
 
 /// The token in a page's `<input type="hidden" name="csrf" value="…">`.
@@ -226,38 +194,19 @@ impl Hub {
         request: tungstenite::handshake::client::Request,
         stream: Option<TcpStream>,
     ) -> Result<Self, ClientError> {
-        let config = tungstenite::protocol::WebSocketConfig::default()
-            .read_buffer_size(4096)
-            .write_buffer_size(0);
+        let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
         let (socket, _) = match stream {
             Some(stream) => {
-                tokio_tungstenite::client_async_with_config(
-                    request,
-                    MaybeTlsStream::Plain(stream),
-                    Some(config),
-                )
-                .await?
+                tokio_tungstenite::client_async_with_config(request, MaybeTlsStream::Plain(stream), Some(config))
+                    .await?
             }
-            None => {
-                tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?
-            }
+            None => tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?,
         };
-        let mut hub = Self {
-            socket,
-            welcome: ServerMsg::Pong { id: 0 },
-            online: Vec::new(),
-            history: Vec::new(),
-        };
-        hub.send(&ClientMsg::Hello {
-            version: PROTOCOL_VERSION,
-        })
-        .await?;
+        let mut hub = Self { socket, welcome: ServerMsg::Pong { id: 0 }, online: Vec::new(), history: Vec::new() };
+        hub.send(&ClientMsg::Hello { version: PROTOCOL_VERSION }).await?;
         let limit = Duration::from_secs(10);
         hub.welcome = hub.recv_timeout(limit).await?;
-        let ServerMsg::Welcome {
-            online, history, ..
-        } = hub.welcome
-        else {
+        let ServerMsg::Welcome { online, history, .. } = hub.welcome else {
             return Err(ClientError::Unexpected(hub.welcome.to_json()));
         };
         while hub.online.len() < online as usize {
@@ -297,10 +246,7 @@ impl Hub {
     pub async fn recv(&mut self) -> Result<ServerMsg, ClientError> {
         loop {
             let Some(frame) = self.socket.next().await else {
-                return Err(ClientError::Closed {
-                    code: 1006,
-                    reason: "connection lost".into(),
-                });
+                return Err(ClientError::Closed { code: 1006, reason: "connection lost".into() });
             };
             match frame? {
                 Message::Text(text) => {
@@ -319,9 +265,7 @@ impl Hub {
 
     /// Like [`Self::recv`], giving up after `limit`.
     pub async fn recv_timeout(&mut self, limit: Duration) -> Result<ServerMsg, ClientError> {
-        tokio::time::timeout(limit, self.recv())
-            .await
-            .map_err(|_| ClientError::Timeout)?
+        tokio::time::timeout(limit, self.recv()).await.map_err(|_| ClientError::Timeout)?
     }
 
     /// Waits for the first message that `pick` accepts, skipping others.
@@ -353,10 +297,7 @@ impl Hub {
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(e.into()),
                 None => {
-                    return Err(ClientError::Closed {
-                        code: 1006,
-                        reason: "connection lost".into(),
-                    });
+                    return Err(ClientError::Closed { code: 1006, reason: "connection lost".into() });
                 }
             }
         }
@@ -377,7 +318,122 @@ impl Hub {
 }
 
 fn close_parts(frame: Option<CloseFrame>) -> (u16, String) {
-    frame.map_or((1005, String::new()), |f| {
-        (u16::from(f.code), f.reason.as_str().to_owned())
-    })
+    frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.as_str().to_owned()))
+}
+
+/// A seat in a room, over the room WebSocket, speaking the game `G`'s frames.
+pub struct Room<G: shared::game::Game> {
+    socket: Socket,
+    /// The join answer's details.
+    pub seat: u8,
+    pub players: Vec<String>,
+    pub tick_hz: u16,
+    pub rules: G::Rules,
+    /// Bytes received so far (frames' payloads).
+    pub bytes_in: u64,
+    /// Bytes sent so far.
+    pub bytes_out: u64,
+}
+
+/// A frame from a room.
+pub type FromRoom<G> = shared::room::FromRoom<<G as shared::game::Game>::View, <G as shared::game::Game>::Rules>;
+
+impl Client {
+    /// The room WebSocket's upgrade request, with this session's cookie.
+    pub fn room_request(&self) -> Result<tungstenite::handshake::client::Request, ClientError> {
+        let mut url = self.hub_url();
+        url.set_path("/room");
+        let mut request = url.as_str().into_client_request()?;
+        if let Some(cookie) = self.cookie_header().and_then(|c| c.parse().ok()) {
+            request.headers_mut().insert("cookie", cookie);
+        }
+        Ok(request)
+    }
+
+    /// Takes the seat that `ticket` grants.
+    pub async fn room<G: shared::game::Game>(&self, ticket: &str) -> Result<Room<G>, ClientError> {
+        Room::join(self.room_request()?, None, ticket).await
+    }
+}
+
+impl<G: shared::game::Game> Room<G> {
+    /// Connects (over `stream` when given), presents the ticket and waits for the seat.
+    pub async fn join(
+        request: tungstenite::handshake::client::Request,
+        stream: Option<TcpStream>,
+        ticket: &str,
+    ) -> Result<Self, ClientError> {
+        use shared::room::{JoinRequest, ROOM_PROTOCOL_VERSION};
+        let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
+        let (socket, _) = match stream {
+            Some(stream) => {
+                tokio_tungstenite::client_async_with_config(request, MaybeTlsStream::Plain(stream), Some(config))
+                    .await?
+            }
+            None => tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?,
+        };
+        let join = JoinRequest { version: ROOM_PROTOCOL_VERSION, ticket: ticket.to_owned() }.encode();
+        let bytes_out = join.len() as u64;
+        let mut socket = socket;
+        socket.send(Message::binary(join)).await?;
+        let (answer, bytes_in) = tokio::time::timeout(Duration::from_secs(10), read_room_frame::<G>(&mut socket))
+            .await
+            .map_err(|_| ClientError::Timeout)??;
+        match answer {
+            shared::room::FromRoom::Joined { seat, players, tick_hz, rules, .. } => {
+                Ok(Self { socket, seat, players, tick_hz, rules, bytes_in, bytes_out })
+            }
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Sends a message.
+    pub async fn send(&mut self, msg: &shared::room::ToRoom<G::Input>) -> Result<(), ClientError> {
+        self.send_raw(msg.encode()).await
+    }
+
+    /// Sends raw bytes as one binary frame (tests use it for bad input).
+    pub async fn send_raw(&mut self, bytes: Vec<u8>) -> Result<(), ClientError> {
+        self.bytes_out += bytes.len() as u64;
+        Ok(self.socket.send(Message::binary(bytes)).await?)
+    }
+
+    /// The next frame; a close becomes [`ClientError::Closed`].
+    pub async fn recv(&mut self) -> Result<FromRoom<G>, ClientError> {
+        let (frame, bytes) = read_room_frame::<G>(&mut self.socket).await?;
+        self.bytes_in += bytes;
+        Ok(frame)
+    }
+
+    /// Like [`Self::recv`], giving up after `limit`.
+    pub async fn recv_timeout(&mut self, limit: Duration) -> Result<FromRoom<G>, ClientError> {
+        tokio::time::timeout(limit, self.recv()).await.map_err(|_| ClientError::Timeout)?
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(mut self) {
+        let _ = self.socket.close(None).await;
+    }
+}
+
+/// Reads the next room frame and its size.
+async fn read_room_frame<G: shared::game::Game>(socket: &mut Socket) -> Result<(FromRoom<G>, u64), ClientError> {
+    loop {
+        let Some(frame) = socket.next().await else {
+            return Err(ClientError::Closed { code: 1006, reason: "connection lost".into() });
+        };
+        match frame? {
+            Message::Binary(bytes) => {
+                let frame = shared::room::FromRoom::decode(&bytes)
+                    .map_err(|e| ClientError::Unexpected(format!("undecodable room frame: {e}")))?;
+                return Ok((frame, bytes.len() as u64));
+            }
+            Message::Close(frame) => {
+                let (code, reason) = close_parts(frame);
+                return Err(ClientError::Closed { code, reason });
+            }
+            Message::Text(text) => return Err(ClientError::Unexpected(text.as_str().to_owned())),
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+        }
+    }
 }

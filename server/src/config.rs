@@ -27,22 +27,12 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address and port for HTTP and WebSocket traffic.
-    #[arg(
-        long,
-        env = "RALLYPOINT_LISTEN",
-        default_value = "127.0.0.1:8080",
-        value_name = "ADDR:PORT"
-    )]
+    #[arg(long, env = "RALLYPOINT_LISTEN", default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
     pub listen: SocketAddr,
 
     /// Database to use. `sqlite://PATH` keeps everything in one file, created with its folder
     /// when missing.
-    #[arg(
-        long,
-        env = "RALLYPOINT_DATABASE_URL",
-        default_value = "sqlite://./data/rallypoint.db",
-        value_name = "URL"
-    )]
+    #[arg(long, env = "RALLYPOINT_DATABASE_URL", default_value = "sqlite://./data/rallypoint.db", value_name = "URL")]
     pub database_url: String,
 
     /// Folder with the built client and stylesheets (the output of `cargo xtask dist` or Trunk).
@@ -63,31 +53,32 @@ pub struct ServeArgs {
     pub trust_forwarded_for: bool,
 
     /// Most TCP connections served at once (HTTP and WebSocket); further ones are closed at once.
-    #[arg(
-        long,
-        env = "RALLYPOINT_MAX_CONNECTIONS",
-        default_value_t = 50_000,
-        value_name = "N"
-    )]
+    #[arg(long, env = "RALLYPOINT_MAX_CONNECTIONS", default_value_t = 50_000, value_name = "N")]
     pub max_connections: usize,
 
     /// Most users in one lobby: beyond it, people are put in a second lobby, and so on. Each lobby
     /// has its own presence list and chat.
-    #[arg(
-        long,
-        env = "RALLYPOINT_LOBBY_CAPACITY",
-        default_value_t = 1000,
-        value_name = "USERS"
-    )]
+    #[arg(long, env = "RALLYPOINT_LOBBY_CAPACITY", default_value_t = 1000, value_name = "USERS")]
     pub lobby_capacity: usize,
 
+    /// Simulation ticks per second in every room (10 to 60).
+    #[arg(long, env = "RALLYPOINT_TICK_RATE", default_value_t = 30, value_name = "HZ")]
+    pub tick_rate: u16,
+
+    /// Most matches playing at once; beyond it, players wait in the queue.
+    #[arg(long, env = "RALLYPOINT_MAX_ROOMS", default_value_t = 1000, value_name = "N")]
+    pub max_rooms: usize,
+
+    /// Ends every match after this many seconds (each mode has its own limit otherwise).
+    #[arg(long, env = "RALLYPOINT_MATCH_SECONDS", value_name = "SECONDS")]
+    pub match_seconds: Option<u16>,
+
+    /// Serve Prometheus metrics at `/metrics` on this address (off by default; keep it private).
+    #[arg(long, env = "RALLYPOINT_METRICS_LISTEN", value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Log filter, for example `info` or `rallypoint_server=debug,info`.
-    #[arg(
-        long,
-        env = "RALLYPOINT_LOG",
-        default_value = "info",
-        value_name = "FILTER"
-    )]
+    #[arg(long, env = "RALLYPOINT_LOG", default_value = "info", value_name = "FILTER")]
     pub log: String,
 }
 
@@ -108,6 +99,10 @@ pub struct Config {
     pub max_connections: usize,
     /// Limits and timeouts, with production defaults; tests shorten some of them.
     pub limits: Limits,
+    /// How rooms run.
+    pub rooms: crate::rooms::RoomConfig,
+    /// Where to serve metrics, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Sizes, rates and timeouts. The defaults are what production runs with.
@@ -149,6 +144,12 @@ pub struct Limits {
     pub ws_message_burst: f64,
     /// Most users in one lobby.
     pub lobby_capacity: usize,
+    /// Messages a player may send a room per second on average, and in a burst.
+    pub room_messages_per_second: f64,
+    /// See [`Self::room_messages_per_second`].
+    pub room_message_burst: f64,
+    /// A room connection with no traffic for this long is closed.
+    pub room_idle_timeout: Duration,
     /// Chat messages a user may send per second on average, and in a burst.
     pub chat_per_second: f64,
     /// See [`Self::chat_per_second`].
@@ -177,6 +178,9 @@ impl Default for Limits {
             ws_messages_per_second: 20.0,
             ws_message_burst: 40.0,
             lobby_capacity: 1000,
+            room_messages_per_second: 90.0,
+            room_message_burst: 180.0,
+            room_idle_timeout: Duration::from_secs(10),
             chat_per_second: 1.0,
             chat_burst: 5.0,
         }
@@ -198,15 +202,19 @@ pub enum ConfigError {
     MaxConnections,
     #[error("--lobby-capacity must be at least 1")]
     LobbyCapacity,
+    #[error("--tick-rate must be between 10 and 60")]
+    TickRate,
+    #[error("--max-rooms must be at least 1")]
+    MaxRooms,
+    #[error("--match-seconds must be at least 5")]
+    MatchSeconds,
 }
 
 impl Config {
     /// Validates command-line arguments into a configuration.
     pub fn from_args(args: &ServeArgs) -> Result<Self, ConfigError> {
         let public_origin = args.public_url.as_deref().map(parse_origin).transpose()?;
-        let secure_cookies = public_origin
-            .as_deref()
-            .is_some_and(|o| o.starts_with("https://"));
+        let secure_cookies = public_origin.as_deref().is_some_and(|o| o.starts_with("https://"));
         if !args.database_url.starts_with("sqlite:") {
             return Err(ConfigError::DatabaseUrl(args.database_url.clone()));
         }
@@ -215,6 +223,15 @@ impl Config {
         }
         if args.lobby_capacity == 0 {
             return Err(ConfigError::LobbyCapacity);
+        }
+        if !(10..=60).contains(&args.tick_rate) {
+            return Err(ConfigError::TickRate);
+        }
+        if args.max_rooms == 0 {
+            return Err(ConfigError::MaxRooms);
+        }
+        if args.match_seconds.is_some_and(|s| s < 5) {
+            return Err(ConfigError::MatchSeconds);
         }
         let static_dir = match &args.static_dir {
             Some(dir) => dir.clone(),
@@ -232,10 +249,14 @@ impl Config {
             secure_cookies,
             trust_forwarded_for: args.trust_forwarded_for,
             max_connections: args.max_connections,
-            limits: Limits {
-                lobby_capacity: args.lobby_capacity,
-                ..Limits::default()
+            limits: Limits { lobby_capacity: args.lobby_capacity, ..Limits::default() },
+            rooms: crate::rooms::RoomConfig {
+                tick_hz: args.tick_rate,
+                max_rooms: args.max_rooms,
+                time_limit_secs: args.match_seconds,
+                ..crate::rooms::RoomConfig::default()
             },
+            metrics_listen: args.metrics_listen,
         })
     }
 
@@ -249,6 +270,8 @@ impl Config {
             trust_forwarded_for: false,
             max_connections: 50_000,
             limits: Limits::default(),
+            rooms: crate::rooms::RoomConfig::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -257,11 +280,7 @@ impl Config {
 pub const CLIENT_JS: &str = "rallypoint-client.js";
 
 fn check_static_dir(dir: &Path) -> Result<(), ConfigError> {
-    if dir.join(CLIENT_JS).is_file() {
-        Ok(())
-    } else {
-        Err(ConfigError::StaticDir(dir.to_path_buf()))
-    }
+    if dir.join(CLIENT_JS).is_file() { Ok(()) } else { Err(ConfigError::StaticDir(dir.to_path_buf())) }
 }
 
 /// Reduces a URL such as `https://Example.com:443/x` to its origin, `https://example.com`.
@@ -280,18 +299,9 @@ mod tests {
 
     #[test]
     fn origins_are_normalised() {
-        assert_eq!(
-            parse_origin("https://Play.Example.com/").unwrap(),
-            "https://play.example.com"
-        );
-        assert_eq!(
-            parse_origin("https://example.com:443/x").unwrap(),
-            "https://example.com"
-        );
-        assert_eq!(
-            parse_origin("http://127.0.0.1:8080").unwrap(),
-            "http://127.0.0.1:8080"
-        );
+        assert_eq!(parse_origin("https://Play.Example.com/").unwrap(), "https://play.example.com");
+        assert_eq!(parse_origin("https://example.com:443/x").unwrap(), "https://example.com");
+        assert_eq!(parse_origin("http://127.0.0.1:8080").unwrap(), "http://127.0.0.1:8080");
         for bad in ["example.com", "ftp://example.com", "http://", "not a url"] {
             assert!(parse_origin(bad).is_err(), "{bad}");
         }

@@ -16,10 +16,7 @@ pub enum DbError {
     #[error("cannot open database {url}: {source}")]
     Open { url: String, source: sqlx::Error },
     #[error("cannot create the database folder {path}: {source}")]
-    Folder {
-        path: String,
-        source: std::io::Error,
-    },
+    Folder { path: String, source: std::io::Error },
     #[error("cannot apply database migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error(transparent)]
@@ -28,10 +25,7 @@ pub enum DbError {
 
 /// Opens (creating when missing) the database at `url` and applies pending migrations.
 pub async fn open(url: &str) -> Result<Db, DbError> {
-    let open_err = |source| DbError::Open {
-        url: url.to_owned(),
-        source,
-    };
+    let open_err = |source| DbError::Open { url: url.to_owned(), source };
     let options = SqliteConnectOptions::from_str(url)
         .map_err(open_err)?
         .create_if_missing(true)
@@ -41,15 +35,9 @@ pub async fn open(url: &str) -> Result<Db, DbError> {
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Full)
         .busy_timeout(Duration::from_secs(5));
-    if let Some(folder) = options
-        .get_filename()
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-    {
-        std::fs::create_dir_all(folder).map_err(|source| DbError::Folder {
-            path: folder.display().to_string(),
-            source,
-        })?;
+    if let Some(folder) = options.get_filename().parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(folder)
+            .map_err(|source| DbError::Folder { path: folder.display().to_string(), source })?;
     }
     let pool = SqlitePoolOptions::new()
         .max_connections(8)
@@ -64,10 +52,7 @@ pub async fn open(url: &str) -> Result<Db, DbError> {
 /// Whether the database answers a trivial query within a second.
 pub async fn is_healthy(db: &Db) -> bool {
     let probe = sqlx::query_scalar::<_, i64>("SELECT 1").fetch_one(db);
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), probe).await,
-        Ok(Ok(1))
-    )
+    matches!(tokio::time::timeout(Duration::from_secs(1), probe).await, Ok(Ok(1)))
 }
 
 /// Returns the 32-byte secret called `name`, generating and storing it on first use.
@@ -80,31 +65,23 @@ pub async fn secret(db: &Db, name: &str) -> Result<[u8; 32], DbError> {
         .bind(&fresh[..])
         .execute(db)
         .await?;
-    let stored: Vec<u8> = sqlx::query_scalar("SELECT value FROM server_secrets WHERE name = ?")
-        .bind(name)
-        .fetch_one(db)
-        .await?;
+    let stored: Vec<u8> =
+        sqlx::query_scalar("SELECT value FROM server_secrets WHERE name = ?").bind(name).fetch_one(db).await?;
     let mut out = [0u8; 32];
     if stored.len() == out.len() {
         out.copy_from_slice(&stored);
         Ok(out)
     } else {
-        Err(DbError::Query(sqlx::Error::Protocol(format!(
-            "secret {name} has the wrong length"
-        ))))
+        Err(DbError::Query(sqlx::Error::Protocol(format!("secret {name} has the wrong length"))))
     }
 }
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Milliseconds since the Unix epoch.
 pub fn unix_now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }

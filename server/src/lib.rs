@@ -8,9 +8,12 @@ pub mod config;
 pub mod db;
 mod http;
 pub mod hub;
+mod metrics_endpoint;
 mod random;
 mod rate;
+pub mod rooms;
 pub mod site;
+pub mod transport;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -59,49 +62,44 @@ impl Running {
     }
 }
 
-/// Opens the database, starts the hub and serves on `listener` until [`Running::stop`].
+/// Opens the database, starts the hub and the rooms (playing the demo arena), and serves on
+/// `listener` until [`Running::stop`].
 pub async fn start(listener: TcpListener, config: Config) -> Result<Running, StartError> {
-    let addr = listener.local_addr().map_err(|e| db::DbError::Folder {
-        path: "listener".into(),
-        source: e,
-    })?;
+    start_game::<shared::arena::Arena>(listener, config).await
+}
+
+/// Like [`start`], with rooms playing the game `G`.
+pub async fn start_game<G: shared::game::Game>(listener: TcpListener, config: Config) -> Result<Running, StartError> {
+    let addr = listener.local_addr().map_err(|e| db::DbError::Folder { path: "listener".into(), source: e })?;
     let db = db::open(&config.database_url).await?;
-    let (hub, hub_task) = Hub::start(db.clone(), config.limits.clone()).await?;
+    let key = rooms::TicketKey::new(db::secret(&db, "room-tickets").await?);
+    let (room_events, events) = tokio::sync::mpsc::channel(1024);
+    let rooms = rooms::Rooms::new::<G>(config.rooms.clone(), key, room_events);
+    let (hub, hub_task) = Hub::start(db.clone(), config.limits.clone(), rooms, events).await?;
+    if let Some(metrics) = config.metrics_listen {
+        metrics_endpoint::serve(metrics)
+            .await
+            .map_err(|e| db::DbError::Folder { path: format!("metrics listener {metrics}"), source: e })?;
+    }
     let accounts = Accounts::new(db.clone(), &config.limits);
-    let app = Arc::new(App {
-        config,
-        db,
-        accounts,
-        hub,
-    });
+    let app = Arc::new(App { config, db, accounts, hub });
     let (stop, stopped) = oneshot::channel::<()>();
     let router = site::router(Arc::clone(&app));
     let task = {
         let app = Arc::clone(&app);
         tokio::spawn(async move {
             let purge = tokio::spawn(purge_sessions(Arc::clone(&app)));
-            http::serve(
-                listener,
-                router,
-                app.config.max_connections,
-                app.config.limits.http_header_timeout,
-                async {
-                    let _ = stopped.await;
-                    app.hub.shutdown().await;
-                },
-            )
+            http::serve(listener, router, app.config.max_connections, app.config.limits.http_header_timeout, async {
+                let _ = stopped.await;
+                app.hub.shutdown().await;
+            })
             .await;
             purge.abort();
             let _ = hub_task.await;
             app.db.close().await;
         })
     };
-    Ok(Running {
-        addr,
-        app,
-        stop,
-        task,
-    })
+    Ok(Running { addr, app, stop, task })
 }
 
 /// Serves until `shutdown` completes, then stops gracefully.
@@ -137,18 +135,12 @@ pub fn raise_fd_limit(want: Option<u64>) {
     #[allow(unsafe_code)]
     // SAFETY: getrlimit/setrlimit read and write a plain struct owned by this frame.
     unsafe {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) != 0 {
             return;
         }
         if let Some(want) = want.filter(|&w| w > limit.rlim_max) {
-            let raised = libc::rlimit {
-                rlim_cur: want,
-                rlim_max: want,
-            };
+            let raised = libc::rlimit { rlim_cur: want, rlim_max: want };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) == 0 {
                 return;
             }

@@ -24,12 +24,13 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     init_logging(&args.log)?;
     let config = Config::from_args(args)?;
     rallypoint_server::raise_fd_limit(None);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| {
-            anyhow::anyhow!("cannot listen on {}: {e} (is another server running? choose another address with --listen)", args.listen)
+            anyhow::anyhow!(
+                "cannot listen on {}: {e} (is another server running? choose another address with --listen)",
+                args.listen
+            )
         })?;
         rallypoint_server::run(listener, config, shutdown_signal()).await?;
         Ok(())
@@ -40,11 +41,7 @@ fn init_logging(filter: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .map_err(|e| anyhow::anyhow!("--log {filter:?} is not a valid log filter: {e}"))?;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(ansi)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).init();
     Ok(())
 }
 
@@ -52,9 +49,7 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
             return ctrl_c.await.unwrap_or(());
         };
         tokio::select! {

@@ -13,12 +13,7 @@ pub struct TokenBucket {
 impl TokenBucket {
     /// A full bucket refilling at `per_second`, holding at most `burst` tokens.
     pub fn new(per_second: f64, burst: f64, now: Instant) -> Self {
-        Self {
-            per_second,
-            burst,
-            tokens: burst,
-            last: now,
-        }
+        Self { per_second, burst, tokens: burst, last: now }
     }
 
     /// Takes one token if there is one.

@@ -7,9 +7,7 @@
 
 use bitcode::{Decode, Encode};
 
-use crate::game::{
-    EndReason, Fnv64, Game, MatchSetup, Mode, Outcome, Rng, Seat, ranks_from_scores,
-};
+use crate::game::{EndReason, Fnv64, Game, MatchSetup, Mode, Outcome, Rng, Seat, ranks_from_scores};
 
 /// World units per tile.
 pub const TILE: i32 = 256;
@@ -92,24 +90,9 @@ pub fn spawn_points() -> Vec<(i32, i32)> {
 }
 
 const MODES: [Mode; 3] = [
-    Mode {
-        name: "duel",
-        title: "Duel (1 v 1)",
-        min_players: 2,
-        max_players: 2,
-    },
-    Mode {
-        name: "ffa",
-        title: "Free for all (up to 8)",
-        min_players: 2,
-        max_players: 8,
-    },
-    Mode {
-        name: "brawl",
-        title: "Brawl (up to 16)",
-        min_players: 2,
-        max_players: 16,
-    },
+    Mode { name: "duel", title: "Duel (1 v 1)", min_players: 2, max_players: 2 },
+    Mode { name: "ffa", title: "Free for all (up to 8)", min_players: 2, max_players: 8 },
+    Mode { name: "brawl", title: "Brawl (up to 16)", min_players: 2, max_players: 16 },
 ];
 
 /// Score limit and time limit of a mode.
@@ -192,18 +175,10 @@ fn span(c: i32) -> std::ops::RangeInclusive<i32> {
 /// Moves horizontally by `d` (less than a tile), stopping at the first wall.
 fn slide_x(x: i32, y: i32, d: i32) -> i32 {
     let nx = x + d;
-    let edge = if d > 0 {
-        nx + PLAYER_HALF
-    } else {
-        nx - PLAYER_HALF
-    };
+    let edge = if d > 0 { nx + PLAYER_HALF } else { nx - PLAYER_HALF };
     let column = edge.div_euclid(TILE);
     if span(y).any(|row| is_wall(column, row)) {
-        if d > 0 {
-            column * TILE - PLAYER_HALF - 1
-        } else {
-            (column + 1) * TILE + PLAYER_HALF
-        }
+        if d > 0 { column * TILE - PLAYER_HALF - 1 } else { (column + 1) * TILE + PLAYER_HALF }
     } else {
         nx
     }
@@ -212,18 +187,10 @@ fn slide_x(x: i32, y: i32, d: i32) -> i32 {
 /// Moves vertically by `d` (less than a tile), stopping at the first wall.
 fn slide_y(x: i32, y: i32, d: i32) -> i32 {
     let ny = y + d;
-    let edge = if d > 0 {
-        ny + PLAYER_HALF
-    } else {
-        ny - PLAYER_HALF
-    };
+    let edge = if d > 0 { ny + PLAYER_HALF } else { ny - PLAYER_HALF };
     let row = edge.div_euclid(TILE);
     if span(x).any(|column| is_wall(column, row)) {
-        if d > 0 {
-            row * TILE - PLAYER_HALF - 1
-        } else {
-            (row + 1) * TILE + PLAYER_HALF
-        }
+        if d > 0 { row * TILE - PLAYER_HALF - 1 } else { (row + 1) * TILE + PLAYER_HALF }
     } else {
         ny
     }
@@ -398,9 +365,11 @@ impl Arena {
         let mut choice = points[self.rng.below(points.len() as u32) as usize];
         for _ in 0..8 {
             let candidate = points[self.rng.below(points.len() as u32) as usize];
-            let seen = self.players.iter().enumerate().any(|(i, p)| {
-                i != seat && p.alive() && line_of_sight(p.x, p.y, candidate.0, candidate.1)
-            });
+            let seen = self
+                .players
+                .iter()
+                .enumerate()
+                .any(|(i, p)| i != seat && p.alive() && line_of_sight(p.x, p.y, candidate.0, candidate.1));
             choice = candidate;
             if !seen {
                 break;
@@ -425,19 +394,11 @@ impl Arena {
         move_body(rules, &mut p.x, &mut p.y, &input);
         if input.has(ArenaInput::FIRE)
             && p.cooldown == 0
-            && let Some((vx, vy)) =
-                scaled(p.aim_x, p.aim_y, i64::from(rules.per_tick(BULLET_SPEED)))
+            && let Some((vx, vy)) = scaled(p.aim_x, p.aim_y, i64::from(rules.per_tick(BULLET_SPEED)))
         {
             p.cooldown = rules.ticks(FIRE_INTERVAL_MS);
             let (vx, vy) = (vx as i32, vy as i32);
-            self.bullets.push(Bullet {
-                x: p.x,
-                y: p.y,
-                vx,
-                vy,
-                owner: seat as Seat,
-                ttl: rules.ticks(BULLET_LIFE_MS),
-            });
+            self.bullets.push(Bullet { x: p.x, y: p.y, vx, vy, owner: seat as Seat, ttl: rules.ticks(BULLET_LIFE_MS) });
         }
     }
 
@@ -458,11 +419,11 @@ impl Arena {
                 if wall_at(b.x, b.y) {
                     return false;
                 }
-                if let Some(victim) = self.players.iter().position(|p| {
-                    p.alive()
-                        && (p.x - b.x).abs() <= PLAYER_HALF
-                        && (p.y - b.y).abs() <= PLAYER_HALF
-                }) && victim != usize::from(b.owner)
+                if let Some(victim) = self
+                    .players
+                    .iter()
+                    .position(|p| p.alive() && (p.x - b.x).abs() <= PLAYER_HALF && (p.y - b.y).abs() <= PLAYER_HALF)
+                    && victim != usize::from(b.owner)
                 {
                     self.hit(victim, usize::from(b.owner));
                     return false;
@@ -496,11 +457,7 @@ impl Arena {
             return;
         };
         // Players who left rank below those who stayed.
-        let keys: Vec<i32> = self
-            .players
-            .iter()
-            .map(|p| p.kills + if p.present { 1 << 20 } else { 0 })
-            .collect();
+        let keys: Vec<i32> = self.players.iter().map(|p| p.kills + if p.present { 1 << 20 } else { 0 }).collect();
         self.ended = Some(Outcome {
             ranks: ranks_from_scores(&keys),
             scores: self.players.iter().map(|p| p.kills).collect(),
@@ -538,9 +495,7 @@ impl Game for Arena {
         };
         Self {
             mode: mode.name.to_owned(),
-            rules: ArenaRules {
-                tick_hz: setup.tick_hz.max(1),
-            },
+            rules: ArenaRules { tick_hz: setup.tick_hz.max(1) },
             score_limit,
             time_limit: time_secs * u32::from(setup.tick_hz.max(1)),
             tick: 0,
@@ -603,34 +558,17 @@ impl Game for Arena {
             .filter(|&(i, p)| i != usize::from(seat) && p.alive() && sees(p.x, p.y))
             .map(|(i, p)| {
                 let (ax, ay) = scaled(p.aim_x, p.aim_y, 127).unwrap_or((127, 0));
-                Seen {
-                    seat: i as Seat,
-                    x: p.x as u16,
-                    y: p.y as u16,
-                    aim_x: ax as i8,
-                    aim_y: ay as i8,
-                    hp: p.hp,
-                }
+                Seen { seat: i as Seat, x: p.x as u16, y: p.y as u16, aim_x: ax as i8, aim_y: ay as i8, hp: p.hp }
             })
             .collect();
         let bullets = self
             .bullets
             .iter()
             .filter(|b| sees(b.x, b.y))
-            .map(|b| SeenBullet {
-                x: b.x as u16,
-                y: b.y as u16,
-                vx: b.vx as i16,
-                vy: b.vy as i16,
-            })
+            .map(|b| SeenBullet { x: b.x as u16, y: b.y as u16, vx: b.vx as i16, vy: b.vy as i16 })
             .collect();
         ArenaView {
-            me: Me {
-                x: me.x.max(0) as u16,
-                y: me.y.max(0) as u16,
-                hp: me.hp,
-                respawn: me.respawn,
-            },
+            me: Me { x: me.x.max(0) as u16, y: me.y.max(0) as u16, hp: me.hp, respawn: me.respawn },
             others,
             bullets,
             scores: self.players.iter().map(|p| p.kills as i16).collect(),
@@ -657,11 +595,7 @@ impl Game for Arena {
     }
 
     fn own(view: &ArenaView) -> Body {
-        Body {
-            x: i32::from(view.me.x),
-            y: i32::from(view.me.y),
-            alive: view.me.respawn == 0 && view.me.hp > 0,
-        }
+        Body { x: i32::from(view.me.x), y: i32::from(view.me.y), alive: view.me.respawn == 0 && view.me.hp > 0 }
     }
 
     fn predict(rules: &ArenaRules, own: &mut Body, input: &ArenaInput) {
@@ -680,12 +614,7 @@ mod tests {
     use super::*;
 
     fn setup(players: u8) -> MatchSetup {
-        MatchSetup {
-            players,
-            tick_hz: 30,
-            seed: 42,
-            time_limit_secs: None,
-        }
+        MatchSetup { players, tick_hz: 30, seed: 42, time_limit_secs: None }
     }
 
     fn duel() -> Arena {
@@ -700,24 +629,12 @@ mod tests {
     fn the_map_is_closed_and_symmetric_with_enough_spawns() {
         for row in MAP {
             assert_eq!(row.len(), MAP_W as usize);
-            assert_eq!(
-                row.bytes().rev().collect::<Vec<u8>>(),
-                row.as_bytes(),
-                "mirror-symmetric"
-            );
+            assert_eq!(row.bytes().rev().collect::<Vec<u8>>(), row.as_bytes(), "mirror-symmetric");
         }
-        assert!(
-            MAP[0]
-                .bytes()
-                .chain(MAP[MAP_H as usize - 1].bytes())
-                .all(|c| c == b'#')
-        );
+        assert!(MAP[0].bytes().chain(MAP[MAP_H as usize - 1].bytes()).all(|c| c == b'#'));
         assert!(spawn_points().len() >= 16);
         for (x, y) in spawn_points() {
-            assert!(
-                !wall_at(x - PLAYER_HALF, y - PLAYER_HALF)
-                    && !wall_at(x + PLAYER_HALF, y + PLAYER_HALF)
-            );
+            assert!(!wall_at(x - PLAYER_HALF, y - PLAYER_HALF) && !wall_at(x + PLAYER_HALF, y + PLAYER_HALF));
         }
     }
 
@@ -725,22 +642,12 @@ mod tests {
     fn walls_stop_bodies() {
         let rules = ArenaRules { tick_hz: 30 };
         let (mut x, mut y) = (TILE + TILE / 2, TILE + TILE / 2); // next to the top-left corner
-        let left = ArenaInput {
-            buttons: ArenaInput::LEFT | ArenaInput::UP,
-            ..Default::default()
-        };
+        let left = ArenaInput { buttons: ArenaInput::LEFT | ArenaInput::UP, ..Default::default() };
         for _ in 0..30 {
             move_body(rules, &mut x, &mut y, &left);
         }
-        assert_eq!(
-            (x, y),
-            (TILE + PLAYER_HALF, TILE + PLAYER_HALF),
-            "pressed into the corner, not through it"
-        );
-        let right = ArenaInput {
-            buttons: ArenaInput::RIGHT,
-            ..Default::default()
-        };
+        assert_eq!((x, y), (TILE + PLAYER_HALF, TILE + PLAYER_HALF), "pressed into the corner, not through it");
+        let right = ArenaInput { buttons: ArenaInput::RIGHT, ..Default::default() };
         for _ in 0..200 {
             move_body(rules, &mut x, &mut y, &right);
         }
@@ -752,10 +659,7 @@ mod tests {
     fn diagonal_speed_is_normalised() {
         let rules = ArenaRules { tick_hz: 30 };
         let (mut x, mut y) = (20 * TILE, 5 * TILE);
-        let diagonal = ArenaInput {
-            buttons: ArenaInput::RIGHT | ArenaInput::DOWN,
-            ..Default::default()
-        };
+        let diagonal = ArenaInput { buttons: ArenaInput::RIGHT | ArenaInput::DOWN, ..Default::default() };
         move_body(rules, &mut x, &mut y, &diagonal);
         let step = PLAYER_SPEED / 30 * 181 / 256;
         assert_eq!((x, y), (20 * TILE + step, 5 * TILE + step));
@@ -771,16 +675,8 @@ mod tests {
         assert!(!line_of_sight(beyond.0, beyond.1, a.0, a.1));
         let centre_left = c(16, 11);
         let centre_right = c(23, 11); // the central block lies between
-        assert!(!line_of_sight(
-            centre_left.0,
-            centre_left.1,
-            centre_right.0,
-            centre_right.1
-        ));
-        assert!(
-            line_of_sight(c(2, 5).0, c(2, 5).1, c(2, 5).0, c(2, 5).1),
-            "a point sees itself"
-        );
+        assert!(!line_of_sight(centre_left.0, centre_left.1, centre_right.0, centre_right.1));
+        assert!(line_of_sight(c(2, 5).0, c(2, 5).1, c(2, 5).0, c(2, 5).1), "a point sees itself");
     }
 
     #[test]
@@ -789,11 +685,7 @@ mod tests {
         // Put the two players in the open, face to face.
         (arena.players[0].x, arena.players[0].y) = (14 * TILE, 5 * TILE);
         (arena.players[1].x, arena.players[1].y) = (20 * TILE, 5 * TILE);
-        let fire = ArenaInput {
-            buttons: ArenaInput::FIRE,
-            aim_x: 1000,
-            aim_y: 0,
-        };
+        let fire = ArenaInput { buttons: ArenaInput::FIRE, aim_x: 1000, aim_y: 0 };
         let mut ticks = 0;
         while arena.players[1].respawn == 0 {
             arena.step(&[&[fire], &[]]);
@@ -830,10 +722,7 @@ mod tests {
 
     #[test]
     fn the_match_ends_at_the_score_or_time_limit_or_when_a_side_leaves() {
-        let quick = MatchSetup {
-            time_limit_secs: Some(1),
-            ..setup(2)
-        };
+        let quick = MatchSetup { time_limit_secs: Some(1), ..setup(2) };
         let mut arena = Arena::new(&MODES[0], &quick);
         arena.set_present(0, true);
         arena.set_present(1, true);
@@ -850,10 +739,6 @@ mod tests {
         arena.set_present(1, false);
         let outcome = arena.outcome().unwrap();
         assert_eq!(outcome.reason, EndReason::Forfeit);
-        assert_eq!(
-            outcome.ranks,
-            vec![1, 2],
-            "who stays wins, whatever the score"
-        );
+        assert_eq!(outcome.ranks, vec![1, 2], "who stays wins, whatever the score");
     }
 }

@@ -181,10 +181,7 @@ impl Rng {
 
 /// Ranks from scores: 1 for the highest, equal scores share a rank.
 pub fn ranks_from_scores(scores: &[i32]) -> Vec<u8> {
-    scores
-        .iter()
-        .map(|s| 1 + scores.iter().filter(|other| *other > s).count() as u8)
-        .collect()
+    scores.iter().map(|s| 1 + scores.iter().filter(|other| *other > s).count() as u8).collect()
 }
 
 #[cfg(test)]
@@ -211,10 +208,7 @@ mod tests {
         let ys: Vec<u32> = (0..100).map(|_| b.below(10)).collect();
         assert_eq!(xs, ys);
         assert!(xs.iter().all(|&x| x < 10));
-        assert!(
-            (0..10).all(|v| xs.contains(&v)),
-            "every value shows up in 100 draws"
-        );
+        assert!((0..10).all(|v| xs.contains(&v)), "every value shows up in 100 draws");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the hub protocol. Bump it whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest WebSocket message, in bytes, that the hub accepts from a client.
 pub const MAX_CLIENT_MESSAGE_BYTES: usize = 4096;
@@ -60,6 +60,13 @@ pub enum ClientMsg {
         /// Chosen by the client.
         id: u32,
     },
+    /// Join the matchmaking queue of a mode.
+    FindMatch {
+        /// The mode's name, one of those the lobby lists.
+        mode: String,
+    },
+    /// Leave the matchmaking queue.
+    CancelMatch,
 }
 
 /// A user as others see them.
@@ -96,6 +103,21 @@ pub enum ErrorCode {
     RateLimited,
     /// The server is too busy to take this now; try again.
     Busy,
+    /// No such mode.
+    UnknownMode,
+    /// Already queued or playing.
+    AlreadyBusy,
+    /// Not queued.
+    NotQueued,
+}
+
+/// A game mode as the lobby lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModeInfo {
+    /// Identifier, for [`ClientMsg::FindMatch`].
+    pub name: String,
+    /// What players read.
+    pub title: String,
 }
 
 /// A message from the hub to a client.
@@ -138,6 +160,32 @@ pub enum ServerMsg {
         /// The id from the ping.
         id: u32,
     },
+    /// You are in the queue of a mode (sent again to a reloaded tab).
+    Queued {
+        /// The mode.
+        mode: String,
+        /// How long you have waited already, in milliseconds.
+        waited_ms: u64,
+    },
+    /// You left the queue.
+    Unqueued,
+    /// A match is ready: connect to the room with this ticket (also sent again to a tab that
+    /// reloads during a match).
+    MatchFound {
+        /// The mode.
+        mode: String,
+        /// The room, as named in pages and logs.
+        room: String,
+        /// A signed, single-use, short-lived ticket for your seat.
+        ticket: String,
+        /// Names of the players, by seat.
+        players: Vec<String>,
+    },
+    /// Your match stopped without a result (a server error); you are back in the lobby.
+    MatchAborted {
+        /// A sentence for the user.
+        message: String,
+    },
     /// A client message was refused; the connection stays open.
     Error {
         /// What kind of refusal.
@@ -167,22 +215,17 @@ mod tests {
     use super::*;
 
     fn alice() -> UserSummary {
-        UserSummary {
-            id: 7,
-            name: "alice".into(),
-        }
+        UserSummary { id: 7, name: "alice".into() }
     }
 
     #[test]
     fn every_client_message_round_trips() {
         for msg in [
-            ClientMsg::Hello {
-                version: PROTOCOL_VERSION,
-            },
-            ClientMsg::Chat {
-                text: "hi <b>there</b> \u{1f600}".into(),
-            },
+            ClientMsg::Hello { version: PROTOCOL_VERSION },
+            ClientMsg::Chat { text: "hi <b>there</b> \u{1f600}".into() },
             ClientMsg::Ping { id: 42 },
+            ClientMsg::FindMatch { mode: "duel".into() },
+            ClientMsg::CancelMatch,
         ] {
             let json = serde_json::to_string(&msg).unwrap();
             assert_eq!(ClientMsg::from_json(&json).unwrap(), msg, "{json}");
@@ -191,52 +234,34 @@ mod tests {
 
     #[test]
     fn every_server_message_round_trips() {
-        let line = ChatLine {
-            from: alice(),
-            text: "gg".into(),
-            at_ms: 1_700_000_000_000,
-        };
+        let line = ChatLine { from: alice(), text: "gg".into(), at_ms: 1_700_000_000_000 };
         for msg in [
-            ServerMsg::Welcome {
-                version: PROTOCOL_VERSION,
-                me: alice(),
-                lobby: 1,
-                online: 1,
-                history: 0,
-            },
+            ServerMsg::Welcome { version: PROTOCOL_VERSION, me: alice(), lobby: 1, online: 1, history: 0 },
             ServerMsg::Reload { version: 9 },
-            ServerMsg::Presence {
-                joined: vec![alice()],
-                left: vec![8, 9],
-            },
+            ServerMsg::Presence { joined: vec![alice()], left: vec![8, 9] },
             ServerMsg::Chat(line),
             ServerMsg::Pong { id: 1 },
-            ServerMsg::Error {
-                code: ErrorCode::RateLimited,
-                message: "slow down".into(),
+            ServerMsg::Queued { mode: "duel".into(), waited_ms: 1200 },
+            ServerMsg::Unqueued,
+            ServerMsg::MatchFound {
+                mode: "duel".into(),
+                room: "r1".into(),
+                ticket: "t.s".into(),
+                players: vec!["a".into(), "b".into()],
             },
+            ServerMsg::MatchAborted { message: "sorry".into() },
+            ServerMsg::Error { code: ErrorCode::RateLimited, message: "slow down".into() },
         ] {
             let json = msg.to_json();
-            assert_eq!(
-                serde_json::from_str::<ServerMsg>(&json).unwrap(),
-                msg,
-                "{json}"
-            );
+            assert_eq!(serde_json::from_str::<ServerMsg>(&json).unwrap(), msg, "{json}");
         }
     }
 
     #[test]
     fn wire_format_is_tagged_json() {
+        assert_eq!(serde_json::to_string(&ClientMsg::Hello { version: 1 }).unwrap(), r#"{"type":"hello","version":1}"#);
         assert_eq!(
-            serde_json::to_string(&ClientMsg::Hello { version: 1 }).unwrap(),
-            r#"{"type":"hello","version":1}"#
-        );
-        assert_eq!(
-            ServerMsg::Presence {
-                joined: vec![],
-                left: vec![3]
-            }
-            .to_json(),
+            ServerMsg::Presence { joined: vec![], left: vec![3] }.to_json(),
             r#"{"type":"presence","joined":[],"left":[3]}"#
         );
     }

@@ -134,20 +134,14 @@ mod tests {
         assert_eq!(q.ack(), 10);
         assert_eq!(q.stats.accepted, 10);
         assert!(q.stats.duplicates > 0);
-        assert_eq!(
-            q.stats.dropped_flood + q.stats.dropped_far + q.stats.lost,
-            0
-        );
+        assert_eq!(q.stats.dropped_flood + q.stats.dropped_far + q.stats.lost, 0);
     }
 
     #[test]
     fn a_late_burst_is_caught_up_two_per_tick() {
         let mut q = queue();
         for _ in 0..3 {
-            assert!(
-                take(&mut q).is_empty(),
-                "nothing arrived: the player stands"
-            );
+            assert!(take(&mut q).is_empty(), "nothing arrived: the player stands");
         }
         q.offer(1, 4, 4, &[1, 2]);
         q.offer(3, 4, 4, &[3, 4]); // two more in the same tick: dropped, resent later

@@ -29,14 +29,7 @@ pub struct Predictor<G: Game> {
 impl<G: Game> Predictor<G> {
     /// A predictor with no state yet (it needs a first snapshot).
     pub fn new(rules: G::Rules) -> Self {
-        Self {
-            rules,
-            pending: VecDeque::new(),
-            next_seq: 1,
-            predicted: None,
-            corrections: 0,
-            last_correction: 0,
-        }
+        Self { rules, pending: VecDeque::new(), next_seq: 1, predicted: None, corrections: 0, last_correction: 0 }
     }
 
     /// Records a new input, predicts its effect, and returns its sequence number.
@@ -56,18 +49,8 @@ impl<G: Game> Predictor<G> {
     /// The newest `n` unacknowledged inputs, oldest first, and the first one's sequence number.
     pub fn to_send(&self, n: usize) -> (u32, Vec<G::Input>) {
         let skip = self.pending.len().saturating_sub(n);
-        let first = self
-            .pending
-            .get(skip)
-            .map_or(self.next_seq, |(seq, _)| *seq);
-        (
-            first,
-            self.pending
-                .iter()
-                .skip(skip)
-                .map(|(_, input)| *input)
-                .collect(),
-        )
+        let first = self.pending.get(skip).map_or(self.next_seq, |(seq, _)| *seq);
+        (first, self.pending.iter().skip(skip).map(|(_, input)| *input).collect())
     }
 
     /// Takes an authoritative snapshot: `ack` is the last input the server applied.

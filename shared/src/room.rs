@@ -1,7 +1,8 @@
 //! Messages on a room connection (`/room` WebSocket now, WebRTC data channels later): compact
 //! binary (bitcode), one message per frame. Generic over the game's input, view and rules.
 //!
-//! The first message a client sends is [`ToRoom::Join`] with the ticket the hub gave it.
+//! On a WebSocket, the first message a client sends is a [`JoinRequest`] with the ticket the hub
+//! gave it; everything after is [`ToRoom`]. Transports carry bytes and never look inside.
 
 use bitcode::{Decode, Encode};
 
@@ -44,18 +45,34 @@ pub mod close {
     pub const RELOAD: u16 = 4000;
     /// The first message was not a join, or came too late.
     pub const NO_JOIN: u16 = 4017;
+    /// The player left the match.
+    pub const LEFT: u16 = 4018;
+}
+
+/// Claims a seat with a ticket from the hub: the first message on a room WebSocket.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct JoinRequest {
+    /// [`ROOM_PROTOCOL_VERSION`].
+    pub version: u32,
+    /// The ticket, as the hub gave it.
+    pub ticket: String,
+}
+
+impl JoinRequest {
+    /// Encodes for the wire.
+    pub fn encode(&self) -> Vec<u8> {
+        bitcode::encode(self)
+    }
+
+    /// Decodes from the wire.
+    pub fn decode(bytes: &[u8]) -> Result<Self, bitcode::Error> {
+        bitcode::decode(bytes)
+    }
 }
 
 /// A message from a player to their room.
 #[derive(Debug, Clone, PartialEq, Encode, Decode)]
 pub enum ToRoom<I> {
-    /// Claims a seat with a ticket from the hub.
-    Join {
-        /// [`ROOM_PROTOCOL_VERSION`].
-        version: u32,
-        /// The ticket, as the hub gave it.
-        ticket: String,
-    },
     /// The newest inputs, oldest first: `inputs[i]` has sequence number `first_seq + i`.
     Inputs {
         /// Sequence number of `inputs[0]`; sequence numbers start at 1.
@@ -136,9 +153,7 @@ impl<I: bitcode::Encode + bitcode::DecodeOwned> ToRoom<I> {
     }
 }
 
-impl<V: bitcode::Encode + bitcode::DecodeOwned, R: bitcode::Encode + bitcode::DecodeOwned>
-    FromRoom<V, R>
-{
+impl<V: bitcode::Encode + bitcode::DecodeOwned, R: bitcode::Encode + bitcode::DecodeOwned> FromRoom<V, R> {
     /// Encodes for the wire.
     pub fn encode(&self) -> Vec<u8> {
         bitcode::encode(self)
@@ -161,56 +176,20 @@ mod tests {
 
     #[test]
     fn every_message_round_trips() {
-        let input = ArenaInput {
-            buttons: ArenaInput::UP | ArenaInput::FIRE,
-            aim_x: -300,
-            aim_y: 12,
-        };
-        for msg in [
-            Up::Join {
-                version: ROOM_PROTOCOL_VERSION,
-                ticket: "abc.def".into(),
-            },
-            Up::Inputs {
-                first_seq: 7,
-                tick: 99,
-                inputs: vec![input; 4],
-            },
-            Up::Ping { id: 5 },
-            Up::Leave,
-        ] {
+        let input = ArenaInput { buttons: ArenaInput::UP | ArenaInput::FIRE, aim_x: -300, aim_y: 12 };
+        let join = JoinRequest { version: ROOM_PROTOCOL_VERSION, ticket: "abc.def".into() };
+        assert_eq!(JoinRequest::decode(&join.encode()).unwrap(), join);
+        for msg in [Up::Inputs { first_seq: 7, tick: 99, inputs: vec![input; 4] }, Up::Ping { id: 5 }, Up::Leave] {
             assert_eq!(Up::decode(&msg.encode()).unwrap(), msg);
         }
         let view = ArenaView {
-            me: Me {
-                x: 100,
-                y: 200,
-                hp: 80,
-                respawn: 0,
-            },
-            others: vec![Seen {
-                seat: 1,
-                x: 3,
-                y: 4,
-                aim_x: 127,
-                aim_y: 0,
-                hp: 100,
-            }],
-            bullets: vec![SeenBullet {
-                x: 5,
-                y: 6,
-                vx: -136,
-                vy: 0,
-            }],
+            me: Me { x: 100, y: 200, hp: 80, respawn: 0 },
+            others: vec![Seen { seat: 1, x: 3, y: 4, aim_x: 127, aim_y: 0, hp: 100 }],
+            bullets: vec![SeenBullet { x: 5, y: 6, vx: -136, vy: 0 }],
             scores: vec![1, 2],
             ticks_left: 500,
         };
-        let outcome = Outcome {
-            ranks: vec![1, 2],
-            scores: vec![10, 3],
-            reason: EndReason::ScoreLimit,
-            ticks: 900,
-        };
+        let outcome = Outcome { ranks: vec![1, 2], scores: vec![10, 3], reason: EndReason::ScoreLimit, ticks: 900 };
         for msg in [
             Down::Joined {
                 seat: 1,
@@ -220,22 +199,9 @@ mod tests {
                 tick: 0,
                 rules: ArenaRules { tick_hz: 30 },
             },
-            Down::Snapshot {
-                tick: 12,
-                ack: 11,
-                view,
-            },
+            Down::Snapshot { tick: 12, ack: 11, view },
             Down::Pong { id: 5 },
-            Down::Ended {
-                outcome,
-                ratings: vec![
-                    RatingChange {
-                        before: 1500,
-                        after: 1562
-                    };
-                    2
-                ],
-            },
+            Down::Ended { outcome, ratings: vec![RatingChange { before: 1500, after: 1562 }; 2] },
         ] {
             assert_eq!(Down::decode(&msg.encode()).unwrap(), msg);
         }

@@ -28,12 +28,8 @@ fn recorded_log() -> Vec<Vec<ArenaInput>> {
                     input.aim_x = rng.below(4000) as i16 - 2000;
                     input.aim_y = rng.below(4000) as i16 - 2000;
                 }
-                input.buttons = (input.buttons & !ArenaInput::FIRE)
-                    | if rng.below(3) == 0 {
-                        ArenaInput::FIRE
-                    } else {
-                        0
-                    };
+                input.buttons =
+                    (input.buttons & !ArenaInput::FIRE) | if rng.below(3) == 0 { ArenaInput::FIRE } else { 0 };
             }
             current.to_vec()
         })
@@ -42,15 +38,7 @@ fn recorded_log() -> Vec<Vec<ArenaInput>> {
 
 fn replay() -> (u64, Arena) {
     let mode = Arena::modes().iter().find(|m| m.name == "ffa").unwrap();
-    let mut arena = Arena::new(
-        mode,
-        &MatchSetup {
-            players: 8,
-            tick_hz: 30,
-            seed: 7,
-            time_limit_secs: Some(120),
-        },
-    );
+    let mut arena = Arena::new(mode, &MatchSetup { players: 8, tick_hz: 30, seed: 7, time_limit_secs: Some(120) });
     for seat in 0..8 {
         arena.set_present(seat, true);
     }
@@ -65,14 +53,7 @@ fn replay() -> (u64, Arena) {
 fn the_recorded_log_gives_the_golden_hash() {
     let (hash, arena) = replay();
     let view = arena.view(0);
-    assert!(
-        view.scores.iter().map(|&s| i32::from(s)).sum::<i32>() > 0,
-        "the log has fights in it"
-    );
-    assert!(
-        arena
-            .outcome()
-            .is_none_or(|o| o.reason == EndReason::ScoreLimit)
-    );
+    assert!(view.scores.iter().map(|&s| i32::from(s)).sum::<i32>() > 0, "the log has fights in it");
+    assert!(arena.outcome().is_none_or(|o| o.reason == EndReason::ScoreLimit));
     assert_eq!(hash, GOLDEN, "state hash {hash:#018x}");
 }

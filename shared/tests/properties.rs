@@ -13,24 +13,12 @@ use rallypoint_shared::predict::Predictor;
 use rallypoint_shared::room::MAX_INPUTS_PER_MESSAGE;
 
 fn input() -> impl Strategy<Value = ArenaInput> {
-    (0u8..16, -2000i16..2000, -2000i16..2000).prop_map(|(buttons, aim_x, aim_y)| ArenaInput {
-        buttons,
-        aim_x,
-        aim_y,
-    })
+    (0u8..16, -2000i16..2000, -2000i16..2000).prop_map(|(buttons, aim_x, aim_y)| ArenaInput { buttons, aim_x, aim_y })
 }
 
 fn arena(players: u8, seed: u64) -> Arena {
     let mode = Arena::modes().iter().find(|m| m.name == "brawl").unwrap();
-    let mut arena = Arena::new(
-        mode,
-        &MatchSetup {
-            players,
-            tick_hz: 30,
-            seed,
-            time_limit_secs: None,
-        },
-    );
+    let mut arena = Arena::new(mode, &MatchSetup { players, tick_hz: 30, seed, time_limit_secs: None });
     for seat in 0..players {
         arena.set_present(seat, true);
     }

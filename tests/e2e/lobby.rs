@@ -6,13 +6,7 @@ const PASSWORD: &str = "a long enough password";
 
 async fn register(browser: &Browser, server: &Server, name: &str) {
     browser.goto(&server.url("/register")).await;
-    browser
-        .submit(&[
-            ("username", name),
-            ("password", PASSWORD),
-            ("password_confirm", PASSWORD),
-        ])
-        .await;
+    browser.submit(&[("username", name), ("password", PASSWORD), ("password_confirm", PASSWORD)]).await;
     browser.wait_for_path("/play").await;
     browser.find("#status[data-state='online']").await;
 }
@@ -20,19 +14,12 @@ async fn register(browser: &Browser, server: &Server, name: &str) {
 async fn say(browser: &Browser, text: &str) {
     let input = browser.find("#chat-input").await;
     input.send_keys(text).await.expect("typing");
-    browser
-        .find("#chat-form button")
-        .await
-        .click()
-        .await
-        .expect("send");
+    browser.find("#chat-form button").await.click().await.expect("send");
 }
 
 /// The texts of the chat lines on screen.
 async fn chat_texts(browser: &Browser) -> Vec<String> {
-    let value = browser
-        .js("return [...document.querySelectorAll('#chat-log .text')].map(e => e.textContent)")
-        .await;
+    let value = browser.js("return [...document.querySelectorAll('#chat-log .text')].map(e => e.textContent)").await;
     serde_json::from_value(value).expect("a list of strings")
 }
 
@@ -62,20 +49,13 @@ async fn two_people_meet_in_the_lobby_chat_and_one_leaves() {
     // Chat both ways; markup arrives as text.
     say(&alice, "hi bob <b>bold?</b>").await;
     bob.wait_until("bob's second tab sees alice's line", || async {
-        chat_texts(&bob)
-            .await
-            .contains(&"hi bob <b>bold?</b>".to_owned())
+        chat_texts(&bob).await.contains(&"hi bob <b>bold?</b>".to_owned())
     })
     .await;
-    assert!(
-        !bob.exists("#chat-log b").await,
-        "chat is shown as text, never as HTML"
-    );
+    assert!(!bob.exists("#chat-log b").await, "chat is shown as text, never as HTML");
     bob.client.switch_to_window(tabs[0].clone()).await.unwrap();
     bob.wait_until("bob's first tab sees it too", || async {
-        chat_texts(&bob)
-            .await
-            .contains(&"hi bob <b>bold?</b>".to_owned())
+        chat_texts(&bob).await.contains(&"hi bob <b>bold?</b>".to_owned())
     })
     .await;
     say(&bob, "hello alice").await;
@@ -99,15 +79,9 @@ async fn two_people_meet_in_the_lobby_chat_and_one_leaves() {
 
     // Bob logs out with the button: both his tabs lose their sockets, alice sees him go, and his
     // lobby now sends him to the login page.
-    bob.find("form[action='/logout'] button")
-        .await
-        .click()
-        .await
-        .unwrap();
+    bob.find("form[action='/logout'] button").await.click().await.unwrap();
     alice
-        .wait_until("bob leaves alice's list", || async {
-            !alice.exists("#online-list li[data-user='bob']").await
-        })
+        .wait_until("bob leaves alice's list", || async { !alice.exists("#online-list li[data-user='bob']").await })
         .await;
     assert_eq!(alice.find("#online-count").await.text().await.unwrap(), "1");
     bob.goto(&server.url("/play")).await;
@@ -126,43 +100,21 @@ async fn pages_work_without_javascript() {
     let server = Server::start().await;
     let driver = Driver::start().await;
     // Chromium with JavaScript turned off by policy for every site.
-    let browser = driver
-        .browser(&["--blink-settings=scriptEnabled=false"])
-        .await;
+    let browser = driver.browser(&["--blink-settings=scriptEnabled=false"]).await;
     browser.goto(&server.url("/register")).await;
     // (Chromium itself checks lengths and patterns; a mismatch only the server can see.)
-    browser
-        .submit(&[
-            ("username", "nojs"),
-            ("password", PASSWORD),
-            ("password_confirm", "another password"),
-        ])
-        .await;
+    browser.submit(&[("username", "nojs"), ("password", PASSWORD), ("password_confirm", "another password")]).await;
     let error = browser.find(".error").await.text().await.unwrap();
     assert!(error.contains("differ"), "{error}");
-    let kept = browser
-        .find("input[name='username']")
-        .await
-        .prop("value")
-        .await
-        .unwrap();
+    let kept = browser.find("input[name='username']").await.prop("value").await.unwrap();
     assert_eq!(kept.as_deref(), Some("nojs"), "the username is kept");
-    browser
-        .submit(&[("password", PASSWORD), ("password_confirm", PASSWORD)])
-        .await;
+    browser.submit(&[("password", PASSWORD), ("password_confirm", PASSWORD)]).await;
     browser.wait_for_path("/play").await;
-    browser
-        .find("form[action='/logout'] button")
-        .await
-        .click()
-        .await
-        .unwrap();
+    browser.find("form[action='/logout'] button").await.click().await.unwrap();
     browser.wait_for_path("/").await;
     browser.goto(&server.url("/play")).await;
     browser.wait_for_path("/login").await;
-    browser
-        .submit(&[("username", "nojs"), ("password", PASSWORD)])
-        .await;
+    browser.submit(&[("username", "nojs"), ("password", PASSWORD)]).await;
     browser.wait_for_path("/play").await;
     browser.close().await;
     server.stop().await;

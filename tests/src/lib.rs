@@ -27,11 +27,7 @@ fn env_path(var: &str, default: PathBuf) -> PathBuf {
 }
 
 fn must_exist(path: PathBuf, what: &str) -> PathBuf {
-    assert!(
-        path.exists(),
-        "{what} not found at {}: run `cargo xtask test`",
-        path.display()
-    );
+    assert!(path.exists(), "{what} not found at {}: run `cargo xtask test`", path.display());
     path
 }
 
@@ -49,17 +45,10 @@ impl Server {
 
     /// Starts the server with extra flags.
     pub async fn start_with(extra: &[&str]) -> Self {
-        let bin = must_exist(
-            env_path(
-                "RALLYPOINT_BIN",
-                workspace().join("target/debug/rallypoint"),
-            ),
-            "the server binary",
-        );
-        let static_dir = must_exist(
-            env_path("RALLYPOINT_STATIC_DIR", workspace().join("web/dist")),
-            "the built client",
-        );
+        let bin =
+            must_exist(env_path("RALLYPOINT_BIN", workspace().join("target/debug/rallypoint")), "the server binary");
+        let static_dir =
+            must_exist(env_path("RALLYPOINT_STATIC_DIR", workspace().join("web/dist")), "the built client");
         let dir = tempfile::tempdir().expect("a temporary folder");
         let db = format!("sqlite://{}", dir.path().join("rp.db").display());
         let mut child = Command::new(bin)
@@ -75,11 +64,7 @@ impl Server {
         let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
         let addr = tokio::time::timeout(STEP, async {
             while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(addr) = line
-                    .split("addr=")
-                    .nth(1)
-                    .filter(|_| line.contains("serving"))
-                {
+                if let Some(addr) = line.split("addr=").nth(1).filter(|_| line.contains("serving")) {
                     return addr.trim().to_owned();
                 }
             }
@@ -89,11 +74,7 @@ impl Server {
         .expect("the server starts within the step timeout");
         // Keep draining the log so that the server never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self {
-            base: format!("http://{addr}"),
-            child,
-            _dir: dir,
-        }
+        Self { base: format!("http://{addr}"), child, _dir: dir }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -103,11 +84,7 @@ impl Server {
     /// Stops the server with SIGTERM and waits for it.
     pub async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status()
-                .await;
+            let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
         }
         let _ = tokio::time::timeout(STEP, self.child.wait()).await;
     }
@@ -122,10 +99,7 @@ pub struct Driver {
 
 impl Driver {
     pub async fn start() -> Self {
-        let chromedriver = must_exist(
-            env_path("CHROMEDRIVER", "/usr/bin/chromedriver".into()),
-            "chromedriver",
-        );
+        let chromedriver = must_exist(env_path("CHROMEDRIVER", "/usr/bin/chromedriver".into()), "chromedriver");
         let port = free_port();
         let mut child = Command::new(chromedriver)
             .arg(format!("--port={port}"))
@@ -145,10 +119,7 @@ impl Driver {
         .await
         .expect("chromedriver is ready within the step timeout");
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self {
-            url: format!("http://127.0.0.1:{port}"),
-            _child: child,
-        }
+        Self { url: format!("http://127.0.0.1:{port}"), _child: child }
     }
 
     /// Opens a new headless Chromium with a fresh profile; `extra` flags are added.
@@ -175,20 +146,11 @@ impl Driver {
         args.push(format!("--user-data-dir={}", profile.path().display()));
         args.extend(extra.iter().map(ToString::to_string));
         let mut caps = serde_json::Map::new();
-        caps.insert(
-            "goog:chromeOptions".into(),
-            serde_json::json!({ "binary": chromium, "args": args }),
-        );
+        caps.insert("goog:chromeOptions".into(), serde_json::json!({ "binary": chromium, "args": args }));
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        let client = ClientBuilder::new(connector)
-            .capabilities(caps)
-            .connect(&self.url)
-            .await
-            .expect("a Chromium session");
-        Browser {
-            client,
-            _profile: profile,
-        }
+        let client =
+            ClientBuilder::new(connector).capabilities(caps).connect(&self.url).await.expect("a Chromium session");
+        Browser { client, _profile: profile }
     }
 }
 
@@ -210,20 +172,12 @@ impl Browser {
 
     /// The path of the current page.
     pub async fn path(&self) -> String {
-        self.client
-            .current_url()
-            .await
-            .expect("a URL")
-            .path()
-            .to_owned()
+        self.client.current_url().await.expect("a URL").path().to_owned()
     }
 
     /// Waits until the browser is on `path`.
     pub async fn wait_for_path(&self, path: &str) {
-        self.wait_until(&format!("the browser is on {path}"), || async {
-            self.path().await == path
-        })
-        .await;
+        self.wait_until(&format!("the browser is on {path}"), || async { self.path().await == path }).await;
     }
 
     /// Fills the form fields by name and submits the form they are in.
@@ -233,11 +187,7 @@ impl Browser {
             input.clear().await.expect("clear");
             input.send_keys(value).await.expect("typing");
         }
-        self.find("main form button[type='submit']")
-            .await
-            .click()
-            .await
-            .expect("submit");
+        self.find("main form button[type='submit']").await.click().await.expect("submit");
     }
 
     /// Waits for an element matching a CSS selector.
@@ -258,28 +208,19 @@ impl Browser {
     {
         let deadline = tokio::time::Instant::now() + STEP;
         while !check().await {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting until {what}"
-            );
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     /// Whether an element matching `css` exists now.
     pub async fn exists(&self, css: &str) -> bool {
-        self.client
-            .find_all(Locator::Css(css))
-            .await
-            .is_ok_and(|found| !found.is_empty())
+        self.client.find_all(Locator::Css(css)).await.is_ok_and(|found| !found.is_empty())
     }
 
     /// Runs JavaScript in the page and returns its value.
     pub async fn js(&self, script: &str) -> serde_json::Value {
-        self.client
-            .execute(script, vec![])
-            .await
-            .expect("script runs")
+        self.client.execute(script, vec![]).await.expect("script runs")
     }
 
     /// Saves a screenshot as `target/e2e/NAME.png`, to look at after a run.

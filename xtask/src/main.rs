@@ -52,10 +52,7 @@ fn run() -> Result<()> {
 
 /// The workspace root: the folder above this crate.
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 /// Prints a step header, so that a long run shows where it is.
@@ -66,9 +63,7 @@ pub fn step(what: &str) {
 /// Runs a command to completion, echoing it first; fails when it fails.
 pub fn sh(cmd: &mut Command) -> Result<()> {
     eprintln!("$ {}", display(cmd));
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start {}", display(cmd)))?;
+    let status = cmd.status().with_context(|| format!("cannot start {}", display(cmd)))?;
     if !status.success() {
         bail!("`{}` failed ({status})", display(cmd));
     }
@@ -100,10 +95,8 @@ fn precompress(dir: &Path) -> Result<()> {
     use std::io::Write as _;
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        let compressible = matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("js" | "wasm" | "css" | "svg" | "html")
-        );
+        let compressible =
+            matches!(path.extension().and_then(|e| e.to_str()), Some("js" | "wasm" | "css" | "svg" | "html"));
         if !compressible {
             continue;
         }
@@ -112,10 +105,7 @@ fn precompress(dir: &Path) -> Result<()> {
         gz.write_all(&data)?;
         std::fs::write(with_suffix(&path, "gz"), gz.finish()?)?;
         let mut br = Vec::new();
-        let params = brotli::enc::BrotliEncoderParams {
-            quality: 11,
-            ..Default::default()
-        };
+        let params = brotli::enc::BrotliEncoderParams { quality: 11, ..Default::default() };
         brotli::BrotliCompress(&mut data.as_slice(), &mut br, &params)?;
         std::fs::write(with_suffix(&path, "br"), br)?;
         if path.extension().is_some_and(|e| e == "wasm") {
@@ -140,20 +130,14 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 }
 
 fn build_server(release: bool) -> Result<PathBuf> {
-    step(if release {
-        "Building the server (release)"
-    } else {
-        "Building the server"
-    });
+    step(if release { "Building the server (release)" } else { "Building the server" });
     let mut cmd = cargo();
     cmd.args(["build", "-p", "rallypoint-server", "--bin", "rallypoint"]);
     if release {
         cmd.arg("--release");
     }
     sh(&mut cmd)?;
-    Ok(target_dir()
-        .join(if release { "release" } else { "debug" })
-        .join("rallypoint"))
+    Ok(target_dir().join(if release { "release" } else { "debug" }).join("rallypoint"))
 }
 
 fn target_dir() -> PathBuf {
@@ -164,9 +148,7 @@ fn serve(args: &[String]) -> Result<()> {
     tools::ensure(tools::Need::Build)?;
     build_client()?;
     let bin = build_server(true)?;
-    step(
-        "Serving on http://127.0.0.1:8080 with the SQLite database ./data/rallypoint.db (Ctrl-C stops)",
-    );
+    step("Serving on http://127.0.0.1:8080 with the SQLite database ./data/rallypoint.db (Ctrl-C stops)");
     let mut cmd = Command::new(bin);
     cmd.args(["serve", "--static-dir", "web/dist"]).args(args);
     sh(&mut cmd)
@@ -229,12 +211,7 @@ fn dist() -> Result<()> {
     std::fs::copy(&bin, out.join("rallypoint")).context("cannot copy the binary")?;
     for entry in std::fs::read_dir("web/dist")? {
         let entry = entry?;
-        if entry.file_type()?.is_file()
-            && !entry
-                .file_name()
-                .to_string_lossy()
-                .starts_with("index.html")
-        {
+        if entry.file_type()?.is_file() && !entry.file_name().to_string_lossy().starts_with("index.html") {
             std::fs::copy(entry.path(), static_dir.join(entry.file_name()))?;
         }
     }
@@ -246,13 +223,9 @@ fn dist() -> Result<()> {
 }
 
 fn bench(args: &[String]) -> Result<()> {
-    let Some(what) = args.first() else {
-        bail!("which benchmark? `cargo xtask bench hub`")
-    };
+    let Some(what) = args.first() else { bail!("which benchmark? `cargo xtask bench hub`") };
     let bin = build_server(true)?;
-    step(&format!(
-        "Benchmark: {what} (server on core 0, load generators on core 1)"
-    ));
+    step(&format!("Benchmark: {what} (server on core 0, load generators on core 1)"));
     // The benchmark pins the server it starts to core 0; its own clients run on core 1.
     let mut cmd = if Path::new("/usr/bin/taskset").exists() {
         let mut cmd = Command::new("taskset");

@@ -45,9 +45,7 @@ fn cargo_bin() -> PathBuf {
 /// wasm-bindgen there).
 pub fn command(tool: &str) -> Result<Command> {
     let mut paths = vec![cargo_bin()];
-    paths.extend(std::env::split_paths(
-        &std::env::var_os("PATH").unwrap_or_default(),
-    ));
+    paths.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
     let path = std::env::join_paths(paths)?;
     let program = which(tool).unwrap_or_else(|| cargo_bin().join(tool));
     let mut cmd = Command::new(program);
@@ -57,38 +55,20 @@ pub fn command(tool: &str) -> Result<Command> {
 
 fn which(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .chain([cargo_bin()])
-        .map(|d| d.join(tool))
-        .find(|p| p.is_file())
+    std::env::split_paths(&path).chain([cargo_bin()]).map(|d| d.join(tool)).find(|p| p.is_file())
 }
 
 /// The first line a tool prints for `--version`, if it runs.
 fn version_of(tool: &str) -> Option<String> {
     let out = command(tool).ok()?.arg("--version").output().ok()?;
-    out.status.success().then(|| {
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_owned()
-    })
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").trim().to_owned())
 }
 
 fn ensure_wasm_target() -> Result<()> {
-    let out = Command::new("rustup")
-        .args(["target", "list", "--installed"])
-        .output();
-    let installed = out.is_ok_and(|o| {
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .any(|l| l.trim() == WASM_TARGET)
-    });
+    let out = Command::new("rustup").args(["target", "list", "--installed"]).output();
+    let installed = out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == WASM_TARGET));
     if !installed {
-        step(
-            "Installing the Rust target wasm32-unknown-unknown (the browser client compiles to WebAssembly)",
-        );
+        step("Installing the Rust target wasm32-unknown-unknown (the browser client compiles to WebAssembly)");
         sh(Command::new("rustup").args(["target", "add", WASM_TARGET]))?;
     }
     Ok(())
@@ -116,12 +96,7 @@ fn ensure_trunk() -> Result<()> {
             "Installing Trunk {TRUNK_SERIES} (it builds and bundles the wasm client). One time only; about 4 minutes on 2 cores"
         )),
     }
-    cargo_install(&[
-        "--locked",
-        "trunk",
-        "--version",
-        &format!("^{TRUNK_SERIES}"),
-    ])
+    cargo_install(&["--locked", "trunk", "--version", &format!("^{TRUNK_SERIES}")])
 }
 
 /// The wasm-bindgen version in Cargo.lock: the CLI must match the crate exactly.
@@ -158,19 +133,10 @@ fn ensure_chromium() -> Result<()> {
     if PathBuf::from(CHROMIUM).is_file() && PathBuf::from(CHROMEDRIVER).is_file() {
         return Ok(());
     }
-    step(
-        "Installing Debian's chromium and chromium-driver (the end-to-end tests drive a real headless browser)",
-    );
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0"));
+    step("Installing Debian's chromium and chromium-driver (the end-to-end tests drive a real headless browser)");
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0"));
     let apt = |args: &[&str]| -> Command {
-        let mut cmd = if root {
-            Command::new("apt-get")
-        } else {
-            Command::new("sudo")
-        };
+        let mut cmd = if root { Command::new("apt-get") } else { Command::new("sudo") };
         if !root {
             cmd.arg("apt-get");
         }

@@ -29,10 +29,7 @@ pub struct User {
 
 impl User {
     pub fn summary(&self) -> UserSummary {
-        UserSummary {
-            id: self.id,
-            name: self.name.clone(),
-        }
+        UserSummary { id: self.id, name: self.name.clone() }
     }
 }
 
@@ -112,12 +109,7 @@ impl Accounts {
     }
 
     /// Creates an account and a session for it.
-    pub async fn register(
-        &self,
-        username: &str,
-        password: &str,
-        confirm: &str,
-    ) -> Result<NewSession, RegisterError> {
+    pub async fn register(&self, username: &str, password: &str, confirm: &str) -> Result<NewSession, RegisterError> {
         if !valid_username(username) {
             return Err(RegisterError::Username);
         }
@@ -144,33 +136,18 @@ impl Accounts {
         .await?;
         // A concurrent registration of the same name may have won between find and insert.
         let id = inserted.ok_or(RegisterError::Taken)?;
-        let user = User {
-            id,
-            name: username.to_owned(),
-        };
+        let user = User { id, name: username.to_owned() };
         Ok(self.start_session(user).await?)
     }
 
     /// Checks a username and password and starts a new session.
-    pub async fn login(
-        &self,
-        username: &str,
-        password: &str,
-        client: IpAddr,
-    ) -> Result<NewSession, LoginError> {
+    pub async fn login(&self, username: &str, password: &str, client: IpAddr) -> Result<NewSession, LoginError> {
         let key = username.to_ascii_lowercase();
         let now = tokio::time::Instant::now();
-        self.throttle
-            .check(&key, client, now)
-            .map_err(|retry_after| LoginError::Throttled { retry_after })?;
+        self.throttle.check(&key, client, now).map_err(|retry_after| LoginError::Throttled { retry_after })?;
         // Overlong input is never hashed; it fails like any wrong password.
-        let plausible =
-            valid_username(username) && password.chars().count() <= *PASSWORD_CHARS.end();
-        let found = if plausible {
-            self.find(&key).await?
-        } else {
-            None
-        };
+        let plausible = valid_username(username) && password.chars().count() <= *PASSWORD_CHARS.end();
+        let found = if plausible { self.find(&key).await? } else { None };
         let (user, stored) = match found {
             Some((user, hash)) => (Some(user), Some(hash)),
             None => (None, None),
@@ -200,10 +177,7 @@ impl Accounts {
 
     /// Looks up a user by name, without regard to case.
     pub async fn user_by_name(&self, name: &str) -> Result<Option<User>, sqlx::Error> {
-        Ok(self
-            .find(&name.to_ascii_lowercase())
-            .await?
-            .map(|(user, _)| user))
+        Ok(self.find(&name.to_ascii_lowercase()).await?.map(|(user, _)| user))
     }
 
     async fn start_session(&self, user: User) -> Result<NewSession, sqlx::Error> {
@@ -217,11 +191,7 @@ impl Accounts {
             .bind(now + self.session_ttl.as_secs() as i64)
             .execute(&self.db)
             .await?;
-        Ok(NewSession {
-            token,
-            session: Session { key, user },
-            max_age: self.session_ttl,
-        })
+        Ok(NewSession { token, session: Session { key, user }, max_age: self.session_ttl })
     }
 
     /// The live session whose cookie token is `token`, if any.
@@ -238,38 +208,24 @@ impl Accounts {
         .bind(unix_now())
         .fetch_optional(&self.db)
         .await?;
-        Ok(row.map(|(id, name)| Session {
-            key,
-            user: User { id, name },
-        }))
+        Ok(row.map(|(id, name)| Session { key, user: User { id, name } }))
     }
 
     /// Ends one session.
     pub async fn end_session(&self, key: SessionKey) -> Result<(), sqlx::Error> {
-        sqlx::query("DELETE FROM sessions WHERE token_hash = ?")
-            .bind(&key.0[..])
-            .execute(&self.db)
-            .await?;
+        sqlx::query("DELETE FROM sessions WHERE token_hash = ?").bind(&key.0[..]).execute(&self.db).await?;
         Ok(())
     }
 
     /// Ends every session of a user but `keep`; returns the keys ended.
-    pub async fn end_other_sessions(
-        &self,
-        user_id: i64,
-        keep: SessionKey,
-    ) -> Result<Vec<SessionKey>, sqlx::Error> {
-        let rows: Vec<Vec<u8>> = sqlx::query_scalar(
-            "DELETE FROM sessions WHERE user_id = ? AND token_hash != ? RETURNING token_hash",
-        )
-        .bind(user_id)
-        .bind(&keep.0[..])
-        .fetch_all(&self.db)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|r| r.try_into().ok().map(SessionKey))
-            .collect())
+    pub async fn end_other_sessions(&self, user_id: i64, keep: SessionKey) -> Result<Vec<SessionKey>, sqlx::Error> {
+        let rows: Vec<Vec<u8>> =
+            sqlx::query_scalar("DELETE FROM sessions WHERE user_id = ? AND token_hash != ? RETURNING token_hash")
+                .bind(user_id)
+                .bind(&keep.0[..])
+                .fetch_all(&self.db)
+                .await?;
+        Ok(rows.into_iter().filter_map(|r| r.try_into().ok().map(SessionKey)).collect())
     }
 
     /// Number of live sessions of a user.
@@ -283,18 +239,12 @@ impl Accounts {
 
     /// When the user registered, in Unix seconds.
     pub async fn created_at(&self, user_id: i64) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar("SELECT created_at FROM users WHERE id = ?")
-            .bind(user_id)
-            .fetch_one(&self.db)
-            .await
+        sqlx::query_scalar("SELECT created_at FROM users WHERE id = ?").bind(user_id).fetch_one(&self.db).await
     }
 
     /// Deletes expired sessions; returns how many.
     pub async fn purge_expired(&self) -> Result<u64, sqlx::Error> {
-        let done = sqlx::query("DELETE FROM sessions WHERE expires_at <= ?")
-            .bind(unix_now())
-            .execute(&self.db)
-            .await?;
+        let done = sqlx::query("DELETE FROM sessions WHERE expires_at <= ?").bind(unix_now()).execute(&self.db).await?;
         Ok(done.rows_affected())
     }
 }
@@ -340,10 +290,7 @@ pub async fn seed_for_bench(
 
 /// 3–24 characters of `[A-Za-z0-9_-]`.
 pub fn valid_username(name: &str) -> bool {
-    USERNAME_CHARS.contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    USERNAME_CHARS.contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 #[cfg(test)]
@@ -355,15 +302,7 @@ mod tests {
         for ok in ["abc", "Alice_99", "x-y-z", "a23456789012345678901234"] {
             assert!(valid_username(ok), "{ok}");
         }
-        for bad in [
-            "ab",
-            "a234567890123456789012345",
-            "al ice",
-            "ålice",
-            "<b>",
-            "a.b",
-            "",
-        ] {
+        for bad in ["ab", "a234567890123456789012345", "al ice", "ålice", "<b>", "a.b", ""] {
             assert!(!valid_username(bad), "{bad}");
         }
     }

@@ -42,10 +42,7 @@ impl Hasher {
                 .expect("cannot start a password hashing thread");
         }
         let decoy = hash_now(crate::random::token().as_bytes());
-        Self {
-            jobs,
-            decoy: Arc::new(decoy),
-        }
+        Self { jobs, decoy: Arc::new(decoy) }
     }
 
     /// Hashes `password` into a PHC string (`$argon2id$v=19$m=19456,t=2,p=1$…`).
@@ -57,16 +54,11 @@ impl Hasher {
     pub async fn verify(&self, password: String, stored: Option<String>) -> Result<bool, Busy> {
         let known = stored.is_some();
         let phc = stored.unwrap_or_else(|| self.decoy.as_str().to_owned());
-        let ok = self
-            .run(move || verify_now(password.as_bytes(), &phc))
-            .await?;
+        let ok = self.run(move || verify_now(password.as_bytes(), &phc)).await?;
         Ok(known && ok)
     }
 
-    async fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, Busy> {
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, Busy> {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move || {
             let _ = tx.send(f());
@@ -132,25 +124,10 @@ mod tests {
         let hasher = Hasher::start(1, 4);
         let phc = hasher.hash("correct horse".into()).await.unwrap();
         assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
-        assert!(
-            hasher
-                .verify("correct horse".into(), Some(phc.clone()))
-                .await
-                .unwrap()
-        );
-        assert!(
-            !hasher
-                .verify("wrong horse".into(), Some(phc.clone()))
-                .await
-                .unwrap()
-        );
+        assert!(hasher.verify("correct horse".into(), Some(phc.clone())).await.unwrap());
+        assert!(!hasher.verify("wrong horse".into(), Some(phc.clone())).await.unwrap());
         assert!(!hasher.verify("correct horse".into(), None).await.unwrap());
-        assert!(
-            !hasher
-                .verify("x".into(), Some("not a hash".into()))
-                .await
-                .unwrap()
-        );
+        assert!(!hasher.verify("x".into(), Some("not a hash".into())).await.unwrap());
     }
 
     #[tokio::test]
@@ -159,9 +136,6 @@ mod tests {
         let many: Vec<_> = (0..8).map(|_| hasher.hash("password123".into())).collect();
         let results = futures_util::future::join_all(many).await;
         assert!(results.iter().any(Result::is_ok));
-        assert!(
-            results.iter().any(Result::is_err),
-            "eight hashes fitted in a queue of one"
-        );
+        assert!(results.iter().any(Result::is_err), "eight hashes fitted in a queue of one");
     }
 }

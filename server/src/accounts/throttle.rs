@@ -34,20 +34,12 @@ pub struct Throttle {
 
 impl Throttle {
     pub fn new(per_account: u32, per_address: u32, window: Duration) -> Self {
-        Self {
-            per_account,
-            per_address,
-            window,
-            counts: Mutex::new(HashMap::new()),
-        }
+        Self { per_account, per_address, window, counts: Mutex::new(HashMap::new()) }
     }
 
     /// `Err(retry_after)` when either the account or the address has no attempts left.
     pub fn check(&self, account: &str, address: IpAddr, now: Instant) -> Result<(), Duration> {
-        let counts = self
-            .counts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let counts = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let wait = |key: Key, limit: u32| {
             counts.get(&key).and_then(|w| {
                 let end = w.start + self.window;
@@ -66,10 +58,7 @@ impl Throttle {
 
     /// Records a failed attempt against both the account and the address.
     pub fn fail(&self, account: &str, address: IpAddr, now: Instant) {
-        let mut counts = self
-            .counts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut counts = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if counts.len() >= MAX_KEYS {
             counts.retain(|_, w| w.start + self.window > now);
             while counts.len() >= MAX_KEYS {
@@ -79,19 +68,10 @@ impl Throttle {
                 counts.remove(&key);
             }
         }
-        for key in [
-            Key::Account(account.to_owned()),
-            Key::Address(prefix(address)),
-        ] {
-            let w = counts.entry(key).or_insert(Window {
-                start: now,
-                failures: 0,
-            });
+        for key in [Key::Account(account.to_owned()), Key::Address(prefix(address))] {
+            let w = counts.entry(key).or_insert(Window { start: now, failures: 0 });
             if w.start + self.window <= now {
-                *w = Window {
-                    start: now,
-                    failures: 0,
-                };
+                *w = Window { start: now, failures: 0 };
             }
             w.failures += 1;
         }
@@ -99,10 +79,7 @@ impl Throttle {
 
     /// A successful login clears the account's count (the address keeps its own).
     pub fn succeed(&self, account: &str) {
-        let mut counts = self
-            .counts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut counts = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         counts.remove(&Key::Account(account.to_owned()));
     }
 }
@@ -139,10 +116,7 @@ mod tests {
         }
         assert_eq!(t.check("bob", ip("10.9.9.9"), now), Err(WINDOW));
         let later = now + Duration::from_secs(20);
-        assert_eq!(
-            t.check("bob", ip("10.9.9.9"), later),
-            Err(Duration::from_secs(40))
-        );
+        assert_eq!(t.check("bob", ip("10.9.9.9"), later), Err(Duration::from_secs(40)));
         assert!(t.check("alice", ip("10.9.9.9"), later).is_ok());
         assert!(t.check("bob", ip("10.9.9.9"), now + WINDOW).is_ok());
     }

@@ -88,19 +88,14 @@ struct Shared {
 }
 
 pub async fn run(args: HubArgs) -> Result<()> {
-    let mut report = Report {
-        connections_requested: args.connections,
-        ..Report::default()
-    };
+    let mut report = Report { connections_requested: args.connections, ..Report::default() };
     let users = args.connections + args.probes;
 
     eprintln!("seeding {users} users with sessions…");
     let (dir, url) = ServerProcess::prepare()?;
     let tokens = {
         let db = crate::db::open(&url).await?;
-        let tokens =
-            crate::accounts::seed_for_bench(&db, PREFIX, users, PASSWORD, Duration::from_hours(24))
-                .await?;
+        let tokens = crate::accounts::seed_for_bench(&db, PREFIX, users, PASSWORD, Duration::from_hours(24)).await?;
         db.close().await;
         tokens
     };
@@ -109,12 +104,7 @@ pub async fn run(args: HubArgs) -> Result<()> {
     report.pinned_to_one_core = server.pinned();
     report.server_open_files_limit = server.open_files_limit()?;
     report.server_rss_start_kib = server.rss_kib()?;
-    eprintln!(
-        "server pid {} on {} ({} KiB resident)",
-        server.pid(),
-        server.addr,
-        report.server_rss_start_kib
-    );
+    eprintln!("server pid {} on {} ({} KiB resident)", server.pid(), server.addr, report.server_rss_start_kib);
 
     // 1. Idle connections.
     let shared = Arc::new(Shared {
@@ -140,12 +130,9 @@ pub async fn run(args: HubArgs) -> Result<()> {
     // Let the last presence batches go out before measuring memory.
     tokio::time::sleep(Duration::from_millis(500)).await;
     report.server_rss_connected_kib = server.rss_kib()?;
-    report.server_bytes_per_connection = (report
-        .server_rss_connected_kib
-        .saturating_sub(report.server_rss_start_kib))
-        as f64
-        * 1024.0
-        / report.connections_open.max(1) as f64;
+    report.server_bytes_per_connection =
+        (report.server_rss_connected_kib.saturating_sub(report.server_rss_start_kib)) as f64 * 1024.0
+            / report.connections_open.max(1) as f64;
     report.lobbies = report.connections_open.div_ceil(args.chat_users);
     eprintln!(
         "{} connections open in {:.1} s ({:.0}/s); server {} KiB resident, {:.0} bytes per connection",
@@ -159,11 +146,7 @@ pub async fn run(args: HubArgs) -> Result<()> {
     // 2. Chat fan-out in lobby 1.
     let lobby_one: Vec<&Held> = held.iter().filter(|h| h.lobby == 1).collect();
     report.chat_lobby_users = lobby_one.len();
-    eprintln!(
-        "chat fan-out: {} messages in a lobby of {} users…",
-        args.chat_messages,
-        lobby_one.len()
-    );
+    eprintln!("chat fan-out: {} messages in a lobby of {} users…", args.chat_messages, lobby_one.len());
     let mut pace = tokio::time::interval(Duration::from_millis(50));
     for id in 0..args.chat_messages {
         pace.tick().await;
@@ -174,42 +157,19 @@ pub async fn run(args: HubArgs) -> Result<()> {
     }
     // Wait for the stragglers (a message takes well under a second).
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let latencies = std::mem::take(
-        &mut *shared
-            .latencies
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-    );
+    let latencies = std::mem::take(&mut *shared.latencies.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
     report.chat_deliveries = latencies.len();
     report.chat_fanout = Percentiles::of(latencies);
-    eprintln!(
-        "chat fan-out: {} deliveries, {}",
-        report.chat_deliveries, report.chat_fanout
-    );
+    eprintln!("chat fan-out: {} deliveries, {}", report.chat_deliveries, report.chat_fanout);
 
     // 3. Ping round trips, quiet then during a login storm.
     let probe_tokens = &tokens[args.connections..];
-    let quiet = probe_pings(
-        &server,
-        probe_tokens,
-        Duration::from_secs(args.storm_seconds),
-        None,
-    )
-    .await?;
+    let quiet = probe_pings(&server, probe_tokens, Duration::from_secs(args.storm_seconds), None).await?;
     report.ping_quiet = Percentiles::of(quiet);
     eprintln!("ping, quiet: {}", report.ping_quiet);
-    let storm = Storm {
-        base: server.base.clone(),
-        users: args.connections,
-        concurrency: args.storm_concurrency,
-    };
+    let storm = Storm { base: server.base.clone(), users: args.connections, concurrency: args.storm_concurrency };
     let (pings, (logins, failures, elapsed)) = tokio::join!(
-        probe_pings(
-            &server,
-            probe_tokens,
-            Duration::from_secs(args.storm_seconds),
-            Some(Duration::from_secs(1))
-        ),
+        probe_pings(&server, probe_tokens, Duration::from_secs(args.storm_seconds), Some(Duration::from_secs(1))),
         storm.run(Duration::from_secs(args.storm_seconds)),
     );
     report.ping_during_storm = Percentiles::of(pings?);
@@ -272,24 +232,13 @@ async fn open(addr: &SocketAddr, i: usize, token: &str) -> Result<Hub> {
     let stream = socket.connect(*addr).await.context("connect")?;
     let url = format!("ws://{addr}/ws");
     let mut request = url.as_str().into_client_request()?;
-    request
-        .headers_mut()
-        .insert("cookie", format!("rp_session={token}").parse()?);
+    request.headers_mut().insert("cookie", format!("rp_session={token}").parse()?);
     Ok(Hub::open(request, Some(stream)).await?)
 }
 
-async fn connect_one(
-    addr: &SocketAddr,
-    i: usize,
-    token: &str,
-    shared: &Arc<Shared>,
-) -> Result<Held> {
-    let mut hub = open(addr, i, token)
-        .await
-        .with_context(|| format!("connection {i}"))?;
-    let ServerMsg::Welcome { lobby, .. } = hub.welcome else {
-        unreachable!("Hub::open checks the welcome")
-    };
+async fn connect_one(addr: &SocketAddr, i: usize, token: &str, shared: &Arc<Shared>) -> Result<Held> {
+    let mut hub = open(addr, i, token).await.with_context(|| format!("connection {i}"))?;
+    let ServerMsg::Welcome { lobby, .. } = hub.welcome else { unreachable!("Hub::open checks the welcome") };
     let (commands, mut rx) = mpsc::channel::<String>(4);
     let shared = Arc::clone(shared);
     tokio::spawn(async move {
@@ -320,27 +269,15 @@ async fn connect_one(
 }
 
 fn record(shared: &Shared, text: &str) {
-    let Some(id) = text
-        .strip_prefix("bench ")
-        .and_then(|n| n.parse::<usize>().ok())
-    else {
+    let Some(id) = text.strip_prefix("bench ").and_then(|n| n.parse::<usize>().ok()) else {
         return;
     };
-    let Some(sent) = shared
-        .sent_at
-        .get(id)
-        .map(|s| s.load(Ordering::Acquire))
-        .filter(|&s| s > 0)
-    else {
+    let Some(sent) = shared.sent_at.get(id).map(|s| s.load(Ordering::Acquire)).filter(|&s| s > 0) else {
         return;
     };
     let now = shared.epoch.elapsed().as_micros() as u64;
     let latency = Duration::from_micros(now.saturating_sub(sent));
-    shared
-        .latencies
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .push(latency);
+    shared.latencies.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(latency);
 }
 
 /// Pings from the probe connections every 20 ms for `length` (after `delay`); returns the
@@ -372,11 +309,7 @@ async fn probe_pings(
         hub.close().await;
         rtts
     });
-    Ok(futures_util::future::join_all(tasks)
-        .await
-        .into_iter()
-        .flatten()
-        .collect())
+    Ok(futures_util::future::join_all(tasks).await.into_iter().flatten().collect())
 }
 
 /// Logins as fast as `concurrency` browsers can do them: each fetches the form, posts it, and
@@ -411,11 +344,7 @@ impl Storm {
             stop.store(true, Ordering::Relaxed);
         };
         tokio::join!(futures_util::future::join_all(workers), timer);
-        (
-            ok.load(Ordering::Relaxed),
-            failed.load(Ordering::Relaxed),
-            start.elapsed(),
-        )
+        (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed), start.elapsed())
     }
 }
 
@@ -436,10 +365,7 @@ pub struct HoldArgs {
 /// until standard input closes, then prints `lost N` (connections the server dropped).
 pub async fn hold(args: HoldArgs) -> Result<()> {
     use tokio::io::AsyncReadExt as _;
-    let tokens: Vec<String> = std::fs::read_to_string(&args.tokens)?
-        .lines()
-        .map(str::to_owned)
-        .collect();
+    let tokens: Vec<String> = std::fs::read_to_string(&args.tokens)?.lines().map(str::to_owned).collect();
     let shared = Arc::new(Shared {
         epoch: Instant::now(),
         sent_at: Vec::new(),
@@ -470,15 +396,7 @@ impl Helper {
         let mut file = tempfile::NamedTempFile::new()?;
         file.write_all(tokens.join("\n").as_bytes())?;
         let mut child = tokio::process::Command::new(std::env::current_exe()?)
-            .args([
-                "bench",
-                "hold",
-                "--addr",
-                &addr.to_string(),
-                "--first",
-                &first.to_string(),
-                "--tokens",
-            ])
+            .args(["bench", "hold", "--addr", &addr.to_string(), "--first", &first.to_string(), "--tokens"])
             .arg(file.path())
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -487,20 +405,9 @@ impl Helper {
             .context("cannot start the helper process")?;
         let stdout = child.stdout.take().context("no helper stdout")?;
         let mut lines = tokio::io::BufReader::new(stdout).lines();
-        let ready = lines
-            .next_line()
-            .await?
-            .context("the helper process ended early")?;
-        let open = ready
-            .strip_prefix("ready ")
-            .and_then(|n| n.parse().ok())
-            .context("odd helper output")?;
-        Ok(Self {
-            child,
-            lines,
-            open,
-            _tokens: file,
-        })
+        let ready = lines.next_line().await?.context("the helper process ended early")?;
+        let open = ready.strip_prefix("ready ").and_then(|n| n.parse().ok()).context("odd helper output")?;
+        Ok(Self { child, lines, open, _tokens: file })
     }
 
     /// Closes the helper's connections; returns how many the server had dropped.
@@ -508,9 +415,6 @@ impl Helper {
         drop(self.child.stdin.take());
         let line = self.lines.next_line().await?.unwrap_or_default();
         self.child.wait().await?;
-        Ok(line
-            .strip_prefix("lost ")
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0))
+        Ok(line.strip_prefix("lost ").and_then(|n| n.parse().ok()).unwrap_or(0))
     }
 }

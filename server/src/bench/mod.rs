@@ -32,9 +32,7 @@ enum Which {
 /// Runs the chosen benchmark.
 pub fn run(args: BenchArgs) -> Result<()> {
     crate::raise_fd_limit(Some(200_000));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         match args.which {
             Which::Hub(args) => hub::run(args).await,
@@ -63,20 +61,13 @@ impl ServerProcess {
     }
 
     /// Starts the server on core 0 with one tokio worker and waits until it answers.
-    pub async fn start(
-        dir: tempfile::TempDir,
-        database_url: String,
-        extra: &[&str],
-    ) -> Result<Self> {
+    pub async fn start(dir: tempfile::TempDir, database_url: String, extra: &[&str]) -> Result<Self> {
         let addr = free_addr()?;
         let exe = std::env::current_exe()?;
         let pinned = Path::new("/usr/bin/taskset").exists();
         // RALLYPOINT_BENCH_WRAP runs the server under a profiler, e.g. "heaptrack" or "perf record".
-        let wrap: Vec<String> = std::env::var("RALLYPOINT_BENCH_WRAP")
-            .unwrap_or_default()
-            .split_whitespace()
-            .map(String::from)
-            .collect();
+        let wrap: Vec<String> =
+            std::env::var("RALLYPOINT_BENCH_WRAP").unwrap_or_default().split_whitespace().map(String::from).collect();
         let mut argv: Vec<std::ffi::OsString> = Vec::new();
         if pinned {
             argv.extend(["taskset".into(), "-c".into(), "0".into()]);
@@ -85,36 +76,20 @@ impl ServerProcess {
         argv.push(exe.into_os_string());
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..]);
-        cmd.args([
-            "serve",
-            "--listen",
-            &addr.to_string(),
-            "--database-url",
-            &database_url,
-        ])
-        .arg("--static-dir")
-        .arg(dir.path())
-        .args(["--max-connections", "100000", "--log", "warn"])
-        .args(extra)
-        .env("TOKIO_WORKER_THREADS", "1")
-        .stdin(Stdio::null())
-        // Its own process group, so that signals reach it through taskset or a profiler.
-        .process_group(0);
+        cmd.args(["serve", "--listen", &addr.to_string(), "--database-url", &database_url])
+            .arg("--static-dir")
+            .arg(dir.path())
+            .args(["--max-connections", "100000", "--log", "warn"])
+            .args(extra)
+            .env("TOKIO_WORKER_THREADS", "1")
+            .stdin(Stdio::null())
+            // Its own process group, so that signals reach it through taskset or a profiler.
+            .process_group(0);
         let child = cmd.spawn().context("cannot start the server")?;
-        let server = Self {
-            child,
-            addr,
-            base: format!("http://{addr}"),
-            database_url,
-            _dir: dir,
-            pinned,
-        };
+        let server = Self { child, addr, base: format!("http://{addr}"), database_url, _dir: dir, pinned };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            if reqwest::get(format!("{}/healthz", server.base))
-                .await
-                .is_ok_and(|r| r.status().is_success())
-            {
+            if reqwest::get(format!("{}/healthz", server.base)).await.is_ok_and(|r| r.status().is_success()) {
                 return Ok(server);
             }
             if tokio::time::Instant::now() > deadline {
@@ -168,9 +143,7 @@ impl ServerProcess {
 
     fn signal(&self, name: &str) {
         let group = format!("-{}", self.pid());
-        let _ = Command::new("kill")
-            .args(["-s", name, "--", &group])
-            .status();
+        let _ = Command::new("kill").args(["-s", name, "--", &group]).status();
     }
 }
 
@@ -188,17 +161,10 @@ impl Drop for ServerProcess {
 /// (Linux's USER_HZ).
 pub fn cpu_of(pid: u32) -> Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after_name = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .context("odd /proc/PID/stat")?;
+    let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).context("odd /proc/PID/stat")?;
     let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks: u64 = fields
-        .get(11..13)
-        .context("short /proc/PID/stat")?
-        .iter()
-        .filter_map(|f| f.parse::<u64>().ok())
-        .sum();
+    let ticks: u64 =
+        fields.get(11..13).context("short /proc/PID/stat")?.iter().filter_map(|f| f.parse::<u64>().ok()).sum();
     Ok(Duration::from_millis(ticks * 10))
 }
 
@@ -225,12 +191,7 @@ impl Percentiles {
             let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
             samples[i].as_secs_f64() * 1000.0
         };
-        Self {
-            count: samples.len(),
-            p50_ms: at(0.50),
-            p99_ms: at(0.99),
-            max_ms: at(1.0),
-        }
+        Self { count: samples.len(), p50_ms: at(0.50), p99_ms: at(0.99), max_ms: at(1.0) }
     }
 }
 

@@ -31,12 +31,7 @@ impl ChatLog {
 
     /// Queues a line for writing; `false` when the queue is full.
     pub fn append(&self, user_id: i64, lobby: usize, line: &ChatLine) -> bool {
-        let record = Record {
-            lobby,
-            user_id,
-            body: line.text.clone(),
-            sent_at: line.at_ms,
-        };
+        let record = Record { lobby, user_id, body: line.text.clone(), sent_at: line.at_ms };
         self.tx.try_send(record).is_ok()
     }
 }
@@ -54,15 +49,13 @@ async fn write(db: Db, mut rx: mpsc::Receiver<Record>) {
 async fn write_batch(db: &Db, batch: &[Record]) -> Result<(), sqlx::Error> {
     let mut tx = db.begin().await?;
     for r in batch {
-        sqlx::query(
-            "INSERT INTO chat_messages (lobby, user_id, body, sent_at) VALUES (?, ?, ?, ?)",
-        )
-        .bind(r.lobby as i64)
-        .bind(r.user_id)
-        .bind(&r.body)
-        .bind(r.sent_at)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query("INSERT INTO chat_messages (lobby, user_id, body, sent_at) VALUES (?, ?, ?, ?)")
+            .bind(r.lobby as i64)
+            .bind(r.user_id)
+            .bind(&r.body)
+            .bind(r.sent_at)
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await
 }
@@ -72,11 +65,10 @@ const MAX_LOBBIES_RESTORED: i64 = 1000;
 
 /// The last `n` chat lines of each lobby, oldest first.
 pub async fn recent(db: &Db, n: usize) -> Result<Vec<(usize, Vec<ChatLine>)>, sqlx::Error> {
-    let lobbies: Vec<i64> =
-        sqlx::query_scalar("SELECT DISTINCT lobby FROM chat_messages WHERE lobby < ?")
-            .bind(MAX_LOBBIES_RESTORED)
-            .fetch_all(db)
-            .await?;
+    let lobbies: Vec<i64> = sqlx::query_scalar("SELECT DISTINCT lobby FROM chat_messages WHERE lobby < ?")
+        .bind(MAX_LOBBIES_RESTORED)
+        .fetch_all(db)
+        .await?;
     let mut out = Vec::with_capacity(lobbies.len());
     for lobby in lobbies {
         let rows = sqlx::query_as::<_, (i64, String, String, i64)>(
@@ -90,11 +82,7 @@ pub async fn recent(db: &Db, n: usize) -> Result<Vec<(usize, Vec<ChatLine>)>, sq
         let lines = rows
             .into_iter()
             .rev()
-            .map(|(id, name, text, at_ms)| ChatLine {
-                from: UserSummary { id, name },
-                text,
-                at_ms,
-            })
+            .map(|(id, name, text, at_ms)| ChatLine { from: UserSummary { id, name }, text, at_ms })
             .collect();
         out.push((lobby as usize, lines));
     }

@@ -10,6 +10,8 @@
 //! once costs one message per client per batch rather than one per arrival.
 
 mod chat_log;
+pub mod matchmaking;
+pub mod results;
 pub mod socket;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -17,9 +19,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
+use shared::game::Mode;
 use shared::hub::{
-    CHAT_HISTORY_LEN, ChatLine, ErrorCode, PRESENCE_CHUNK, PROTOCOL_VERSION, ServerMsg,
-    UserSummary, close,
+    CHAT_HISTORY_LEN, ChatLine, ErrorCode, PRESENCE_CHUNK, PROTOCOL_VERSION, ServerMsg, UserSummary, close,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -28,12 +30,17 @@ use crate::accounts::SessionKey;
 use crate::config::Limits;
 use crate::db::{Db, unix_now_ms};
 use crate::rate::TokenBucket;
+use crate::rooms::{RoomEvent, RoomId, Rooms, Seated};
+use matchmaking::Waiting;
 
 /// Identifies one WebSocket connection for the life of the process.
 pub type ConnId = u64;
 
 /// How often presence changes are sent out, at most.
 pub const PRESENCE_FLUSH: Duration = Duration::from_millis(100);
+
+/// How often the queues are looked at for matches (besides whenever someone joins one).
+pub const MATCHMAKING_EVERY: Duration = Duration::from_millis(250);
 
 /// What the hub asks a connection's task to do. It is 16 bytes on purpose: tokio allocates a
 /// block of 32 slots for every channel up front, and there is one channel per connection.
@@ -83,6 +90,14 @@ enum Command {
     EndSessions {
         sessions: Vec<SessionKey>,
     },
+    FindMatch {
+        conn: ConnId,
+        mode: &'static Mode,
+        rating: f64,
+    },
+    CancelMatch {
+        conn: ConnId,
+    },
     Stats {
         reply: oneshot::Sender<HubStats>,
     },
@@ -96,6 +111,8 @@ pub struct HubStats {
     pub users_online: usize,
     pub lobbies: usize,
     pub dropped_slow: u64,
+    pub queued: usize,
+    pub playing: usize,
 }
 
 /// A cheap handle to the hub task.
@@ -104,6 +121,8 @@ pub struct Hub {
     commands: mpsc::Sender<Command>,
     next_conn: Arc<std::sync::atomic::AtomicU64>,
     limits: Arc<Limits>,
+    db: Db,
+    rooms: Rooms,
 }
 
 /// The hub task has stopped (the server is shutting down).
@@ -112,13 +131,15 @@ pub struct Hub {
 pub struct HubGone;
 
 impl Hub {
-    /// Loads recent chat and starts the hub and chat-log tasks.
+    /// Loads recent chat and starts the hub and chat-log tasks. Room events arrive on `events`.
     pub async fn start(
         db: Db,
         limits: Limits,
+        rooms: Rooms,
+        events: mpsc::Receiver<RoomEvent>,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), sqlx::Error> {
         let recent = chat_log::recent(&db, CHAT_HISTORY_LEN).await?;
-        let (log, log_task) = chat_log::ChatLog::start(db);
+        let (log, log_task) = chat_log::ChatLog::start(db.clone());
         let (commands, rx) = mpsc::channel(4096);
         let limits = Arc::new(limits);
         let mut state = State {
@@ -130,32 +151,42 @@ impl Hub {
             log,
             dropped_slow: 0,
             slow: Vec::new(),
+            db: db.clone(),
+            rooms: rooms.clone(),
+            queues: BTreeMap::new(),
+            queued: HashMap::new(),
+            playing: HashMap::new(),
         };
         for (lobby, lines) in recent {
             state.lobby_mut(lobby).recent = lines.into();
         }
         let task = tokio::spawn(async move {
-            state.run(rx).await;
+            state.run(rx, events).await;
             // The log flushes what it holds once every sender is gone.
             let _ = log_task.await;
         });
-        Ok((
-            Self {
-                commands,
-                next_conn: Arc::default(),
-                limits,
-            },
-            task,
-        ))
+        Ok((Self { commands, next_conn: Arc::default(), limits, db, rooms }, task))
+    }
+
+    pub fn rooms(&self) -> &Rooms {
+        &self.rooms
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
     }
 
     pub fn limits(&self) -> &Limits {
         &self.limits
     }
 
+    /// The limits, to hand to tasks that outlive a borrow.
+    pub fn shared_limits(&self) -> Arc<Limits> {
+        Arc::clone(&self.limits)
+    }
+
     fn next_conn_id(&self) -> ConnId {
-        self.next_conn
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        self.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn send(&self, command: Command) -> Result<(), HubGone> {
@@ -190,8 +221,17 @@ struct Conn {
 struct Online {
     user: UserSummary,
     lobby: usize,
-    conns: usize,
+    conns: Vec<ConnId>,
     chat: TokenBucket,
+}
+
+/// A user's seat in a running match, kept while the match runs (also while they are offline,
+/// so that a reloaded tab goes back in).
+struct Playing {
+    room: RoomId,
+    seat: u8,
+    mode: &'static str,
+    players: Vec<String>,
 }
 
 #[derive(Default)]
@@ -213,69 +253,85 @@ struct State {
     dropped_slow: u64,
     /// Connections found with a full outbox, to be dropped once the current command is done.
     slow: Vec<ConnId>,
+    db: Db,
+    rooms: Rooms,
+    /// Who waits for a match, per mode, oldest first.
+    queues: BTreeMap<&'static str, Vec<Waiting>>,
+    /// The mode each queued user waits for.
+    queued: HashMap<i64, &'static str>,
+    playing: HashMap<i64, Playing>,
 }
 
 impl State {
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>, mut events: mpsc::Receiver<RoomEvent>) {
         let mut flush_at: Option<Instant> = None;
+        let mut matchmaking = tokio::time::interval(MATCHMAKING_EVERY);
+        matchmaking.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let command = match flush_at {
-                Some(at) => tokio::select! {
-                    command = rx.recv() => command,
-                    () = tokio::time::sleep_until(at) => {
-                        self.flush_presence();
-                        flush_at = None;
-                        self.drop_slow();
-                        continue;
-                    }
-                },
-                None => rx.recv().await,
+            let flush = async {
+                match flush_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
             };
-            let Some(command) = command else { return };
-            match command {
-                Command::Join {
-                    conn,
-                    session,
-                    user,
-                    outbox,
-                    welcome,
-                } => {
-                    self.join(conn, session, user, outbox, welcome);
-                }
-                Command::Leave { conn } => self.leave(conn),
-                Command::Chat { conn, text } => self.chat(conn, text),
-                Command::EndSessions { sessions } => {
-                    for session in sessions {
-                        for conn in self.by_session.get(&session).cloned().unwrap_or_default() {
-                            self.close(conn, Closing::SessionEnded);
-                        }
+            tokio::select! {
+                command = rx.recv() => {
+                    let Some(command) = command else { return };
+                    if !self.command(command) {
+                        return;
                     }
                 }
-                Command::Stats { reply } => {
-                    let _ = reply.send(HubStats {
-                        connections: self.conns.len(),
-                        users_online: self.users.len(),
-                        lobbies: self
-                            .lobbies
-                            .iter()
-                            .filter(|l| !l.members.is_empty())
-                            .count(),
-                        dropped_slow: self.dropped_slow,
-                    });
+                Some(event) = events.recv() => self.room_event(event),
+                () = flush => {
+                    self.flush_presence();
+                    flush_at = None;
                 }
-                Command::Shutdown => {
-                    let conns: Vec<ConnId> = self.conns.keys().copied().collect();
-                    for conn in conns {
-                        self.close(conn, Closing::GoingAway);
-                    }
-                    return;
-                }
+                _ = matchmaking.tick(), if !self.queued.is_empty() => self.match_all(),
             }
             self.drop_slow();
             if flush_at.is_none() && self.lobbies.iter().any(|l| !l.pending.is_empty()) {
                 flush_at = Some(Instant::now() + PRESENCE_FLUSH);
             }
         }
+    }
+
+    /// Handles one command; `false` to stop.
+    fn command(&mut self, command: Command) -> bool {
+        match command {
+            Command::Join { conn, session, user, outbox, welcome } => {
+                self.join(conn, session, user, outbox, welcome);
+            }
+            Command::Leave { conn } => self.leave(conn),
+            Command::Chat { conn, text } => self.chat(conn, text),
+            Command::EndSessions { sessions } => {
+                for session in sessions {
+                    for conn in self.by_session.get(&session).cloned().unwrap_or_default() {
+                        self.close(conn, Closing::SessionEnded);
+                    }
+                }
+            }
+            Command::FindMatch { conn, mode, rating } => self.find_match(conn, mode, rating),
+            Command::CancelMatch { conn } => self.cancel_match(conn),
+            Command::Stats { reply } => {
+                let _ = reply.send(HubStats {
+                    connections: self.conns.len(),
+                    users_online: self.users.len(),
+                    lobbies: self.lobbies.iter().filter(|l| !l.members.is_empty()).count(),
+                    dropped_slow: self.dropped_slow,
+                    queued: self.queued.len(),
+                    playing: self.playing.len(),
+                });
+            }
+            Command::Shutdown => {
+                let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+                for conn in conns {
+                    self.close(conn, Closing::GoingAway);
+                }
+                self.rooms.shutdown();
+                return false;
+            }
+        }
+        true
     }
 
     /// Drops connections found too slow; dropping one may announce its user offline, which
@@ -299,10 +355,7 @@ impl State {
     /// The lobby for a user arriving: the first with room.
     fn lobby_with_room(&self) -> usize {
         let capacity = self.limits.lobby_capacity.max(1);
-        self.lobbies
-            .iter()
-            .position(|l| l.members.len() < capacity)
-            .unwrap_or(self.lobbies.len())
+        self.lobbies.iter().position(|l| l.members.len() < capacity).unwrap_or(self.lobbies.len())
     }
 
     fn join(
@@ -318,45 +371,23 @@ impl State {
             online.lobby
         } else {
             let lobby = self.lobby_with_room();
-            let chat = TokenBucket::new(
-                self.limits.chat_per_second,
-                self.limits.chat_burst,
-                Instant::now(),
-            );
-            self.users.insert(
-                user_id,
-                Online {
-                    user: user.clone(),
-                    lobby,
-                    conns: 0,
-                    chat,
-                },
-            );
+            let chat = TokenBucket::new(self.limits.chat_per_second, self.limits.chat_burst, Instant::now());
+            self.users.insert(user_id, Online { user: user.clone(), lobby, conns: Vec::new(), chat });
             let l = self.lobby_mut(lobby);
             l.members.insert(user_id);
             l.pending.insert(user_id, Some(user.clone()));
             lobby
         };
         if let Some(online) = self.users.get_mut(&user_id) {
-            online.conns += 1;
+            online.conns.push(conn);
         }
-        self.conns.insert(
-            conn,
-            Conn {
-                user_id,
-                session,
-                outbox,
-            },
-        );
+        self.conns.insert(conn, Conn { user_id, session, outbox });
         self.by_session.entry(session).or_default().push(conn);
         self.lobby_mut(lobby).conns.insert(conn);
 
         let l = &self.lobbies[lobby];
-        let members: Vec<UserSummary> = l
-            .members
-            .iter()
-            .filter_map(|id| self.users.get(id).map(|o| o.user.clone()))
-            .collect();
+        let members: Vec<UserSummary> =
+            l.members.iter().filter_map(|id| self.users.get(id).map(|o| o.user.clone())).collect();
         let welcome_msg = ServerMsg::Welcome {
             version: PROTOCOL_VERSION,
             me: user,
@@ -366,20 +397,13 @@ impl State {
         };
         let mut frames = vec![welcome_msg.to_json().into()];
         for chunk in members.chunks(PRESENCE_CHUNK) {
-            frames.push(
-                ServerMsg::Presence {
-                    joined: chunk.to_vec(),
-                    left: Vec::new(),
-                }
-                .to_json()
-                .into(),
-            );
+            frames.push(ServerMsg::Presence { joined: chunk.to_vec(), left: Vec::new() }.to_json().into());
         }
-        frames.extend(
-            l.recent
-                .iter()
-                .map(|line| ServerMsg::Chat(line.clone()).to_json().into()),
-        );
+        frames.extend(l.recent.iter().map(|line| ServerMsg::Chat(line.clone()).to_json().into()));
+        // A tab reloaded during a match goes straight back in.
+        if let Some(p) = self.playing.get(&user_id) {
+            frames.push(self.match_found(user_id, p).to_json().into());
+        }
         if welcome.send(frames).is_err() {
             // The connection ended while joining.
             self.leave(conn);
@@ -396,11 +420,12 @@ impl State {
                 self.by_session.remove(&c.session);
             }
         }
+        self.unqueue_conn(conn);
         let Some(online) = self.users.get_mut(&c.user_id) else {
             return;
         };
-        online.conns -= 1;
-        let (lobby, last) = (online.lobby, online.conns == 0);
+        online.conns.retain(|&x| x != conn);
+        let (lobby, last) = (online.lobby, online.conns.is_empty());
         let l = &mut self.lobbies[lobby];
         l.conns.remove(&conn);
         if last {
@@ -417,14 +442,12 @@ impl State {
             if pending.is_empty() {
                 continue;
             }
-            let (joined, left): (Vec<_>, Vec<_>) =
-                pending.into_iter().partition(|(_, u)| u.is_some());
+            let (joined, left): (Vec<_>, Vec<_>) = pending.into_iter().partition(|(_, u)| u.is_some());
             let joined: Vec<UserSummary> = joined.into_iter().filter_map(|(_, u)| u).collect();
             let left: Vec<i64> = left.into_iter().map(|(id, _)| id).collect();
             let chunks = joined.len().max(left.len()).div_ceil(PRESENCE_CHUNK);
             for i in 0..chunks {
-                let part =
-                    |len: usize| (i * PRESENCE_CHUNK).min(len)..((i + 1) * PRESENCE_CHUNK).min(len);
+                let part = |len: usize| (i * PRESENCE_CHUNK).min(len)..((i + 1) * PRESENCE_CHUNK).min(len);
                 let msg = ServerMsg::Presence {
                     joined: joined[part(joined.len())].to_vec(),
                     left: left[part(left.len())].to_vec(),
@@ -450,16 +473,9 @@ impl State {
             return;
         }
         let lobby = online.lobby;
-        let line = ChatLine {
-            from: online.user.clone(),
-            text,
-            at_ms: unix_now_ms(),
-        };
+        let line = ChatLine { from: online.user.clone(), text, at_ms: unix_now_ms() };
         if !self.log.append(user_id, lobby, &line) {
-            let msg = ServerMsg::Error {
-                code: ErrorCode::Busy,
-                message: "Chat is busy; try again.".into(),
-            };
+            let msg = ServerMsg::Error { code: ErrorCode::Busy, message: "Chat is busy; try again.".into() };
             self.send_to(conn, &msg);
             return;
         }
@@ -471,13 +487,147 @@ impl State {
         self.broadcast(lobby, &ServerMsg::Chat(line));
     }
 
+    fn find_match(&mut self, conn: ConnId, mode: &'static Mode, rating: f64) {
+        let Some(user) = self.conns.get(&conn).and_then(|c| self.users.get(&c.user_id)).map(|o| o.user.clone()) else {
+            return;
+        };
+        let refusal = if self.playing.contains_key(&user.id) {
+            Some("You are in a match already.")
+        } else if self.queued.contains_key(&user.id) {
+            Some("You are in a queue already.")
+        } else {
+            None
+        };
+        if let Some(message) = refusal {
+            self.send_to(conn, &ServerMsg::Error { code: ErrorCode::AlreadyBusy, message: message.into() });
+            return;
+        }
+        self.queued.insert(user.id, mode.name);
+        self.queues.entry(mode.name).or_default().push(Waiting {
+            user_id: user.id,
+            name: user.name,
+            conn,
+            rating,
+            since: Instant::now(),
+        });
+        self.send_to(conn, &ServerMsg::Queued { mode: mode.name.into(), waited_ms: 0 });
+        self.match_mode(mode);
+    }
+
+    fn cancel_match(&mut self, conn: ConnId) {
+        if self.unqueue_conn(conn) {
+            self.send_to(conn, &ServerMsg::Unqueued);
+        } else {
+            let msg = ServerMsg::Error { code: ErrorCode::NotQueued, message: "You are not in a queue.".into() };
+            self.send_to(conn, &msg);
+        }
+    }
+
+    /// Takes the entry that `conn` queued out of its queue; whether there was one.
+    fn unqueue_conn(&mut self, conn: ConnId) -> bool {
+        for queue in self.queues.values_mut() {
+            if let Some(i) = queue.iter().position(|w| w.conn == conn) {
+                let w = queue.remove(i);
+                self.queued.remove(&w.user_id);
+                return true;
+            }
+        }
+        false
+    }
+
+    fn match_all(&mut self) {
+        for mode in self.rooms.modes() {
+            self.match_mode(mode);
+        }
+    }
+
+    /// Starts every match the queue of `mode` allows now.
+    fn match_mode(&mut self, mode: &'static Mode) {
+        let Some(queue) = self.queues.get_mut(mode.name) else { return };
+        let matches = matchmaking::form_matches(queue, mode, Instant::now());
+        for (i, players) in matches.iter().enumerate() {
+            let seated = players.iter().map(|w| Seated { user_id: w.user_id, name: w.name.clone() }).collect();
+            let mut seed = [0u8; 8];
+            crate::random::fill(&mut seed);
+            match self.rooms.launch(mode, seated, u64::from_le_bytes(seed)) {
+                Ok(room) => {
+                    let names: Vec<String> = players.iter().map(|w| w.name.clone()).collect();
+                    for (seat, w) in players.iter().enumerate() {
+                        self.queued.remove(&w.user_id);
+                        let p = Playing { room, seat: seat as u8, mode: mode.name, players: names.clone() };
+                        let found = self.match_found(w.user_id, &p);
+                        self.playing.insert(w.user_id, p);
+                        self.send_to(w.conn, &found);
+                    }
+                    tracing::debug!(%room, mode = mode.name, players = players.len(), "match made");
+                }
+                Err(full) => {
+                    tracing::warn!(mode = mode.name, "cannot start a match: {full}");
+                    // Back to the front of the queue, in order, for the next look.
+                    let queue = self.queues.entry(mode.name).or_default();
+                    for waiting in matches[i..].iter().flatten().rev() {
+                        queue.insert(0, waiting.clone());
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn match_found(&self, user_id: i64, p: &Playing) -> ServerMsg {
+        ServerMsg::MatchFound {
+            mode: p.mode.into(),
+            room: p.room.to_string(),
+            ticket: self.rooms.ticket(p.room, user_id, p.seat),
+            players: p.players.clone(),
+        }
+    }
+
+    fn room_event(&mut self, event: RoomEvent) {
+        match event {
+            RoomEvent::Finished { room, mode, players, outcome, reply } => {
+                for p in &players {
+                    self.leave_room(p.user_id, room);
+                }
+                let db = self.db.clone();
+                tokio::spawn(async move {
+                    match results::record(&db, room, mode, &players, &outcome).await {
+                        Ok(changes) => {
+                            let _ = reply.send(changes);
+                        }
+                        Err(e) => tracing::error!(%room, error = %e, "could not record the match"),
+                    }
+                });
+            }
+            RoomEvent::SeatReleased { room, user_id } => self.leave_room(user_id, room),
+            RoomEvent::Cancelled { room, users } => {
+                self.abort(room, &users, "Too few players took their seats; you are back in the lobby.");
+            }
+            RoomEvent::Crashed { room, users } => {
+                self.abort(room, &users, "The match stopped because of a server error; you are back in the lobby.");
+            }
+        }
+    }
+
+    fn leave_room(&mut self, user_id: i64, room: RoomId) {
+        if self.playing.get(&user_id).is_some_and(|p| p.room == room) {
+            self.playing.remove(&user_id);
+        }
+    }
+
+    fn abort(&mut self, room: RoomId, users: &[i64], message: &str) {
+        for &user_id in users {
+            self.leave_room(user_id, room);
+            let conns = self.users.get(&user_id).map(|o| o.conns.clone()).unwrap_or_default();
+            for conn in conns {
+                self.send_to(conn, &ServerMsg::MatchAborted { message: message.into() });
+            }
+        }
+    }
+
     fn send_to(&mut self, conn: ConnId, msg: &ServerMsg) {
         let frame = Outbound::Text(Arc::new(msg.to_json().into()));
-        if self
-            .conns
-            .get(&conn)
-            .is_some_and(|c| c.outbox.try_send(frame).is_err())
-        {
+        if self.conns.get(&conn).is_some_and(|c| c.outbox.try_send(frame).is_err()) {
             self.slow.push(conn);
         }
     }
@@ -486,11 +636,8 @@ impl State {
     fn broadcast(&mut self, lobby: usize, msg: &ServerMsg) {
         let text: Arc<Utf8Bytes> = Arc::new(msg.to_json().into());
         for id in &self.lobbies[lobby].conns {
-            let full = self.conns.get(id).is_some_and(|c| {
-                c.outbox
-                    .try_send(Outbound::Text(Arc::clone(&text)))
-                    .is_err()
-            });
+            let full =
+                self.conns.get(id).is_some_and(|c| c.outbox.try_send(Outbound::Text(Arc::clone(&text))).is_err());
             if full {
                 // Forgetting the connection drops its sender, which ends its task: the socket is
                 // closed once the pending write completes or times out.

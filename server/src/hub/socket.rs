@@ -1,16 +1,15 @@
 //! One hub WebSocket connection: a single task that reads the client, writes its outbox, and
 //! keeps the heartbeat. Everything that can go wrong with a client ends here, in this task.
 
-use std::time::Duration;
-
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use axum::extract::ws::{Message, WebSocket};
 use shared::hub::{ClientMsg, ErrorCode, MAX_CHAT_CHARS, PROTOCOL_VERSION, ServerMsg, close};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
 
-use super::{Command, ConnId, Hub, Outbound};
+use super::{Command, ConnId, Hub, Outbound, results};
 use crate::accounts::Session;
 use crate::rate::TokenBucket;
+use crate::transport::ws;
 
 /// Why a connection ended, for the log and for tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +23,7 @@ enum End {
 /// Runs one authenticated connection until it ends.
 pub async fn serve(socket: WebSocket, hub: Hub, session: Session) {
     let conn = hub.next_conn_id();
-    let mut task = Connection::new(socket, &hub);
+    let mut task = Connection::new(socket, &hub, session.user.id);
     let end = match task.handshake(conn, &hub, &session).await {
         Ok(outbox) => {
             let end = task.run(conn, &hub, outbox).await;
@@ -41,6 +40,7 @@ pub async fn serve(socket: WebSocket, hub: Hub, session: Session) {
 
 struct Connection<'a> {
     socket: WebSocket,
+    user_id: i64,
     limits: &'a crate::config::Limits,
     strikes: u32,
     inbound: TokenBucket,
@@ -52,27 +52,19 @@ enum Step {
 }
 
 impl<'a> Connection<'a> {
-    fn new(socket: WebSocket, hub: &'a Hub) -> Self {
+    fn new(socket: WebSocket, hub: &'a Hub, user_id: i64) -> Self {
         let limits = hub.limits();
         Self {
             socket,
+            user_id,
             limits,
             strikes: 0,
-            inbound: TokenBucket::new(
-                limits.ws_messages_per_second,
-                limits.ws_message_burst,
-                Instant::now(),
-            ),
+            inbound: TokenBucket::new(limits.ws_messages_per_second, limits.ws_message_burst, Instant::now()),
         }
     }
 
     /// Waits for `hello`, checks its version and joins the hub.
-    async fn handshake(
-        &mut self,
-        conn: ConnId,
-        hub: &Hub,
-        session: &Session,
-    ) -> Result<mpsc::Receiver<Outbound>, End> {
+    async fn handshake(&mut self, conn: ConnId, hub: &Hub, session: &Session) -> Result<mpsc::Receiver<Outbound>, End> {
         let first = match timeout(self.limits.ws_hello_timeout, self.socket.recv()).await {
             Err(_) => return Err(End::Close(close::POLICY, "expected hello")),
             Ok(None) => return Err(End::Gone),
@@ -86,15 +78,8 @@ impl<'a> Connection<'a> {
         match hello {
             Some(ClientMsg::Hello { version }) if version == PROTOCOL_VERSION => {}
             Some(ClientMsg::Hello { .. }) => {
-                let _ = self
-                    .write(ServerMsg::Reload {
-                        version: PROTOCOL_VERSION,
-                    })
-                    .await;
-                return Err(End::Close(
-                    close::RELOAD,
-                    "protocol version changed: reload the page",
-                ));
+                let _ = self.write(ServerMsg::Reload { version: PROTOCOL_VERSION }).await;
+                return Err(End::Close(close::RELOAD, "protocol version changed: reload the page"));
             }
             _ => return Err(End::Close(close::POLICY, "expected hello")),
         }
@@ -171,10 +156,7 @@ impl<'a> Connection<'a> {
         }
         match ClientMsg::from_json(text.as_str()) {
             Err(_) => self.strike("not a valid message").await,
-            Ok(ClientMsg::Hello { .. }) => {
-                self.reply_error(ErrorCode::Unexpected, "Already said hello.")
-                    .await
-            }
+            Ok(ClientMsg::Hello { .. }) => self.reply_error(ErrorCode::Unexpected, "Already said hello.").await,
             Ok(ClientMsg::Ping { id }) => self.reply(ServerMsg::Pong { id }).await,
             Ok(ClientMsg::Chat { text }) => {
                 let text = text.trim();
@@ -183,15 +165,26 @@ impl<'a> Connection<'a> {
                     let message = format!("Chat messages are 1 to {MAX_CHAT_CHARS} characters.");
                     return self.reply_error(ErrorCode::ChatLength, &message).await;
                 }
-                let command = Command::Chat {
-                    conn,
-                    text: text.to_owned(),
-                };
-                match hub.send(command).await {
-                    Ok(()) => Step::Continue,
-                    Err(_) => Step::Stop(End::Close(close::GOING_AWAY, "server shutting down")),
-                }
+                self.forward(hub, Command::Chat { conn, text: text.to_owned() }).await
             }
+            Ok(ClientMsg::FindMatch { mode }) => {
+                let Some(mode) = hub.rooms().mode(&mode) else {
+                    return self.reply_error(ErrorCode::UnknownMode, "There is no such mode.").await;
+                };
+                // The hub never waits for the database, so the rating is read here.
+                let Ok(rating) = results::rating(hub.db(), self.user_id, mode.name).await else {
+                    return self.reply_error(ErrorCode::Busy, "The server is busy; try again.").await;
+                };
+                self.forward(hub, Command::FindMatch { conn, mode, rating }).await
+            }
+            Ok(ClientMsg::CancelMatch) => self.forward(hub, Command::CancelMatch { conn }).await,
+        }
+    }
+
+    async fn forward(&mut self, hub: &Hub, command: Command) -> Step {
+        match hub.send(command).await {
+            Ok(()) => Step::Continue,
+            Err(_) => Step::Stop(End::Close(close::GOING_AWAY, "server shutting down")),
         }
     }
 
@@ -205,11 +198,7 @@ impl<'a> Connection<'a> {
     }
 
     async fn reply_error(&mut self, code: ErrorCode, message: &str) -> Step {
-        self.reply(ServerMsg::Error {
-            code,
-            message: message.to_owned(),
-        })
-        .await
+        self.reply(ServerMsg::Error { code, message: message.to_owned() }).await
     }
 
     async fn reply(&mut self, msg: ServerMsg) -> Step {
@@ -228,26 +217,22 @@ impl<'a> Connection<'a> {
 
     /// Writes one frame; a client that does not take it within the write timeout is dropped.
     async fn write_frame(&mut self, frame: Message) -> Step {
-        match timeout(self.limits.ws_write_timeout, self.socket.send(frame)).await {
-            Ok(Ok(())) => Step::Continue,
-            Ok(Err(_)) | Err(_) => Step::Stop(End::Gone),
+        if ws::write(&mut self.socket, frame, self.limits.ws_write_timeout).await {
+            Step::Continue
+        } else {
+            Step::Stop(End::Gone)
         }
     }
 
-    async fn close(mut self, code: u16, reason: &'static str) {
-        let frame = Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        }));
-        let _ = timeout(Duration::from_secs(1), self.socket.send(frame)).await;
+    async fn close(self, code: u16, reason: &'static str) {
+        ws::close_with(self.socket, code, reason).await;
     }
 }
 
 /// A read error: an oversized message gets close code 1009; anything else just ends.
 fn transport_error(e: axum::Error) -> End {
-    use tokio_tungstenite::tungstenite::Error;
-    match e.into_inner().downcast::<Error>() {
-        Ok(e) if matches!(*e, Error::Capacity(_)) => End::Close(close::TOO_BIG, "message too big"),
-        _ => End::Gone,
+    match ws::read_error_code(e) {
+        Some(code) => End::Close(code, "message too big"),
+        None => End::Gone,
     }
 }

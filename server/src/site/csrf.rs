@@ -16,11 +16,7 @@ use crate::config::Config;
 pub const FIELD: &str = "csrf";
 
 fn cookie_name(config: &Config) -> &'static str {
-    if config.secure_cookies {
-        "__Host-rp_csrf"
-    } else {
-        "rp_csrf"
-    }
+    if config.secure_cookies { "__Host-rp_csrf" } else { "rp_csrf" }
 }
 
 /// The request's token, creating one (and the cookie that holds it) when there is none.
@@ -42,9 +38,8 @@ pub fn ensure(config: &Config, jar: CookieJar) -> (CookieJar, String) {
 
 /// Whether the form's token matches the cookie's.
 pub fn verify(config: &Config, jar: &CookieJar, submitted: &str) -> bool {
-    jar.get(cookie_name(config)).is_some_and(|c| {
-        c.value().len() == 43 && bool::from(c.value().as_bytes().ct_eq(submitted.as_bytes()))
-    })
+    jar.get(cookie_name(config))
+        .is_some_and(|c| c.value().len() == 43 && bool::from(c.value().as_bytes().ct_eq(submitted.as_bytes())))
 }
 
 /// Whether a request's `Origin` (when the browser sent one) is this site's own.
@@ -52,10 +47,7 @@ pub fn verify(config: &Config, jar: &CookieJar, submitted: &str) -> bool {
 /// Without `--public-url`, the site's origin is taken from the request's `Host`: a page on
 /// another site cannot choose the Host of a request it makes to this one.
 pub fn same_origin(config: &Config, headers: &HeaderMap) -> bool {
-    if headers
-        .get("sec-fetch-site")
-        .is_some_and(|v| v == "cross-site")
-    {
+    if headers.get("sec-fetch-site").is_some_and(|v| v == "cross-site") {
         return false;
     }
     let Some(origin) = headers.get(header::ORIGIN) else {
@@ -68,9 +60,7 @@ pub fn same_origin(config: &Config, headers: &HeaderMap) -> bool {
         return origin.eq_ignore_ascii_case(public);
     }
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-    let authority = origin
-        .strip_prefix("http://")
-        .or_else(|| origin.strip_prefix("https://"));
+    let authority = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
     matches!((authority, host), (Some(a), Some(h)) if a.eq_ignore_ascii_case(h))
 }
 
@@ -91,40 +81,19 @@ mod tests {
     fn origin_is_compared_with_host_without_public_url() {
         let c = Config::new("sqlite::memory:", "static");
         assert!(same_origin(&c, &headers(&[("host", "localhost:8080")])));
-        assert!(same_origin(
-            &c,
-            &headers(&[
-                ("host", "localhost:8080"),
-                ("origin", "http://localhost:8080")
-            ])
-        ));
-        assert!(!same_origin(
-            &c,
-            &headers(&[("host", "localhost:8080"), ("origin", "http://evil.test")])
-        ));
-        assert!(!same_origin(
-            &c,
-            &headers(&[("host", "localhost:8080"), ("origin", "null")])
-        ));
-        assert!(!same_origin(
-            &c,
-            &headers(&[("host", "localhost:8080"), ("sec-fetch-site", "cross-site")])
-        ));
+        assert!(same_origin(&c, &headers(&[("host", "localhost:8080"), ("origin", "http://localhost:8080")])));
+        assert!(!same_origin(&c, &headers(&[("host", "localhost:8080"), ("origin", "http://evil.test")])));
+        assert!(!same_origin(&c, &headers(&[("host", "localhost:8080"), ("origin", "null")])));
+        assert!(!same_origin(&c, &headers(&[("host", "localhost:8080"), ("sec-fetch-site", "cross-site")])));
     }
 
     #[test]
     fn origin_must_equal_the_public_url_when_set() {
         let mut c = Config::new("sqlite::memory:", "static");
         c.public_origin = Some("https://play.example.com".into());
-        let ok = headers(&[
-            ("host", "internal:8080"),
-            ("origin", "https://play.example.com"),
-        ]);
+        let ok = headers(&[("host", "internal:8080"), ("origin", "https://play.example.com")]);
         assert!(same_origin(&c, &ok));
-        let bad = headers(&[
-            ("host", "internal:8080"),
-            ("origin", "http://internal:8080"),
-        ]);
+        let bad = headers(&[("host", "internal:8080"), ("origin", "http://internal:8080")]);
         assert!(!same_origin(&c, &bad));
     }
 

@@ -12,9 +12,7 @@ pub enum AppError {
     NotFound,
     #[error("{0}")]
     Forbidden(&'static str),
-    #[error(
-        "The form had expired or did not come from this site. Go back, reload the page and try again."
-    )]
+    #[error("The form had expired or did not come from this site. Go back, reload the page and try again.")]
     Csrf,
     #[error("The form could not be read. Go back and try again.")]
     BadForm,
@@ -36,16 +34,12 @@ impl IntoResponse for AppError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
-        let page = ErrorPage {
-            title: status.canonical_reason().unwrap_or("Error").to_owned(),
-            message: self.to_string(),
-        };
+        let page =
+            ErrorPage { title: status.canonical_reason().unwrap_or("Error").to_owned(), message: self.to_string() };
         let body = page.render().unwrap_or_else(|_| self.to_string());
         let mut response = (status, Html(body)).into_response();
         if matches!(self, Self::Busy) {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
     }

@@ -27,8 +27,9 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::App;
 use crate::accounts::{LoginError, NewSession, RegisterError, Session};
+use crate::hub::results;
 pub use error::AppError;
-use pages::{AccountPage, AuthPage, HomePage, Layout, PlayPage};
+use pages::{AccountPage, AuthPage, HomePage, Layout, LeaderboardPage, Pager, PlayPage, ProfilePage};
 
 type AppState = State<Arc<App>>;
 
@@ -48,20 +49,17 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/play", get(play))
         .route("/account", get(account))
         .route("/account/end-other-sessions", post(end_other_sessions))
+        .route("/u/{name}", get(profile))
+        .route("/leaderboard", get(leaderboard))
         .route("/healthz", get(healthz))
         .nest_service("/static", static_files)
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(
-            Arc::clone(&app),
-            refuse_cross_site_posts,
-        ))
+        .layer(middleware::from_fn_with_state(Arc::clone(&app), refuse_cross_site_posts))
         .layer(RequestBodyLimitLayer::new(limits.http_body_bytes))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            limits.http_request_timeout,
-        ));
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limits.http_request_timeout));
     Router::new()
         .route("/ws", get(hub_socket))
+        .route("/room", get(room_socket))
         .merge(pages)
         .layer(middleware::from_fn(security_headers))
         .with_state(app)
@@ -86,20 +84,13 @@ async fn security_headers(request: Request, next: Next) -> Response {
     set(h, "x-frame-options", "DENY");
     // Static files are revalidated on every load (cheap 304s), so a new build is never mixed
     // with an old one; pages are never cached, since they depend on the session.
-    set(
-        h,
-        "cache-control",
-        if is_static { "no-cache" } else { "no-store" },
-    );
+    set(h, "cache-control", if is_static { "no-cache" } else { "no-store" });
     response
 }
 
 /// Refuses any non-GET request whose Origin is another site's (see [`csrf::same_origin`]).
 async fn refuse_cross_site_posts(State(app): AppState, request: Request, next: Next) -> Response {
-    let safe = matches!(
-        *request.method(),
-        Method::GET | Method::HEAD | Method::OPTIONS
-    );
+    let safe = matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS);
     if safe || csrf::same_origin(&app.config, request.headers()) {
         next.run(request).await
     } else {
@@ -123,11 +114,7 @@ impl FromRequestParts<Arc<App>> for MaybeSession {
 }
 
 fn session_cookie(config: &crate::config::Config) -> &'static str {
-    if config.secure_cookies {
-        "__Host-rp_session"
-    } else {
-        "rp_session"
-    }
+    if config.secure_cookies { "__Host-rp_session" } else { "rp_session" }
 }
 
 /// The client's address: the socket's peer, or the proxy's word when configured to trust it.
@@ -147,20 +134,10 @@ fn client_ip(app: &App, headers: &HeaderMap, peer: SocketAddr) -> IpAddr {
 
 fn layout(app: &App, jar: CookieJar, session: Option<&Session>) -> (CookieJar, Layout) {
     let (jar, csrf) = csrf::ensure(&app.config, jar);
-    (
-        jar,
-        Layout {
-            user: session.map(|s| s.user.name.clone()),
-            csrf,
-        },
-    )
+    (jar, Layout { user: session.map(|s| s.user.name.clone()), csrf })
 }
 
-async fn home(
-    State(app): AppState,
-    jar: CookieJar,
-    MaybeSession(session): MaybeSession,
-) -> Response {
+async fn home(State(app): AppState, jar: CookieJar, MaybeSession(session): MaybeSession) -> Response {
     let (jar, layout) = layout(&app, jar, session.as_ref());
     (jar, HomePage { layout }).into_response()
 }
@@ -176,11 +153,7 @@ struct AuthForm {
     csrf: String,
 }
 
-async fn register_form(
-    State(app): AppState,
-    jar: CookieJar,
-    MaybeSession(s): MaybeSession,
-) -> Response {
+async fn register_form(State(app): AppState, jar: CookieJar, MaybeSession(s): MaybeSession) -> Response {
     if s.is_some() {
         return Redirect::to("/play").into_response();
     }
@@ -188,11 +161,7 @@ async fn register_form(
     (jar, AuthPage::register(layout, "", None)).into_response()
 }
 
-async fn login_form(
-    State(app): AppState,
-    jar: CookieJar,
-    MaybeSession(s): MaybeSession,
-) -> Response {
+async fn login_form(State(app): AppState, jar: CookieJar, MaybeSession(s): MaybeSession) -> Response {
     if s.is_some() {
         return Redirect::to("/play").into_response();
     }
@@ -209,10 +178,7 @@ async fn register(
     if !csrf::verify(&app.config, &jar, &form.csrf) {
         return Err(AppError::Csrf);
     }
-    let result = app
-        .accounts
-        .register(&form.username, &form.password, &form.password_confirm)
-        .await;
+    let result = app.accounts.register(&form.username, &form.password, &form.password_confirm).await;
     let status = match result {
         Ok(new) => return Ok(signed_in(&app, jar, new).await),
         Err(RegisterError::Db(e)) => return Err(e.into()),
@@ -222,12 +188,7 @@ async fn register(
     };
     let message = result.err().map(|e| e.to_string());
     let (jar, layout) = layout(&app, jar, None);
-    Ok((
-        status,
-        jar,
-        AuthPage::register(layout, &form.username, message),
-    )
-        .into_response())
+    Ok((status, jar, AuthPage::register(layout, &form.username, message)).into_response())
 }
 
 async fn login(
@@ -242,29 +203,19 @@ async fn login(
         return Err(AppError::Csrf);
     }
     let ip = client_ip(&app, &headers, peer);
-    let (status, retry_after, message) =
-        match app.accounts.login(&form.username, &form.password, ip).await {
-            Ok(new) => return Ok(signed_in(&app, jar, new).await),
-            Err(LoginError::Db(e)) => return Err(e.into()),
-            Err(LoginError::Busy(_)) => return Err(AppError::Busy),
-            Err(e @ LoginError::Throttled { retry_after }) => (
-                StatusCode::TOO_MANY_REQUESTS,
-                Some(retry_after.as_secs().max(1)),
-                e.to_string(),
-            ),
-            Err(e) => (StatusCode::UNAUTHORIZED, None, e.to_string()),
-        };
+    let (status, retry_after, message) = match app.accounts.login(&form.username, &form.password, ip).await {
+        Ok(new) => return Ok(signed_in(&app, jar, new).await),
+        Err(LoginError::Db(e)) => return Err(e.into()),
+        Err(LoginError::Busy(_)) => return Err(AppError::Busy),
+        Err(e @ LoginError::Throttled { retry_after }) => {
+            (StatusCode::TOO_MANY_REQUESTS, Some(retry_after.as_secs().max(1)), e.to_string())
+        }
+        Err(e) => (StatusCode::UNAUTHORIZED, None, e.to_string()),
+    };
     let (jar, layout) = layout(&app, jar, None);
-    let mut response = (
-        status,
-        jar,
-        AuthPage::login(layout, &form.username, Some(message)),
-    )
-        .into_response();
+    let mut response = (status, jar, AuthPage::login(layout, &form.username, Some(message))).into_response();
     if let Some(secs) = retry_after {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     Ok(response)
 }
@@ -313,22 +264,68 @@ async fn logout(
         app.accounts.end_session(session.key).await?;
         let _ = app.hub.end_sessions(vec![session.key]).await;
     }
-    let gone = Cookie::build((session_cookie(&app.config), ""))
-        .path("/")
-        .build();
+    let gone = Cookie::build((session_cookie(&app.config), "")).path("/").build();
     Ok((jar.remove(gone), Redirect::to("/")).into_response())
 }
 
-async fn play(
-    State(app): AppState,
-    jar: CookieJar,
-    MaybeSession(session): MaybeSession,
-) -> Response {
+async fn play(State(app): AppState, jar: CookieJar, MaybeSession(session): MaybeSession) -> Response {
     let Some(session) = session else {
         return Redirect::to("/login").into_response();
     };
     let (jar, layout) = layout(&app, jar, Some(&session));
-    (jar, PlayPage { layout }).into_response()
+    (jar, PlayPage { layout, modes: app.hub.rooms().modes() }).into_response()
+}
+
+/// `?page=N` (1 when absent or not a number) and `?mode=NAME`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct PageQuery {
+    page: Option<String>,
+    mode: Option<String>,
+}
+
+impl PageQuery {
+    fn page(&self) -> u32 {
+        self.page.as_deref().and_then(|p| p.parse().ok()).filter(|&p| (1..=100_000).contains(&p)).unwrap_or(1)
+    }
+}
+
+/// Rows shown per page of history and of the leaderboard.
+const PER_PAGE: u32 = 25;
+
+async fn profile(
+    State(app): AppState,
+    jar: CookieJar,
+    MaybeSession(session): MaybeSession,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    query: Result<axum::extract::Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, AppError> {
+    let query = query.map(|q| q.0).unwrap_or_default();
+    let user = if crate::accounts::valid_username(&name) { app.accounts.user_by_name(&name).await? } else { None };
+    let Some(user) = user else { return Err(AppError::NotFound) };
+    let page = query.page();
+    let mut history = results::history(&app.db, user.id, page, PER_PAGE).await?;
+    let pager = Pager::new(page, &mut history, PER_PAGE);
+    let standings = results::standings_of(&app.db, user.id).await?;
+    let (jar, layout) = layout(&app, jar, session.as_ref());
+    let page = ProfilePage::new(layout, user.name, &standings, &history, pager, app.hub.rooms().modes());
+    Ok((jar, page).into_response())
+}
+
+async fn leaderboard(
+    State(app): AppState,
+    jar: CookieJar,
+    MaybeSession(session): MaybeSession,
+    query: Result<axum::extract::Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, AppError> {
+    let query = query.map(|q| q.0).unwrap_or_default();
+    let modes = app.hub.rooms().modes();
+    let mode = query.mode.as_deref().and_then(|m| app.hub.rooms().mode(m)).unwrap_or(&modes[0]);
+    let page = query.page();
+    let mut rows = results::leaderboard(&app.db, mode.name, page, PER_PAGE).await?;
+    let pager = Pager::new(page, &mut rows, PER_PAGE);
+    let (jar, layout) = layout(&app, jar, session.as_ref());
+    Ok((jar, LeaderboardPage::new(layout, modes, mode, &rows, pager)).into_response())
 }
 
 async fn account(
@@ -342,15 +339,7 @@ async fn account(
     let created_at = app.accounts.created_at(session.user.id).await?;
     let sessions = app.accounts.session_count(session.user.id).await?;
     let (jar, layout) = layout(&app, jar, Some(&session));
-    Ok((
-        jar,
-        AccountPage {
-            layout,
-            member_since: pages::date(created_at),
-            sessions,
-        },
-    )
-        .into_response())
+    Ok((jar, AccountPage { layout, member_since: pages::date(created_at), sessions }).into_response())
 }
 
 async fn end_other_sessions(
@@ -366,10 +355,7 @@ async fn end_other_sessions(
     let Some(session) = session else {
         return Ok(Redirect::to("/login").into_response());
     };
-    let ended = app
-        .accounts
-        .end_other_sessions(session.user.id, session.key)
-        .await?;
+    let ended = app.accounts.end_other_sessions(session.user.id, session.key).await?;
     let _ = app.hub.end_sessions(ended).await;
     Ok(Redirect::to("/account").into_response())
 }
@@ -384,6 +370,31 @@ async fn healthz(State(app): AppState) -> Response {
 
 async fn not_found() -> AppError {
     AppError::NotFound
+}
+
+/// The room WebSocket (in-room traffic over WebSocket): 403 for another site's page, 401
+/// without a live session; the seat itself is claimed with a ticket in the first message.
+async fn room_socket(
+    State(app): AppState,
+    headers: HeaderMap,
+    MaybeSession(session): MaybeSession,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if !csrf::same_origin(&app.config, &headers) {
+        return (StatusCode::FORBIDDEN, "cross-site WebSocket refused\n").into_response();
+    }
+    let Some(session) = session else {
+        return (StatusCode::UNAUTHORIZED, "sign in first\n").into_response();
+    };
+    let max = shared::room::MAX_TO_ROOM_BYTES;
+    let rooms = app.hub.rooms().clone();
+    let limits = app.hub.shared_limits();
+    upgrade
+        .read_buffer_size(1024)
+        .write_buffer_size(0)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| crate::transport::ws::serve(socket, rooms, session, limits))
 }
 
 /// The hub WebSocket: 403 for another site's page, 401 without a live session.

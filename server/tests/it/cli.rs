@@ -34,15 +34,9 @@ fn a_port_in_use_is_one_clear_line() {
     let addr = taken.local_addr().unwrap().to_string();
     let dir = static_dir();
     let db = format!("sqlite://{}", dir.path().join("rp.db").display());
-    let output = rallypoint(
-        &["serve", "--listen", &addr, "--database-url", &db],
-        dir.path(),
-    );
+    let output = rallypoint(&["serve", "--listen", &addr, "--database-url", &db], dir.path());
     let line = one_error_line(&output);
-    assert!(
-        line.contains(&format!("cannot listen on {addr}")) && line.contains("--listen"),
-        "{line}"
-    );
+    assert!(line.contains(&format!("cannot listen on {addr}")) && line.contains("--listen"), "{line}");
     assert_eq!(output.status.code(), Some(1));
 }
 
@@ -50,13 +44,7 @@ fn a_port_in_use_is_one_clear_line() {
 fn an_unwritable_database_path_is_one_clear_line() {
     let dir = static_dir();
     let output = rallypoint(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            "sqlite:///proc/rallypoint/rp.db",
-        ],
+        &["serve", "--listen", "127.0.0.1:0", "--database-url", "sqlite:///proc/rallypoint/rp.db"],
         dir.path(),
     );
     let line = one_error_line(&output);
@@ -70,24 +58,15 @@ fn bad_flags_and_values_are_refused() {
         (&["serve", "--listen", "nonsense"][..], "--listen"),
         (&["serve", "--bogus"][..], "--bogus"),
         (&["serve", "--public-url", "ftp://x"][..], "--public-url"),
-        (
-            &["serve", "--database-url", "mysql://x"][..],
-            "--database-url",
-        ),
-        (
-            &["serve", "--max-connections", "0"][..],
-            "--max-connections",
-        ),
+        (&["serve", "--database-url", "mysql://x"][..], "--database-url"),
+        (&["serve", "--max-connections", "0"][..], "--max-connections"),
         (&["serve", "--log", "info,[["][..], "--log"),
     ] {
         let output = rallypoint(args, dir.path());
         assert!(!output.status.success(), "{args:?}");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(
-            stderr
-                .lines()
-                .next()
-                .is_some_and(|l| l.starts_with("error:") && l.contains(needle)),
+            stderr.lines().next().is_some_and(|l| l.starts_with("error:") && l.contains(needle)),
             "{args:?}: {stderr}"
         );
     }
@@ -105,21 +84,10 @@ fn a_missing_client_build_says_what_to_run() {
 fn help_explains_every_flag_and_its_variable() {
     let output = rallypoint(&["serve", "--help"], std::path::Path::new("."));
     let help = String::from_utf8_lossy(&output.stdout);
-    for flag in [
-        "--listen",
-        "--database-url",
-        "--static-dir",
-        "--public-url",
-        "--trust-forwarded-for",
-    ] {
+    for flag in ["--listen", "--database-url", "--static-dir", "--public-url", "--trust-forwarded-for"] {
         assert!(help.contains(flag), "{flag}");
     }
-    for var in [
-        "RALLYPOINT_LISTEN",
-        "RALLYPOINT_DATABASE_URL",
-        "RALLYPOINT_STATIC_DIR",
-        "RALLYPOINT_PUBLIC_URL",
-    ] {
+    for var in ["RALLYPOINT_LISTEN", "RALLYPOINT_DATABASE_URL", "RALLYPOINT_STATIC_DIR", "RALLYPOINT_PUBLIC_URL"] {
         assert!(help.contains(var), "{var}");
     }
 }

@@ -16,9 +16,7 @@ const WAIT: Duration = Duration::from_secs(5);
 /// The next presence change, skipping other messages.
 async fn next_presence(hub: &mut Hub) -> (Vec<String>, Vec<i64>) {
     hub.recv_until(WAIT, |m| match m {
-        ServerMsg::Presence { joined, left } => {
-            Some((joined.into_iter().map(|u| u.name).collect(), left))
-        }
+        ServerMsg::Presence { joined, left } => Some((joined.into_iter().map(|u| u.name).collect(), left)),
         _ => None,
     })
     .await
@@ -36,10 +34,7 @@ async fn expect_close(hub: &mut Hub, code: u16) {
 fn upgrade_status(result: Result<Hub, ClientError>) -> u16 {
     match result {
         Err(ClientError::Ws(tungstenite::Error::Http(response))) => response.status().as_u16(),
-        other => panic!(
-            "expected an HTTP refusal, got {:?}",
-            other.map(|h| h.welcome)
-        ),
+        other => panic!("expected an HTTP refusal, got {:?}", other.map(|h| h.welcome)),
     }
 }
 
@@ -51,31 +46,17 @@ async fn the_upgrade_needs_a_session_and_a_same_site_origin() {
 
     let user = server.user("origin_user").await;
     let mut request = user.hub_request().unwrap();
-    request
-        .headers_mut()
-        .insert("origin", "http://evil.test".parse().unwrap());
+    request.headers_mut().insert("origin", "http://evil.test".parse().unwrap());
     assert_eq!(upgrade_status(Hub::open(request, None).await), 403);
 
     let mut request = user.hub_request().unwrap();
-    request
-        .headers_mut()
-        .insert("origin", server.base.parse().unwrap());
+    request.headers_mut().insert("origin", server.base.parse().unwrap());
     let hub = Hub::open(request, None).await.unwrap();
     assert_eq!(hub.online_names(), ["origin_user"]);
 
     // A forged cookie is no session.
-    let mut request = server
-        .client()
-        .hub_url()
-        .as_str()
-        .into_client_request()
-        .unwrap();
-    request.headers_mut().insert(
-        "cookie",
-        "rp_session=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
-            .parse()
-            .unwrap(),
-    );
+    let mut request = server.client().hub_url().as_str().into_client_request().unwrap();
+    request.headers_mut().insert("cookie", "rp_session=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".parse().unwrap());
     assert_eq!(upgrade_status(Hub::open(request, None).await), 401);
 }
 
@@ -87,17 +68,12 @@ async fn presence_counts_each_user_once_and_follows_their_last_tab() {
     let mut alice_tab = alice.hub().await.unwrap();
     let mut bob_tab1 = bob.hub().await.unwrap();
     assert_eq!(bob_tab1.online_names(), ["alice", "bob"]);
-    let ServerMsg::Welcome { me, lobby, .. } = &bob_tab1.welcome else {
-        panic!()
-    };
+    let ServerMsg::Welcome { me, lobby, .. } = &bob_tab1.welcome else { panic!() };
     let bob_tab1_id = me.id;
     assert_eq!(*lobby, 1);
     // Alice's own arrival may share a batch with bob's.
     let (joined, left) = next_presence(&mut alice_tab).await;
-    assert!(
-        joined.contains(&"bob".to_owned()) && left.is_empty(),
-        "{joined:?} {left:?}"
-    );
+    assert!(joined.contains(&"bob".to_owned()) && left.is_empty(), "{joined:?} {left:?}");
 
     // A second tab of bob's: nobody hears of it, and he is listed once.
     let bob_tab2 = bob.hub().await.unwrap();
@@ -121,18 +97,11 @@ async fn chat_reaches_every_tab_as_plain_text() {
     let mut b1 = bob.hub().await.unwrap();
     let mut b2 = bob.hub().await.unwrap();
     let html = "<img src=x onerror=alert(1)> hi";
-    a.send(&ClientMsg::Chat {
-        text: format!("  {html}  "),
-    })
-    .await
-    .unwrap();
+    a.send(&ClientMsg::Chat { text: format!("  {html}  ") }).await.unwrap();
     for tab in [&mut a, &mut b1, &mut b2] {
         let line = next_chat(tab).await;
         assert_eq!(line.from.name, "alice");
-        assert_eq!(
-            line.text, html,
-            "kept verbatim (trimmed); the client shows it as text"
-        );
+        assert_eq!(line.text, html, "kept verbatim (trimmed); the client shows it as text");
     }
 }
 
@@ -154,47 +123,23 @@ async fn newcomers_get_the_last_fifty_lines_even_after_a_restart() {
     .await;
     let mut talker = server.user("talker").await.hub().await.unwrap();
     for i in 0..60 {
-        talker
-            .send(&ClientMsg::Chat {
-                text: format!("line {i}"),
-            })
-            .await
-            .unwrap();
+        talker.send(&ClientMsg::Chat { text: format!("line {i}") }).await.unwrap();
     }
     for i in 0..60 {
         assert_eq!(next_chat(&mut talker).await.text, format!("line {i}"));
     }
     let expected: Vec<String> = (10..60).map(|i| format!("line {i}")).collect();
     let fresh = server.user("fresh").await.hub().await.unwrap();
-    assert_eq!(
-        fresh
-            .history
-            .iter()
-            .map(|l| l.text.clone())
-            .collect::<Vec<_>>(),
-        expected
-    );
+    assert_eq!(fresh.history.iter().map(|l| l.text.clone()).collect::<Vec<_>>(), expected);
     drop((talker, fresh));
 
     let dir = server.stop().await;
     let server = TestServer::start_in(dir, |_| {}).await;
-    let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chat_messages")
-        .fetch_one(&server.running.app.db)
-        .await
-        .unwrap();
-    assert_eq!(
-        stored, 60,
-        "every acknowledged line was written before the server stopped"
-    );
+    let stored: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM chat_messages").fetch_one(&server.running.app.db).await.unwrap();
+    assert_eq!(stored, 60, "every acknowledged line was written before the server stopped");
     let carol = server.user("carol").await.hub().await.unwrap();
-    assert_eq!(
-        carol
-            .history
-            .iter()
-            .map(|l| l.text.clone())
-            .collect::<Vec<_>>(),
-        expected
-    );
+    assert_eq!(carol.history.iter().map(|l| l.text.clone()).collect::<Vec<_>>(), expected);
     assert!(carol.history.iter().all(|l| l.from.name == "talker"));
 }
 
@@ -215,22 +160,10 @@ async fn a_full_lobby_opens_the_next_and_each_keeps_its_own_chat() {
     let b2 = b_user.hub().await.unwrap();
     assert_eq!(lobby(&b2), 1);
     assert_eq!(b2.online_names(), ["aaa", "bbb"]);
-    c.send(&ClientMsg::Chat {
-        text: "lobby two".into(),
-    })
-    .await
-    .unwrap();
+    c.send(&ClientMsg::Chat { text: "lobby two".into() }).await.unwrap();
     assert_eq!(next_chat(&mut c).await.text, "lobby two");
-    a.send(&ClientMsg::Chat {
-        text: "lobby one".into(),
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        next_chat(&mut b).await.text,
-        "lobby one",
-        "b hears lobby one only"
-    );
+    a.send(&ClientMsg::Chat { text: "lobby one".into() }).await.unwrap();
+    assert_eq!(next_chat(&mut b).await.text, "lobby one", "b hears lobby one only");
     assert_eq!(next_chat(&mut a).await.text, "lobby one");
     let stats = server.running.app.hub.stats().await.unwrap();
     assert_eq!((stats.users_online, stats.lobbies), (3, 2));
@@ -240,14 +173,12 @@ async fn a_full_lobby_opens_the_next_and_each_keeps_its_own_chat() {
 async fn a_crowd_arriving_at_once_is_announced_in_a_few_batches() {
     let server = TestServer::start().await;
     let mut watcher = server.user("watcher").await.hub().await.unwrap();
-    let clients: Vec<_> =
-        futures_util::future::join_all((0..100).map(|i| server.user_named(i))).await;
-    let hubs: Vec<Hub> =
-        futures_util::future::join_all(clients.iter().map(rallypoint_server::client::Client::hub))
-            .await
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
+    let clients: Vec<_> = futures_util::future::join_all((0..100).map(|i| server.user_named(i))).await;
+    let hubs: Vec<Hub> = futures_util::future::join_all(clients.iter().map(rallypoint_server::client::Client::hub))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
     let mut seen = std::collections::BTreeSet::new();
     let mut messages = 0;
     while seen.len() < 100 {
@@ -256,10 +187,7 @@ async fn a_crowd_arriving_at_once_is_announced_in_a_few_batches() {
         seen.extend(joined);
         messages += 1;
     }
-    assert!(
-        messages < 100,
-        "{messages} presence messages for 100 arrivals"
-    );
+    assert!(messages < 100, "{messages} presence messages for 100 arrivals");
     // The last to arrive was told of everyone before it, in chunks.
     let most = hubs.iter().map(|h| h.online.len()).max().unwrap();
     assert_eq!(most, 101);
@@ -276,55 +204,17 @@ async fn chat_is_rate_limited_per_user_and_capped_in_length() {
     let mut tab1 = user.hub().await.unwrap();
     let mut tab2 = user.hub().await.unwrap();
     let too_long = "x".repeat(shared::hub::MAX_CHAT_CHARS + 1);
-    tab1.send(&ClientMsg::Chat { text: too_long })
-        .await
-        .unwrap();
+    tab1.send(&ClientMsg::Chat { text: too_long }).await.unwrap();
     let reply = tab1.recv_timeout(WAIT).await.unwrap();
-    assert!(
-        matches!(
-            reply,
-            ServerMsg::Error {
-                code: ErrorCode::ChatLength,
-                ..
-            }
-        ),
-        "{reply:?}"
-    );
-    tab1.send(&ClientMsg::Chat { text: "   ".into() })
-        .await
-        .unwrap();
+    assert!(matches!(reply, ServerMsg::Error { code: ErrorCode::ChatLength, .. }), "{reply:?}");
+    tab1.send(&ClientMsg::Chat { text: "   ".into() }).await.unwrap();
     let reply = tab1.recv_timeout(WAIT).await.unwrap();
-    assert!(
-        matches!(
-            reply,
-            ServerMsg::Error {
-                code: ErrorCode::ChatLength,
-                ..
-            }
-        ),
-        "{reply:?}"
-    );
+    assert!(matches!(reply, ServerMsg::Error { code: ErrorCode::ChatLength, .. }), "{reply:?}");
     // The burst of three is shared by both tabs of the user.
-    tab1.send(&ClientMsg::Chat {
-        text: "ok 1".into(),
-    })
-    .await
-    .unwrap();
-    tab2.send(&ClientMsg::Chat {
-        text: "ok 2".into(),
-    })
-    .await
-    .unwrap();
-    tab1.send(&ClientMsg::Chat {
-        text: "ok 3".into(),
-    })
-    .await
-    .unwrap();
-    tab2.send(&ClientMsg::Chat {
-        text: "one too many".into(),
-    })
-    .await
-    .unwrap();
+    tab1.send(&ClientMsg::Chat { text: "ok 1".into() }).await.unwrap();
+    tab2.send(&ClientMsg::Chat { text: "ok 2".into() }).await.unwrap();
+    tab1.send(&ClientMsg::Chat { text: "ok 3".into() }).await.unwrap();
+    tab2.send(&ClientMsg::Chat { text: "one too many".into() }).await.unwrap();
     let refused = tab2
         .recv_until(WAIT, |m| match m {
             ServerMsg::Error { code, .. } => Some(code),
@@ -339,10 +229,7 @@ async fn chat_is_rate_limited_per_user_and_capped_in_length() {
 async fn oversized_messages_close_with_1009() {
     let server = TestServer::start().await;
     let mut hub = server.user("big").await.hub().await.unwrap();
-    let text = format!(
-        r#"{{"type":"chat","text":"{}"}}"#,
-        "x".repeat(MAX_CLIENT_MESSAGE_BYTES)
-    );
+    let text = format!(r#"{{"type":"chat","text":"{}"}}"#, "x".repeat(MAX_CLIENT_MESSAGE_BYTES));
     hub.send_raw(Message::text(text)).await.unwrap();
     expect_close(&mut hub, close::TOO_BIG).await;
     // The server is unaffected.
@@ -364,40 +251,15 @@ async fn malformed_messages_get_errors_then_close_with_1008() {
     for frame in bad.into_iter().take(strikes as usize - 1) {
         hub.send_raw(frame).await.unwrap();
         let reply = hub.recv_timeout(WAIT).await.unwrap();
-        assert!(
-            matches!(
-                reply,
-                ServerMsg::Error {
-                    code: ErrorCode::Malformed,
-                    ..
-                }
-            ),
-            "{reply:?}"
-        );
+        assert!(matches!(reply, ServerMsg::Error { code: ErrorCode::Malformed, .. }), "{reply:?}");
     }
     // A valid message in between is still served.
     hub.send(&ClientMsg::Ping { id: 9 }).await.unwrap();
-    assert_eq!(
-        hub.recv_timeout(WAIT).await.unwrap(),
-        ServerMsg::Pong { id: 9 }
-    );
+    assert_eq!(hub.recv_timeout(WAIT).await.unwrap(), ServerMsg::Pong { id: 9 });
     // A second hello is an error, not a strike.
-    hub.send(&ClientMsg::Hello {
-        version: shared::hub::PROTOCOL_VERSION,
-    })
-    .await
-    .unwrap();
+    hub.send(&ClientMsg::Hello { version: shared::hub::PROTOCOL_VERSION }).await.unwrap();
     let reply = hub.recv_timeout(WAIT).await.unwrap();
-    assert!(
-        matches!(
-            reply,
-            ServerMsg::Error {
-                code: ErrorCode::Unexpected,
-                ..
-            }
-        ),
-        "{reply:?}"
-    );
+    assert!(matches!(reply, ServerMsg::Error { code: ErrorCode::Unexpected, .. }), "{reply:?}");
     hub.send_raw(Message::text("{")).await.unwrap();
     expect_close(&mut hub, close::POLICY).await;
 }
@@ -406,21 +268,11 @@ async fn malformed_messages_get_errors_then_close_with_1008() {
 async fn another_protocol_version_is_told_to_reload() {
     let server = TestServer::start().await;
     let user = server.user("old_tab").await;
-    let (mut socket, _) = tokio_tungstenite::connect_async(user.hub_request().unwrap())
-        .await
-        .unwrap();
-    socket
-        .send(Message::text(r#"{"type":"hello","version":999}"#))
-        .await
-        .unwrap();
+    let (mut socket, _) = tokio_tungstenite::connect_async(user.hub_request().unwrap()).await.unwrap();
+    socket.send(Message::text(r#"{"type":"hello","version":999}"#)).await.unwrap();
     let reload = socket.next().await.unwrap().unwrap();
     let reload: ServerMsg = serde_json::from_str(reload.to_text().unwrap()).unwrap();
-    assert_eq!(
-        reload,
-        ServerMsg::Reload {
-            version: shared::hub::PROTOCOL_VERSION
-        }
-    );
+    assert_eq!(reload, ServerMsg::Reload { version: shared::hub::PROTOCOL_VERSION });
     match socket.next().await.unwrap().unwrap() {
         Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), close::RELOAD),
         other => panic!("{other:?}"),
@@ -429,23 +281,15 @@ async fn another_protocol_version_is_told_to_reload() {
 
 #[tokio::test]
 async fn the_first_message_must_be_hello_and_come_in_time() {
-    let server =
-        TestServer::start_with(|c| c.limits.ws_hello_timeout = Duration::from_millis(200)).await;
+    let server = TestServer::start_with(|c| c.limits.ws_hello_timeout = Duration::from_millis(200)).await;
     let user = server.user("silent").await;
-    let (mut socket, _) = tokio_tungstenite::connect_async(user.hub_request().unwrap())
-        .await
-        .unwrap();
+    let (mut socket, _) = tokio_tungstenite::connect_async(user.hub_request().unwrap()).await.unwrap();
     match socket.next().await.unwrap().unwrap() {
         Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), close::POLICY),
         other => panic!("{other:?}"),
     }
-    let (mut socket, _) = tokio_tungstenite::connect_async(user.hub_request().unwrap())
-        .await
-        .unwrap();
-    socket
-        .send(Message::text(r#"{"type":"chat","text":"hi"}"#))
-        .await
-        .unwrap();
+    let (mut socket, _) = tokio_tungstenite::connect_async(user.hub_request().unwrap()).await.unwrap();
+    socket.send(Message::text(r#"{"type":"chat","text":"hi"}"#)).await.unwrap();
     match socket.next().await.unwrap().unwrap() {
         Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), close::POLICY),
         other => panic!("{other:?}"),
@@ -473,10 +317,7 @@ async fn logout_closes_that_sessions_sockets_only() {
     let server = TestServer::start().await;
     let laptop = server.user("twodevices").await;
     let phone = server.client();
-    phone
-        .login("twodevices", crate::support::PASSWORD)
-        .await
-        .unwrap();
+    phone.login("twodevices", crate::support::PASSWORD).await.unwrap();
     let watcher = server.user("watcher").await;
     let mut laptop_tab = laptop.hub().await.unwrap();
     let mut phone_tab = phone.hub().await.unwrap();
@@ -485,21 +326,11 @@ async fn logout_closes_that_sessions_sockets_only() {
     expect_close(&mut laptop_tab, close::SESSION_ENDED).await;
     // The phone's session lives on, so the user is still online.
     phone_tab.send(&ClientMsg::Ping { id: 3 }).await.unwrap();
-    assert_eq!(
-        phone_tab
-            .recv_until(WAIT, |m| matches!(m, ServerMsg::Pong { .. }).then_some(()))
-            .await
-            .ok(),
-        Some(())
-    );
+    assert_eq!(phone_tab.recv_until(WAIT, |m| matches!(m, ServerMsg::Pong { .. }).then_some(())).await.ok(), Some(()));
     phone.logout().await.unwrap();
     expect_close(&mut phone_tab, close::SESSION_ENDED).await;
     let (_, left) = next_presence(&mut watch).await;
-    assert_eq!(
-        left.len(),
-        1,
-        "the user went offline with their last session"
-    );
+    assert_eq!(left.len(), 1, "the user went offline with their last session");
 }
 
 #[tokio::test]
@@ -518,9 +349,7 @@ async fn a_client_that_does_not_read_is_dropped_and_nobody_else_waits() {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let stream = socket.connect(server.running.addr).await.unwrap();
-    let stalled = Hub::open(stalled_user.hub_request().unwrap(), Some(stream))
-        .await
-        .unwrap();
+    let stalled = Hub::open(stalled_user.hub_request().unwrap(), Some(stream)).await.unwrap();
 
     let talker = server.user("talker").await;
     let mut speaker = talker.hub().await.unwrap();
@@ -544,27 +373,15 @@ async fn a_client_that_does_not_read_is_dropped_and_nobody_else_waits() {
         assert!(sent < 20_000, "never dropped the stalled client");
         for _ in 0..500 {
             // The speaker reads its own echo in lockstep, so that only the stalled client lags.
-            speaker
-                .send(&ClientMsg::Chat { text: line.clone() })
-                .await
-                .unwrap();
+            speaker.send(&ClientMsg::Chat { text: line.clone() }).await.unwrap();
             next_chat(&mut speaker).await;
         }
         sent += 500;
     }
-    speaker
-        .send(&ClientMsg::Chat {
-            text: "done".into(),
-        })
-        .await
-        .unwrap();
+    speaker.send(&ClientMsg::Chat { text: "done".into() }).await.unwrap();
     assert_eq!(reader.await.unwrap(), sent, "the listener got every line");
     let stats = server.running.app.hub.stats().await.unwrap();
-    assert_eq!(
-        (stats.connections, stats.users_online),
-        (2, 2),
-        "the stalled client is gone: {stats:?}"
-    );
+    assert_eq!((stats.connections, stats.users_online), (2, 2), "the stalled client is gone: {stats:?}");
     drop(stalled);
 }
 
@@ -581,20 +398,10 @@ async fn dead_peers_are_dropped_by_the_idle_timeout() {
     let hub = user.hub().await.unwrap();
     let mut raw = hub.into_tcp().unwrap();
     let mut bytes = Vec::new();
-    let read = tokio::time::timeout(
-        WAIT,
-        tokio::io::AsyncReadExt::read_to_end(&mut raw, &mut bytes),
-    )
-    .await;
-    assert!(
-        read.is_ok(),
-        "the server closed the connection before the read timed out"
-    );
+    let read = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read_to_end(&mut raw, &mut bytes)).await;
+    assert!(read.is_ok(), "the server closed the connection before the read timed out");
     let code = close::IDLE.to_be_bytes();
-    assert!(
-        bytes.windows(4).any(|w| w[0] == 0x88 && w[2..] == code),
-        "a close frame with 4002"
-    );
+    assert!(bytes.windows(4).any(|w| w[0] == 0x88 && w[2..] == code), "a close frame with 4002");
 }
 
 #[tokio::test]

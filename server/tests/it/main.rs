@@ -6,5 +6,6 @@
 
 mod cli;
 mod hub;
+mod rooms;
 mod site;
 mod support;

@@ -9,18 +9,12 @@ use reqwest::header::{LOCATION, RETRY_AFTER, SET_COOKIE};
 use crate::support::{PASSWORD, TestServer};
 
 fn location(response: &reqwest::Response) -> String {
-    response
-        .headers()
-        .get(LOCATION)
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default()
+    response.headers().get(LOCATION).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default()
 }
 
 fn refused(result: Result<(), ClientError>) -> (StatusCode, String) {
     match result {
-        Err(ClientError::Refused {
-            status, message, ..
-        }) => (status, message),
+        Err(ClientError::Refused { status, message, .. }) => (status, message),
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
@@ -29,29 +23,13 @@ fn refused(result: Result<(), ClientError>) -> (StatusCode, String) {
 async fn register_signs_in_and_play_needs_a_session() {
     let server = TestServer::start().await;
     let anonymous = server.client();
-    let response = anonymous
-        .http()
-        .get(format!("{}/play", server.base))
-        .send()
-        .await
-        .unwrap();
+    let response = anonymous.http().get(format!("{}/play", server.base)).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
     assert_eq!(location(&response), "/login");
 
     let csrf = anonymous.csrf("/register").await.unwrap();
-    let form = [
-        ("username", "Alice"),
-        ("password", PASSWORD),
-        ("password_confirm", PASSWORD),
-        ("csrf", &csrf),
-    ];
-    let response = anonymous
-        .http()
-        .post(format!("{}/register", server.base))
-        .form(&form)
-        .send()
-        .await
-        .unwrap();
+    let form = [("username", "Alice"), ("password", PASSWORD), ("password_confirm", PASSWORD), ("csrf", &csrf)];
+    let response = anonymous.http().post(format!("{}/register", server.base)).form(&form).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
     assert_eq!(location(&response), "/play");
     let cookie = response
@@ -62,53 +40,25 @@ async fn register_signs_in_and_play_needs_a_session() {
         .find(|c| c.starts_with("rp_session="))
         .expect("a session cookie")
         .to_owned();
-    assert!(
-        cookie.contains("HttpOnly")
-            && cookie.contains("SameSite=Lax")
-            && cookie.contains("Max-Age="),
-        "{cookie}"
-    );
-    assert!(
-        !cookie.contains("Secure"),
-        "plain http: no Secure attribute: {cookie}"
-    );
-    let token = cookie
-        .trim_start_matches("rp_session=")
-        .split(';')
-        .next()
-        .unwrap();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax") && cookie.contains("Max-Age="), "{cookie}");
+    assert!(!cookie.contains("Secure"), "plain http: no Secure attribute: {cookie}");
+    let token = cookie.trim_start_matches("rp_session=").split(';').next().unwrap();
     assert!(token.len() >= 43, "at least 256 bits of base64: {token}");
 
-    let play = anonymous
-        .http()
-        .get(format!("{}/play", server.base))
-        .send()
-        .await
-        .unwrap();
+    let play = anonymous.http().get(format!("{}/play", server.base)).send().await.unwrap();
     assert_eq!(play.status(), StatusCode::OK);
     let page = play.text().await.unwrap();
-    assert!(
-        page.contains("id=\"chat-log\"")
-            && page.contains("/static/boot.js")
-            && page.contains("Alice")
-    );
+    assert!(page.contains("id=\"chat-log\"") && page.contains("/static/boot.js") && page.contains("Alice"));
 
     // The database keeps a hash of the token, never the token.
-    let stored: Vec<Vec<u8>> = sqlx::query_scalar("SELECT token_hash FROM sessions")
-        .fetch_all(&server.running.app.db)
-        .await
-        .unwrap();
+    let stored: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT token_hash FROM sessions").fetch_all(&server.running.app.db).await.unwrap();
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].len(), 32);
     assert_ne!(stored[0], token.as_bytes());
-    let hash: String = sqlx::query_scalar("SELECT password_hash FROM users")
-        .fetch_one(&server.running.app.db)
-        .await
-        .unwrap();
-    assert!(
-        hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
-        "{hash}"
-    );
+    let hash: String =
+        sqlx::query_scalar("SELECT password_hash FROM users").fetch_one(&server.running.app.db).await.unwrap();
+    assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
 }
 
 #[tokio::test]
@@ -116,83 +66,24 @@ async fn rejected_registrations_explain_and_keep_the_username() {
     let server = TestServer::start().await;
     server.user("taken_name").await;
     let cases: &[(&str, &str, &str, StatusCode, &str)] = &[
-        (
-            "ab",
-            PASSWORD,
-            PASSWORD,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "3 to 24 characters",
-        ),
-        (
-            "a234567890123456789012345",
-            PASSWORD,
-            PASSWORD,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "3 to 24",
-        ),
-        (
-            "bad name!",
-            PASSWORD,
-            PASSWORD,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "letters, digits",
-        ),
-        (
-            "<script>",
-            PASSWORD,
-            PASSWORD,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "letters, digits",
-        ),
-        (
-            "shorty",
-            "short",
-            "short",
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "8 to 128",
-        ),
-        (
-            "longpw",
-            &"x".repeat(129),
-            &"x".repeat(129),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "8 to 128",
-        ),
-        (
-            "mismatch",
-            PASSWORD,
-            "another password",
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "differ",
-        ),
-        (
-            "TAKEN_name",
-            PASSWORD,
-            PASSWORD,
-            StatusCode::CONFLICT,
-            "taken",
-        ),
+        ("ab", PASSWORD, PASSWORD, StatusCode::UNPROCESSABLE_ENTITY, "3 to 24 characters"),
+        ("a234567890123456789012345", PASSWORD, PASSWORD, StatusCode::UNPROCESSABLE_ENTITY, "3 to 24"),
+        ("bad name!", PASSWORD, PASSWORD, StatusCode::UNPROCESSABLE_ENTITY, "letters, digits"),
+        ("<script>", PASSWORD, PASSWORD, StatusCode::UNPROCESSABLE_ENTITY, "letters, digits"),
+        ("shorty", "short", "short", StatusCode::UNPROCESSABLE_ENTITY, "8 to 128"),
+        ("longpw", &"x".repeat(129), &"x".repeat(129), StatusCode::UNPROCESSABLE_ENTITY, "8 to 128"),
+        ("mismatch", PASSWORD, "another password", StatusCode::UNPROCESSABLE_ENTITY, "differ"),
+        ("TAKEN_name", PASSWORD, PASSWORD, StatusCode::CONFLICT, "taken"),
     ];
     for (name, pw, confirm, status, message) in cases {
         let client = server.client();
-        let fields = [
-            ("username", *name),
-            ("password", *pw),
-            ("password_confirm", *confirm),
-        ];
+        let fields = [("username", *name), ("password", *pw), ("password_confirm", *confirm)];
         let response = client.post_form("/register", &fields).await.unwrap();
         assert_eq!(response.status(), *status, "{name}");
         let page = response.text().await.unwrap();
-        assert!(
-            page_message(&page).contains(message),
-            "{name}: {}",
-            page_message(&page)
-        );
+        assert!(page_message(&page).contains(message), "{name}: {}", page_message(&page));
         let escaped = name.replace('<', "&#60;").replace('>', "&#62;");
-        assert!(
-            page.contains(&format!("value=\"{escaped}\"")),
-            "{name}: username kept (escaped)"
-        );
+        assert!(page.contains(&format!("value=\"{escaped}\"")), "{name}: username kept (escaped)");
         assert!(!page.contains("<script>"), "no markup injected");
     }
     // Missing fields read as empty, with the same clear message.
@@ -223,37 +114,21 @@ async fn failed_logins_are_throttled_per_account_and_per_address() {
     .await;
     server.user("victim").await;
     for _ in 0..3 {
-        assert_eq!(
-            refused(server.client().login("victim", "wrong password").await).0,
-            StatusCode::UNAUTHORIZED
-        );
+        assert_eq!(refused(server.client().login("victim", "wrong password").await).0, StatusCode::UNAUTHORIZED);
     }
     // The account is locked, even for the right password, with a Retry-After.
     let client = server.client();
-    let response = client
-        .post_form("/login", &[("username", "victim"), ("password", PASSWORD)])
-        .await
-        .unwrap();
+    let response = client.post_form("/login", &[("username", "victim"), ("password", PASSWORD)]).await.unwrap();
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
-    let retry: u64 = response.headers()[RETRY_AFTER]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry: u64 = response.headers()[RETRY_AFTER].to_str().unwrap().parse().unwrap();
     assert!((1..=900).contains(&retry), "{retry}");
     assert!(page_message(&response.text().await.unwrap()).contains("Too many failed attempts"));
 
     // The address has two failures left across all accounts, then it is locked too.
     for name in ["x1", "x2"] {
-        assert_eq!(
-            refused(server.client().login(name, "wrong password").await).0,
-            StatusCode::UNAUTHORIZED
-        );
+        assert_eq!(refused(server.client().login(name, "wrong password").await).0, StatusCode::UNAUTHORIZED);
     }
-    assert_eq!(
-        refused(server.client().login("x3", "wrong password").await).0,
-        StatusCode::TOO_MANY_REQUESTS
-    );
+    assert_eq!(refused(server.client().login("x3", "wrong password").await).0, StatusCode::TOO_MANY_REQUESTS);
 }
 
 #[tokio::test]
@@ -264,10 +139,8 @@ async fn logging_in_again_gives_a_new_session_and_ends_the_old() {
     client.login("renew", PASSWORD).await.unwrap();
     let second = client.cookie_header().unwrap();
     assert_ne!(first, second);
-    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sessions")
-        .fetch_one(&server.running.app.db)
-        .await
-        .unwrap();
+    let count: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM sessions").fetch_one(&server.running.app.db).await.unwrap();
     assert_eq!(count, 1, "the session held before login was ended");
 }
 
@@ -278,16 +151,8 @@ async fn logout_ends_the_session_on_the_server() {
     let cookie = client.cookie_header().unwrap();
     client.logout().await.unwrap();
     // Replaying the old cookie gets nowhere.
-    let replay = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let response = replay
-        .get(format!("{}/play", server.base))
-        .header("cookie", cookie)
-        .send()
-        .await
-        .unwrap();
+    let replay = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let response = replay.get(format!("{}/play", server.base)).header("cookie", cookie).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
     assert_eq!(location(&response), "/login");
 }
@@ -298,75 +163,25 @@ async fn every_post_form_needs_its_csrf_token_and_a_same_site_origin() {
     let client = server.user("csrf_user").await;
     let http = client.http();
     let token = client.csrf("/").await.unwrap();
-    for path in [
-        "/register",
-        "/login",
-        "/logout",
-        "/account/end-other-sessions",
-    ] {
+    for path in ["/register", "/login", "/logout", "/account/end-other-sessions"] {
         let url = format!("{}{path}", server.base);
-        let missing = http
-            .post(&url)
-            .form(&[("username", "x")])
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            missing.status(),
-            StatusCode::FORBIDDEN,
-            "{path} without a token"
-        );
-        let wrong = http
-            .post(&url)
-            .form(&[("csrf", "A".repeat(43))])
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            wrong.status(),
-            StatusCode::FORBIDDEN,
-            "{path} with a wrong token"
-        );
-        let cross = http
-            .post(&url)
-            .header("origin", "http://evil.test")
-            .form(&[("csrf", &token)])
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            cross.status(),
-            StatusCode::FORBIDDEN,
-            "{path} from another site"
-        );
-        let fetch_meta = http
-            .post(&url)
-            .header("sec-fetch-site", "cross-site")
-            .form(&[("csrf", &token)])
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            fetch_meta.status(),
-            StatusCode::FORBIDDEN,
-            "{path} flagged cross-site"
-        );
+        let missing = http.post(&url).form(&[("username", "x")]).send().await.unwrap();
+        assert_eq!(missing.status(), StatusCode::FORBIDDEN, "{path} without a token");
+        let wrong = http.post(&url).form(&[("csrf", "A".repeat(43))]).send().await.unwrap();
+        assert_eq!(wrong.status(), StatusCode::FORBIDDEN, "{path} with a wrong token");
+        let cross =
+            http.post(&url).header("origin", "http://evil.test").form(&[("csrf", &token)]).send().await.unwrap();
+        assert_eq!(cross.status(), StatusCode::FORBIDDEN, "{path} from another site");
+        let fetch_meta =
+            http.post(&url).header("sec-fetch-site", "cross-site").form(&[("csrf", &token)]).send().await.unwrap();
+        assert_eq!(fetch_meta.status(), StatusCode::FORBIDDEN, "{path} flagged cross-site");
     }
     // The session survived all of that.
-    let play = http
-        .get(format!("{}/play", server.base))
-        .send()
-        .await
-        .unwrap();
+    let play = http.get(format!("{}/play", server.base)).send().await.unwrap();
     assert_eq!(play.status(), StatusCode::OK);
     // A token from another browser does not match this browser's cookie.
     let other = server.client().csrf("/login").await.unwrap();
-    let response = http
-        .post(format!("{}/logout", server.base))
-        .form(&[("csrf", other)])
-        .send()
-        .await
-        .unwrap();
+    let response = http.post(format!("{}/logout", server.base)).form(&[("csrf", other)]).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
 }
 
@@ -377,14 +192,10 @@ async fn https_public_url_makes_cookies_secure_and_host_prefixed() {
         c.secure_cookies = true;
     })
     .await;
-    let response = reqwest::get(format!("{}/login", server.base))
-        .await
-        .unwrap();
+    let response = reqwest::get(format!("{}/login", server.base)).await.unwrap();
     let cookie = response.headers()[SET_COOKIE].to_str().unwrap().to_owned();
     assert!(
-        cookie.starts_with("__Host-rp_csrf=")
-            && cookie.contains("Secure")
-            && cookie.contains("Path=/"),
+        cookie.starts_with("__Host-rp_csrf=") && cookie.contains("Secure") && cookie.contains("Path=/"),
         "{cookie}"
     );
 }
@@ -393,12 +204,7 @@ async fn https_public_url_makes_cookies_secure_and_host_prefixed() {
 async fn sessions_expire() {
     let server = TestServer::start_with(|c| c.limits.session_ttl = Duration::ZERO).await;
     let client = server.user("shortlived").await;
-    let response = client
-        .http()
-        .get(format!("{}/play", server.base))
-        .send()
-        .await
-        .unwrap();
+    let response = client.http().get(format!("{}/play", server.base)).send().await.unwrap();
     assert_eq!(location(&response), "/login");
 }
 
@@ -408,15 +214,7 @@ async fn account_page_shows_sessions_and_ends_the_others() {
     let here = server.user("manysessions").await;
     let there = server.client();
     there.login("manysessions", PASSWORD).await.unwrap();
-    let page = here
-        .http()
-        .get(format!("{}/account", server.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = here.http().get(format!("{}/account", server.base)).send().await.unwrap().text().await.unwrap();
     assert!(page.contains("<dd>2</dd>"), "two sessions shown");
     let mut hub_there = there.hub().await.unwrap();
     let csrf = here.csrf("/account").await.unwrap();
@@ -428,22 +226,9 @@ async fn account_page_shows_sessions_and_ends_the_others() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
-    let closed = hub_there
-        .recv_until(crate::support::SECOND * 5, |_| None::<()>)
-        .await;
-    assert!(
-        matches!(closed, Err(ClientError::Closed { code: 4001, .. })),
-        "{closed:?}"
-    );
-    let page = here
-        .http()
-        .get(format!("{}/account", server.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let closed = hub_there.recv_until(crate::support::SECOND * 5, |_| None::<()>).await;
+    assert!(matches!(closed, Err(ClientError::Closed { code: 4001, .. })), "{closed:?}");
+    let page = here.http().get(format!("{}/account", server.base)).send().await.unwrap().text().await.unwrap();
     assert!(page.contains("<dd>1</dd>"));
 }
 
@@ -473,61 +258,34 @@ async fn http_limits_and_errors() {
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     assert!(page_message(&response.text().await.unwrap()).contains("could not be read"));
     // Unknown pages.
-    let response = http
-        .get(format!("{}/nope", server.base))
-        .send()
-        .await
-        .unwrap();
+    let response = http.get(format!("{}/nope", server.base)).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
     // Security headers everywhere.
     let h = response.headers();
-    assert!(
-        h["content-security-policy"]
-            .to_str()
-            .unwrap()
-            .contains("frame-ancestors 'none'")
-    );
+    assert!(h["content-security-policy"].to_str().unwrap().contains("frame-ancestors 'none'"));
     assert_eq!(h["x-content-type-options"], "nosniff");
 }
 
 #[tokio::test]
 async fn a_slow_client_cannot_hold_a_connection_open_with_partial_headers() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let server =
-        TestServer::start_with(|c| c.limits.http_header_timeout = Duration::from_millis(300)).await;
-    let mut stream = tokio::net::TcpStream::connect(server.running.addr)
-        .await
-        .unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .unwrap();
+    let server = TestServer::start_with(|c| c.limits.http_header_timeout = Duration::from_millis(300)).await;
+    let mut stream = tokio::net::TcpStream::connect(server.running.addr).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
     let mut buf = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
-    assert!(
-        read.is_ok(),
-        "the server closed the connection after its header timeout"
-    );
+    assert!(read.is_ok(), "the server closed the connection after its header timeout");
 }
 
 #[tokio::test]
 async fn connections_beyond_the_cap_are_closed() {
     use tokio::io::AsyncReadExt as _;
     let server = TestServer::start_with(|c| c.max_connections = 2).await;
-    let _a = tokio::net::TcpStream::connect(server.running.addr)
-        .await
-        .unwrap();
-    let _b = tokio::net::TcpStream::connect(server.running.addr)
-        .await
-        .unwrap();
-    let mut c = tokio::net::TcpStream::connect(server.running.addr)
-        .await
-        .unwrap();
+    let _a = tokio::net::TcpStream::connect(server.running.addr).await.unwrap();
+    let _b = tokio::net::TcpStream::connect(server.running.addr).await.unwrap();
+    let mut c = tokio::net::TcpStream::connect(server.running.addr).await.unwrap();
     let mut buf = [0u8; 1];
-    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
-        .await
-        .unwrap()
-        .unwrap_or(0);
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await.unwrap().unwrap_or(0);
     assert_eq!(n, 0, "the third connection is closed at once");
 }
 
@@ -541,36 +299,23 @@ async fn a_busy_hashing_pool_answers_503_with_retry_after() {
     let attempts = (0..12).map(|i| {
         let client = server.client();
         async move {
-            let fields = [
-                ("username", format!("storm{i}")),
-                ("password", PASSWORD.into()),
-            ];
+            let fields = [("username", format!("storm{i}")), ("password", PASSWORD.into())];
             let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
             client.post_form("/login", &fields).await.unwrap()
         }
     });
     let responses = futures_util::future::join_all(attempts).await;
-    let busy: Vec<_> = responses
-        .iter()
-        .filter(|r| r.status() == StatusCode::SERVICE_UNAVAILABLE)
-        .collect();
-    assert!(
-        !busy.is_empty(),
-        "a queue of one cannot take twelve logins at once"
-    );
+    let busy: Vec<_> = responses.iter().filter(|r| r.status() == StatusCode::SERVICE_UNAVAILABLE).collect();
+    assert!(!busy.is_empty(), "a queue of one cannot take twelve logins at once");
     assert!(busy.iter().all(|r| r.headers().contains_key(RETRY_AFTER)));
 }
 
 #[tokio::test]
 async fn healthz_reports_the_database() {
     let server = TestServer::start().await;
-    let response = reqwest::get(format!("{}/healthz", server.base))
-        .await
-        .unwrap();
+    let response = reqwest::get(format!("{}/healthz", server.base)).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     server.running.app.db.close().await;
-    let response = reqwest::get(format!("{}/healthz", server.base))
-        .await
-        .unwrap();
+    let response = reqwest::get(format!("{}/healthz", server.base)).await.unwrap();
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
 }

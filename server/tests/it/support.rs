@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use rallypoint_server::client::Client;
 use rallypoint_server::config::{Config, Limits};
-use rallypoint_server::{Running, start};
+use rallypoint_server::{Running, start_game};
+use shared::arena::Arena;
 use tokio::net::TcpListener;
 
 pub const PASSWORD: &str = "correct horse battery";
@@ -29,12 +30,21 @@ impl TestServer {
 
     /// Starts a server on the database in `dir` (to restart one on the same data).
     pub async fn start_in(dir: tempfile::TempDir, adjust: impl FnOnce(&mut Config)) -> Self {
+        Self::start_game_in::<Arena>(dir, adjust).await
+    }
+
+    /// Starts a server whose rooms play `G`.
+    pub async fn start_game<G: shared::game::Game>(adjust: impl FnOnce(&mut Config)) -> Self {
+        Self::start_game_in::<G>(tempfile::tempdir().unwrap(), adjust).await
+    }
+
+    async fn start_game_in<G: shared::game::Game>(dir: tempfile::TempDir, adjust: impl FnOnce(&mut Config)) -> Self {
         let url = format!("sqlite://{}", dir.path().join("rp.db").display());
         let mut config = Config::new(url, dir.path());
         config.limits = test_limits();
         adjust(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let running = start(listener, config).await.unwrap();
+        let running = start_game::<G>(listener, config).await.unwrap();
         let base = format!("http://{}", running.addr);
         Self { running, base, dir }
     }
@@ -64,10 +74,7 @@ impl TestServer {
 
 /// Production limits, with hashing kept cheap in threads and timers short enough for tests.
 fn test_limits() -> Limits {
-    Limits {
-        hash_threads: 2,
-        ..Limits::default()
-    }
+    Limits { hash_threads: 2, ..Limits::default() }
 }
 
 pub const SECOND: Duration = Duration::from_secs(1);

@@ -1,0 +1,206 @@
+//! Match results and ratings: written by the hub, read by the pages.
+//!
+//! A finished match is written in one transaction: the match, its players, and their new
+//! Glicko-2 ratings. Every player's result counts as a game against each other player: won when
+//! ranked higher, lost when lower, drawn when level.
+
+use shared::game::Outcome;
+use shared::room::RatingChange;
+use skillratings::Outcomes;
+use skillratings::glicko2::{Glicko2Config, Glicko2Rating, glicko2_rating_period};
+
+use crate::db::{Db, unix_now};
+use crate::rooms::{RoomId, Seated};
+
+/// A fresh player's rating.
+pub const INITIAL_RATING: f64 = 1500.0;
+
+/// A user's rating in a mode (the initial rating when they have not played it).
+pub async fn rating(db: &Db, user_id: i64, mode: &str) -> Result<f64, sqlx::Error> {
+    let found: Option<f64> = sqlx::query_scalar("SELECT rating FROM ratings WHERE user_id = ? AND mode = ?")
+        .bind(user_id)
+        .bind(mode)
+        .fetch_optional(db)
+        .await?;
+    Ok(found.unwrap_or(INITIAL_RATING))
+}
+
+/// Records a finished match and returns each seat's rating change.
+pub async fn record(
+    db: &Db,
+    room: RoomId,
+    mode: &str,
+    players: &[Seated],
+    outcome: &Outcome,
+) -> Result<Vec<RatingChange>, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    let mut before = Vec::with_capacity(players.len());
+    for p in players {
+        let row: Option<(f64, f64, f64)> =
+            sqlx::query_as("SELECT rating, deviation, volatility FROM ratings WHERE user_id = ? AND mode = ?")
+                .bind(p.user_id)
+                .bind(mode)
+                .fetch_optional(&mut *tx)
+                .await?;
+        before.push(row.map_or_else(Glicko2Rating::new, |(rating, deviation, volatility)| Glicko2Rating {
+            rating,
+            deviation,
+            volatility,
+        }));
+    }
+    let after = new_ratings(&before, &outcome.ranks);
+    let match_id: i64 = sqlx::query_scalar(
+        "INSERT INTO matches (mode, room, end_reason, ticks, ended_at) VALUES (?, ?, ?, ?, ?) RETURNING id",
+    )
+    .bind(mode)
+    .bind(room.to_string())
+    .bind(outcome.reason.as_str())
+    .bind(i64::from(outcome.ticks))
+    .bind(unix_now())
+    .fetch_one(&mut *tx)
+    .await?;
+    for (seat, p) in players.iter().enumerate() {
+        let rank = outcome.ranks.get(seat).copied().unwrap_or(u8::MAX);
+        sqlx::query(
+            "INSERT INTO match_players (match_id, user_id, seat, rank, score, rating_before, rating_after)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(match_id)
+        .bind(p.user_id)
+        .bind(seat as i64)
+        .bind(i64::from(rank))
+        .bind(i64::from(outcome.scores.get(seat).copied().unwrap_or(0)))
+        .bind(before[seat].rating)
+        .bind(after[seat].rating)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO ratings (user_id, mode, rating, deviation, volatility, matches, wins)
+             VALUES (?, ?, ?, ?, ?, 1, ?)
+             ON CONFLICT (user_id, mode) DO UPDATE SET rating = excluded.rating, deviation = excluded.deviation,
+               volatility = excluded.volatility, matches = matches + 1, wins = wins + excluded.wins",
+        )
+        .bind(p.user_id)
+        .bind(mode)
+        .bind(after[seat].rating)
+        .bind(after[seat].deviation)
+        .bind(after[seat].volatility)
+        .bind(i64::from(rank == 1))
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| RatingChange { before: b.rating.round() as i32, after: a.rating.round() as i32 })
+        .collect())
+}
+
+/// Glicko-2 over one rating period in which each player met every other once.
+fn new_ratings(before: &[Glicko2Rating], ranks: &[u8]) -> Vec<Glicko2Rating> {
+    let config = Glicko2Config::new();
+    (0..before.len())
+        .map(|i| {
+            let results: Vec<(Glicko2Rating, Outcomes)> = (0..before.len())
+                .filter(|&j| j != i)
+                .map(|j| {
+                    let (ri, rj) = (ranks.get(i).copied().unwrap_or(u8::MAX), ranks.get(j).copied().unwrap_or(u8::MAX));
+                    let outcome = match ri.cmp(&rj) {
+                        std::cmp::Ordering::Less => Outcomes::WIN,
+                        std::cmp::Ordering::Greater => Outcomes::LOSS,
+                        std::cmp::Ordering::Equal => Outcomes::DRAW,
+                    };
+                    (before[j], outcome)
+                })
+                .collect();
+            glicko2_rating_period(&before[i], &results, &config)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn winners_gain_and_losers_lose() {
+        let before = vec![Glicko2Rating::new(); 3];
+        let after = new_ratings(&before, &[2, 1, 3]);
+        assert!(after[1].rating > after[0].rating && after[0].rating > after[2].rating);
+        assert!((after[0].rating - 1500.0).abs() < 1.0, "the middle player hardly moves");
+        let level = new_ratings(&before[..2], &[1, 1]);
+        assert!((level[0].rating - 1500.0).abs() < 1e-9 && level[0].deviation < 350.0, "a draw only tightens");
+    }
+}
+
+/// One match in a player's history.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct HistoryRow {
+    pub match_id: i64,
+    pub mode: String,
+    pub end_reason: String,
+    pub ended_at: i64,
+    pub rank: i64,
+    pub score: i64,
+    pub rating_before: f64,
+    pub rating_after: f64,
+    pub players: i64,
+    pub opponents: Option<String>,
+}
+
+/// A page of a player's matches, newest first; `per_page + 1` rows are read to tell whether a
+/// next page exists.
+pub async fn history(db: &Db, user_id: i64, page: u32, per_page: u32) -> Result<Vec<HistoryRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT m.id AS match_id, m.mode, m.end_reason, m.ended_at, mp.rank, mp.score, mp.rating_before,
+                mp.rating_after,
+                (SELECT COUNT(*) FROM match_players x WHERE x.match_id = m.id) AS players,
+                (SELECT group_concat(u.username, ', ') FROM match_players x JOIN users u ON u.id = x.user_id
+                  WHERE x.match_id = m.id AND x.user_id != mp.user_id) AS opponents
+         FROM match_players mp JOIN matches m ON m.id = mp.match_id
+         WHERE mp.user_id = ? ORDER BY m.id DESC LIMIT ? OFFSET ?",
+    )
+    .bind(user_id)
+    .bind(i64::from(per_page) + 1)
+    .bind(i64::from(page.saturating_sub(1)) * i64::from(per_page))
+    .fetch_all(db)
+    .await
+}
+
+/// A player's standing in one mode.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Standing {
+    pub user_id: i64,
+    pub username: String,
+    pub mode: String,
+    pub rating: f64,
+    pub deviation: f64,
+    pub matches: i64,
+    pub wins: i64,
+}
+
+/// A user's ratings in every mode they have played.
+pub async fn standings_of(db: &Db, user_id: i64) -> Result<Vec<Standing>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT r.user_id, u.username, r.mode, r.rating, r.deviation, r.matches, r.wins
+         FROM ratings r JOIN users u ON u.id = r.user_id WHERE r.user_id = ? ORDER BY r.mode",
+    )
+    .bind(user_id)
+    .fetch_all(db)
+    .await
+}
+
+/// A page of a mode's leaderboard, best first (`per_page + 1` rows, see [`history`]).
+pub async fn leaderboard(db: &Db, mode: &str, page: u32, per_page: u32) -> Result<Vec<Standing>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT r.user_id, u.username, r.mode, r.rating, r.deviation, r.matches, r.wins
+         FROM ratings r JOIN users u ON u.id = r.user_id WHERE r.mode = ?
+         ORDER BY r.rating DESC, r.matches DESC, u.username LIMIT ? OFFSET ?",
+    )
+    .bind(mode)
+    .bind(i64::from(per_page) + 1)
+    .bind(i64::from(page.saturating_sub(1)) * i64::from(per_page))
+    .fetch_all(db)
+    .await
+}

@@ -1,0 +1,267 @@
+//! Rooms: server-authoritative matches of a [`Game`], each run by one task at a fixed tick.
+//!
+//! Room tasks live in a pool: a task takes a match, plays it, reports the outcome, resets and
+//! goes back to the pool. The hub talks to rooms only through messages: it launches a match
+//! ([`Rooms::launch`]) and hears back through [`RoomEvent`]s. Players reach a room through a
+//! transport, with a signed ticket the hub gave them ([`Rooms::claim`]). Nothing here touches the
+//! hub's state or the database, so rooms could later run in a process of their own.
+
+mod room;
+pub mod ticket;
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use shared::game::{Game, MatchSetup, Mode, Outcome};
+use shared::room::RatingChange;
+use tokio::sync::{mpsc, oneshot};
+
+pub use ticket::{RoomId, Ticket, TicketError, TicketKey};
+
+use crate::transport::{Link, LinkId};
+
+/// Settings of every room, from the configuration.
+#[derive(Debug, Clone)]
+pub struct RoomConfig {
+    /// Ticks per second (10–60).
+    pub tick_hz: u16,
+    /// Most rooms playing at once.
+    pub max_rooms: usize,
+    /// Overrides every mode's time limit (for short matches in tests and demos).
+    pub time_limit_secs: Option<u16>,
+    /// How long a ticket is valid.
+    pub ticket_ttl: Duration,
+    /// How long a match waits for its players to take their seats.
+    pub claim_timeout: Duration,
+    /// How long a seat is kept for a player who dropped out.
+    pub seat_hold: Duration,
+    /// How long a room waits for the hub to record a result.
+    pub record_timeout: Duration,
+}
+
+impl Default for RoomConfig {
+    fn default() -> Self {
+        Self {
+            tick_hz: 30,
+            max_rooms: 1000,
+            time_limit_secs: None,
+            ticket_ttl: Duration::from_secs(30),
+            claim_timeout: Duration::from_secs(15),
+            seat_hold: Duration::from_secs(20),
+            record_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A player seated in a match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seated {
+    pub user_id: i64,
+    pub name: String,
+}
+
+/// What rooms tell the hub.
+#[derive(Debug)]
+pub enum RoomEvent {
+    /// A match ended: record it, then answer with the rating changes (by seat).
+    Finished {
+        room: RoomId,
+        mode: &'static str,
+        players: Vec<Seated>,
+        outcome: Outcome,
+        reply: oneshot::Sender<Vec<RatingChange>>,
+    },
+    /// A player gave up their seat (left, or stayed away too long); the match goes on.
+    SeatReleased { room: RoomId, user_id: i64 },
+    /// The match did not start (too few players took their seats).
+    Cancelled { room: RoomId, users: Vec<i64> },
+    /// The match stopped on a panic; nothing is recorded.
+    Crashed { room: RoomId, users: Vec<i64> },
+}
+
+/// Messages to a room task.
+#[derive(Debug)]
+pub enum RoomCommand {
+    Start(Assignment),
+    Claim(Claim),
+    /// A frame from a player's connection.
+    Frame {
+        link: LinkId,
+        frame: Bytes,
+    },
+    /// A player's connection closed.
+    Closed {
+        link: LinkId,
+    },
+    /// The server is stopping: close every connection and end.
+    Shutdown,
+}
+
+#[derive(Debug)]
+pub struct Assignment {
+    room: RoomId,
+    mode: &'static Mode,
+    players: Vec<Seated>,
+    setup: MatchSetup,
+}
+
+/// A transport asking for a seat, with a ticket it has verified.
+#[derive(Debug)]
+pub struct Claim {
+    pub ticket: Ticket,
+    pub link: Link,
+    pub reply: oneshot::Sender<Result<(), TicketError>>,
+}
+
+/// The pool is full: every room is playing.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("every room is busy")]
+pub struct RoomsFull;
+
+/// Counters for tests, metrics and benchmarks.
+#[derive(Debug, Default)]
+pub struct RoomStats {
+    pub matches_started: AtomicU64,
+    pub matches_finished: AtomicU64,
+    pub crashes: AtomicU64,
+    pub ticks: AtomicU64,
+    pub inputs_dropped: AtomicU64,
+    pub frames_malformed: AtomicU64,
+    pub snapshots_dropped: AtomicU64,
+}
+
+/// What room tasks share.
+struct Shared {
+    config: RoomConfig,
+    key: TicketKey,
+    events: mpsc::Sender<RoomEvent>,
+    idle: Mutex<Vec<u32>>,
+    stats: RoomStats,
+}
+
+type Spawner = dyn Fn(u32, mpsc::Receiver<RoomCommand>, Arc<Shared>) + Send + Sync;
+
+struct Inner {
+    shared: Arc<Shared>,
+    modes: &'static [Mode],
+    slots: RwLock<Vec<mpsc::Sender<RoomCommand>>>,
+    numbers: AtomicU32,
+    spawn: Box<Spawner>,
+}
+
+/// A cheap handle to the room pool.
+#[derive(Clone)]
+pub struct Rooms(Arc<Inner>);
+
+/// Room commands queued at most per room.
+const MAILBOX: usize = 1024;
+
+impl Rooms {
+    /// A pool of rooms running `G`; events go to `events`.
+    pub fn new<G: Game>(config: RoomConfig, key: TicketKey, events: mpsc::Sender<RoomEvent>) -> Self {
+        let shared = Arc::new(Shared { config, key, events, idle: Mutex::default(), stats: RoomStats::default() });
+        let spawn: Box<Spawner> = Box::new(|slot, rx, shared| {
+            tokio::spawn(room::run::<G>(slot, rx, shared));
+        });
+        Self(Arc::new(Inner { shared, modes: G::modes(), slots: RwLock::default(), numbers: AtomicU32::new(1), spawn }))
+    }
+
+    /// The game's modes.
+    pub fn modes(&self) -> &'static [Mode] {
+        self.0.modes
+    }
+
+    pub fn mode(&self, name: &str) -> Option<&'static Mode> {
+        self.0.modes.iter().find(|m| m.name == name)
+    }
+
+    pub fn stats(&self) -> &RoomStats {
+        &self.0.shared.stats
+    }
+
+    pub fn config(&self) -> &RoomConfig {
+        &self.0.shared.config
+    }
+
+    /// Starts a match in an idle room (or a new one, up to `max_rooms`).
+    pub fn launch(&self, mode: &'static Mode, players: Vec<Seated>, seed: u64) -> Result<RoomId, RoomsFull> {
+        let shared = &self.0.shared;
+        let idle = lock(&shared.idle).pop();
+        let slot = match idle {
+            Some(slot) => slot,
+            None => {
+                let mut slots = self.0.slots.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if slots.len() >= shared.config.max_rooms {
+                    return Err(RoomsFull);
+                }
+                let (tx, rx) = mpsc::channel(MAILBOX);
+                let slot = slots.len() as u32;
+                slots.push(tx);
+                (self.0.spawn)(slot, rx, Arc::clone(shared));
+                slot
+            }
+        };
+        let room = RoomId { slot, number: self.0.numbers.fetch_add(1, Ordering::Relaxed) };
+        let setup = MatchSetup {
+            players: players.len() as u8,
+            tick_hz: shared.config.tick_hz,
+            seed,
+            time_limit_secs: shared.config.time_limit_secs,
+        };
+        let start = RoomCommand::Start(Assignment { room, mode, players, setup });
+        match self.sender(slot).map(|tx| tx.try_send(start)) {
+            Some(Ok(())) => {
+                shared.stats.matches_started.fetch_add(1, Ordering::Relaxed);
+                Ok(room)
+            }
+            // An idle room always has room in its mailbox; give the slot back if not.
+            _ => {
+                lock(&shared.idle).push(slot);
+                Err(RoomsFull)
+            }
+        }
+    }
+
+    fn sender(&self, slot: u32) -> Option<mpsc::Sender<RoomCommand>> {
+        let slots = self.0.slots.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        slots.get(slot as usize).cloned()
+    }
+
+    /// A ticket for `user_id` to take `seat` in `room`.
+    pub fn ticket(&self, room: RoomId, user_id: i64, seat: u8) -> String {
+        let mut nonce = [0u8; 8];
+        crate::random::fill(&mut nonce);
+        let expires_ms = crate::db::unix_now_ms() + self.0.shared.config.ticket_ttl.as_millis() as i64;
+        self.0.shared.key.sign(&Ticket { room, user_id, seat, expires_ms, nonce: u64::from_le_bytes(nonce) })
+    }
+
+    /// Checks a ticket's signature and expiry, and that it belongs to `user_id`.
+    pub fn verify(&self, ticket: &str, user_id: i64) -> Result<Ticket, TicketError> {
+        let ticket = self.0.shared.key.verify(ticket, crate::db::unix_now_ms())?;
+        if ticket.user_id == user_id { Ok(ticket) } else { Err(TicketError::Foreign) }
+    }
+
+    /// Gives a verified ticket's seat to `link`. On success, returns the room's mailbox, where
+    /// the transport sends the client's frames.
+    pub async fn claim(&self, ticket: Ticket, link: Link) -> Result<mpsc::Sender<RoomCommand>, TicketError> {
+        let tx = self.sender(ticket.room.slot).ok_or(TicketError::Foreign)?;
+        let (reply, answer) = oneshot::channel();
+        tx.send(RoomCommand::Claim(Claim { ticket, link, reply })).await.map_err(|_| TicketError::Foreign)?;
+        answer.await.map_err(|_| TicketError::Foreign)??;
+        Ok(tx)
+    }
+
+    /// Stops every room task (their matches end without a result).
+    pub fn shutdown(&self) {
+        let slots = std::mem::take(&mut *self.0.slots.write().unwrap_or_else(std::sync::PoisonError::into_inner));
+        for slot in slots {
+            let _ = slot.try_send(RoomCommand::Shutdown);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

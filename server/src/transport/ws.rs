@@ -1,0 +1,126 @@
+//! The WebSocket transport for rooms (`/room`), and WebSocket helpers the hub shares.
+//!
+//! The first frame is a [`JoinRequest`] with the hub's ticket; once the room gives the seat to
+//! this connection, binary frames go to the room as they come, and the room's frames go out.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use shared::room::{JoinRequest, ROOM_PROTOCOL_VERSION, close};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+
+use super::{Link, ToClient, TransportKind};
+use crate::accounts::Session;
+use crate::config::Limits;
+use crate::rate::TokenBucket;
+use crate::rooms::{RoomCommand, Rooms};
+
+/// Writes one frame, giving up after `limit` (a client that does not read is dropped).
+pub async fn write(socket: &mut WebSocket, frame: Message, limit: Duration) -> bool {
+    matches!(timeout(limit, socket.send(frame)).await, Ok(Ok(())))
+}
+
+/// Sends a close frame (waiting at most a second) and lets the socket go.
+pub async fn close_with(mut socket: WebSocket, code: u16, reason: &str) {
+    let frame = Message::Close(Some(CloseFrame { code, reason: reason.into() }));
+    let _ = timeout(Duration::from_secs(1), socket.send(frame)).await;
+}
+
+/// A read error: `Some(1009)` for an oversized message (which deserves a close frame), `None`
+/// for anything else (the connection is gone).
+pub fn read_error_code(e: axum::Error) -> Option<u16> {
+    use tokio_tungstenite::tungstenite::Error;
+    match e.into_inner().downcast::<Error>() {
+        Ok(e) if matches!(*e, Error::Capacity(_)) => Some(1009),
+        _ => None,
+    }
+}
+
+/// Runs one player's room connection until it ends.
+pub async fn serve(mut socket: WebSocket, rooms: Rooms, session: Session, limits: Arc<Limits>) {
+    let first = match timeout(limits.ws_hello_timeout, socket.recv()).await {
+        Ok(Some(Ok(Message::Binary(frame)))) => JoinRequest::decode(&frame).ok(),
+        Ok(Some(Err(e))) => {
+            if let Some(code) = read_error_code(e) {
+                close_with(socket, code, "message too big").await;
+            }
+            return;
+        }
+        Ok(None | Some(Ok(Message::Close(_)))) => return,
+        _ => None,
+    };
+    let Some(join) = first else {
+        return close_with(socket, close::NO_JOIN, "expected a join request").await;
+    };
+    if join.version != ROOM_PROTOCOL_VERSION {
+        return close_with(socket, close::RELOAD, "protocol version changed: reload the page").await;
+    }
+    let ticket = match rooms.verify(&join.ticket, session.user.id) {
+        Ok(ticket) => ticket,
+        Err(e) => return close_with(socket, e.close_code(), &e.to_string()).await,
+    };
+    let (link, mut to_client) = Link::new(TransportKind::WebSocket);
+    let link_id = link.id;
+    let room = match rooms.claim(ticket, link).await {
+        Ok(room) => room,
+        Err(e) => return close_with(socket, e.close_code(), &e.to_string()).await,
+    };
+    tracing::debug!(link = link_id, room = %ticket.room, user = session.user.id, "room connection joined");
+    let end = pump(&mut socket, &room, link_id, &mut to_client, &limits).await;
+    // Tell the room, even if its mailbox is busy for a moment.
+    let _ = timeout(Duration::from_secs(1), room.send(RoomCommand::Closed { link: link_id })).await;
+    if let Some((code, reason)) = end {
+        close_with(socket, code, reason).await;
+    }
+}
+
+/// Moves frames both ways until one side ends; returns the close frame to send, if any.
+async fn pump(
+    socket: &mut WebSocket,
+    room: &mpsc::Sender<RoomCommand>,
+    link: u64,
+    to_client: &mut mpsc::Receiver<ToClient>,
+    limits: &Limits,
+) -> Option<(u16, &'static str)> {
+    let mut inbound = TokenBucket::new(limits.room_messages_per_second, limits.room_message_burst, Instant::now());
+    let mut strikes = 0;
+    let idle = tokio::time::sleep(limits.room_idle_timeout);
+    tokio::pin!(idle);
+    loop {
+        tokio::select! {
+            incoming = socket.recv() => {
+                idle.as_mut().reset(Instant::now() + limits.room_idle_timeout);
+                match incoming {
+                    None | Some(Ok(Message::Close(_))) => return None,
+                    Some(Err(e)) => return read_error_code(e).map(|code| (code, "message too big")),
+                    Some(Ok(Message::Binary(frame))) => {
+                        if !inbound.take(Instant::now()) {
+                            return Some((close::POLICY, "too many messages"));
+                        }
+                        // A full mailbox drops the frame, as a lost datagram would be.
+                        let _ = room.try_send(RoomCommand::Frame { link, frame });
+                    }
+                    Some(Ok(Message::Text(_))) => {
+                        strikes += 1;
+                        if strikes >= limits.ws_malformed_strikes {
+                            return Some((close::POLICY, "rooms speak binary"));
+                        }
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                }
+            }
+            out = to_client.recv() => match out {
+                Some(ToClient::Unreliable(frame) | ToClient::Reliable(frame)) => {
+                    if !write(socket, Message::Binary(frame), limits.ws_write_timeout).await {
+                        return None;
+                    }
+                }
+                Some(ToClient::Close(code, reason)) => return Some((code, reason)),
+                None => return Some((close::ROOM_FAILED, "the match stopped")),
+            },
+            () = &mut idle => return Some((close::POLICY, "idle timeout")),
+        }
+    }
+}

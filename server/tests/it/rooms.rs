@@ -1,0 +1,458 @@
+//! Matchmaking and rooms, with native clients playing through the same protocol as the browser.
+
+use std::time::Duration;
+
+use rallypoint_server::client::{Client, ClientError, FromRoom, Hub, Room};
+use rallypoint_server::config::Config;
+use shared::arena::{Arena, ArenaInput, ArenaRules, ArenaView};
+use shared::game::{Game, MatchSetup, Mode, Outcome, Seat};
+use shared::hub::{ClientMsg, ErrorCode, ServerMsg};
+use shared::room::{ToRoom, close};
+
+use crate::support::TestServer;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Short matches and timeouts, so that tests finish quickly.
+fn quick(c: &mut Config) {
+    c.rooms.time_limit_secs = Some(2);
+    c.rooms.claim_timeout = Duration::from_secs(3);
+    c.rooms.seat_hold = Duration::from_secs(1);
+}
+
+struct Player {
+    client: Client,
+    hub: Hub,
+}
+
+async fn player(server: &TestServer, name: &str) -> Player {
+    let client = server.user(name).await;
+    let hub = client.hub().await.unwrap();
+    Player { client, hub }
+}
+
+/// Queues for `mode` and waits for the ticket.
+async fn find_match(p: &mut Player, mode: &str) -> String {
+    p.hub.send(&ClientMsg::FindMatch { mode: mode.into() }).await.unwrap();
+    p.hub
+        .recv_until(WAIT, |m| match m {
+            ServerMsg::MatchFound { ticket, .. } => Some(ticket),
+            _ => None,
+        })
+        .await
+        .unwrap()
+}
+
+/// Plays (walking right, shooting) until the match ends; returns the outcome and ratings and
+/// the snapshots seen.
+async fn play_out(room: &mut Room<Arena>) -> (Outcome, Vec<shared::room::RatingChange>, u32) {
+    let mut seq = 0;
+    let mut snapshots = 0;
+    let mut every = tokio::time::interval(Duration::from_millis(33));
+    loop {
+        tokio::select! {
+            _ = every.tick() => {
+                seq += 1;
+                let input = ArenaInput { buttons: ArenaInput::RIGHT | ArenaInput::FIRE, aim_x: 100, aim_y: 0 };
+                room.send(&ToRoom::Inputs { first_seq: seq, tick: 0, inputs: vec![input] }).await.unwrap();
+            }
+            frame = room.recv_timeout(WAIT) => match frame.unwrap() {
+                FromRoom::<Arena>::Snapshot { .. } => snapshots += 1,
+                FromRoom::<Arena>::Ended { outcome, ratings } => return (outcome, ratings, snapshots),
+                _ => {}
+            },
+        }
+    }
+}
+
+async fn count(server: &TestServer, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(&server.running.app.db).await.unwrap()
+}
+
+#[tokio::test]
+async fn two_players_go_from_the_queue_to_a_recorded_result() {
+    let server = TestServer::start_with(quick).await;
+    let mut a = player(&server, "alice").await;
+    let mut b = player(&server, "bob").await;
+    let (ta, tb) = tokio::join!(find_match(&mut a, "duel"), find_match(&mut b, "duel"));
+    let mut ra = a.client.room::<Arena>(&ta).await.unwrap();
+    let mut rb = b.client.room::<Arena>(&tb).await.unwrap();
+    assert_eq!(ra.players, rb.players);
+    assert_ne!(ra.seat, rb.seat);
+    assert_eq!(ra.tick_hz, 30);
+    let ((oa, rating_a, snaps_a), (ob, _, snaps_b)) = tokio::join!(play_out(&mut ra), play_out(&mut rb));
+    assert_eq!(oa, ob);
+    assert!(snaps_a > 30 && snaps_b > 30, "about 60 ticks of snapshots: {snaps_a}, {snaps_b}");
+    assert_eq!(rating_a.len(), 2);
+    assert!(rating_a.iter().all(|r| r.before == 1500));
+    // One match, its two players and their two ratings, all in the database.
+    assert_eq!(count(&server, "SELECT COUNT(*) FROM matches").await, 1);
+    assert_eq!(count(&server, "SELECT COUNT(*) FROM match_players").await, 2);
+    assert_eq!(count(&server, "SELECT COUNT(*) FROM ratings WHERE mode = 'duel' AND matches = 1").await, 2);
+    // Both are free to queue again.
+    let stats = server.running.app.hub.stats().await.unwrap();
+    assert_eq!((stats.playing, stats.queued), (0, 0));
+    a.hub.send(&ClientMsg::FindMatch { mode: "duel".into() }).await.unwrap();
+    let queued = a.hub.recv_until(WAIT, |m| matches!(m, ServerMsg::Queued { .. }).then_some(())).await;
+    assert!(queued.is_ok());
+}
+
+#[tokio::test]
+async fn snapshots_carry_the_last_input_applied_and_only_what_the_player_sees() {
+    let server = TestServer::start_with(quick).await;
+    let mut a = player(&server, "seer").await;
+    let mut b = player(&server, "seen").await;
+    let (ta, tb) = tokio::join!(find_match(&mut a, "duel"), find_match(&mut b, "duel"));
+    let mut ra = a.client.room::<Arena>(&ta).await.unwrap();
+    let _rb = b.client.room::<Arena>(&tb).await.unwrap();
+    // Like a browser, start sending once play has started (the first snapshot).
+    while !matches!(ra.recv_timeout(WAIT).await.unwrap(), FromRoom::<Arena>::Snapshot { .. }) {}
+    // Three inputs at once: two are taken this tick, the third is dropped and, as a client
+    // does with whatever is not acknowledged, sent again.
+    let input = ArenaInput { buttons: ArenaInput::DOWN, aim_x: 1, aim_y: 0 };
+    let mut acks = Vec::new();
+    while acks.last() != Some(&3) {
+        let first_seq = acks.last().map_or(1, |a| a + 1);
+        let inputs = vec![input; (4 - first_seq) as usize];
+        ra.send(&ToRoom::Inputs { first_seq, tick: 0, inputs }).await.unwrap();
+        if let FromRoom::<Arena>::Snapshot { ack, view, .. } = ra.recv_timeout(WAIT).await.unwrap() {
+            assert!(view.others.iter().all(|o| o.seat != ra.seat), "never yourself among the others");
+            assert_eq!(view.scores.len(), 2);
+            assert!(ack <= 3);
+            acks.push(ack);
+        }
+    }
+    let stats = server.running.app.hub.rooms().stats();
+    assert!(stats.inputs_dropped.load(std::sync::atomic::Ordering::Relaxed) >= 1, "the third of the first three");
+}
+
+async fn closed_with(result: Result<Room<Arena>, ClientError>) -> u16 {
+    match result {
+        Err(ClientError::Closed { code, .. }) => code,
+        Err(other) => panic!("expected a close, got {other}"),
+        Ok(_) => panic!("expected a close, got a seat"),
+    }
+}
+
+#[tokio::test]
+async fn forged_expired_reused_and_foreign_tickets_are_refused() {
+    let server = TestServer::start_with(quick).await;
+    let mut a = player(&server, "holder").await;
+    let mut b = player(&server, "other").await;
+    let (ta, _tb) = tokio::join!(find_match(&mut a, "duel"), find_match(&mut b, "duel"));
+
+    // Forged: a flipped byte in the signature, or garbage.
+    let mut forged = ta.clone().into_bytes();
+    let last = forged.len() - 2;
+    forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
+    assert_eq!(closed_with(a.client.room::<Arena>(&forged).await).await, close::TICKET_FORGED);
+    assert_eq!(closed_with(a.client.room::<Arena>("not a ticket").await).await, close::TICKET_FORGED);
+    // Foreign: someone else's ticket.
+    assert_eq!(closed_with(b.client.room::<Arena>(&ta).await).await, close::TICKET_FOREIGN);
+    // Used: the first use takes the seat, the second is refused.
+    let seat = a.client.room::<Arena>(&ta).await.unwrap();
+    assert_eq!(closed_with(a.client.room::<Arena>(&ta).await).await, close::TICKET_USED);
+    drop(seat);
+
+    // Expired: a server whose tickets last no time.
+    let server = TestServer::start_with(|c| {
+        quick(c);
+        c.rooms.ticket_ttl = Duration::ZERO;
+    })
+    .await;
+    let mut a = player(&server, "late1").await;
+    let mut b = player(&server, "late2").await;
+    let (ta, _) = tokio::join!(find_match(&mut a, "duel"), find_match(&mut b, "duel"));
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(closed_with(a.client.room::<Arena>(&ta).await).await, close::TICKET_EXPIRED);
+}
+
+#[tokio::test]
+async fn the_room_door_needs_a_session_a_same_site_origin_and_a_join_first() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let server = TestServer::start_with(quick).await;
+    let anonymous = server.client();
+    let refused = tokio_tungstenite::connect_async(anonymous.room_request().unwrap()).await;
+    assert!(matches!(refused, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 401));
+    let user = server.user("doorman").await;
+    let mut request = user.room_request().unwrap();
+    request.headers_mut().insert("origin", "http://evil.test".parse().unwrap());
+    let refused = tokio_tungstenite::connect_async(request).await;
+    assert!(matches!(refused, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 403));
+    // Text instead of a join request.
+    let (mut socket, _) = tokio_tungstenite::connect_async(user.room_request().unwrap()).await.unwrap();
+    socket.send(Message::text("hello?")).await.unwrap();
+    match socket.next().await.unwrap().unwrap() {
+        Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), close::NO_JOIN),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn malformed_frames_are_dropped_counted_and_repeated_ones_close_the_connection() {
+    let server = TestServer::start_with(quick).await;
+    let mut a = player(&server, "garbler").await;
+    let mut b = player(&server, "victim").await;
+    let (ta, tb) = tokio::join!(find_match(&mut a, "duel"), find_match(&mut b, "duel"));
+    let mut ra = a.client.room::<Arena>(&ta).await.unwrap();
+    let mut rb = b.client.room::<Arena>(&tb).await.unwrap();
+    let stats = server.running.app.hub.rooms().stats();
+    ra.send_raw(vec![0, 255, 255, 255, 255, 255]).await.unwrap();
+    // Still playing: snapshots keep coming.
+    while !matches!(ra.recv_timeout(WAIT).await.unwrap(), FromRoom::<Arena>::Snapshot { .. }) {}
+    assert_eq!(stats.frames_malformed.load(std::sync::atomic::Ordering::Relaxed), 1);
+    for _ in 0..20 {
+        if ra.send_raw(vec![9; 40]).await.is_err() {
+            break;
+        }
+    }
+    let closed = loop {
+        match ra.recv_timeout(WAIT).await {
+            Ok(_) => {}
+            Err(ClientError::Closed { code, .. }) => break code,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(closed, close::POLICY);
+    // An oversized frame: 1009.
+    rb.send_raw(vec![0; 2048]).await.unwrap();
+    let closed = loop {
+        match rb.recv_timeout(WAIT).await {
+            Ok(_) => {}
+            Err(ClientError::Closed { code, .. }) => break code,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(closed, close::TOO_BIG);
+}
+
+#[tokio::test]
+async fn inputs_far_ahead_or_far_behind_are_dropped_and_counted() {
+    let server = TestServer::start_with(quick).await;
+    let mut a = player(&server, "cheater").await;
+    let mut b = player(&server, "honest").await;
+    let (ta, tb) = tokio::join!(find_match(&mut a, "duel"), find_match(&mut b, "duel"));
+    let mut ra = a.client.room::<Arena>(&ta).await.unwrap();
+    let _rb = b.client.room::<Arena>(&tb).await.unwrap();
+    let input = ArenaInput { buttons: ArenaInput::RIGHT, aim_x: 1, aim_y: 0 };
+    // Wait for play to start, then send inputs far ahead in sequence and far off in time.
+    while !matches!(ra.recv_timeout(WAIT).await.unwrap(), FromRoom::<Arena>::Snapshot { .. }) {}
+    ra.send(&ToRoom::Inputs { first_seq: 1_000_000, tick: 0, inputs: vec![input] }).await.unwrap();
+    ra.send(&ToRoom::Inputs { first_seq: 1, tick: 1_000_000, inputs: vec![input; 3] }).await.unwrap();
+    let stats = server.running.app.hub.rooms().stats();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    // The room counts the drops as it takes the frames; snapshots show none was applied.
+    loop {
+        if let FromRoom::<Arena>::Snapshot { ack, .. } = ra.recv_timeout(WAIT).await.unwrap() {
+            assert_eq!(ack, 0, "no dropped input was applied");
+            if stats.inputs_dropped.load(std::sync::atomic::Ordering::Relaxed) >= 4 {
+                break;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+    }
+}
+
+#[tokio::test]
+async fn a_reloaded_tab_goes_back_to_its_seat_and_an_empty_seat_is_given_up() {
+    let server = TestServer::start_with(|c| {
+        quick(c);
+        c.rooms.time_limit_secs = Some(30);
+        c.rooms.seat_hold = Duration::from_secs(2);
+    })
+    .await;
+    let mut a = player(&server, "reloader").await;
+    let mut b = player(&server, "stayer").await;
+    let (ta, tb) = tokio::join!(find_match(&mut a, "duel"), find_match(&mut b, "duel"));
+    let ra = a.client.room::<Arena>(&ta).await.unwrap();
+    let mut rb = b.client.room::<Arena>(&tb).await.unwrap();
+    let seat = ra.seat;
+    // "Reload": both sockets go, and a new hub connection is sent back into the match.
+    ra.close().await;
+    drop(a.hub);
+    let mut hub = a.client.hub().await.unwrap();
+    let ticket = hub
+        .recv_until(WAIT, |m| match m {
+            ServerMsg::MatchFound { ticket, .. } => Some(ticket),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    assert_ne!(ticket, ta, "a fresh ticket");
+    let back = a.client.room::<Arena>(&ticket).await.unwrap();
+    assert_eq!(back.seat, seat, "the same seat");
+    // Now leave for good: after the seat hold, the other player wins by forfeit.
+    back.close().await;
+    let (outcome, ratings) = loop {
+        if let FromRoom::<Arena>::Ended { outcome, ratings } = rb.recv_timeout(WAIT).await.unwrap() {
+            break (outcome, ratings);
+        }
+    };
+    assert_eq!(outcome.reason, shared::game::EndReason::Forfeit);
+    assert_eq!(outcome.ranks[usize::from(rb.seat)], 1);
+    assert!(ratings[usize::from(rb.seat)].after > ratings[usize::from(rb.seat)].before);
+}
+
+#[tokio::test]
+async fn nobody_is_queued_twice_and_leaving_the_lobby_leaves_the_queue() {
+    let server = TestServer::start_with(quick).await;
+    let mut a = player(&server, "eager").await;
+    a.hub.send(&ClientMsg::FindMatch { mode: "nonsense".into() }).await.unwrap();
+    let refused = a.hub.recv_until(WAIT, |m| matches!(m, ServerMsg::Error { .. }).then_some(m)).await.unwrap();
+    assert!(matches!(refused, ServerMsg::Error { code: ErrorCode::UnknownMode, .. }));
+    a.hub.send(&ClientMsg::FindMatch { mode: "ffa".into() }).await.unwrap();
+    a.hub.send(&ClientMsg::FindMatch { mode: "duel".into() }).await.unwrap();
+    let refused = a.hub.recv_until(WAIT, |m| matches!(m, ServerMsg::Error { .. }).then_some(m)).await.unwrap();
+    assert!(matches!(refused, ServerMsg::Error { code: ErrorCode::AlreadyBusy, .. }));
+    // Another tab of the same user cannot queue either.
+    let mut tab = a.client.hub().await.unwrap();
+    tab.send(&ClientMsg::FindMatch { mode: "duel".into() }).await.unwrap();
+    let refused = tab.recv_until(WAIT, |m| matches!(m, ServerMsg::Error { .. }).then_some(m)).await.unwrap();
+    assert!(matches!(refused, ServerMsg::Error { code: ErrorCode::AlreadyBusy, .. }));
+    assert_eq!(server.running.app.hub.stats().await.unwrap().queued, 1);
+    // Cancel, queue again, then close the tab that queued: out of the queue.
+    a.hub.send(&ClientMsg::CancelMatch).await.unwrap();
+    a.hub.recv_until(WAIT, |m| matches!(m, ServerMsg::Unqueued).then_some(())).await.unwrap();
+    a.hub.send(&ClientMsg::CancelMatch).await.unwrap();
+    let refused = a.hub.recv_until(WAIT, |m| matches!(m, ServerMsg::Error { .. }).then_some(m)).await.unwrap();
+    assert!(matches!(refused, ServerMsg::Error { code: ErrorCode::NotQueued, .. }));
+    a.hub.send(&ClientMsg::FindMatch { mode: "duel".into() }).await.unwrap();
+    a.hub.recv_until(WAIT, |m| matches!(m, ServerMsg::Queued { .. }).then_some(())).await.unwrap();
+    a.hub.close().await;
+    tab.send(&ClientMsg::FindMatch { mode: "duel".into() }).await.unwrap();
+    tab.recv_until(WAIT, |m| matches!(m, ServerMsg::Queued { .. }).then_some(())).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_match_whose_players_do_not_come_is_cancelled() {
+    let server = TestServer::start_with(|c| {
+        quick(c);
+        c.rooms.claim_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let mut a = player(&server, "early").await;
+    let mut b = player(&server, "absent").await;
+    let (ta, _) = tokio::join!(find_match(&mut a, "duel"), find_match(&mut b, "duel"));
+    let mut ra = a.client.room::<Arena>(&ta).await.unwrap();
+    let message = a
+        .hub
+        .recv_until(WAIT, |m| match m {
+            ServerMsg::MatchAborted { message } => Some(message),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    assert!(message.contains("Too few players"), "{message}");
+    assert!(matches!(ra.recv_timeout(WAIT).await, Err(ClientError::Closed { code: close::MATCH_OVER, .. })));
+    assert_eq!(server.running.app.hub.stats().await.unwrap().playing, 0);
+}
+
+/// The arena, except that an input with every button pressed makes it panic.
+struct Fragile(Arena);
+
+impl Game for Fragile {
+    type Input = ArenaInput;
+    type View = ArenaView;
+    type Own = <Arena as Game>::Own;
+    type Rules = ArenaRules;
+
+    fn modes() -> &'static [Mode] {
+        Arena::modes()
+    }
+    fn new(mode: &Mode, setup: &MatchSetup) -> Self {
+        Self(Arena::new(mode, setup))
+    }
+    fn step(&mut self, inputs: &[&[ArenaInput]]) {
+        assert!(!inputs.iter().flat_map(|i| i.iter()).any(|i| i.buttons == u8::MAX), "deliberate panic");
+        self.0.step(inputs);
+    }
+    fn set_present(&mut self, seat: Seat, present: bool) {
+        self.0.set_present(seat, present);
+    }
+    fn view(&self, seat: Seat) -> ArenaView {
+        self.0.view(seat)
+    }
+    fn outcome(&self) -> Option<Outcome> {
+        self.0.outcome()
+    }
+    fn tick(&self) -> u32 {
+        self.0.tick()
+    }
+    fn state_hash(&self) -> u64 {
+        self.0.state_hash()
+    }
+    fn rules(&self) -> ArenaRules {
+        self.0.rules()
+    }
+    fn own(view: &ArenaView) -> Self::Own {
+        Arena::own(view)
+    }
+    fn predict(rules: &ArenaRules, own: &mut Self::Own, input: &ArenaInput) {
+        Arena::predict(rules, own, input);
+    }
+    fn divergence(a: &Self::Own, b: &Self::Own) -> u32 {
+        Arena::divergence(a, b)
+    }
+}
+
+#[tokio::test]
+async fn a_panic_in_one_room_ends_that_room_only() {
+    let server = TestServer::start_game::<Fragile>(|c| {
+        quick(c);
+        c.rooms.time_limit_secs = Some(30);
+    })
+    .await;
+    let mut players = Vec::new();
+    for name in ["crash1", "crash2", "calm1", "calm2"] {
+        players.push(player(&server, name).await);
+    }
+    let mut tickets = Vec::new();
+    for pair in players.chunks_mut(2) {
+        let (p, q) = pair.split_at_mut(1);
+        let (tp, tq) = tokio::join!(find_match(&mut p[0], "duel"), find_match(&mut q[0], "duel"));
+        tickets.push(tp);
+        tickets.push(tq);
+    }
+    let mut rooms = Vec::new();
+    for (p, ticket) in players.iter().zip(&tickets) {
+        rooms.push(p.client.room::<Fragile>(ticket).await.unwrap());
+    }
+    while !matches!(rooms[0].recv_timeout(WAIT).await.unwrap(), FromRoom::<Fragile>::Snapshot { .. }) {}
+    let bomb = ArenaInput { buttons: u8::MAX, aim_x: 0, aim_y: 0 };
+    rooms[0].send(&ToRoom::Inputs { first_seq: 1, tick: 0, inputs: vec![bomb] }).await.unwrap();
+    // The crashed room's players are told, and their room connection closes.
+    for p in &mut players[..2] {
+        let message = p
+            .hub
+            .recv_until(WAIT, |m| match m {
+                ServerMsg::MatchAborted { message } => Some(message),
+                _ => None,
+            })
+            .await
+            .unwrap();
+        assert!(message.contains("server error"), "{message}");
+    }
+    let closed = loop {
+        match rooms[1].recv_timeout(WAIT).await {
+            Ok(_) => {}
+            Err(ClientError::Closed { code, .. }) => break code,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(closed, close::ROOM_FAILED);
+    // The other room keeps ticking.
+    let mut ticks = Vec::new();
+    while ticks.len() < 30 {
+        if let FromRoom::<Fragile>::Snapshot { tick, .. } = rooms[2].recv_timeout(WAIT).await.unwrap() {
+            ticks.push(tick);
+        }
+    }
+    assert!(ticks.windows(2).all(|w| w[1] > w[0]));
+    let stats = server.running.app.hub.rooms().stats();
+    assert_eq!(stats.crashes.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // And the crashed players can play again.
+    let hub_stats = server.running.app.hub.stats().await.unwrap();
+    assert_eq!(hub_stats.playing, 2);
+}
