@@ -126,7 +126,7 @@ async fn snapshots_carry_the_last_input_applied_and_only_what_the_player_sees() 
     assert!(stats.inputs_dropped.load(std::sync::atomic::Ordering::Relaxed) >= 1, "the third of the first three");
 }
 
-async fn closed_with(result: Result<Room<Arena>, ClientError>) -> u16 {
+fn closed_with(result: Result<Room<Arena>, ClientError>) -> u16 {
     match result {
         Err(ClientError::Closed { code, .. }) => code,
         Err(other) => panic!("expected a close, got {other}"),
@@ -146,13 +146,13 @@ async fn forged_expired_reused_and_foreign_tickets_are_refused() {
     let last = forged.len() - 2;
     forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
     let forged = String::from_utf8(forged).unwrap();
-    assert_eq!(closed_with(a.client.room::<Arena>(&forged).await).await, close::TICKET_FORGED);
-    assert_eq!(closed_with(a.client.room::<Arena>("not a ticket").await).await, close::TICKET_FORGED);
+    assert_eq!(closed_with(a.client.room::<Arena>(&forged).await), close::TICKET_FORGED);
+    assert_eq!(closed_with(a.client.room::<Arena>("not a ticket").await), close::TICKET_FORGED);
     // Foreign: someone else's ticket.
-    assert_eq!(closed_with(b.client.room::<Arena>(&ta).await).await, close::TICKET_FOREIGN);
+    assert_eq!(closed_with(b.client.room::<Arena>(&ta).await), close::TICKET_FOREIGN);
     // Used: the first use takes the seat, the second is refused.
     let seat = a.client.room::<Arena>(&ta).await.unwrap();
-    assert_eq!(closed_with(a.client.room::<Arena>(&ta).await).await, close::TICKET_USED);
+    assert_eq!(closed_with(a.client.room::<Arena>(&ta).await), close::TICKET_USED);
     drop(seat);
 
     // Expired: a server whose tickets last no time.
@@ -165,7 +165,7 @@ async fn forged_expired_reused_and_foreign_tickets_are_refused() {
     let mut b = player(&server, "late2").await;
     let (ta, _) = tokio::join!(find_match(&mut a, "duel"), find_match(&mut b, "duel"));
     tokio::time::sleep(Duration::from_millis(5)).await;
-    assert_eq!(closed_with(a.client.room::<Arena>(&ta).await).await, close::TICKET_EXPIRED);
+    assert_eq!(closed_with(a.client.room::<Arena>(&ta).await), close::TICKET_EXPIRED);
 }
 
 #[tokio::test]
