@@ -37,3 +37,14 @@ pub fn socket_url(path: &str) -> Result<String, JsValue> {
     let scheme = if location.protocol()? == "https:" { "wss" } else { "ws" };
     Ok(format!("{scheme}://{}{path}", location.host()?))
 }
+
+/// Milliseconds on the page's monotonic clock.
+pub fn now_ms() -> f64 {
+    window().performance().map_or_else(js_sys::Date::now, |p| p.now())
+}
+
+/// Runs `f` after `ms` milliseconds.
+pub fn later(ms: i32, f: impl FnOnce() + 'static) {
+    let callback = wasm_bindgen::closure::Closure::once_into_js(f);
+    let _ = window().set_timeout_with_callback_and_timeout_and_arguments_0(callback.unchecked_ref(), ms);
+}

@@ -2,6 +2,7 @@
 //! the hub WebSocket and keeps the page live. All protocol types come from `shared`.
 
 mod dom;
+mod game;
 mod lobby;
 
 use std::cell::RefCell;
@@ -23,4 +24,17 @@ pub fn start() -> Result<(), JsValue> {
         lobby::connect(lobby);
     }
     Ok(())
+}
+
+/// Reconnects the hub, which gives a player who still has a seat a fresh ticket.
+pub(crate) fn reconnect_hub() {
+    if let Some(lobby) = LOBBY.with(|slot| slot.borrow().clone()) {
+        lobby.reconnect();
+    }
+}
+
+/// The current match as JSON (see `game::state_json`); `null` outside a match.
+#[wasm_bindgen]
+pub fn game_state() -> String {
+    game::state_json()
 }

@@ -4,7 +4,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use shared::hub::{ChatLine, ClientMsg, PROTOCOL_VERSION, ServerMsg, UserSummary, close};
+use shared::hub::{ChatLine, ClientMsg, ErrorCode, PROTOCOL_VERSION, ServerMsg, UserSummary, close};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{
@@ -29,6 +29,11 @@ pub struct Lobby {
     online_list: HtmlElement,
     online_count: HtmlElement,
     title: HtmlElement,
+    find_match: HtmlElement,
+    cancel_match: HtmlElement,
+    queue_status: HtmlElement,
+    notice: HtmlElement,
+    panels: HtmlElement,
     state: RefCell<State>,
 }
 
@@ -42,6 +47,9 @@ struct State {
     failures: u32,
     ping: Option<(u32, f64)>,
     next_ping_id: u32,
+    /// When the queue wait started (page clock) and for which mode, while queued.
+    queued: Option<(String, f64)>,
+    connected: bool,
 }
 
 impl Lobby {
@@ -56,6 +64,11 @@ impl Lobby {
             Some(online_list),
             Some(online_count),
             Some(title),
+            Some(find_match),
+            Some(cancel_match),
+            Some(queue_status),
+            Some(notice),
+            Some(panels),
         ) = (
             dom::by_id("status"),
             dom::by_id("chat-log"),
@@ -65,6 +78,11 @@ impl Lobby {
             dom::by_id("online-list"),
             dom::by_id("online-count"),
             dom::by_id("lobby-name"),
+            dom::by_id("find-match"),
+            dom::by_id("cancel-match"),
+            dom::by_id("queue-status"),
+            dom::by_id("match-notice"),
+            dom::by_id("lobby"),
         )
         else {
             return Ok(None);
@@ -78,6 +96,11 @@ impl Lobby {
             online_list,
             online_count,
             title,
+            find_match,
+            cancel_match,
+            queue_status,
+            notice,
+            panels,
             state: RefCell::default(),
         });
         let weak = Rc::downgrade(&lobby);
@@ -90,7 +113,100 @@ impl Lobby {
         lobby.chat_form.add_event_listener_with_callback("submit", on_submit.as_ref().unchecked_ref())?;
         // The form lives as long as the page.
         on_submit.forget();
+        lobby.on_click("find-match", Self::find_match)?;
+        lobby.on_click("cancel-match", |l| l.send(&ClientMsg::CancelMatch))?;
+        lobby.on_click("back-to-lobby", |_| crate::game::back_to_lobby())?;
+        let weak = Rc::downgrade(&lobby);
+        let tick = Closure::<dyn FnMut()>::new(move || {
+            if let Some(lobby) = weak.upgrade() {
+                lobby.show_queue();
+            }
+        });
+        dom::window().set_interval_with_callback_and_timeout_and_arguments_0(tick.as_ref().unchecked_ref(), 1000)?;
+        tick.forget();
         Ok(Some(lobby))
+    }
+
+    fn on_click(self: &Rc<Self>, id: &str, f: impl Fn(&Rc<Self>) + 'static) -> Result<(), JsValue> {
+        let Some(el) = dom::by_id::<HtmlElement>(id) else { return Ok(()) };
+        let weak = Rc::downgrade(self);
+        let callback = Closure::<dyn FnMut()>::new(move || {
+            if let Some(lobby) = weak.upgrade() {
+                f(&lobby);
+            }
+        });
+        el.add_event_listener_with_callback("click", callback.as_ref().unchecked_ref())?;
+        callback.forget();
+        Ok(())
+    }
+
+    fn find_match(self: &Rc<Self>) {
+        let mode = dom::document()
+            .query_selector("input[name='mode']:checked")
+            .ok()
+            .flatten()
+            .and_then(|e| e.dyn_into::<HtmlInputElement>().ok())
+            .map(|i| i.value());
+        if let Some(mode) = mode {
+            self.set_notice(None);
+            self.send(&ClientMsg::FindMatch { mode });
+        }
+    }
+
+    fn set_notice(&self, message: Option<&str>) {
+        self.notice.set_text_content(message);
+        self.notice.set_hidden(message.is_none());
+    }
+
+    /// Shows the queue state: the buttons and the time waited so far.
+    fn show_queue(&self) {
+        let state = self.state.borrow();
+        let playing = crate::game::active();
+        let _ = self.find_match.toggle_attribute_with_force("disabled", !state.connected || playing);
+        self.find_match.set_hidden(state.queued.is_some());
+        self.cancel_match.set_hidden(state.queued.is_none());
+        match &state.queued {
+            Some((mode, since)) => {
+                let secs = ((dom::now_ms() - since) / 1000.0).max(0.0) as u64;
+                let text = format!("Looking for a {mode} match… {}:{:02}", secs / 60, secs % 60);
+                self.queue_status.set_text_content(Some(&text));
+                let _ = self.queue_status.set_attribute("data-state", "queued");
+            }
+            None => {
+                self.queue_status.set_text_content(None);
+                let _ = self.queue_status.set_attribute("data-state", "idle");
+            }
+        }
+    }
+
+    /// Enters a match: the lobby hides and the game view takes its place.
+    fn enter_match(self: &Rc<Self>, ticket: String) {
+        self.state.borrow_mut().queued = None;
+        self.panels.set_hidden(true);
+        let weak = Rc::downgrade(self);
+        let started = crate::game::start(ticket, move |message| {
+            if let Some(lobby) = weak.upgrade() {
+                lobby.panels.set_hidden(false);
+                lobby.set_notice(message.as_deref());
+                lobby.show_queue();
+            }
+        });
+        if let Err(e) = started {
+            web_sys::console::error_1(&e);
+            self.panels.set_hidden(false);
+        }
+        self.show_queue();
+    }
+
+    /// Closes the hub connection and opens a new one (which sends a fresh ticket to a player
+    /// who still has a seat in a match).
+    pub fn reconnect(self: &Rc<Self>) {
+        let socket = self.state.borrow_mut().socket.take();
+        if let Some(socket) = socket {
+            socket.set_onclose(None);
+            let _ = socket.close();
+        }
+        connect(Rc::clone(self));
     }
 
     fn set_status(&self, state: &str, text: &str) {
@@ -98,6 +214,8 @@ impl Lobby {
         let _ = self.status.set_attribute("data-state", state);
         self.status.set_class_name(&format!("status {state}"));
         let connected = state == "online";
+        self.state.borrow_mut().connected = connected;
+        self.show_queue();
         self.chat_input.set_disabled(!connected);
         if let Some(button) = self.chat_form.query_selector("button").ok().flatten() {
             let _ = button.toggle_attribute_with_force("disabled", !connected);
@@ -133,6 +251,7 @@ impl Lobby {
                     state.me = Some(me.id);
                     state.online.clear();
                     state.failures = 0;
+                    state.queued = None;
                 }
                 self.set_status("online", "Online");
                 self.title.set_text_content(Some(&format!("Lobby {lobby}")));
@@ -152,7 +271,27 @@ impl Lobby {
             }
             ServerMsg::Chat(line) => self.append_chat(&line),
             ServerMsg::Pong { id } => self.on_pong(id),
-            ServerMsg::Error { message, .. } => self.show_error(Some(&message)),
+            ServerMsg::Error { code, message } => match code {
+                ErrorCode::UnknownMode | ErrorCode::AlreadyBusy | ErrorCode::NotQueued => {
+                    self.set_notice(Some(&message));
+                }
+                _ => self.show_error(Some(&message)),
+            },
+            ServerMsg::Queued { mode, waited_ms } => {
+                self.state.borrow_mut().queued = Some((mode, dom::now_ms() - waited_ms as f64));
+                self.show_queue();
+            }
+            ServerMsg::Unqueued => {
+                self.state.borrow_mut().queued = None;
+                self.show_queue();
+            }
+            ServerMsg::MatchFound { ticket, .. } => self.enter_match(ticket),
+            ServerMsg::MatchAborted { message } => {
+                crate::game::stop();
+                self.panels.set_hidden(false);
+                self.set_notice(Some(&message));
+                self.show_queue();
+            }
             ServerMsg::Reload { .. } => {
                 self.set_status("reload", "A new version is out: reload the page");
             }
@@ -209,7 +348,7 @@ impl Lobby {
             let mut state = self.state.borrow_mut();
             state.next_ping_id = state.next_ping_id.wrapping_add(1);
             let id = state.next_ping_id;
-            state.ping = Some((id, now_ms()));
+            state.ping = Some((id, dom::now_ms()));
             id
         };
         self.send(&ClientMsg::Ping { id });
@@ -218,10 +357,10 @@ impl Lobby {
     fn on_pong(self: &Rc<Self>, id: u32) {
         let sent = self.state.borrow().ping.filter(|(pid, _)| *pid == id).map(|(_, at)| at);
         if let Some(sent) = sent {
-            self.status.set_text_content(Some(&format!("Online · {} ms", (now_ms() - sent).round())));
+            self.status.set_text_content(Some(&format!("Online · {} ms", (dom::now_ms() - sent).round())));
         }
         let weak = Rc::downgrade(self);
-        later(PING_EVERY_MS, move || {
+        dom::later(PING_EVERY_MS, move || {
             if let Some(lobby) = weak.upgrade()
                 && lobby.state.borrow().socket.is_some()
             {
@@ -287,6 +426,7 @@ fn on_closed(lobby: Rc<Lobby>, code: u16, reason: &str) {
         state.socket = None;
         state.online.clear();
         state.ping = None;
+        state.queued = None;
     }
     lobby.render_online();
     match code {
@@ -311,7 +451,7 @@ fn retry(lobby: Rc<Lobby>) {
         state.failures
     };
     let delay = (500 * 2_i32.pow(failures.min(5))).min(10_000);
-    later(delay, move || {
+    dom::later(delay, move || {
         wasm_bindgen_futures::spawn_local(async move {
             if session_ended().await {
                 let _ = dom::window().location().assign("/login");
@@ -335,13 +475,4 @@ async fn session_ended() -> bool {
         Ok(response) => response.type_() == ResponseType::Opaqueredirect,
         Err(_) => false, // the server is unreachable: keep retrying
     }
-}
-
-fn later(ms: i32, f: impl FnOnce() + 'static) {
-    let callback = Closure::once_into_js(f);
-    let _ = dom::window().set_timeout_with_callback_and_timeout_and_arguments_0(callback.unchecked_ref(), ms);
-}
-
-fn now_ms() -> f64 {
-    js_sys::Date::now()
 }

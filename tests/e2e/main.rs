@@ -3,6 +3,7 @@
 // Test code may panic on anything unexpected: that is how a test fails.
 #![allow(clippy::unwrap_used)]
 
+mod game;
 mod lobby;
 
 /// Browser tests share two cores: one at a time.

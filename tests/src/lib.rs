@@ -192,9 +192,14 @@ impl Browser {
 
     /// Waits for an element matching a CSS selector.
     pub async fn find(&self, css: &str) -> fantoccini::elements::Element {
+        self.find_within(css, STEP).await
+    }
+
+    /// Waits up to `limit` for an element matching a CSS selector.
+    pub async fn find_within(&self, css: &str, limit: Duration) -> fantoccini::elements::Element {
         self.client
             .wait()
-            .at_most(STEP)
+            .at_most(limit)
             .for_element(Locator::Css(css))
             .await
             .unwrap_or_else(|e| panic!("no element {css}: {e}"))

@@ -1,0 +1,174 @@
+//! Two people in two browsers are matched, walk into each other's sight, see each other move,
+//! one reloads mid-match and is put back in, and the result lands in both histories.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use rallypoint_tests::{Browser, Driver, Server};
+use serde_json::Value;
+use shared::arena::{TILE, is_wall};
+
+const PASSWORD: &str = "a long enough password";
+
+async fn register(browser: &Browser, server: &Server, name: &str) {
+    browser.goto(&server.url("/register")).await;
+    browser.submit(&[("username", name), ("password", PASSWORD), ("password_confirm", PASSWORD)]).await;
+    browser.wait_for_path("/play").await;
+    browser.find("#status[data-state='online']").await;
+}
+
+async fn state(b: &Browser) -> Value {
+    b.js("return window.rallypoint.state()").await
+}
+
+async fn key(b: &Browser, code: &str, down: bool) {
+    let kind = if down { "keydown" } else { "keyup" };
+    b.js(&format!("window.dispatchEvent(new KeyboardEvent('{kind}', {{ code: '{code}' }})); return null")).await;
+}
+
+fn position(state: &Value) -> Option<(i32, i32)> {
+    let me = &state["me"];
+    Some((me["x"].as_i64()? as i32, me["y"].as_i64()? as i32))
+}
+
+/// The tiles from `from` to `to`, stepping to neighbours that are not walls.
+fn path(from: (i32, i32), to: (i32, i32)) -> Vec<(i32, i32)> {
+    let mut came_from = HashMap::from([(from, from)]);
+    let mut queue = VecDeque::from([from]);
+    while let Some(tile) = queue.pop_front() {
+        if tile == to {
+            break;
+        }
+        for (dx, dy) in [(1, 0), (-1, 0), (0, 1), (0, -1)] {
+            let next = (tile.0 + dx, tile.1 + dy);
+            if !is_wall(next.0, next.1) && !came_from.contains_key(&next) {
+                came_from.insert(next, tile);
+                queue.push_back(next);
+            }
+        }
+    }
+    let mut steps = vec![to];
+    while let Some(&prev) = came_from.get(steps.last().unwrap()) {
+        if prev == *steps.last().unwrap() {
+            break;
+        }
+        steps.push(prev);
+    }
+    steps.reverse();
+    steps
+}
+
+/// Holds the direction keys that lead from the player's position towards `target` tile, tile
+/// by tile, until the player stands in it.
+async fn walk_to(b: &Browser, target: (i32, i32)) {
+    let mut held: [bool; 4] = [false; 4];
+    let codes = ["KeyD", "KeyA", "KeyS", "KeyW"];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "never reached {target:?}");
+        let Some((x, y)) = position(&state(b).await) else { continue };
+        let here = (x.div_euclid(TILE), y.div_euclid(TILE));
+        let route = path(here, target);
+        let next = route.get(1).copied().unwrap_or(target);
+        let (cx, cy) = (next.0 * TILE + TILE / 2, next.1 * TILE + TILE / 2);
+        let (dx, dy) = (cx - x, cy - y);
+        let done = here == target && dx.abs() < 40 && dy.abs() < 40;
+        let want = [!done && dx > 24, !done && dx < -24, !done && dy > 24, !done && dy < -24];
+        for i in 0..4 {
+            if want[i] != held[i] {
+                key(b, codes[i], want[i]).await;
+                held[i] = want[i];
+            }
+        }
+        if done {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+}
+
+/// Where `watcher` sees the player in `seat`, if it sees them.
+async fn seen(watcher: &Browser, seat: u64) -> Option<(i64, i64)> {
+    let s = state(watcher).await;
+    s["others"]
+        .as_array()?
+        .iter()
+        .find(|o| o["seat"] == seat)
+        .map(|o| (o["x"].as_i64().unwrap(), o["y"].as_i64().unwrap()))
+}
+
+/// `mover` steps left and right while `watcher` records where it sees them: it must see them in
+/// several places.
+async fn sees_moving(watcher: &Browser, mover: &Browser) {
+    let seat = state(mover).await["seat"].as_u64().unwrap();
+    let mut places = std::collections::BTreeSet::new();
+    for code in ["KeyA", "KeyD"] {
+        key(mover, code, true).await;
+        for _ in 0..8 {
+            if let Some(p) = seen(watcher, seat).await {
+                places.insert(p);
+            }
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        key(mover, code, false).await;
+    }
+    assert!(places.len() >= 3, "the watcher saw the mover at {places:?}");
+}
+
+#[tokio::test]
+async fn two_players_are_matched_see_each_other_move_and_the_result_is_kept() {
+    let _one = crate::ONE_AT_A_TIME.lock().await;
+    let server = Server::start_with(&["--match-seconds", "40"]).await;
+    let driver = Driver::start().await;
+    let alice = driver.browser(&[]).await;
+    let bob = driver.browser(&[]).await;
+    register(&alice, &server, "alice").await;
+    register(&bob, &server, "bob").await;
+
+    for b in [&alice, &bob] {
+        b.find("input[name='mode'][value='duel']").await.click().await.unwrap();
+        b.find("#find-match:not([disabled])").await.click().await.unwrap();
+    }
+    alice.find("#game[data-state='playing']").await;
+    bob.find("#game[data-state='playing']").await;
+    assert_eq!(state(&alice).await["transport"], "WebSocket");
+    let alice_seat = state(&alice).await["seat"].as_u64().unwrap();
+
+    // A reload mid-match puts the player back in their seat.
+    alice.client.refresh().await.unwrap();
+    alice.find("#game[data-state='playing']").await;
+    assert_eq!(state(&alice).await["seat"].as_u64().unwrap(), alice_seat);
+
+    // Walk into each other's sight on the open row in the middle of the map.
+    tokio::join!(walk_to(&alice, (17, 10)), walk_to(&bob, (22, 10)));
+    let bob_seat = state(&bob).await["seat"].as_u64().unwrap();
+    bob.wait_until("bob sees alice", || async { seen(&bob, alice_seat).await.is_some() }).await;
+    alice.wait_until("alice sees bob", || async { seen(&alice, bob_seat).await.is_some() }).await;
+    sees_moving(&bob, &alice).await;
+    sees_moving(&alice, &bob).await;
+    alice.screenshot("match").await;
+    // Prediction kept up: the walking client hardly had to correct itself.
+    let corrections = state(&alice).await["corrections"].as_u64().unwrap();
+    assert!(corrections < 20, "{corrections} corrections");
+
+    // The match runs out; both see the result, go back to the lobby, and find it in history.
+    for b in [&alice, &bob] {
+        b.find_within("#result:not([hidden])", Duration::from_secs(60)).await;
+        let title = b.find("#result-title").await.text().await.unwrap();
+        assert!(["You win!", "A draw", "You placed"].iter().any(|t| title.starts_with(t)), "{title}");
+    }
+    alice.screenshot("result").await;
+    alice.find("#back-to-lobby").await.click().await.unwrap();
+    alice.find("#lobby:not([hidden]) #find-match:not([disabled])").await;
+    for (b, name) in [(&alice, "alice"), (&bob, "bob")] {
+        b.goto(&server.url(&format!("/u/{name}"))).await;
+        let row = b.find("table.history tbody tr").await.text().await.unwrap();
+        assert!(row.contains("Duel"), "{row}");
+    }
+    alice.goto(&server.url("/leaderboard?mode=duel")).await;
+    let board = alice.find("table tbody").await.text().await.unwrap();
+    assert!(board.contains("alice") && board.contains("bob"), "{board}");
+    alice.close().await;
+    bob.close().await;
+    server.stop().await;
+}
