@@ -260,7 +260,7 @@ impl Match {
         let _ = self.view.section.set_attribute("data-state", "ended");
         let Some(seat) = &self.joined else { return };
         let mine = usize::from(seat.seat);
-        let shared_first = outcome.ranks.iter().filter(|&&r| r == 1).count() > 1;
+        let shared_first = outcome.ranks.iter().skip_while(|&&r| r != 1).skip(1).any(|&r| r == 1);
         let title = match outcome.ranks.get(mine) {
             Some(1) if shared_first => "A draw".to_owned(),
             Some(1) => "You win!".to_owned(),
