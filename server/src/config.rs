@@ -19,6 +19,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve the site, the lobby hub and the game rooms.
     Serve(ServeArgs),
+    /// Run native bots that sign in, queue and play against a server, then report.
+    Bots(crate::bots::BotsArgs),
     /// Benchmarks, run by `cargo xtask bench` (not for production).
     #[command(hide = true)]
     Bench(crate::bench::BenchArgs),

@@ -3,6 +3,7 @@
 
 pub mod accounts;
 pub mod bench;
+pub mod bots;
 pub mod client;
 pub mod config;
 pub mod db;

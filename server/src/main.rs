@@ -10,6 +10,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(&args),
         Command::Bench(args) => rallypoint_server::bench::run(args),
+        Command::Bots(args) => bots(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -35,6 +36,34 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         rallypoint_server::run(listener, config, shutdown_signal()).await?;
         Ok(())
     })
+}
+
+/// Runs the bots and prints their report; any protocol error makes the exit status non-zero.
+fn bots(args: &rallypoint_server::bots::BotsArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let report = runtime.block_on(rallypoint_server::bots::run(args));
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{} bots: {} matches completed, {} inputs sent, {} snapshots received, RTT p50 {:.1} ms p99 {:.1} ms, {} corrections, {} protocol errors",
+            report.bots,
+            report.matches_completed,
+            report.inputs_sent,
+            report.snapshots_received,
+            report.rtt_p50_ms,
+            report.rtt_p99_ms,
+            report.corrections,
+            report.protocol_errors
+        );
+        for e in &report.errors {
+            println!("  error: {e}");
+        }
+    }
+    if report.protocol_errors > 0 {
+        anyhow::bail!("{} protocol errors", report.protocol_errors);
+    }
+    Ok(())
 }
 
 fn init_logging(filter: &str) -> anyhow::Result<()> {

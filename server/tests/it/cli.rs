@@ -91,3 +91,12 @@ fn help_explains_every_flag_and_its_variable() {
         assert!(help.contains(var), "{var}");
     }
 }
+
+#[test]
+fn bots_exit_non_zero_on_errors() {
+    let dir = static_dir();
+    let output = rallypoint(&["bots", "--server", "http://127.0.0.1:1", "--count", "1", "--duration", "1"], dir.path());
+    assert!(!output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("1 protocol errors"), "{stdout}");
+}

@@ -456,3 +456,24 @@ async fn a_panic_in_one_room_ends_that_room_only() {
     let hub_stats = server.running.app.hub.stats().await.unwrap();
     assert_eq!(hub_stats.playing, 2);
 }
+
+#[tokio::test]
+async fn bots_sign_up_queue_play_and_report() {
+    let server = TestServer::start_with(quick).await;
+    let args = rallypoint_server::bots::BotsArgs {
+        server: server.base.clone(),
+        count: 4,
+        duration: 6,
+        mode: "duel".into(),
+        json: true,
+        name_prefix: "robo".into(),
+        password: "robot password".into(),
+    };
+    let report = rallypoint_server::bots::run(&args).await;
+    assert_eq!(report.protocol_errors, 0, "{:?}", report.errors);
+    assert!(report.matches_completed >= 4, "two 2-second duels each: {report:?}");
+    assert!(report.inputs_sent > 100 && report.snapshots_received > 100, "{report:?}");
+    assert!(report.rtt_p99_ms > 0.0);
+    assert_eq!(count(&server, "SELECT COUNT(*) FROM users WHERE username LIKE 'robo%'").await, 4);
+    assert!(count(&server, "SELECT COUNT(*) FROM matches").await >= 2);
+}

@@ -1,0 +1,293 @@
+//! `rallypoint bots`: native clients that sign in through the same forms as a browser, queue,
+//! and play the arena through the same protocols (prediction included), then report.
+
+use std::time::Duration;
+
+use clap::Args;
+use serde::Serialize;
+use shared::arena::{Arena, ArenaInput, ArenaView, MAP_H, MAP_W, TILE};
+use shared::game::Rng;
+use shared::hub::{ClientMsg, ServerMsg};
+use shared::predict::Predictor;
+use shared::room::{MAX_INPUTS_PER_MESSAGE, ToRoom, close};
+use tokio::time::Instant;
+
+use crate::client::{Client, ClientError, FromRoom, Hub, Room};
+
+#[derive(Debug, Clone, Args)]
+pub struct BotsArgs {
+    /// The server, as browsers reach it.
+    #[arg(long, env = "RALLYPOINT_BOTS_SERVER", default_value = "http://127.0.0.1:8080", value_name = "URL")]
+    pub server: String,
+    /// How many bots.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub count: usize,
+    /// How long to play, in seconds; a match still running then is left.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub duration: u64,
+    /// The mode to queue for.
+    #[arg(long, default_value = "duel")]
+    pub mode: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Bots are named PREFIX1, PREFIX2, …; accounts are created on first use.
+    #[arg(long, default_value = "bot", value_name = "PREFIX")]
+    pub name_prefix: String,
+    /// The bots' password (their accounts are created with it).
+    #[arg(long, env = "RALLYPOINT_BOTS_PASSWORD", default_value = "rallypoint bot password", hide_env_values = true)]
+    pub password: String,
+}
+
+/// What the bots did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BotReport {
+    pub bots: usize,
+    pub matches_completed: u64,
+    pub inputs_sent: u64,
+    pub snapshots_received: u64,
+    pub rtt_p50_ms: f64,
+    pub rtt_p99_ms: f64,
+    pub corrections: u64,
+    pub bytes_down: u64,
+    pub bytes_up: u64,
+    pub protocol_errors: u64,
+    /// The first few errors, for the reader.
+    pub errors: Vec<String>,
+}
+
+/// One bot's tallies.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub matches: u64,
+    pub inputs: u64,
+    pub snapshots: u64,
+    pub corrections: u64,
+    pub rtts: Vec<Duration>,
+    pub bytes_down: u64,
+    pub bytes_up: u64,
+    pub errors: Vec<String>,
+}
+
+impl Tally {
+    fn error(&mut self, e: impl std::fmt::Display) {
+        self.errors.push(e.to_string());
+    }
+}
+
+/// Runs the bots and returns their report.
+pub async fn run(args: &BotsArgs) -> BotReport {
+    let deadline = Instant::now() + Duration::from_secs(args.duration);
+    let bots = (1..=args.count).map(|i| {
+        let args = args.clone();
+        tokio::spawn(async move {
+            let mut tally = Tally::default();
+            let name = format!("{}{i}", args.name_prefix);
+            match sign_in(&args.server, &name, &args.password).await {
+                Ok(client) => play(&client, &args.mode, deadline, i as u64, &mut tally).await,
+                Err(e) => tally.error(format!("{name}: {e}")),
+            }
+            tally
+        })
+    });
+    let tallies: Vec<Tally> = futures_util::future::join_all(bots).await.into_iter().filter_map(Result::ok).collect();
+    report(args.count, tallies)
+}
+
+/// Sums the bots' tallies into a report.
+pub fn report(bots: usize, tallies: Vec<Tally>) -> BotReport {
+    let mut r = BotReport { bots, ..BotReport::default() };
+    let mut rtts = Vec::new();
+    for t in tallies {
+        r.matches_completed += t.matches;
+        r.inputs_sent += t.inputs;
+        r.snapshots_received += t.snapshots;
+        r.corrections += t.corrections;
+        r.bytes_down += t.bytes_down;
+        r.bytes_up += t.bytes_up;
+        r.protocol_errors += t.errors.len() as u64;
+        r.errors.extend(t.errors.into_iter().take(5usize.saturating_sub(r.errors.len())));
+        rtts.extend(t.rtts);
+    }
+    let p = crate::bench::Percentiles::of(rtts);
+    (r.rtt_p50_ms, r.rtt_p99_ms) = (p.p50_ms, p.p99_ms);
+    r
+}
+
+async fn sign_in(server: &str, name: &str, password: &str) -> Result<Client, ClientError> {
+    let client = Client::new(server)?;
+    client.login_or_register(name, password).await?;
+    Ok(client)
+}
+
+/// Queues and plays matches until the deadline.
+pub async fn play(client: &Client, mode: &str, deadline: Instant, seed: u64, tally: &mut Tally) {
+    let mut hub = match client.hub().await {
+        Ok(hub) => hub,
+        Err(e) => return tally.error(format!("hub: {e}")),
+    };
+    while Instant::now() < deadline {
+        let ticket = match queue(&mut hub, mode, deadline).await {
+            Ok(Some(ticket)) => ticket,
+            Ok(None) => break,
+            Err(e) => return tally.error(format!("queue: {e}")),
+        };
+        match client.room::<Arena>(&ticket).await {
+            Ok(room) => play_match(room, deadline, seed, tally).await,
+            Err(e) => return tally.error(format!("join: {e}")),
+        }
+    }
+    hub.close().await;
+}
+
+/// Joins the queue and waits for a ticket; `None` when the deadline comes first.
+async fn queue(hub: &mut Hub, mode: &str, deadline: Instant) -> Result<Option<String>, ClientError> {
+    hub.send(&ClientMsg::FindMatch { mode: mode.to_owned() }).await?;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match hub.recv_timeout(left).await {
+            Ok(ServerMsg::MatchFound { ticket, .. }) => return Ok(Some(ticket)),
+            Ok(ServerMsg::Error { message, .. } | ServerMsg::MatchAborted { message }) => {
+                return Err(ClientError::Unexpected(message));
+            }
+            Ok(_) => {}
+            Err(ClientError::Timeout) => {
+                hub.send(&ClientMsg::CancelMatch).await?;
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Plays one match: one input per tick, predicted and reconciled like the browser does.
+pub async fn play_match(mut room: Room<Arena>, deadline: Instant, seed: u64, tally: &mut Tally) {
+    let mut brain = Brain::new(seed ^ u64::from(room.seat));
+    let mut predictor: Predictor<Arena> = Predictor::new(room.rules);
+    let tick = Duration::from_secs(1) / u32::from(room.tick_hz.max(1));
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pinger = tokio::time::interval(Duration::from_secs(1));
+    let mut ping: Option<(u32, Instant)> = None;
+    let mut latest: Option<(u32, ArenaView)> = None;
+    let end = loop {
+        tokio::select! {
+            _ = ticker.tick(), if latest.is_some() => {
+                if Instant::now() >= deadline {
+                    let _ = room.send(&ToRoom::Leave).await;
+                    break None;
+                }
+                let Some((tick, view)) = &latest else { continue };
+                let own = predictor.own().copied();
+                predictor.input(brain.decide(own.map(|b| (b.x, b.y)), view));
+                let (first_seq, inputs) = predictor.to_send(MAX_INPUTS_PER_MESSAGE);
+                if room.send(&ToRoom::Inputs { first_seq, tick: *tick, inputs }).await.is_err() {
+                    break Some(ClientError::Closed { code: 1006, reason: "connection lost".into() });
+                }
+                tally.inputs += 1;
+            }
+            _ = pinger.tick() => {
+                let id = ping.map_or(1, |(id, _)| id + 1);
+                ping = Some((id, Instant::now()));
+                let _ = room.send(&ToRoom::Ping { id }).await;
+            }
+            frame = room.recv() => match frame {
+                Ok(FromRoom::<Arena>::Snapshot { tick, ack, view }) => {
+                    tally.snapshots += 1;
+                    if predictor.snapshot(ack, &view).is_some() {
+                        tally.corrections += 1;
+                    }
+                    if latest.as_ref().is_none_or(|(t, _)| *t < tick) {
+                        latest = Some((tick, view));
+                    }
+                }
+                Ok(FromRoom::<Arena>::Pong { id }) => {
+                    if let Some((sent_id, at)) = ping
+                        && sent_id == id
+                    {
+                        tally.rtts.push(at.elapsed());
+                    }
+                }
+                Ok(FromRoom::<Arena>::Ended { .. }) => {
+                    tally.matches += 1;
+                    break None;
+                }
+                Ok(FromRoom::<Arena>::Joined { .. }) => break Some(ClientError::Unexpected("a second join answer".into())),
+                Err(e) => break Some(e),
+            },
+        }
+    };
+    tally.bytes_down += room.bytes_in;
+    tally.bytes_up += room.bytes_out;
+    match end {
+        // Closed for a reason a match can end with: not a protocol error.
+        None | Some(ClientError::Closed { code: close::MATCH_OVER | close::LEFT, .. }) => {}
+        Some(e) => tally.error(format!("room: {e}")),
+    }
+    room.close().await;
+}
+
+/// A bot's mind: chase and shoot what it sees, wander otherwise.
+struct Brain {
+    rng: Rng,
+    goal: (i32, i32),
+    last: (i32, i32),
+    stuck: u32,
+    strafe: u8,
+}
+
+impl Brain {
+    fn new(seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let goal = Self::random_goal(&mut rng);
+        Self { rng, goal, last: (0, 0), stuck: 0, strafe: ArenaInput::LEFT }
+    }
+
+    fn random_goal(rng: &mut Rng) -> (i32, i32) {
+        (rng.below(MAP_W as u32) as i32 * TILE + TILE / 2, rng.below(MAP_H as u32) as i32 * TILE + TILE / 2)
+    }
+
+    fn decide(&mut self, own: Option<(i32, i32)>, view: &ArenaView) -> ArenaInput {
+        let Some((x, y)) = own else { return ArenaInput::default() };
+        if (x, y) == self.last {
+            self.stuck += 1;
+        } else {
+            self.stuck = 0;
+        }
+        self.last = (x, y);
+        if self.stuck > 8 || (x - self.goal.0).abs() + (y - self.goal.1).abs() < TILE {
+            self.goal = Self::random_goal(&mut self.rng);
+            self.stuck = 0;
+        }
+        let target = view
+            .others
+            .iter()
+            .min_by_key(|o| (i32::from(o.x) - x).abs() + (i32::from(o.y) - y).abs())
+            .map(|o| (i32::from(o.x), i32::from(o.y)));
+        let towards = |(tx, ty): (i32, i32)| {
+            let mut b = 0;
+            if tx > x + 32 {
+                b |= ArenaInput::RIGHT;
+            } else if tx < x - 32 {
+                b |= ArenaInput::LEFT;
+            }
+            if ty > y + 32 {
+                b |= ArenaInput::DOWN;
+            } else if ty < y - 32 {
+                b |= ArenaInput::UP;
+            }
+            b
+        };
+        match target {
+            Some((tx, ty)) => {
+                if self.rng.below(20) == 0 {
+                    self.strafe = if self.strafe == ArenaInput::LEFT { ArenaInput::RIGHT } else { ArenaInput::LEFT };
+                }
+                let dx = (tx - x).clamp(-i32::from(shared::arena::MAX_AIM), i32::from(shared::arena::MAX_AIM));
+                let dy = (ty - y).clamp(-i32::from(shared::arena::MAX_AIM), i32::from(shared::arena::MAX_AIM));
+                ArenaInput { buttons: self.strafe | ArenaInput::FIRE, aim_x: dx as i16, aim_y: dy as i16 }
+            }
+            None => ArenaInput { buttons: towards(self.goal), aim_x: 1, aim_y: 0 },
+        }
+    }
+}
