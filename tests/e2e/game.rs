@@ -153,7 +153,7 @@ async fn two_players_are_matched_see_each_other_move_and_the_result_is_kept() {
 
     // The match runs out; both see the result, go back to the lobby, and find it in history.
     for b in [&alice, &bob] {
-        b.find_within("#result:not([hidden])", Duration::from_secs(60)).await;
+        b.find_within("#result:not([hidden])", Duration::from_mins(1)).await;
         let title = b.find("#result-title").await.text().await.unwrap();
         assert!(["You win!", "A draw", "You placed"].iter().any(|t| title.starts_with(t)), "{title}");
     }
