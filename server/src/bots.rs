@@ -160,8 +160,31 @@ async fn queue(hub: &mut Hub, mode: &str, deadline: Instant) -> Result<Option<St
     }
 }
 
+/// Counters that benchmarks read while bots play.
+#[derive(Debug, Default)]
+pub struct Live {
+    pub bytes_down: std::sync::atomic::AtomicU64,
+    pub bytes_up: std::sync::atomic::AtomicU64,
+    pub snapshots: std::sync::atomic::AtomicU64,
+    pub playing: std::sync::atomic::AtomicU64,
+}
+
 /// Plays one match: one input per tick, predicted and reconciled like the browser does.
-pub async fn play_match(mut room: Room<Arena>, deadline: Instant, seed: u64, tally: &mut Tally) {
+pub async fn play_match(room: Room<Arena>, deadline: Instant, seed: u64, tally: &mut Tally) {
+    play_match_counted(room, deadline, seed, tally, None).await;
+}
+
+/// Like [`play_match`], also counting into `live` as it goes.
+pub async fn play_match_counted(
+    mut room: Room<Arena>,
+    deadline: Instant,
+    seed: u64,
+    tally: &mut Tally,
+    live: Option<&Live>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (mut seen_down, mut seen_up) = (room.bytes_in, room.bytes_out);
+    let mut counted_playing = false;
     let mut brain = Brain::new(seed ^ u64::from(room.seat));
     let mut predictor: Predictor<Arena> = Predictor::new(room.rules);
     let tick = Duration::from_secs(1) / u32::from(room.tick_hz.max(1));
@@ -194,6 +217,16 @@ pub async fn play_match(mut room: Room<Arena>, deadline: Instant, seed: u64, tal
             frame = room.recv() => match frame {
                 Ok(FromRoom::<Arena>::Snapshot { tick, ack, view }) => {
                     tally.snapshots += 1;
+                    if let Some(live) = live {
+                        live.snapshots.fetch_add(1, Relaxed);
+                        live.bytes_down.fetch_add(room.bytes_in - seen_down, Relaxed);
+                        live.bytes_up.fetch_add(room.bytes_out - seen_up, Relaxed);
+                        (seen_down, seen_up) = (room.bytes_in, room.bytes_out);
+                        if !counted_playing {
+                            counted_playing = true;
+                            live.playing.fetch_add(1, Relaxed);
+                        }
+                    }
                     if predictor.snapshot(ack, &view).is_some() {
                         tally.corrections += 1;
                     }

@@ -56,6 +56,13 @@ impl Client {
         Ok(Self { http, jar, base })
     }
 
+    /// A client that already holds a session (for benchmarks, which create sessions directly).
+    pub fn with_session(base: &str, token: &str) -> Result<Self, ClientError> {
+        let client = Self::new(base)?;
+        client.jar.add_cookie_str(&format!("rp_session={token}; Path=/"), &client.base);
+        Ok(client)
+    }
+
     pub fn base(&self) -> &Url {
         &self.base
     }

@@ -3,7 +3,10 @@
 //! Clients number their inputs 1, 2, 3… and repeat their newest few in every message, so
 //! duplicates are normal and ignored. Each tick the room takes the next input, or two when the
 //! player is catching up after a late burst; a budget that grows by one per tick keeps the
-//! average at one input per tick, so sending faster never makes a player faster. Per tick at
+//! average at one input per tick, so sending faster never makes a player faster. The budget may
+//! go one input into debt, so that two inputs arriving within one tick (a client whose clock
+//! runs a little ahead in phase) are both applied at once instead of one waiting a whole tick:
+//! that lends a player at most one input, ever. Per tick at
 //! most [`MAX_ACCEPTED_PER_TICK`] new inputs are accepted; inputs far ahead of what was applied,
 //! or stamped with a tick far from the server's, are dropped. Every drop is counted.
 
@@ -16,7 +19,9 @@ pub const MAX_APPLIED_PER_TICK: u32 = 2;
 /// Inputs waiting at most; beyond the window an input is "far ahead".
 pub const WINDOW: u32 = 32;
 /// Ticks of catch-up a player can bank while no inputs arrive.
-const MAX_BUDGET: u32 = 4;
+const MAX_BUDGET: i32 = 4;
+/// Inputs a player may take ahead of the ticks that have passed.
+const MAX_DEBT: i32 = 1;
 
 /// Counts of what happened to a player's inputs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -38,7 +43,7 @@ pub struct InputStats {
 pub struct InputQueue<I> {
     applied: u32,
     pending: BTreeMap<u32, I>,
-    budget: u32,
+    budget: i32,
     accepted_this_tick: u32,
     max_tick_skew: u32,
     /// What happened so far.
@@ -52,7 +57,7 @@ impl<I: Copy> InputQueue<I> {
         Self {
             applied: 0,
             pending: BTreeMap::new(),
-            budget: 1,
+            budget: 0,
             accepted_this_tick: 0,
             max_tick_skew,
             stats: InputStats::default(),
@@ -86,15 +91,15 @@ impl<I: Copy> InputQueue<I> {
         out.clear();
         self.accepted_this_tick = 0;
         self.budget = (self.budget + 1).min(MAX_BUDGET);
-        while (out.len() as u32) < MAX_APPLIED_PER_TICK.min(self.budget) {
+        while (out.len() as u32) < MAX_APPLIED_PER_TICK && self.budget > -MAX_DEBT {
             let Some((seq, input)) = self.pending.pop_first() else {
                 break;
             };
             self.stats.lost += u64::from(seq - self.applied - 1);
             self.applied = seq;
+            self.budget -= 1;
             out.push(input);
         }
-        self.budget -= out.len() as u32;
     }
 
     /// The last sequence number applied.
@@ -162,8 +167,24 @@ mod tests {
             seq += 4;
             applied += take(&mut q).len();
         }
-        assert!(applied <= 100 + 4, "{applied} inputs applied in 100 ticks");
+        assert!(applied <= 100 + 1 + 1, "{applied} inputs applied in 100 ticks");
         assert!(q.stats.dropped_flood > 0 || q.stats.dropped_far > 0);
+    }
+
+    #[test]
+    fn two_inputs_in_one_tick_interval_are_both_applied_at_once() {
+        let mut q = queue();
+        q.offer(1, 1, 1, &[1]);
+        assert_eq!(take(&mut q), vec![1]);
+        // The client's next two inputs both arrive before the server's next tick.
+        q.offer(2, 2, 2, &[2]);
+        q.offer(2, 2, 2, &[2, 3]);
+        assert_eq!(take(&mut q), vec![2, 3], "no input waits a tick behind another");
+        // The loan is one input: the next tick takes one, as it comes.
+        q.offer(4, 3, 3, &[4]);
+        assert_eq!(take(&mut q), vec![4]);
+        q.offer(5, 4, 4, &[5, 6]);
+        assert_eq!(take(&mut q), vec![5], "already one ahead: no second loan");
     }
 
     #[test]

@@ -150,7 +150,7 @@ impl Driver {
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();
         let client =
             ClientBuilder::new(connector).capabilities(caps).connect(&self.url).await.expect("a Chromium session");
-        Browser { client, _profile: profile }
+        Browser { client, profile }
     }
 }
 
@@ -162,7 +162,17 @@ fn free_port() -> u16 {
 /// One headless Chromium.
 pub struct Browser {
     pub client: Client,
-    _profile: tempfile::TempDir,
+    profile: tempfile::TempDir,
+}
+
+impl Drop for Browser {
+    /// Kills every process of this browser (they all name its profile folder), so that a test
+    /// that fails half-way leaves no Chromium spinning under the tests that follow.
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("pkill")
+            .args(["-KILL", "-f", &format!("user-data-dir={}", self.profile.path().display())])
+            .status();
+    }
 }
 
 impl Browser {
@@ -237,7 +247,8 @@ impl Browser {
             .expect("saved");
     }
 
+    /// Ends the WebDriver session (closing Chromium); dropping then kills what is left.
     pub async fn close(self) {
-        let _ = self.client.close().await;
+        let _ = self.client.clone().close().await;
     }
 }

@@ -16,6 +16,7 @@ usage: cargo xtask <command>
   ci               formatting, lints (native and wasm), then `test`
   dist             write dist/: the release binary and its static files, ready to copy anywhere
   bench hub        benchmark the hub (connections, memory, chat fan-out, login storm)
+  bench rooms      benchmark rooms (CPU per tick, players per core, bytes, input latency, jitter)
   client           build only the wasm client into web/dist/
 ";
 
@@ -165,6 +166,12 @@ fn test() -> Result<()> {
         .env("RALLYPOINT_STATIC_DIR", std::fs::canonicalize("web/dist")?)
         .env("CHROMEDRIVER", tools::CHROMEDRIVER)
         .env("CHROMIUM", tools::CHROMIUM);
+    sh(&mut cmd)?;
+    step("Replaying the recorded input log in WebAssembly (Node): the hash must equal the native one");
+    let mut cmd = cargo();
+    cmd.args(["test", "-p", "rallypoint-shared", "--target", "wasm32-unknown-unknown", "--test", "golden"])
+        .env("PATH", tools::path_with_cargo_bin()?)
+        .env("CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER", "wasm-bindgen-test-runner");
     sh(&mut cmd)
 }
 
@@ -223,7 +230,9 @@ fn dist() -> Result<()> {
 }
 
 fn bench(args: &[String]) -> Result<()> {
-    let Some(what) = args.first() else { bail!("which benchmark? `cargo xtask bench hub`") };
+    let Some(what) = args.first() else {
+        bail!("which benchmark? `cargo xtask bench hub` or `cargo xtask bench rooms`")
+    };
     let bin = build_server(true)?;
     step(&format!("Benchmark: {what} (server on core 0, load generators on core 1)"));
     // The benchmark pins the server it starts to core 0; its own clients run on core 1.

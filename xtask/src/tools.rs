@@ -44,13 +44,17 @@ fn cargo_bin() -> PathBuf {
 /// A command for an installed tool, with cargo's bin folder on PATH (Trunk looks up
 /// wasm-bindgen there).
 pub fn command(tool: &str) -> Result<Command> {
-    let mut paths = vec![cargo_bin()];
-    paths.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
-    let path = std::env::join_paths(paths)?;
     let program = which(tool).unwrap_or_else(|| cargo_bin().join(tool));
     let mut cmd = Command::new(program);
-    cmd.env("PATH", path);
+    cmd.env("PATH", path_with_cargo_bin()?);
     Ok(cmd)
+}
+
+/// PATH with cargo's bin folder first, where the tools above are installed.
+pub fn path_with_cargo_bin() -> Result<std::ffi::OsString> {
+    let mut paths = vec![cargo_bin()];
+    paths.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+    Ok(std::env::join_paths(paths)?)
 }
 
 fn which(tool: &str) -> Option<PathBuf> {
@@ -130,10 +134,18 @@ fn ensure_wasm_bindgen() -> Result<()> {
 }
 
 fn ensure_chromium() -> Result<()> {
-    if PathBuf::from(CHROMIUM).is_file() && PathBuf::from(CHROMEDRIVER).is_file() {
+    let mut packages = Vec::new();
+    if !(PathBuf::from(CHROMIUM).is_file() && PathBuf::from(CHROMEDRIVER).is_file()) {
+        step("Installing Debian's chromium and chromium-driver (the end-to-end tests drive a real headless browser)");
+        packages.extend(["chromium", "chromium-driver"]);
+    }
+    if which("node").is_none() {
+        step("Installing Debian's nodejs (the WebAssembly build of the simulation is tested under Node)");
+        packages.push("nodejs");
+    }
+    if packages.is_empty() {
         return Ok(());
     }
-    step("Installing Debian's chromium and chromium-driver (the end-to-end tests drive a real headless browser)");
     let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0"));
     let apt = |args: &[&str]| -> Command {
         let mut cmd = if root { Command::new("apt-get") } else { Command::new("sudo") };
@@ -144,7 +156,7 @@ fn ensure_chromium() -> Result<()> {
         cmd
     };
     sh(&mut apt(&["update", "-q"]))?;
-    sh(&mut apt(&["install", "-y", "-q", "--no-install-recommends", "chromium", "chromium-driver"]))
-        .context("could not install Chromium; install the Debian packages chromium and chromium-driver by hand")?;
+    sh(apt(&["install", "-y", "-q", "--no-install-recommends"]).args(&packages))
+        .with_context(|| format!("could not install {}; install these Debian packages by hand", packages.join(" ")))?;
     Ok(())
 }

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -18,8 +18,8 @@ use tokio::net::TcpSocket;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
-use super::{Percentiles, ServerProcess, client_source, write_json};
-use crate::client::{Client, Hub};
+use super::{Percentiles, ServerProcess, Storm, client_source, write_json};
+use crate::client::Hub;
 
 #[derive(Debug, Args)]
 pub struct HubArgs {
@@ -167,7 +167,13 @@ pub async fn run(args: HubArgs) -> Result<()> {
     let quiet = probe_pings(&server, probe_tokens, Duration::from_secs(args.storm_seconds), None).await?;
     report.ping_quiet = Percentiles::of(quiet);
     eprintln!("ping, quiet: {}", report.ping_quiet);
-    let storm = Storm { base: server.base.clone(), users: args.connections, concurrency: args.storm_concurrency };
+    let storm = Storm {
+        base: server.base.clone(),
+        prefix: PREFIX,
+        password: PASSWORD,
+        users: args.connections,
+        concurrency: args.storm_concurrency,
+    };
     let (pings, (logins, failures, elapsed)) = tokio::join!(
         probe_pings(&server, probe_tokens, Duration::from_secs(args.storm_seconds), Some(Duration::from_secs(1))),
         storm.run(Duration::from_secs(args.storm_seconds)),
@@ -310,42 +316,6 @@ async fn probe_pings(
         rtts
     });
     Ok(futures_util::future::join_all(tasks).await.into_iter().flatten().collect())
-}
-
-/// Logins as fast as `concurrency` browsers can do them: each fetches the form, posts it, and
-/// is signed in (one argon2id verification each).
-struct Storm {
-    base: String,
-    users: usize,
-    concurrency: usize,
-}
-
-impl Storm {
-    async fn run(&self, length: Duration) -> (usize, usize, Duration) {
-        let start = Instant::now();
-        let stop = AtomicBool::new(false);
-        let next = AtomicUsize::new(0);
-        let ok = AtomicUsize::new(0);
-        let failed = AtomicUsize::new(0);
-        let workers = (0..self.concurrency).map(|_| async {
-            while !stop.load(Ordering::Relaxed) {
-                let i = next.fetch_add(1, Ordering::Relaxed) % self.users;
-                let Ok(client) = Client::new(&self.base) else {
-                    break;
-                };
-                match client.login(&format!("{PREFIX}{i}"), PASSWORD).await {
-                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        });
-        let timer = async {
-            tokio::time::sleep(length).await;
-            stop.store(true, Ordering::Relaxed);
-        };
-        tokio::join!(futures_util::future::join_all(workers), timer);
-        (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed), start.elapsed())
-    }
 }
 
 #[derive(Debug, Args)]

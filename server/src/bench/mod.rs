@@ -4,6 +4,7 @@
 //! Bounded: every phase has a fixed size and duration, and the run stops by itself.
 
 mod hub;
+mod rooms;
 
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt as _;
@@ -24,6 +25,10 @@ pub struct BenchArgs {
 enum Which {
     /// Idle connections and memory per connection, chat fan-out, logins under load.
     Hub(hub::HubArgs),
+    /// Full rooms of bots: CPU per tick, players per core, bytes per player, latencies.
+    Rooms(rooms::RoomsArgs),
+    /// Measures how late plain timed sleeps wake up on this core: the floor under room ticks.
+    Clock(ClockArgs),
     /// Holds idle hub connections for `bench hub` (a second process: each process here may
     /// open only 20,000 files).
     Hold(hub::HoldArgs),
@@ -36,9 +41,39 @@ pub fn run(args: BenchArgs) -> Result<()> {
     runtime.block_on(async {
         match args.which {
             Which::Hub(args) => hub::run(args).await,
+            Which::Rooms(args) => rooms::run(args).await,
+            Which::Clock(args) => {
+                println!("{}", serde_json::to_string(&clock(&args))?);
+                Ok(())
+            }
             Which::Hold(args) => hub::hold(args).await,
         }
     })
+}
+
+#[derive(Debug, Args)]
+pub struct ClockArgs {
+    /// Wake-ups per second.
+    #[arg(long, default_value_t = 480)]
+    hz: u32,
+    /// How long to measure.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+}
+
+/// How late a thread that sleeps until fixed deadlines wakes up, with nothing else to do.
+pub fn clock(args: &ClockArgs) -> Percentiles {
+    let start = std::time::Instant::now();
+    let period = Duration::from_secs(1) / args.hz.max(1);
+    let mut late = Vec::new();
+    for n in 1..=u64::from(args.hz) * args.seconds {
+        let due = start + period * n as u32;
+        if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        late.push(std::time::Instant::now().saturating_duration_since(due));
+    }
+    Percentiles::of(late)
 }
 
 /// A `rallypoint serve` child process with its own database.
@@ -173,7 +208,7 @@ fn free_addr() -> Result<SocketAddr> {
 }
 
 /// Percentiles of a set of samples.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct Percentiles {
     pub count: usize,
     pub p50_ms: f64,
@@ -218,4 +253,46 @@ pub fn write_json(path: Option<&PathBuf>, report: &impl serde::Serialize) -> Res
         eprintln!("report written to {}", path.display());
     }
     Ok(())
+}
+
+/// Logins as fast as `concurrency` browsers can do them: each fetches the form, posts it, and
+/// is signed in (one argon2id verification each).
+pub struct Storm {
+    pub base: String,
+    pub prefix: &'static str,
+    pub password: &'static str,
+    pub users: usize,
+    pub concurrency: usize,
+}
+
+impl Storm {
+    pub async fn run(&self, length: Duration) -> (usize, usize, Duration) {
+        let start = std::time::Instant::now();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let ok = std::sync::atomic::AtomicUsize::new(0);
+        let failed = std::sync::atomic::AtomicUsize::new(0);
+        let workers = (0..self.concurrency).map(|_| async {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.users;
+                let Ok(client) = crate::client::Client::new(&self.base) else {
+                    break;
+                };
+                match client.login(&format!("{}{i}", self.prefix), self.password).await {
+                    Ok(()) => ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                };
+            }
+        });
+        let timer = async {
+            tokio::time::sleep(length).await;
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        };
+        tokio::join!(futures_util::future::join_all(workers), timer);
+        (
+            ok.load(std::sync::atomic::Ordering::Relaxed),
+            failed.load(std::sync::atomic::Ordering::Relaxed),
+            start.elapsed(),
+        )
+    }
 }

@@ -6,6 +6,7 @@
 //! transport, with a signed ticket the hub gave them ([`Rooms::claim`]). Nothing here touches the
 //! hub's state or the database, so rooms could later run in a process of their own.
 
+mod clock;
 mod room;
 pub mod ticket;
 

@@ -16,6 +16,7 @@ use shared::room::{FromRoom, MAX_INPUTS_PER_MESSAGE, ToRoom, close};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
 
+use super::clock::Clock;
 use super::{Assignment, Claim, RoomCommand, RoomEvent, RoomId, Seated, Shared, TicketError, lock};
 use crate::transport::{Link, LinkId};
 
@@ -25,6 +26,8 @@ const MALFORMED_STRIKES: u32 = 10;
 const TICK_SKEW_SECONDS: u32 = 2;
 /// Ticks a late room may run back to back before it skips ahead.
 const MAX_CATCH_UP: u64 = 3;
+/// Commands handled in one wake-up at most, so that a flood never delays a tick for long.
+const MAILBOX_BATCH: usize = 64;
 
 /// What the task does after a match.
 enum Flow {
@@ -87,6 +90,9 @@ struct Match<'a, G: Game> {
     started: bool,
     /// Events for the hub, sent from the loop (which may await).
     events: Vec<RoomEvent>,
+    /// Reused for every frame encoded or decoded (bitcode would otherwise build its buffers
+    /// anew each time: a few allocations per message).
+    codec: bitcode::Buffer,
 }
 
 type Frame<G> = FromRoom<<G as Game>::View, <G as Game>::Rules>;
@@ -119,6 +125,7 @@ async fn play<G: Game>(a: Assignment, rx: &mut mpsc::Receiver<RoomCommand>, shar
         tick_hz: a.setup.tick_hz,
         started: false,
         events: Vec::new(),
+        codec: bitcode::Buffer::new(),
     };
     tracing::info!(room = %m.room, mode = m.mode.name, players = m.seats.len(), "match starting");
 
@@ -150,6 +157,17 @@ async fn play<G: Game>(a: Assignment, rx: &mut mpsc::Receiver<RoomCommand>, shar
     }
 
     // Play: tick n is due at start + n/tick_hz, never "sleep one tick" (which drifts).
+    let mut clock = match Clock::new() {
+        Ok(clock) => clock,
+        Err(e) => {
+            tracing::error!(room = %m.room, error = %e, "cannot create the tick clock");
+            m.close_all(close::ROOM_FAILED, "the match could not start");
+            let users = m.seats.iter().map(|s| s.player.user_id).collect();
+            m.events.push(RoomEvent::Crashed { room: m.room, users });
+            m.flush_events().await;
+            return Flow::Next;
+        }
+    };
     m.started = true;
     let start = Instant::now();
     let mut n: u64 = 1;
@@ -157,7 +175,11 @@ async fn play<G: Game>(a: Assignment, rx: &mut mpsc::Receiver<RoomCommand>, shar
         let due = start + Duration::from_nanos(n * 1_000_000_000 / tick_hz);
         tokio::select! {
             biased;
-            () = sleep_until(due) => {
+            slept = clock.sleep_until(due) => {
+                if let Err(e) = slept {
+                    tracing::warn!(room = %m.room, error = %e, "tick clock failed; using tokio's");
+                    sleep_until(due).await;
+                }
                 m.tick(due);
                 n += 1;
                 let behind = Instant::now().saturating_duration_since(start).as_nanos() as u64 * tick_hz / 1_000_000_000;
@@ -171,7 +193,17 @@ async fn play<G: Game>(a: Assignment, rx: &mut mpsc::Receiver<RoomCommand>, shar
             }
             command = rx.recv() => match command {
                 None | Some(RoomCommand::Shutdown) => return m.shut_down(),
-                Some(command) => m.handle(command),
+                Some(command) => {
+                    m.handle(command);
+                    // Take whatever else has arrived in the same wake-up.
+                    for _ in 0..MAILBOX_BATCH {
+                        match rx.try_recv() {
+                            Ok(RoomCommand::Shutdown) => return m.shut_down(),
+                            Ok(command) => m.handle(command),
+                            Err(_) => break,
+                        }
+                    }
+                }
             },
         }
         m.flush_events().await;
@@ -243,7 +275,7 @@ impl<G: Game> Match<'_, G> {
 
     fn frame(&mut self, link: LinkId, frame: &[u8]) {
         let Some(seat) = self.seat_of(link) else { return };
-        let decoded = ToRoom::<G::Input>::decode(frame).ok().filter(|msg| match msg {
+        let decoded = self.codec.decode::<ToRoom<G::Input>>(frame).ok().filter(|msg| match msg {
             ToRoom::Inputs { inputs, .. } => inputs.len() <= MAX_INPUTS_PER_MESSAGE,
             _ => true,
         });
@@ -303,8 +335,8 @@ impl<G: Game> Match<'_, G> {
         for (i, s) in self.seats.iter().enumerate() {
             if let Some(link) = &s.link {
                 let view = self.game.view(i as u8);
-                let frame = Frame::<G>::Snapshot { tick, ack: s.inputs.ack(), view }.encode();
-                if !link.unreliable(Bytes::from(frame)) {
+                let frame = Frame::<G>::Snapshot { tick, ack: s.inputs.ack(), view };
+                if !link.unreliable(Bytes::copy_from_slice(self.codec.encode(&frame))) {
                     self.shared.stats.snapshots_dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }

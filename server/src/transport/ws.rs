@@ -86,12 +86,14 @@ async fn pump(
 ) -> Option<(u16, &'static str)> {
     let mut inbound = TokenBucket::new(limits.room_messages_per_second, limits.room_message_burst, Instant::now());
     let mut strikes = 0;
-    let idle = tokio::time::sleep(limits.room_idle_timeout);
-    tokio::pin!(idle);
+    // Checked twice per timeout rather than re-armed on every message (a timer update each).
+    let mut last_heard = Instant::now();
+    let mut idle_check = tokio::time::interval(limits.room_idle_timeout / 2);
+    idle_check.reset();
     loop {
         tokio::select! {
             incoming = socket.recv() => {
-                idle.as_mut().reset(Instant::now() + limits.room_idle_timeout);
+                last_heard = Instant::now();
                 match incoming {
                     None | Some(Ok(Message::Close(_))) => return None,
                     Some(Err(e)) => return read_error_code(e).map(|code| (code, "message too big")),
@@ -120,7 +122,11 @@ async fn pump(
                 Some(ToClient::Close(code, reason)) => return Some((code, reason)),
                 None => return Some((close::ROOM_FAILED, "the match stopped")),
             },
-            () = &mut idle => return Some((close::POLICY, "idle timeout")),
+            _ = idle_check.tick() => {
+                if last_heard.elapsed() >= limits.room_idle_timeout {
+                    return Some((close::POLICY, "idle timeout"));
+                }
+            }
         }
     }
 }

@@ -1,0 +1,330 @@
+//! `rallypoint bench rooms`: full rooms of bots against one server process on one core.
+//!
+//! Bots (signed in with seeded sessions) queue for 16-player brawls and play as the browser
+//! does: one input per tick, predicted and reconciled, plus a ping a second. Once every room
+//! is playing, two windows are measured: a quiet one, and one with a login storm beside the
+//! rooms. Room timings come from the server's own Prometheus histograms, scraped before and
+//! after each window.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde::Serialize;
+
+use super::{ServerProcess, Storm, write_json};
+use crate::bots::{Live, Tally, play_match_counted};
+use crate::client::Client;
+use shared::hub::{ClientMsg, ServerMsg};
+
+#[derive(Debug, Args)]
+pub struct RoomsArgs {
+    /// Rooms to fill.
+    #[arg(long, default_value_t = 48)]
+    rooms: usize,
+    /// Players per room (the brawl mode takes up to 16).
+    #[arg(long, default_value_t = 16)]
+    players: usize,
+    /// Seconds of play before measuring.
+    #[arg(long, default_value_t = 5)]
+    warmup: u64,
+    /// Seconds of each measured window.
+    #[arg(long, default_value_t = 15)]
+    window: u64,
+    /// Logins in flight during the storm window.
+    #[arg(long, default_value_t = 16)]
+    storm_concurrency: usize,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+const PASSWORD: &str = "bench password 123";
+const PREFIX: &str = "roombench";
+const TICK_HZ: f64 = 30.0;
+
+#[derive(Debug, Default, Serialize)]
+struct Window {
+    seconds: f64,
+    server_cpu_seconds: f64,
+    room_ticks: u64,
+    /// Everything the server did, divided by room ticks.
+    cpu_per_room_tick_ms: f64,
+    tick_compute_p50_ms: f64,
+    tick_compute_p99_ms: f64,
+    tick_lateness_p50_ms: f64,
+    tick_lateness_p99_ms: f64,
+    input_to_snapshot_p50_ms: f64,
+    input_to_snapshot_p99_ms: f64,
+    /// A bare thread sleeping to deadlines on the server's core, at the same time: the floor
+    /// this machine puts under any timer.
+    reference_sleep_lateness_p50_ms: f64,
+    reference_sleep_lateness_p99_ms: f64,
+    down_bytes_per_player_per_s: f64,
+    up_bytes_per_player_per_s: f64,
+    snapshots_per_player_per_s: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Report {
+    pinned_to_one_core: bool,
+    rooms: usize,
+    players: usize,
+    tick_hz: f64,
+    quiet: Window,
+    during_login_storm: Window,
+    logins_per_second: f64,
+    /// 16 players per room, over the all-in CPU per room tick at 30 Hz.
+    players_per_core_at_30hz: f64,
+    corrections: u64,
+    protocol_errors: u64,
+}
+
+pub async fn run(args: RoomsArgs) -> Result<()> {
+    let players = args.rooms * args.players;
+    eprintln!("seeding {players} users…");
+    let (dir, url) = ServerProcess::prepare()?;
+    let tokens = {
+        let db = crate::db::open(&url).await?;
+        let tokens = crate::accounts::seed_for_bench(&db, PREFIX, players, PASSWORD, Duration::from_hours(24)).await?;
+        db.close().await;
+        tokens
+    };
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let max_rooms = (args.rooms + 8).to_string();
+    let metrics = metrics_addr.to_string();
+    let extra = [
+        "--metrics-listen",
+        &metrics,
+        "--match-seconds",
+        "3600",
+        "--max-rooms",
+        &max_rooms,
+        "--lobby-capacity",
+        "100000",
+    ];
+    let server = ServerProcess::start(dir, url, &extra).await?;
+    let metrics_url = format!("http://{metrics_addr}/metrics");
+
+    eprintln!("starting {players} bots in {} rooms of {}…", args.rooms, args.players);
+    let live = Arc::new(Live::default());
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let deadline = tokio::time::Instant::now() + Duration::from_hours(1);
+    let mut bots = Vec::with_capacity(players);
+    for (i, token) in tokens.iter().enumerate() {
+        let (base, token, live, stop) = (server.base.clone(), token.clone(), Arc::clone(&live), Arc::clone(&stop));
+        bots.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            tokio::select! {
+                () = bot(&base, &token, i as u64, deadline, &mut tally, &live) => {}
+                () = stop.notified() => {}
+            }
+            tally
+        }));
+        if i % 64 == 63 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let started = Instant::now();
+    while live.playing.load(Relaxed) < players as u64 {
+        if started.elapsed() > Duration::from_mins(2) {
+            bail!("only {} of {players} bots were playing after two minutes", live.playing.load(Relaxed));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("all {players} playing after {:.1} s; warming up {} s", started.elapsed().as_secs_f64(), args.warmup);
+    tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+
+    let mut report = Report {
+        pinned_to_one_core: server.pinned(),
+        rooms: args.rooms,
+        players,
+        tick_hz: TICK_HZ,
+        ..Report::default()
+    };
+    report.quiet = measure(&server, &metrics_url, &live, players, args.window, async {}).await?;
+    eprintln!("quiet: {}", serde_json::to_string(&report.quiet)?);
+    let storm = Storm {
+        base: server.base.clone(),
+        prefix: PREFIX,
+        password: PASSWORD,
+        users: players,
+        concurrency: args.storm_concurrency,
+    };
+    let logins = Arc::new(std::sync::Mutex::new((0, 0, Duration::ZERO)));
+    let window = Duration::from_secs(args.window);
+    let during = {
+        let logins = Arc::clone(&logins);
+        async move {
+            *logins.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = storm.run(window).await;
+        }
+    };
+    report.during_login_storm = measure(&server, &metrics_url, &live, players, args.window, during).await?;
+    let (ok, _failed, took) = *logins.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    report.logins_per_second = ok as f64 / took.as_secs_f64().max(0.001);
+    eprintln!(
+        "during the storm ({:.1} logins/s): {}",
+        report.logins_per_second,
+        serde_json::to_string(&report.during_login_storm)?
+    );
+    report.players_per_core_at_30hz =
+        args.players as f64 * 1000.0 / (report.quiet.cpu_per_room_tick_ms.max(1e-6) * TICK_HZ);
+
+    stop.notify_waiters();
+    for bot in bots {
+        if let Ok(tally) = bot.await {
+            report.corrections += tally.corrections;
+            report.protocol_errors += tally.errors.len() as u64;
+        }
+    }
+    server.stop()?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    write_json(args.json.as_ref(), &report)
+}
+
+/// One bot: queue for a brawl, play it.
+async fn bot(base: &str, token: &str, seed: u64, deadline: tokio::time::Instant, tally: &mut Tally, live: &Live) {
+    let result: Result<()> = async {
+        let client = Client::with_session(base, token)?;
+        let mut hub = client.hub().await?;
+        hub.send(&ClientMsg::FindMatch { mode: "brawl".into() }).await?;
+        let ticket = hub
+            .recv_until(Duration::from_mins(2), |m| match m {
+                ServerMsg::MatchFound { ticket, .. } => Some(ticket),
+                _ => None,
+            })
+            .await?;
+        let room = client.room::<shared::arena::Arena>(&ticket).await?;
+        play_match_counted(room, deadline, seed, tally, Some(live)).await;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        tally.errors.push(format!("{e:#}"));
+    }
+}
+
+/// Measures one window of `seconds` while `beside` runs.
+async fn measure(
+    server: &ServerProcess,
+    metrics_url: &str,
+    live: &Live,
+    players: usize,
+    seconds: u64,
+    beside: impl std::future::Future<Output = ()>,
+) -> Result<Window> {
+    let before = Scrape::take(metrics_url).await?;
+    let (cpu0, down0, up0, snaps0) =
+        (server.cpu()?, live.bytes_down.load(Relaxed), live.bytes_up.load(Relaxed), live.snapshots.load(Relaxed));
+    let t0 = Instant::now();
+    let reference = reference_clock(server.pinned(), seconds);
+    let ((), (), reference) = tokio::join!(tokio::time::sleep(Duration::from_secs(seconds)), beside, reference);
+    let reference = reference?;
+    let elapsed = t0.elapsed().as_secs_f64();
+    let after = Scrape::take(metrics_url).await?;
+    let cpu = server.cpu()?.saturating_sub(cpu0).as_secs_f64();
+    let per_player = |now: u64, then: u64| (now - then) as f64 / players as f64 / elapsed;
+    let ticks = after.count("rallypoint_room_tick_seconds") - before.count("rallypoint_room_tick_seconds");
+    let q = |name: &str, p: f64| after.quantile_since(&before, name, p) * 1000.0;
+    Ok(Window {
+        seconds: elapsed,
+        server_cpu_seconds: cpu,
+        room_ticks: ticks,
+        cpu_per_room_tick_ms: cpu * 1000.0 / ticks.max(1) as f64,
+        tick_compute_p50_ms: q("rallypoint_room_tick_seconds", 0.5),
+        tick_compute_p99_ms: q("rallypoint_room_tick_seconds", 0.99),
+        tick_lateness_p50_ms: q("rallypoint_room_tick_lateness_seconds", 0.5),
+        tick_lateness_p99_ms: q("rallypoint_room_tick_lateness_seconds", 0.99),
+        input_to_snapshot_p50_ms: q("rallypoint_room_input_to_snapshot_seconds", 0.5),
+        input_to_snapshot_p99_ms: q("rallypoint_room_input_to_snapshot_seconds", 0.99),
+        reference_sleep_lateness_p50_ms: reference.p50_ms,
+        reference_sleep_lateness_p99_ms: reference.p99_ms,
+        down_bytes_per_player_per_s: per_player(live.bytes_down.load(Relaxed), down0),
+        up_bytes_per_player_per_s: per_player(live.bytes_up.load(Relaxed), up0),
+        snapshots_per_player_per_s: per_player(live.snapshots.load(Relaxed), snaps0),
+    })
+}
+
+/// Runs `rallypoint bench clock` on the server's core for `seconds`.
+async fn reference_clock(pinned: bool, seconds: u64) -> Result<super::Percentiles> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = if pinned {
+        let mut cmd = tokio::process::Command::new("taskset");
+        cmd.args(["-c", "0"]).arg(exe);
+        cmd
+    } else {
+        tokio::process::Command::new(exe)
+    };
+    let out = cmd.args(["bench", "clock", "--seconds", &seconds.to_string()]).output().await?;
+    serde_json::from_slice(&out.stdout).context("the reference clock's output")
+}
+
+/// Prometheus text, as scraped.
+struct Scrape(String);
+
+impl Scrape {
+    async fn take(url: &str) -> Result<Self> {
+        Ok(Self(reqwest::get(url).await?.error_for_status()?.text().await.context("metrics")?))
+    }
+
+    fn value(&self, line_start: &str) -> Option<f64> {
+        self.0
+            .lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    fn count(&self, name: &str) -> u64 {
+        self.value(&format!("{name}_count")).unwrap_or(0.0) as u64
+    }
+
+    /// Cumulative bucket counts by upper bound.
+    fn buckets(&self, name: &str) -> Vec<(f64, f64)> {
+        let prefix = format!("{name}_bucket{{le=\"");
+        self.0
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter_map(|rest| {
+                let (le, count) = rest.split_once("\"} ")?;
+                let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+                Some((le, count.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// The `q` quantile of what was recorded between `earlier` and this scrape, interpolated
+    /// within its bucket.
+    fn quantile_since(&self, earlier: &Self, name: &str, q: f64) -> f64 {
+        let before = earlier.buckets(name);
+        let diff: Vec<(f64, f64)> = self
+            .buckets(name)
+            .into_iter()
+            .map(|(le, n)| {
+                // Both scrapes list the same bucket bounds, printed identically.
+                let earlier_count = before.iter().find(|(b, _)| b.to_bits() == le.to_bits()).map_or(0.0, |(_, c)| *c);
+                (le, n - earlier_count)
+            })
+            .collect();
+        let total = diff.last().map_or(0.0, |(_, n)| *n);
+        if total == 0.0 {
+            return 0.0;
+        }
+        let target = q * total;
+        let mut lower = (0.0, 0.0);
+        for (le, n) in diff {
+            if n >= target {
+                if le.is_infinite() {
+                    return lower.0;
+                }
+                let span = (n - lower.1).max(1.0);
+                return lower.0 + (le - lower.0) * (target - lower.1) / span;
+            }
+            lower = (le, n);
+        }
+        lower.0
+    }
+}
