@@ -33,6 +33,13 @@ pub(crate) fn reconnect_hub() {
     }
 }
 
+/// Sends a message on the hub WebSocket (WebRTC signaling for the game).
+pub(crate) fn send_hub(msg: &shared::hub::ClientMsg) {
+    if let Some(lobby) = LOBBY.with(|slot| slot.borrow().clone()) {
+        lobby.send(msg);
+    }
+}
+
 /// The current match as JSON (see `game::state_json`); `null` outside a match.
 #[wasm_bindgen]
 pub fn game_state() -> String {

@@ -4,7 +4,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use shared::hub::{ChatLine, ClientMsg, ErrorCode, PROTOCOL_VERSION, ServerMsg, UserSummary, close};
+use shared::hub::{ChatLine, ClientMsg, ErrorCode, IceServer, PROTOCOL_VERSION, ServerMsg, UserSummary, close};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{
@@ -50,6 +50,8 @@ struct State {
     /// When the queue wait started (page clock) and for which mode, while queued.
     queued: Option<(String, f64)>,
     connected: bool,
+    /// STUN/TURN servers for WebRTC, from the welcome.
+    ice_servers: Vec<IceServer>,
 }
 
 impl Lobby {
@@ -180,11 +182,15 @@ impl Lobby {
     }
 
     /// Enters a match: the lobby hides and the game view takes its place.
-    fn enter_match(self: &Rc<Self>, ticket: String) {
-        self.state.borrow_mut().queued = None;
+    fn enter_match(self: &Rc<Self>, ticket: String, room: String) {
+        let ice_servers = {
+            let mut state = self.state.borrow_mut();
+            state.queued = None;
+            state.ice_servers.clone()
+        };
         self.panels.set_hidden(true);
         let weak = Rc::downgrade(self);
-        let started = crate::game::start(ticket, move |message| {
+        let started = crate::game::start(ticket, room, ice_servers, move |message| {
             if let Some(lobby) = weak.upgrade() {
                 lobby.panels.set_hidden(false);
                 lobby.set_notice(message.as_deref());
@@ -227,7 +233,7 @@ impl Lobby {
         self.chat_error.set_hidden(message.is_none());
     }
 
-    fn send(&self, msg: &ClientMsg) {
+    pub fn send(&self, msg: &ClientMsg) {
         if let (Some(socket), Ok(json)) = (&self.state.borrow().socket, serde_json::to_string(msg)) {
             let _ = socket.send_with_str(&json);
         }
@@ -245,10 +251,11 @@ impl Lobby {
 
     fn on_message(self: &Rc<Self>, msg: ServerMsg) {
         match msg {
-            ServerMsg::Welcome { me, lobby, .. } => {
+            ServerMsg::Welcome { me, lobby, ice_servers, .. } => {
                 {
                     let mut state = self.state.borrow_mut();
                     state.me = Some(me.id);
+                    state.ice_servers = ice_servers;
                     state.online.clear();
                     state.failures = 0;
                     state.queued = None;
@@ -271,6 +278,11 @@ impl Lobby {
             }
             ServerMsg::Chat(line) => self.append_chat(&line),
             ServerMsg::Pong { id } => self.on_pong(id),
+            ServerMsg::RtcAnswer { room, sdp } => crate::game::on_rtc_answer(&room, &sdp),
+            ServerMsg::Error { code: ErrorCode::Rtc, message } => {
+                web_sys::console::warn_1(&format!("WebRTC refused, playing over the WebSocket: {message}").into());
+                crate::game::on_rtc_refused();
+            }
             ServerMsg::Error { code, message } => match code {
                 ErrorCode::UnknownMode | ErrorCode::AlreadyBusy | ErrorCode::NotQueued => {
                     self.set_notice(Some(&message));
@@ -285,7 +297,7 @@ impl Lobby {
                 self.state.borrow_mut().queued = None;
                 self.show_queue();
             }
-            ServerMsg::MatchFound { ticket, .. } => self.enter_match(ticket),
+            ServerMsg::MatchFound { ticket, room, .. } => self.enter_match(ticket, room),
             ServerMsg::MatchAborted { message } => {
                 crate::game::stop();
                 self.panels.set_hidden(false);

@@ -34,16 +34,34 @@ pub struct BotsArgs {
     /// Bots are named PREFIX1, PREFIX2, …; accounts are created on first use.
     #[arg(long, default_value = "bot", value_name = "PREFIX")]
     pub name_prefix: String,
+    /// What carries inputs and snapshots: a WebRTC data channel (`webrtc`, as browsers do),
+    /// or the room WebSocket (`ws`, the browsers' fallback).
+    #[arg(long, value_enum, default_value_t = Transport::Webrtc)]
+    pub transport: Transport,
     /// The bots' password (their accounts are created with it).
     #[arg(long, env = "RALLYPOINT_BOTS_PASSWORD", default_value = "rallypoint bot password", hide_env_values = true)]
     pub password: String,
+}
+
+/// What carries a bot's in-room traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Webrtc,
+    Ws,
 }
 
 /// What the bots did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct BotReport {
     pub bots: usize,
+    pub transport: Option<Transport>,
     pub matches_completed: u64,
+    /// Matches played over a WebRTC data channel.
+    pub data_channels_opened: u64,
+    /// Time from the match being found to the data channel's opening.
+    pub data_channel_open_p50_ms: f64,
+    pub data_channel_open_p99_ms: f64,
     pub inputs_sent: u64,
     pub snapshots_received: u64,
     pub rtt_p50_ms: f64,
@@ -60,6 +78,7 @@ pub struct BotReport {
 #[derive(Debug, Default)]
 pub struct Tally {
     pub matches: u64,
+    pub data_channels: Vec<Duration>,
     pub inputs: u64,
     pub snapshots: u64,
     pub corrections: u64,
@@ -84,22 +103,26 @@ pub async fn run(args: &BotsArgs) -> BotReport {
             let mut tally = Tally::default();
             let name = format!("{}{i}", args.name_prefix);
             match sign_in(&args.server, &name, &args.password).await {
-                Ok(client) => play(&client, &args.mode, deadline, i as u64, &mut tally).await,
+                Ok(client) => play(&client, &args.mode, args.transport, deadline, i as u64, &mut tally).await,
                 Err(e) => tally.error(format!("{name}: {e}")),
             }
             tally
         })
     });
     let tallies: Vec<Tally> = futures_util::future::join_all(bots).await.into_iter().filter_map(Result::ok).collect();
-    report(args.count, tallies)
+    let mut report = report(args.count, tallies);
+    report.transport = Some(args.transport);
+    report
 }
 
 /// Sums the bots' tallies into a report.
 pub fn report(bots: usize, tallies: Vec<Tally>) -> BotReport {
     let mut r = BotReport { bots, ..BotReport::default() };
-    let mut rtts = Vec::new();
+    let (mut rtts, mut opens) = (Vec::new(), Vec::new());
     for t in tallies {
         r.matches_completed += t.matches;
+        r.data_channels_opened += t.data_channels.len() as u64;
+        opens.extend(t.data_channels);
         r.inputs_sent += t.inputs;
         r.snapshots_received += t.snapshots;
         r.corrections += t.corrections;
@@ -111,6 +134,8 @@ pub fn report(bots: usize, tallies: Vec<Tally>) -> BotReport {
     }
     let p = crate::bench::Percentiles::of(rtts);
     (r.rtt_p50_ms, r.rtt_p99_ms) = (p.p50_ms, p.p99_ms);
+    let p = crate::bench::Percentiles::of(opens);
+    (r.data_channel_open_p50_ms, r.data_channel_open_p99_ms) = (p.p50_ms, p.p99_ms);
     r
 }
 
@@ -121,32 +146,42 @@ async fn sign_in(server: &str, name: &str, password: &str) -> Result<Client, Cli
 }
 
 /// Queues and plays matches until the deadline.
-pub async fn play(client: &Client, mode: &str, deadline: Instant, seed: u64, tally: &mut Tally) {
+pub async fn play(client: &Client, mode: &str, transport: Transport, deadline: Instant, seed: u64, tally: &mut Tally) {
     let mut hub = match client.hub().await {
         Ok(hub) => hub,
         Err(e) => return tally.error(format!("hub: {e}")),
     };
     while Instant::now() < deadline {
-        let ticket = match queue(&mut hub, mode, deadline).await {
-            Ok(Some(ticket)) => ticket,
+        let (room_name, ticket, found) = match queue(&mut hub, mode, deadline).await {
+            Ok(Some((room, ticket))) => (room, ticket, Instant::now()),
             Ok(None) => break,
             Err(e) => return tally.error(format!("queue: {e}")),
         };
-        match client.room::<Arena>(&ticket).await {
-            Ok(room) => play_match(room, deadline, seed, tally).await,
+        let mut room = match client.room::<Arena>(&ticket).await {
+            Ok(room) => room,
             Err(e) => return tally.error(format!("join: {e}")),
+        };
+        if transport == Transport::Webrtc {
+            let limit = Duration::from_millis(u64::from(shared::room::DATA_CHANNEL_OPEN_TIMEOUT_MS));
+            match room.open_data_channel(&mut hub, &room_name, limit).await {
+                Ok(()) => tally.data_channels.push(found.elapsed()),
+                // Counted as an error, and the match is played over the WebSocket.
+                Err(e) => tally.error(format!("webrtc: {e}")),
+            }
         }
+        play_match(room, deadline, seed, tally).await;
     }
     hub.close().await;
 }
 
-/// Joins the queue and waits for a ticket; `None` when the deadline comes first.
-async fn queue(hub: &mut Hub, mode: &str, deadline: Instant) -> Result<Option<String>, ClientError> {
+/// Joins the queue and waits for a match; `None` when the deadline comes first, else the
+/// room's name and the ticket.
+pub async fn queue(hub: &mut Hub, mode: &str, deadline: Instant) -> Result<Option<(String, String)>, ClientError> {
     hub.send(&ClientMsg::FindMatch { mode: mode.to_owned() }).await?;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match hub.recv_timeout(left).await {
-            Ok(ServerMsg::MatchFound { ticket, .. }) => return Ok(Some(ticket)),
+            Ok(ServerMsg::MatchFound { room, ticket, .. }) => return Ok(Some((room, ticket))),
             Ok(ServerMsg::Error { message, .. } | ServerMsg::MatchAborted { message }) => {
                 return Err(ClientError::Unexpected(message));
             }

@@ -79,6 +79,27 @@ pub struct ServeArgs {
     #[arg(long, env = "RALLYPOINT_METRICS_LISTEN", value_name = "ADDR:PORT")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// UDP address and port that every WebRTC peer shares. Default: the address and port
+    /// number of --listen, over UDP (so one port number is opened for TCP and UDP).
+    #[arg(long, env = "RALLYPOINT_WEBRTC_LISTEN", value_name = "ADDR:PORT")]
+    pub webrtc_listen: Option<SocketAddr>,
+
+    /// The IP address browsers reach the WebRTC port at, when the server is behind NAT or in a
+    /// container (announced as the server's ICE candidate). Default: the --webrtc-listen address
+    /// (for 0.0.0.0, the address of the outward interface).
+    #[arg(long, env = "RALLYPOINT_PUBLIC_IP", value_name = "IP")]
+    pub public_ip: Option<std::net::IpAddr>,
+
+    /// STUN/TURN servers handed to browsers, separated by spaces or commas, TURN ones with
+    /// credentials: `stun:stun.example.org:3478 turn:USER:PASSWORD@turn.example.org:3478`.
+    /// Needed only for players whose network blocks UDP to the server's port (then TURN).
+    #[arg(long, env = "RALLYPOINT_ICE_SERVERS", value_name = "URLS", hide_env_values = true)]
+    pub ice_servers: Option<String>,
+
+    /// Most WebRTC peer connections at once; beyond it, players play over the WebSocket.
+    #[arg(long, env = "RALLYPOINT_MAX_PEERS", default_value_t = 10_000, value_name = "N")]
+    pub max_peers: usize,
+
     /// Log filter, for example `info` or `rallypoint_server=debug,info`.
     #[arg(long, env = "RALLYPOINT_LOG", default_value = "info", value_name = "FILTER")]
     pub log: String,
@@ -105,6 +126,8 @@ pub struct Config {
     pub rooms: crate::rooms::RoomConfig,
     /// Where to serve metrics, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// How WebRTC peers are served.
+    pub webrtc: crate::transport::webrtc::RtcConfig,
 }
 
 /// Sizes, rates and timeouts. The defaults are what production runs with.
@@ -210,6 +233,10 @@ pub enum ConfigError {
     MaxRooms,
     #[error("--match-seconds must be at least 5")]
     MatchSeconds,
+    #[error("--ice-servers: {0}")]
+    IceServers(String),
+    #[error("--max-peers must be at least 1")]
+    MaxPeers,
 }
 
 impl Config {
@@ -244,6 +271,11 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from("static")),
         };
         check_static_dir(&static_dir)?;
+        let ice_servers = crate::transport::webrtc::parse_ice_servers(args.ice_servers.as_deref().unwrap_or(""))
+            .map_err(ConfigError::IceServers)?;
+        if args.max_peers == 0 {
+            return Err(ConfigError::MaxPeers);
+        }
         Ok(Self {
             database_url: args.database_url.clone(),
             static_dir,
@@ -259,6 +291,13 @@ impl Config {
                 ..crate::rooms::RoomConfig::default()
             },
             metrics_listen: args.metrics_listen,
+            webrtc: crate::transport::webrtc::RtcConfig {
+                listen: args.webrtc_listen,
+                public_ip: args.public_ip,
+                ice_servers,
+                max_peers: args.max_peers,
+                ..Default::default()
+            },
         })
     }
 
@@ -274,6 +313,10 @@ impl Config {
             limits: Limits::default(),
             rooms: crate::rooms::RoomConfig::default(),
             metrics_listen: None,
+            webrtc: crate::transport::webrtc::RtcConfig {
+                listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+                ..Default::default()
+            },
         }
     }
 }

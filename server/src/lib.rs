@@ -44,6 +44,8 @@ pub enum StartError {
     Db(#[from] db::DbError),
     #[error("cannot load the lobby chat: {0}")]
     Chat(#[from] sqlx::Error),
+    #[error(transparent)]
+    WebRtc(#[from] transport::webrtc::RtcBindError),
 }
 
 /// A server running in this process.
@@ -76,7 +78,8 @@ pub async fn start_game<G: shared::game::Game>(listener: TcpListener, config: Co
     let key = rooms::TicketKey::new(db::secret(&db, "room-tickets").await?);
     let (room_events, events) = tokio::sync::mpsc::channel(1024);
     let rooms = rooms::Rooms::new::<G>(config.rooms.clone(), key, room_events);
-    let (hub, hub_task) = Hub::start(db.clone(), config.limits.clone(), rooms, events).await?;
+    let rtc = transport::webrtc::Rtc::bind(config.webrtc.clone(), addr).await?;
+    let (hub, hub_task) = Hub::start(db.clone(), config.limits.clone(), rooms, rtc, events).await?;
     if let Some(metrics) = config.metrics_listen {
         metrics_endpoint::serve(metrics)
             .await

@@ -66,8 +66,20 @@ fn bots(args: &rallypoint_server::bots::BotsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The WebRTC stack's crates log every state change of every peer at `info`: they get `warn`
+/// unless the filter names them.
+const QUIET_CRATES: [&str; 6] = ["webrtc", "webrtc_ice", "webrtc_sctp", "webrtc_dtls", "webrtc_data", "dtls"];
+
 fn init_logging(filter: &str) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+    let mut directives = filter.to_owned();
+    for krate in QUIET_CRATES {
+        if !filter.split(',').any(|d| d.trim_start().starts_with(krate)) {
+            directives.push(',');
+            directives.push_str(krate);
+            directives.push_str("=warn");
+        }
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .map_err(|e| anyhow::anyhow!("--log {filter:?} is not a valid log filter: {e}"))?;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).init();

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the hub protocol. Bump it whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest WebSocket message, in bytes, that the hub accepts from a client.
 pub const MAX_CLIENT_MESSAGE_BYTES: usize = 4096;
@@ -67,6 +67,37 @@ pub enum ClientMsg {
     },
     /// Leave the matchmaking queue.
     CancelMatch,
+    /// Open a WebRTC peer connection to your room: an SDP offer with one data channel labelled
+    /// [`crate::room::DATA_CHANNEL_LABEL`]. Sent after joining the room over its WebSocket;
+    /// answered with [`ServerMsg::RtcAnswer`] or an [`ErrorCode::Rtc`] error.
+    RtcOffer {
+        /// The room, as [`ServerMsg::MatchFound`] named it.
+        room: String,
+        /// The offer's SDP.
+        sdp: String,
+    },
+    /// One of the client's ICE candidates for the peer connection of `room` (trickle ICE).
+    RtcCandidate {
+        /// The room, as [`ServerMsg::MatchFound`] named it.
+        room: String,
+        /// The candidate line (`candidate:…`), as the browser gives it.
+        candidate: String,
+        /// The media stream id the candidate belongs to.
+        sdp_mid: Option<String>,
+        /// The index of that media line.
+        sdp_m_line_index: Option<u16>,
+    },
+}
+
+/// A STUN or TURN server that clients may use to reach the server's UDP port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IceServer {
+    /// `stun:host:port`, `turn:host:port`, `turns:host:port?transport=tcp`, …
+    pub urls: Vec<String>,
+    /// The TURN user name, if any.
+    pub username: Option<String>,
+    /// The TURN password, if any.
+    pub credential: Option<String>,
 }
 
 /// A user as others see them.
@@ -109,6 +140,8 @@ pub enum ErrorCode {
     AlreadyBusy,
     /// Not queued.
     NotQueued,
+    /// A WebRTC signaling message was refused: play goes on over the WebSocket.
+    Rtc,
 }
 
 /// A game mode as the lobby lists it.
@@ -139,6 +172,9 @@ pub enum ServerMsg {
         online: u32,
         /// How many chat lines follow them.
         history: u32,
+        /// STUN/TURN servers for the WebRTC peer connection to a room (often none: the
+        /// server's UDP port is reachable directly).
+        ice_servers: Vec<IceServer>,
     },
     /// The client's version differs from the server's: reload the page.
     Reload {
@@ -180,6 +216,14 @@ pub enum ServerMsg {
         ticket: String,
         /// Names of the players, by seat.
         players: Vec<String>,
+    },
+    /// The server's answer to [`ClientMsg::RtcOffer`]. Its SDP carries every server candidate
+    /// (the server does not trickle).
+    RtcAnswer {
+        /// The room of the offer.
+        room: String,
+        /// The answer's SDP.
+        sdp: String,
     },
     /// Your match stopped without a result (a server error); you are back in the lobby.
     MatchAborted {
@@ -226,6 +270,13 @@ mod tests {
             ClientMsg::Ping { id: 42 },
             ClientMsg::FindMatch { mode: "duel".into() },
             ClientMsg::CancelMatch,
+            ClientMsg::RtcOffer { room: "r0-1".into(), sdp: "v=0\r\n".into() },
+            ClientMsg::RtcCandidate {
+                room: "r0-1".into(),
+                candidate: "candidate:1 1 udp 1 127.0.0.1 5000 typ host".into(),
+                sdp_mid: Some("0".into()),
+                sdp_m_line_index: Some(0),
+            },
         ] {
             let json = serde_json::to_string(&msg).unwrap();
             assert_eq!(ClientMsg::from_json(&json).unwrap(), msg, "{json}");
@@ -236,7 +287,19 @@ mod tests {
     fn every_server_message_round_trips() {
         let line = ChatLine { from: alice(), text: "gg".into(), at_ms: 1_700_000_000_000 };
         for msg in [
-            ServerMsg::Welcome { version: PROTOCOL_VERSION, me: alice(), lobby: 1, online: 1, history: 0 },
+            ServerMsg::Welcome {
+                version: PROTOCOL_VERSION,
+                me: alice(),
+                lobby: 1,
+                online: 1,
+                history: 0,
+                ice_servers: vec![IceServer {
+                    urls: vec!["turn:turn.example.org:3478".into()],
+                    username: Some("u".into()),
+                    credential: Some("p".into()),
+                }],
+            },
+            ServerMsg::RtcAnswer { room: "r0-1".into(), sdp: "v=0\r\n".into() },
             ServerMsg::Reload { version: 9 },
             ServerMsg::Presence { joined: vec![alice()], left: vec![8, 9] },
             ServerMsg::Chat(line),

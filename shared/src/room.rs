@@ -21,6 +21,13 @@ pub const MAX_TO_ROOM_BYTES: usize = 1024;
 /// in a burst could fall out of every later message.
 pub const MAX_INPUTS_PER_MESSAGE: usize = 32;
 
+/// Label of the WebRTC data channel that carries inputs and snapshots: unordered, with no
+/// retransmissions. The client creates it; everything else stays on the room's WebSocket.
+pub const DATA_CHANNEL_LABEL: &str = "rallypoint-unreliable";
+
+/// How long a client waits for the data channel to open before it plays over the WebSocket.
+pub const DATA_CHANNEL_OPEN_TIMEOUT_MS: u32 = 3000;
+
 /// Close codes of a room connection.
 pub mod close {
     /// Malformed messages, or too many of them.

@@ -115,6 +115,54 @@ async fn sees_moving(watcher: &Browser, mover: &Browser) {
     assert!(places.len() >= 3, "the watcher saw the mover at {places:?}");
 }
 
+/// Waits until snapshots arrive on the WebRTC data channel, and the net graph says so.
+async fn on_the_data_channel(b: &Browser) {
+    b.wait_until("the data channel carries snapshots", || async {
+        let s = state(b).await;
+        s["transport"] == "webrtc" && s["data_channel_frames"].as_u64().unwrap_or(0) > 30
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn without_webrtc_in_the_page_the_match_is_played_over_the_websocket() {
+    let _one = crate::ONE_AT_A_TIME.lock().await;
+    let server = Server::start_with(&["--match-seconds", "20"]).await;
+    let driver = Driver::start().await;
+    let carol = driver.browser(&[]).await;
+    let dave = driver.browser(&[]).await;
+    register(&carol, &server, "carol").await;
+    register(&dave, &server, "dave").await;
+    // Dave's browser has no WebRTC at all; Carol's has.
+    dave.js("window.RTCPeerConnection = undefined; return null").await;
+    for b in [&carol, &dave] {
+        b.find("input[name='mode'][value='duel']").await.click().await.unwrap();
+        b.find("#find-match:not([disabled])").await.click().await.unwrap();
+    }
+    // From the moment the match view opens, Dave plays over the WebSocket within 3 s.
+    dave.find("#game:not([hidden])").await;
+    let started = std::time::Instant::now();
+    dave.wait_until("playing over the WebSocket", || async {
+        let s = state(&dave).await;
+        s["transport"] == "websocket" && s["state"] == "playing"
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    dave.wait_until("a full second of snapshots", || async { state(&dave).await["snapshots"].as_u64() > Some(20) })
+        .await;
+    let s = state(&dave).await;
+    assert_eq!(s["data_channel_frames"], 0, "{s}");
+    on_the_data_channel(&carol).await;
+    // Dave moves, and Carol's prediction and Dave's inputs over the WebSocket agree.
+    let before = position(&state(&dave).await).unwrap();
+    key(&dave, "KeyS", true).await;
+    dave.wait_until("dave moves", || async { position(&state(&dave).await) != Some(before) }).await;
+    key(&dave, "KeyS", false).await;
+    carol.close().await;
+    dave.close().await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn two_players_are_matched_see_each_other_move_and_the_result_is_kept() {
     let _one = crate::ONE_AT_A_TIME.lock().await;
@@ -131,13 +179,16 @@ async fn two_players_are_matched_see_each_other_move_and_the_result_is_kept() {
     }
     alice.find("#game[data-state='playing']").await;
     bob.find("#game[data-state='playing']").await;
-    assert_eq!(state(&alice).await["transport"], "WebSocket");
+    for b in [&alice, &bob] {
+        on_the_data_channel(b).await;
+    }
     let alice_seat = state(&alice).await["seat"].as_u64().unwrap();
 
-    // A reload mid-match puts the player back in their seat.
+    // A reload mid-match puts the player back in their seat, on a new peer connection.
     alice.client.refresh().await.unwrap();
     alice.find("#game[data-state='playing']").await;
     assert_eq!(state(&alice).await["seat"].as_u64().unwrap(), alice_seat);
+    on_the_data_channel(&alice).await;
 
     // Walk into each other's sight on the open row in the middle of the map.
     tokio::join!(walk_to(&alice, (17, 10)), walk_to(&bob, (22, 10)));

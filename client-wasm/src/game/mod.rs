@@ -89,6 +89,9 @@ pub struct Match {
     view: View,
     link: Option<RoomLink>,
     ticket: String,
+    /// The room's name, for WebRTC signaling on the hub.
+    room: String,
+    ice_servers: Vec<shared::hub::IceServer>,
     joined: Option<Joined>,
     predictor: Option<Predictor<Arena>>,
     snapshots: VecDeque<Snapshot>,
@@ -123,7 +126,12 @@ impl View {
 
 /// Joins a room with `ticket`. `on_exit` runs when the player goes back to the lobby, with a
 /// message when the match did not end normally.
-pub fn start(ticket: String, on_exit: impl Fn(Option<String>) + 'static) -> Result<(), JsValue> {
+pub fn start(
+    ticket: String,
+    room: String,
+    ice_servers: Vec<shared::hub::IceServer>,
+    on_exit: impl Fn(Option<String>) + 'static,
+) -> Result<(), JsValue> {
     stop();
     let view = View::find().ok_or_else(|| JsValue::from_str("the page has no game view"))?;
     view.section.set_hidden(false);
@@ -134,6 +142,8 @@ pub fn start(ticket: String, on_exit: impl Fn(Option<String>) + 'static) -> Resu
         view,
         link: None,
         ticket,
+        room,
+        ice_servers,
         joined: None,
         predictor: None,
         snapshots: VecDeque::new(),
@@ -158,12 +168,30 @@ pub fn start(ticket: String, on_exit: impl Fn(Option<String>) + 'static) -> Resu
 pub fn stop() {
     let current = MATCH.with(|slot| slot.borrow_mut().take());
     if let Some(m) = current {
-        let m = m.borrow();
-        if let Some(link) = &m.link {
+        let mut m = m.borrow_mut();
+        if let Some(link) = &mut m.link {
             link.close();
         }
         m.view.section.set_hidden(true);
     }
+}
+
+/// The server's WebRTC answer for the current match's room.
+pub fn on_rtc_answer(room: &str, sdp: &str) {
+    with_match(|m| {
+        if let Some(link) = &m.link {
+            link.on_rtc_answer(room, sdp);
+        }
+    });
+}
+
+/// The server refused WebRTC signaling: the match stays on the WebSocket.
+pub fn on_rtc_refused() {
+    with_match(|m| {
+        if let Some(link) = &m.link {
+            link.on_rtc_refused();
+        }
+    });
 }
 
 /// Whether a match is showing.
@@ -191,6 +219,12 @@ impl Match {
             Down::Joined { seat, players, tick_hz, rules, .. } => {
                 self.predictor = Some(Predictor::new(rules));
                 self.joined = Some(Joined { seat, players, tick_hz });
+                // The seat is ours: now the server accepts a peer connection for it.
+                if let Some(link) = &mut self.link
+                    && let Err(e) = link.start_webrtc(&self.room, &self.ice_servers)
+                {
+                    web_sys::console::warn_1(&format!("no WebRTC here, playing over the WebSocket: {e:?}").into());
+                }
                 self.view.banner.set_text_content(Some("Waiting for the other players…"));
                 let _ = self.view.section.set_attribute("data-state", "waiting");
             }
@@ -515,6 +549,7 @@ pub fn state_json() -> String {
         "snapshots": m.net.snapshots_per_s,
         "corrections": m.predictor.as_ref().map(|p| p.corrections),
         "transport": m.link.as_ref().map(RoomLink::kind),
+        "data_channel_frames": m.link.as_ref().map(|l| l.data_frames.get()),
     })
     .to_string()
 }

@@ -31,6 +31,7 @@ use crate::config::Limits;
 use crate::db::{Db, unix_now_ms};
 use crate::rate::TokenBucket;
 use crate::rooms::{RoomEvent, RoomId, Rooms, Seated};
+use crate::transport::webrtc::Rtc;
 use matchmaking::Waiting;
 
 /// Identifies one WebSocket connection for the life of the process.
@@ -123,6 +124,7 @@ pub struct Hub {
     limits: Arc<Limits>,
     db: Db,
     rooms: Rooms,
+    rtc: Rtc,
 }
 
 /// The hub task has stopped (the server is shutting down).
@@ -136,6 +138,7 @@ impl Hub {
         db: Db,
         limits: Limits,
         rooms: Rooms,
+        rtc: Rtc,
         events: mpsc::Receiver<RoomEvent>,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), sqlx::Error> {
         let recent = chat_log::recent(&db, CHAT_HISTORY_LEN).await?;
@@ -153,6 +156,7 @@ impl Hub {
             slow: Vec::new(),
             db: db.clone(),
             rooms: rooms.clone(),
+            ice_servers: rtc.ice_servers().to_vec(),
             queues: BTreeMap::new(),
             queued: HashMap::new(),
             playing: HashMap::new(),
@@ -165,11 +169,15 @@ impl Hub {
             // The log flushes what it holds once every sender is gone.
             let _ = log_task.await;
         });
-        Ok((Self { commands, next_conn: Arc::default(), limits, db, rooms }, task))
+        Ok((Self { commands, next_conn: Arc::default(), limits, db, rooms, rtc }, task))
     }
 
     pub fn rooms(&self) -> &Rooms {
         &self.rooms
+    }
+
+    pub fn rtc(&self) -> &Rtc {
+        &self.rtc
     }
 
     pub fn db(&self) -> &Db {
@@ -255,6 +263,8 @@ struct State {
     slow: Vec<ConnId>,
     db: Db,
     rooms: Rooms,
+    /// Handed to clients in the welcome.
+    ice_servers: Vec<shared::hub::IceServer>,
     /// Who waits for a match, per mode, oldest first.
     queues: BTreeMap<&'static str, Vec<Waiting>>,
     /// The mode each queued user waits for.
@@ -394,6 +404,7 @@ impl State {
             lobby: lobby as u32 + 1,
             online: members.len() as u32,
             history: l.recent.len() as u32,
+            ice_servers: self.ice_servers.clone(),
         };
         let mut frames = vec![welcome_msg.to_json().into()];
         for chunk in members.chunks(PRESENCE_CHUNK) {

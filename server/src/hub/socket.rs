@@ -9,7 +9,9 @@ use tokio::time::{Instant, sleep_until, timeout};
 use super::{Command, ConnId, Hub, Outbound, results};
 use crate::accounts::Session;
 use crate::rate::TokenBucket;
+use crate::transport::webrtc::RtcError;
 use crate::transport::ws;
+use webrtc::ice_transport::ice_candidate::RTCIceCandidateInit;
 
 /// Why a connection ended, for the log and for tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +29,7 @@ pub async fn serve(socket: WebSocket, hub: Hub, session: Session) {
     let end = match task.handshake(conn, &hub, &session).await {
         Ok(outbox) => {
             let end = task.run(conn, &hub, outbox).await;
+            hub.rtc().signaling_closed(conn);
             let _ = hub.send(Command::Leave { conn }).await;
             end
         }
@@ -178,7 +181,28 @@ impl<'a> Connection<'a> {
                 self.forward(hub, Command::FindMatch { conn, mode, rating }).await
             }
             Ok(ClientMsg::CancelMatch) => self.forward(hub, Command::CancelMatch { conn }).await,
+            Ok(ClientMsg::RtcOffer { room, sdp }) => match hub.rtc().offer(self.user_id, conn, &room, sdp).await {
+                Ok(sdp) => self.reply(ServerMsg::RtcAnswer { room, sdp }).await,
+                Err(e) => self.refuse_rtc(hub, &e).await,
+            },
+            Ok(ClientMsg::RtcCandidate { room, candidate, sdp_mid, sdp_m_line_index }) => {
+                let candidate = RTCIceCandidateInit {
+                    candidate,
+                    sdp_mid,
+                    sdp_mline_index: sdp_m_line_index,
+                    username_fragment: None,
+                };
+                match hub.rtc().candidate(self.user_id, conn, &room, candidate).await {
+                    Ok(()) => Step::Continue,
+                    Err(e) => self.refuse_rtc(hub, &e).await,
+                }
+            }
         }
+    }
+
+    async fn refuse_rtc(&mut self, hub: &Hub, e: &RtcError) -> Step {
+        hub.rtc().stats().offers_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.reply_error(ErrorCode::Rtc, &e.to_string()).await
     }
 
     async fn forward(&mut self, hub: &Hub, command: Command) -> Step {

@@ -316,7 +316,7 @@ impl<G: Game> Match<'_, G> {
             }
             ToRoom::Ping { id } => {
                 if let Some(link) = &self.seats[seat].link {
-                    link.reliable(Bytes::from(Frame::<G>::Pong { id }.encode()));
+                    link.unreliable(Bytes::from(Frame::<G>::Pong { id }.encode()));
                 }
             }
             ToRoom::Leave => self.release(seat),

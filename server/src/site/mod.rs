@@ -387,14 +387,14 @@ async fn room_socket(
         return (StatusCode::UNAUTHORIZED, "sign in first\n").into_response();
     };
     let max = shared::room::MAX_TO_ROOM_BYTES;
-    let rooms = app.hub.rooms().clone();
+    let (rooms, rtc) = (app.hub.rooms().clone(), app.hub.rtc().clone());
     let limits = app.hub.shared_limits();
     upgrade
         .read_buffer_size(1024)
         .write_buffer_size(0)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| crate::transport::ws::serve(socket, rooms, session, limits))
+        .on_upgrade(move |socket| crate::transport::ws::serve(socket, rooms, rtc, session, limits))
 }
 
 /// The hub WebSocket: 403 for another site's page, 401 without a live session.

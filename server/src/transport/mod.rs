@@ -1,8 +1,11 @@
 //! In-room transports. A room never sees a socket: it sees a [`Link`] per player, which takes
 //! frames to the client, and it receives the client's frames as [`crate::rooms::RoomCommand`]s.
-//! Each transport (WebSocket now, WebRTC data channels next) is a task that moves bytes between
-//! its socket and those two channels, and never looks inside them.
+//! A player's room WebSocket ([`ws`]) is one task that moves bytes between the client and those
+//! two channels, never looking inside them; when the player's WebRTC data channel
+//! ([`webrtc`]) is open, that task sends unreliable frames on it instead, and the channel's
+//! messages go straight to the room.
 
+pub mod webrtc;
 pub mod ws;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,20 +17,6 @@ use tokio::sync::mpsc;
 pub type LinkId = u64;
 
 static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
-
-/// What carries a link.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TransportKind {
-    WebSocket,
-}
-
-impl TransportKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::WebSocket => "websocket",
-        }
-    }
-}
 
 /// A frame on its way to the client.
 #[derive(Debug)]
@@ -48,15 +37,14 @@ pub const LINK_QUEUE: usize = 8;
 #[derive(Debug)]
 pub struct Link {
     pub id: LinkId,
-    pub kind: TransportKind,
     tx: mpsc::Sender<ToClient>,
 }
 
 impl Link {
     /// A new link and the receiving end its transport drains.
-    pub fn new(kind: TransportKind) -> (Self, mpsc::Receiver<ToClient>) {
+    pub fn new() -> (Self, mpsc::Receiver<ToClient>) {
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
-        (Self { id: NEXT_LINK.fetch_add(1, Ordering::Relaxed), kind, tx }, rx)
+        (Self { id: NEXT_LINK.fetch_add(1, Ordering::Relaxed), tx }, rx)
     }
 
     /// Queues a frame that may be lost; `false` when it was dropped (the queue is full).

@@ -1,7 +1,9 @@
 //! The WebSocket transport for rooms (`/room`), and WebSocket helpers the hub shares.
 //!
 //! The first frame is a [`JoinRequest`] with the hub's ticket; once the room gives the seat to
-//! this connection, binary frames go to the room as they come, and the room's frames go out.
+//! this connection, binary frames go to the room as they come, and the room's frames go out:
+//! on this WebSocket, or, for frames that may be lost, on the player's WebRTC data channel
+//! while it is open.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +13,8 @@ use shared::room::{JoinRequest, ROOM_PROTOCOL_VERSION, close};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 
-use super::{Link, ToClient, TransportKind};
+use super::webrtc::{DataPath, Rtc, SeatGuard};
+use super::{Link, ToClient};
 use crate::accounts::Session;
 use crate::config::Limits;
 use crate::rate::TokenBucket;
@@ -39,7 +42,7 @@ pub fn read_error_code(e: axum::Error) -> Option<u16> {
 }
 
 /// Runs one player's room connection until it ends.
-pub async fn serve(mut socket: WebSocket, rooms: Rooms, session: Session, limits: Arc<Limits>) {
+pub async fn serve(mut socket: WebSocket, rooms: Rooms, rtc: Rtc, session: Session, limits: Arc<Limits>) {
     let first = match timeout(limits.ws_hello_timeout, socket.recv()).await {
         Ok(Some(Ok(Message::Binary(frame)))) => JoinRequest::decode(&frame).ok(),
         Ok(Some(Err(e))) => {
@@ -61,14 +64,16 @@ pub async fn serve(mut socket: WebSocket, rooms: Rooms, session: Session, limits
         Ok(ticket) => ticket,
         Err(e) => return close_with(socket, e.close_code(), &e.to_string()).await,
     };
-    let (link, mut to_client) = Link::new(TransportKind::WebSocket);
+    let (link, mut to_client) = Link::new();
     let link_id = link.id;
     let room = match rooms.claim(ticket, link).await {
         Ok(room) => room,
         Err(e) => return close_with(socket, e.close_code(), &e.to_string()).await,
     };
     tracing::debug!(link = link_id, room = %ticket.room, user = session.user.id, "room connection joined");
-    let end = pump(&mut socket, &room, link_id, &mut to_client, &limits).await;
+    let mut seat = rtc.seat(session.user.id, &ticket.room.to_string(), link_id, room.clone());
+    let end = pump(&mut socket, &room, link_id, &mut to_client, &mut seat, &limits).await;
+    drop(seat);
     // Tell the room, even if its mailbox is busy for a moment.
     let _ = timeout(Duration::from_secs(1), room.send(RoomCommand::Closed { link: link_id })).await;
     if let Some((code, reason)) = end {
@@ -82,8 +87,10 @@ async fn pump(
     room: &mpsc::Sender<RoomCommand>,
     link: u64,
     to_client: &mut mpsc::Receiver<ToClient>,
+    seat: &mut SeatGuard,
     limits: &Limits,
 ) -> Option<(u16, &'static str)> {
+    let mut data_channel = None;
     let mut inbound = TokenBucket::new(limits.room_messages_per_second, limits.room_message_burst, Instant::now());
     let mut strikes = 0;
     // Checked twice per timeout rather than re-armed on every message (a timer update each).
@@ -113,7 +120,16 @@ async fn pump(
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 }
             }
+            path = seat.events.recv() => match path {
+                Some(DataPath::Open(dc)) => data_channel = Some(dc),
+                Some(DataPath::Closed) | None => data_channel = None,
+            },
             out = to_client.recv() => match out {
+                Some(ToClient::Unreliable(frame)) if data_channel.is_some() => {
+                    if let Some(dc) = &data_channel && !seat.send(dc, &frame).await {
+                        data_channel = None;
+                    }
+                }
                 Some(ToClient::Unreliable(frame) | ToClient::Reliable(frame)) => {
                     if !write(socket, Message::Binary(frame), limits.ws_write_timeout).await {
                         return None;
@@ -123,7 +139,8 @@ async fn pump(
                 None => return Some((close::ROOM_FAILED, "the match stopped")),
             },
             _ = idle_check.tick() => {
-                if last_heard.elapsed() >= limits.room_idle_timeout {
+                let heard = seat.last_heard().map_or(last_heard, |dc| dc.max(last_heard));
+                if heard.elapsed() >= limits.room_idle_timeout {
                     return Some((close::POLICY, "idle timeout"));
                 }
             }

@@ -9,3 +9,4 @@ mod hub;
 mod rooms;
 mod site;
 mod support;
+mod webrtc;

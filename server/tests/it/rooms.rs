@@ -467,6 +467,7 @@ async fn bots_sign_up_queue_play_and_report() {
         mode: "duel".into(),
         json: true,
         name_prefix: "robo".into(),
+        transport: rallypoint_server::bots::Transport::Ws,
         password: "robot password".into(),
     };
     let report = rallypoint_server::bots::run(&args).await;
