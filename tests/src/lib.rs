@@ -126,6 +126,8 @@ impl Driver {
     pub async fn browser(&self, extra: &[&str]) -> Browser {
         let chromium = env_path("CHROMIUM", "/usr/bin/chromium".into());
         let profile = tempfile::tempdir().expect("a temporary folder");
+        // No WebRTC flags: a stock Chromium must reach the server's UDP port on 127.0.0.1, as a
+        // player's browser does with `cargo xtask run`.
         let mut args: Vec<String> = [
             "--headless",
             "--no-sandbox",
@@ -137,8 +139,6 @@ impl Driver {
             "--disable-sync",
             "--disable-dev-shm-usage",
             "--window-size=1280,900",
-            "--allow-loopback-in-peer-connection",
-            "--disable-features=WebRtcHideLocalIpsWithMdns",
         ]
         .iter()
         .map(ToString::to_string)
