@@ -202,6 +202,8 @@ pub struct Live {
     pub bytes_up: std::sync::atomic::AtomicU64,
     pub snapshots: std::sync::atomic::AtomicU64,
     pub playing: std::sync::atomic::AtomicU64,
+    /// Set to make every bot leave its match at its next tick.
+    pub leave: std::sync::atomic::AtomicBool,
 }
 
 /// Plays one match: one input per tick, predicted and reconciled like the browser does.
@@ -231,7 +233,7 @@ pub async fn play_match_counted(
     let end = loop {
         tokio::select! {
             _ = ticker.tick(), if latest.is_some() => {
-                if Instant::now() >= deadline {
+                if Instant::now() >= deadline || live.is_some_and(|l| l.leave.load(Relaxed)) {
                     let _ = room.send(&ToRoom::Leave).await;
                     break None;
                 }

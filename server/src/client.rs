@@ -280,6 +280,15 @@ impl Hub {
         tokio::time::timeout(limit, self.recv()).await.map_err(|_| ClientError::Timeout)?
     }
 
+    /// Waits for a match: the room's name and the seat's ticket.
+    pub async fn match_found(&mut self, limit: Duration) -> Result<(String, String), ClientError> {
+        self.recv_until(limit, |m| match m {
+            ServerMsg::MatchFound { room, ticket, .. } => Some((room, ticket)),
+            _ => None,
+        })
+        .await
+    }
+
     /// Waits for the first message that `pick` accepts, skipping others.
     pub async fn recv_until<T>(
         &mut self,

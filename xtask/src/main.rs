@@ -17,6 +17,7 @@ usage: cargo xtask <command>
   dist             write dist/: the release binary and its static files, ready to copy anywhere
   bench hub        benchmark the hub (connections, memory, chat fan-out, login storm)
   bench rooms      benchmark rooms (CPU per tick, players per core, bytes, input latency, jitter)
+  bench webrtc     the same rooms over WebSocket and WebRTC (connect time, memory per peer, CPU, bytes)
   client           build only the wasm client into web/dist/
 ";
 
@@ -231,7 +232,7 @@ fn dist() -> Result<()> {
 
 fn bench(args: &[String]) -> Result<()> {
     let Some(what) = args.first() else {
-        bail!("which benchmark? `cargo xtask bench hub` or `cargo xtask bench rooms`")
+        bail!("which benchmark? `cargo xtask bench hub`, `bench rooms` or `bench webrtc`")
     };
     let bin = build_server(true)?;
     step(&format!("Benchmark: {what} (server on core 0, load generators on core 1)"));

@@ -5,6 +5,7 @@
 
 mod hub;
 mod rooms;
+mod webrtc;
 
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt as _;
@@ -27,6 +28,8 @@ enum Which {
     Hub(hub::HubArgs),
     /// Full rooms of bots: CPU per tick, players per core, bytes per player, latencies.
     Rooms(rooms::RoomsArgs),
+    /// The same rooms over WebSocket and over WebRTC: connect time, memory per peer, CPU, bytes.
+    Webrtc(webrtc::WebrtcArgs),
     /// Measures how late plain timed sleeps wake up on this core: the floor under room ticks.
     Clock(ClockArgs),
     /// Holds idle hub connections for `bench hub` (a second process: each process here may
@@ -42,6 +45,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         match args.which {
             Which::Hub(args) => hub::run(args).await,
             Which::Rooms(args) => rooms::run(args).await,
+            Which::Webrtc(args) => webrtc::run(args).await,
             Which::Clock(args) => {
                 println!("{}", serde_json::to_string(&clock(&args))?);
                 Ok(())

@@ -16,9 +16,9 @@ use clap::Args;
 use serde::Serialize;
 
 use super::{ServerProcess, Storm, write_json};
-use crate::bots::{Live, Tally, play_match_counted};
+use crate::bots::{Live, Tally, Transport, play_match_counted};
 use crate::client::Client;
-use shared::hub::{ClientMsg, ServerMsg};
+use shared::hub::ClientMsg;
 
 #[derive(Debug, Args)]
 pub struct RoomsArgs {
@@ -47,12 +47,12 @@ const PREFIX: &str = "roombench";
 const TICK_HZ: f64 = 30.0;
 
 #[derive(Debug, Default, Serialize)]
-struct Window {
+pub(super) struct Window {
     seconds: f64,
     server_cpu_seconds: f64,
     room_ticks: u64,
     /// Everything the server did, divided by room ticks.
-    cpu_per_room_tick_ms: f64,
+    pub(super) cpu_per_room_tick_ms: f64,
     tick_compute_p50_ms: f64,
     tick_compute_p99_ms: f64,
     tick_lateness_p50_ms: f64,
@@ -112,29 +112,9 @@ pub async fn run(args: RoomsArgs) -> Result<()> {
     eprintln!("starting {players} bots in {} rooms of {}…", args.rooms, args.players);
     let live = Arc::new(Live::default());
     let stop = Arc::new(tokio::sync::Notify::new());
-    let deadline = tokio::time::Instant::now() + Duration::from_hours(1);
-    let mut bots = Vec::with_capacity(players);
-    for (i, token) in tokens.iter().enumerate() {
-        let (base, token, live, stop) = (server.base.clone(), token.clone(), Arc::clone(&live), Arc::clone(&stop));
-        bots.push(tokio::spawn(async move {
-            let mut tally = Tally::default();
-            tokio::select! {
-                () = bot(&base, &token, i as u64, deadline, &mut tally, &live) => {}
-                () = stop.notified() => {}
-            }
-            tally
-        }));
-        if i % 64 == 63 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    let bots = start_bots(&server.base, &tokens, Transport::Ws, &live, &stop).await;
     let started = Instant::now();
-    while live.playing.load(Relaxed) < players as u64 {
-        if started.elapsed() > Duration::from_mins(2) {
-            bail!("only {} of {players} bots were playing after two minutes", live.playing.load(Relaxed));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_until_playing(&live, players).await?;
     eprintln!("all {players} playing after {:.1} s; warming up {} s", started.elapsed().as_secs_f64(), args.warmup);
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
 
@@ -185,20 +165,70 @@ pub async fn run(args: RoomsArgs) -> Result<()> {
     write_json(args.json.as_ref(), &report)
 }
 
-/// One bot: queue for a brawl, play it.
-async fn bot(base: &str, token: &str, seed: u64, deadline: tokio::time::Instant, tally: &mut Tally, live: &Live) {
+/// Starts one bot per session token, queueing for brawls; they play until `stop`.
+pub(super) async fn start_bots(
+    base: &str,
+    tokens: &[String],
+    transport: Transport,
+    live: &Arc<Live>,
+    stop: &Arc<tokio::sync::Notify>,
+) -> Vec<tokio::task::JoinHandle<Tally>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_hours(1);
+    let mut bots = Vec::with_capacity(tokens.len());
+    for (i, token) in tokens.iter().enumerate() {
+        let (base, token, live, stop) = (base.to_owned(), token.clone(), Arc::clone(live), Arc::clone(stop));
+        bots.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            tokio::select! {
+                () = bot(&base, &token, transport, i as u64, deadline, &mut tally, &live) => {}
+                () = stop.notified() => {}
+            }
+            tally
+        }));
+        if i % 64 == 63 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    bots
+}
+
+/// Waits until `players` bots receive snapshots.
+pub(super) async fn wait_until_playing(live: &Live, players: usize) -> Result<()> {
+    let started = Instant::now();
+    while live.playing.load(Relaxed) < players as u64 {
+        if started.elapsed() > Duration::from_mins(2) {
+            bail!("only {} of {players} bots were playing after two minutes", live.playing.load(Relaxed));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// One bot: queue for a brawl, take the seat (and open a data channel over WebRTC), play.
+async fn bot(
+    base: &str,
+    token: &str,
+    transport: Transport,
+    seed: u64,
+    deadline: tokio::time::Instant,
+    tally: &mut Tally,
+    live: &Live,
+) {
     let result: Result<()> = async {
         let client = Client::with_session(base, token)?;
         let mut hub = client.hub().await?;
         hub.send(&ClientMsg::FindMatch { mode: "brawl".into() }).await?;
-        let ticket = hub
-            .recv_until(Duration::from_mins(2), |m| match m {
-                ServerMsg::MatchFound { ticket, .. } => Some(ticket),
-                _ => None,
-            })
-            .await?;
-        let room = client.room::<shared::arena::Arena>(&ticket).await?;
+        let (room_name, ticket) = hub.match_found(Duration::from_mins(2)).await?;
+        let found = Instant::now();
+        let mut room = client.room::<shared::arena::Arena>(&ticket).await?;
+        if transport == Transport::Webrtc {
+            // Generous here: the bench opens many at once on a loaded machine; what it took
+            // is what is reported.
+            room.open_data_channel(&mut hub, &room_name, Duration::from_secs(30)).await?;
+            tally.data_channels.push(found.elapsed());
+        }
         play_match_counted(room, deadline, seed, tally, Some(live)).await;
+        drop(hub);
         Ok(())
     }
     .await;
@@ -208,7 +238,7 @@ async fn bot(base: &str, token: &str, seed: u64, deadline: tokio::time::Instant,
 }
 
 /// Measures one window of `seconds` while `beside` runs.
-async fn measure(
+pub(super) async fn measure(
     server: &ServerProcess,
     metrics_url: &str,
     live: &Live,

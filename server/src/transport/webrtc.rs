@@ -151,7 +151,7 @@ pub struct Rtc(Arc<Inner>);
 
 /// The UDP port could not be opened.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen for WebRTC on UDP {addr}: {source}")]
+#[error("cannot listen for WebRTC on UDP {addr}: {source} (choose the port with --webrtc-listen)")]
 pub struct RtcBindError {
     addr: SocketAddr,
     source: std::io::Error,
@@ -248,6 +248,7 @@ impl Rtc {
         let id = self.0.next_peer.fetch_add(1, Ordering::Relaxed);
         self.0.stats.peers.fetch_add(1, Ordering::Relaxed);
         self.0.stats.peers_opened.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!("rallypoint_webrtc_peers").increment(1.0);
         // From here on the peer is counted; `close_peer` (exactly once) uncounts it.
         let peer = Peer { id, pc: Arc::clone(&pc), signaling };
         let replaced = {
@@ -323,6 +324,7 @@ impl Rtc {
                 let rtc = Rtc(rtc);
                 if rtc.drop_peer(&key, id) {
                     rtc.0.stats.handshakes_timed_out.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("rallypoint_webrtc_handshakes_timed_out_total").increment(1);
                     tracing::debug!(peer = id, "WebRTC handshake timed out");
                 }
             }
@@ -387,6 +389,7 @@ impl Rtc {
         tokio::spawn(async move {
             let _ = tokio::time::timeout(Duration::from_secs(5), peer.pc.close()).await;
             inner.stats.peers.fetch_sub(1, Ordering::Relaxed);
+            metrics::gauge!("rallypoint_webrtc_peers").decrement(1.0);
         });
     }
 }
@@ -429,6 +432,7 @@ impl Wiring {
                 && let Some(rtc) = weak.upgrade()
             {
                 rtc.stats.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("rallypoint_webrtc_frames_dropped_total").increment(1);
             }
             Box::pin(async {})
         }));
@@ -438,6 +442,7 @@ impl Wiring {
                 opened.store(true, Ordering::Release);
                 if let Some(rtc) = weak.upgrade() {
                     rtc.stats.channels_opened.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("rallypoint_webrtc_channels_opened_total").increment(1);
                 }
                 let _ = paths.try_send(DataPath::Open(dc2));
                 Box::pin(async {})

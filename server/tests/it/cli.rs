@@ -41,6 +41,18 @@ fn a_port_in_use_is_one_clear_line() {
 }
 
 #[test]
+fn a_udp_port_in_use_is_one_clear_line() {
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = static_dir();
+    let db = format!("sqlite://{}", dir.path().join("rp.db").display());
+    let output =
+        rallypoint(&["serve", "--listen", "127.0.0.1:0", "--webrtc-listen", &addr, "--database-url", &db], dir.path());
+    let line = one_error_line(&output);
+    assert!(line.contains(&format!("UDP {addr}")) && line.contains("--webrtc-listen"), "{line}");
+}
+
+#[test]
 fn an_unwritable_database_path_is_one_clear_line() {
     let dir = static_dir();
     let output = rallypoint(
@@ -61,6 +73,11 @@ fn bad_flags_and_values_are_refused() {
         (&["serve", "--database-url", "mysql://x"][..], "--database-url"),
         (&["serve", "--max-connections", "0"][..], "--max-connections"),
         (&["serve", "--log", "info,[["][..], "--log"),
+        (&["serve", "--ice-servers", "http://stun.example.org"][..], "--ice-servers"),
+        (&["serve", "--ice-servers", "turn:turn.example.org:3478"][..], "--ice-servers"),
+        (&["serve", "--public-ip", "not-an-ip"][..], "--public-ip"),
+        (&["serve", "--webrtc-listen", "nowhere"][..], "--webrtc-listen"),
+        (&["serve", "--max-peers", "0"][..], "--max-peers"),
     ] {
         let output = rallypoint(args, dir.path());
         assert!(!output.status.success(), "{args:?}");
@@ -84,10 +101,27 @@ fn a_missing_client_build_says_what_to_run() {
 fn help_explains_every_flag_and_its_variable() {
     let output = rallypoint(&["serve", "--help"], std::path::Path::new("."));
     let help = String::from_utf8_lossy(&output.stdout);
-    for flag in ["--listen", "--database-url", "--static-dir", "--public-url", "--trust-forwarded-for"] {
+    for flag in [
+        "--listen",
+        "--database-url",
+        "--static-dir",
+        "--public-url",
+        "--trust-forwarded-for",
+        "--webrtc-listen",
+        "--public-ip",
+        "--ice-servers",
+    ] {
         assert!(help.contains(flag), "{flag}");
     }
-    for var in ["RALLYPOINT_LISTEN", "RALLYPOINT_DATABASE_URL", "RALLYPOINT_STATIC_DIR", "RALLYPOINT_PUBLIC_URL"] {
+    for var in [
+        "RALLYPOINT_LISTEN",
+        "RALLYPOINT_DATABASE_URL",
+        "RALLYPOINT_STATIC_DIR",
+        "RALLYPOINT_PUBLIC_URL",
+        "RALLYPOINT_WEBRTC_LISTEN",
+        "RALLYPOINT_PUBLIC_IP",
+        "RALLYPOINT_ICE_SERVERS",
+    ] {
         assert!(help.contains(var), "{var}");
     }
 }

@@ -34,13 +34,7 @@ async fn player(server: &TestServer, name: &str) -> Player {
 /// Queues for `mode` and waits for the ticket.
 async fn find_match(p: &mut Player, mode: &str) -> String {
     p.hub.send(&ClientMsg::FindMatch { mode: mode.into() }).await.unwrap();
-    p.hub
-        .recv_until(WAIT, |m| match m {
-            ServerMsg::MatchFound { ticket, .. } => Some(ticket),
-            _ => None,
-        })
-        .await
-        .unwrap()
+    p.hub.match_found(WAIT).await.unwrap().1
 }
 
 /// Plays (walking right, shooting) until the match ends; returns the outcome and ratings and
@@ -273,13 +267,7 @@ async fn a_reloaded_tab_goes_back_to_its_seat_and_an_empty_seat_is_given_up() {
     ra.close().await;
     drop(a.hub);
     let mut hub = a.client.hub().await.unwrap();
-    let ticket = hub
-        .recv_until(WAIT, |m| match m {
-            ServerMsg::MatchFound { ticket, .. } => Some(ticket),
-            _ => None,
-        })
-        .await
-        .unwrap();
+    let (_, ticket) = hub.match_found(WAIT).await.unwrap();
     assert_ne!(ticket, ta, "a fresh ticket");
     let back = a.client.room::<Arena>(&ticket).await.unwrap();
     assert_eq!(back.seat, seat, "the same seat");

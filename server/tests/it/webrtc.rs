@@ -39,13 +39,7 @@ async fn seat(server: &TestServer, name: &str) -> Seat {
     let client = server.user(name).await;
     let mut hub = client.hub().await.unwrap();
     hub.send(&ClientMsg::FindMatch { mode: "duel".into() }).await.unwrap();
-    let (room_name, ticket) = hub
-        .recv_until(WAIT, |m| match m {
-            ServerMsg::MatchFound { room, ticket, .. } => Some((room, ticket)),
-            _ => None,
-        })
-        .await
-        .unwrap();
+    let (room_name, ticket) = hub.match_found(WAIT).await.unwrap();
     let room = client.room::<Arena>(&ticket).await.unwrap();
     Seat { client, hub, room_name, room }
 }
@@ -238,13 +232,7 @@ async fn two_hundred_joins_and_leaves_free_every_peer() {
     for cycle in 0..200 {
         // Join: a fresh hub connection sends the seat's ticket again; take it, open WebRTC.
         let mut hub = a.client.hub().await.unwrap();
-        let ticket = hub
-            .recv_until(WAIT, |m| match m {
-                ServerMsg::MatchFound { ticket, .. } => Some(ticket),
-                _ => None,
-            })
-            .await
-            .unwrap();
+        let (_, ticket) = hub.match_found(WAIT).await.unwrap();
         let mut room = a.client.room::<Arena>(&ticket).await.unwrap();
         room.open_data_channel(&mut hub, &a.room_name, OPEN).await.unwrap();
         // Leave: the room connection and the hub connection go.
