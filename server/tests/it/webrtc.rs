@@ -101,7 +101,18 @@ async fn a_match_is_played_over_the_data_channel_and_snapshots_arrive_on_it() {
     a.room.send_raw(vec![0, 255, 255, 255, 255]).await.unwrap();
     wait_for("the malformed frame to be counted", || rooms.frames_malformed.load(Relaxed) == 1).await;
     while !matches!(a.room.recv_timeout(WAIT).await.unwrap(), FromRoom::<Arena>::Snapshot { .. }) {}
-    // Leaving closes and frees both peer connections.
+    // The channel fails mid-match (here: its signaling connection goes, so the server closes the
+    // peer): both sides go back to the WebSocket and play goes on.
+    a.hub.close().await;
+    wait_for("the server to close the peer", || rtc.peers.load(Relaxed) == 1).await;
+    let mut snapshots = 0;
+    while snapshots < 30 {
+        if let FromRoom::<Arena>::Snapshot { .. } = a.room.recv_timeout(WAIT).await.unwrap() {
+            snapshots += 1;
+        }
+    }
+    assert_eq!(a.room.transport(), "websocket");
+    // Leaving closes and frees the other peer connection.
     a.room.close().await;
     b.room.close().await;
     wait_for("every peer to be freed", || rtc.peers.load(Relaxed) == 0).await;
