@@ -126,7 +126,9 @@ async fn pump(
             },
             out = to_client.recv() => match out {
                 Some(ToClient::Unreliable(frame)) if data_channel.is_some() => {
-                    if let Some(dc) = &data_channel && !seat.send(dc, &frame).await {
+                    // Boxed: the data channel's send future is large, and inline it would grow
+                    // every room connection's task, WebSocket-only ones included.
+                    if let Some(dc) = &data_channel && !Box::pin(seat.send(dc, &frame)).await {
                         data_channel = None;
                     }
                 }
