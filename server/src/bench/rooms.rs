@@ -25,21 +25,28 @@ pub struct RoomsArgs {
     /// Rooms to fill.
     #[arg(long, default_value_t = 48)]
     rooms: usize,
-    /// Players per room (the brawl mode takes up to 16).
-    #[arg(long, default_value_t = 16)]
-    players: usize,
-    /// Seconds of play before measuring.
-    #[arg(long, default_value_t = 5)]
-    warmup: u64,
-    /// Seconds of each measured window.
-    #[arg(long, default_value_t = 15)]
-    window: u64,
+    #[command(flatten)]
+    timing: Timing,
     /// Logins in flight during the storm window.
     #[arg(long, default_value_t = 16)]
     storm_concurrency: usize,
+}
+
+/// What the room benchmarks share: room size, how long to play, where to write the report.
+#[derive(Debug, Args)]
+pub(super) struct Timing {
+    /// Players per room (the brawl mode takes up to 16).
+    #[arg(long, default_value_t = 16)]
+    pub players: usize,
+    /// Seconds of play before measuring.
+    #[arg(long, default_value_t = 5)]
+    pub warmup: u64,
+    /// Seconds of each measured window.
+    #[arg(long, default_value_t = 15)]
+    pub window: u64,
     /// Also write the report as JSON to this file.
     #[arg(long)]
-    json: Option<PathBuf>,
+    pub json: Option<PathBuf>,
 }
 
 const PASSWORD: &str = "bench password 123";
@@ -84,7 +91,7 @@ struct Report {
 }
 
 pub async fn run(args: RoomsArgs) -> Result<()> {
-    let players = args.rooms * args.players;
+    let players = args.rooms * args.timing.players;
     eprintln!("seeding {players} users…");
     let (dir, url) = ServerProcess::prepare()?;
     let tokens = {
@@ -109,14 +116,18 @@ pub async fn run(args: RoomsArgs) -> Result<()> {
     let server = ServerProcess::start(dir, url, &extra).await?;
     let metrics_url = format!("http://{metrics_addr}/metrics");
 
-    eprintln!("starting {players} bots in {} rooms of {}…", args.rooms, args.players);
+    eprintln!("starting {players} bots in {} rooms of {}…", args.rooms, args.timing.players);
     let live = Arc::new(Live::default());
     let stop = Arc::new(tokio::sync::Notify::new());
     let bots = start_bots(&server.base, &tokens, Transport::Ws, &live, &stop).await;
     let started = Instant::now();
     wait_until_playing(&live, players).await?;
-    eprintln!("all {players} playing after {:.1} s; warming up {} s", started.elapsed().as_secs_f64(), args.warmup);
-    tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+    eprintln!(
+        "all {players} playing after {:.1} s; warming up {} s",
+        started.elapsed().as_secs_f64(),
+        args.timing.warmup
+    );
+    tokio::time::sleep(Duration::from_secs(args.timing.warmup)).await;
 
     let mut report = Report {
         pinned_to_one_core: server.pinned(),
@@ -125,7 +136,7 @@ pub async fn run(args: RoomsArgs) -> Result<()> {
         tick_hz: TICK_HZ,
         ..Report::default()
     };
-    report.quiet = measure(&server, &metrics_url, &live, players, args.window, async {}).await?;
+    report.quiet = measure(&server, &metrics_url, &live, players, args.timing.window, async {}).await?;
     eprintln!("quiet: {}", serde_json::to_string(&report.quiet)?);
     let storm = Storm {
         base: server.base.clone(),
@@ -135,14 +146,14 @@ pub async fn run(args: RoomsArgs) -> Result<()> {
         concurrency: args.storm_concurrency,
     };
     let logins = Arc::new(std::sync::Mutex::new((0, 0, Duration::ZERO)));
-    let window = Duration::from_secs(args.window);
+    let window = Duration::from_secs(args.timing.window);
     let during = {
         let logins = Arc::clone(&logins);
         async move {
             *logins.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = storm.run(window).await;
         }
     };
-    report.during_login_storm = measure(&server, &metrics_url, &live, players, args.window, during).await?;
+    report.during_login_storm = measure(&server, &metrics_url, &live, players, args.timing.window, during).await?;
     let (ok, _failed, took) = *logins.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     report.logins_per_second = ok as f64 / took.as_secs_f64().max(0.001);
     eprintln!(
@@ -151,7 +162,7 @@ pub async fn run(args: RoomsArgs) -> Result<()> {
         serde_json::to_string(&report.during_login_storm)?
     );
     report.players_per_core_at_30hz =
-        args.players as f64 * 1000.0 / (report.quiet.cpu_per_room_tick_ms.max(1e-6) * TICK_HZ);
+        args.timing.players as f64 * 1000.0 / (report.quiet.cpu_per_room_tick_ms.max(1e-6) * TICK_HZ);
 
     stop.notify_waiters();
     for bot in bots {
@@ -162,7 +173,7 @@ pub async fn run(args: RoomsArgs) -> Result<()> {
     }
     server.stop()?;
     println!("{}", serde_json::to_string_pretty(&report)?);
-    write_json(args.json.as_ref(), &report)
+    write_json(args.timing.json.as_ref(), &report)
 }
 
 /// Starts one bot per session token, queueing for brawls; they play until `stop`.

@@ -5,7 +5,6 @@
 //! the server's memory per peer connection, and per transport the all-in CPU per room tick
 //! and the bytes per player per second.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -14,7 +13,7 @@ use anyhow::Result;
 use clap::Args;
 use serde::Serialize;
 
-use super::rooms::{Window, measure, start_bots, wait_until_playing};
+use super::rooms::{Timing, Window, measure, start_bots, wait_until_playing};
 use super::{Percentiles, ServerProcess, write_json};
 use crate::bots::{Live, Transport};
 
@@ -23,18 +22,8 @@ pub struct WebrtcArgs {
     /// Rooms per transport.
     #[arg(long, default_value_t = 4)]
     rooms: usize,
-    /// Players per room (the brawl mode takes up to 16).
-    #[arg(long, default_value_t = 16)]
-    players: usize,
-    /// Seconds of play before measuring.
-    #[arg(long, default_value_t = 5)]
-    warmup: u64,
-    /// Seconds of each measured window.
-    #[arg(long, default_value_t = 15)]
-    window: u64,
-    /// Also write the report as JSON to this file.
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    timing: Timing,
 }
 
 const PASSWORD: &str = "bench password 123";
@@ -65,7 +54,7 @@ struct Report {
 }
 
 pub async fn run(args: WebrtcArgs) -> Result<()> {
-    let players = args.rooms * args.players;
+    let players = args.rooms * args.timing.players;
     eprintln!("seeding {} users…", 2 * players);
     let (dir, url) = ServerProcess::prepare()?;
     let tokens = {
@@ -83,20 +72,20 @@ pub async fn run(args: WebrtcArgs) -> Result<()> {
     let mut report = Report {
         pinned_to_one_core: server.pinned(),
         rooms_per_transport: args.rooms,
-        players_per_room: args.players,
+        players_per_room: args.timing.players,
         ..Report::default()
     };
     let mut opens = Vec::new();
     for (transport, tokens) in [(Transport::Ws, &tokens[..players]), (Transport::Webrtc, &tokens[players..])] {
-        eprintln!("{transport:?}: {players} bots in {} rooms of {}…", args.rooms, args.players);
+        eprintln!("{transport:?}: {players} bots in {} rooms of {}…", args.rooms, args.timing.players);
         let live = Arc::new(Live::default());
         let stop = Arc::new(tokio::sync::Notify::new());
         let bots = start_bots(&server.base, tokens, transport, &live, &stop).await;
         wait_until_playing(&live, players).await?;
-        tokio::time::sleep(Duration::from_secs(args.warmup)).await;
-        let window = measure(&server, &metrics_url, &live, players, args.window, async {}).await?;
+        tokio::time::sleep(Duration::from_secs(args.timing.warmup)).await;
+        let window = measure(&server, &metrics_url, &live, players, args.timing.window, async {}).await?;
         eprintln!("{transport:?}: {}", serde_json::to_string(&window)?);
-        let per_core = args.players as f64 * 1000.0 / (window.cpu_per_room_tick_ms.max(1e-6) * TICK_HZ);
+        let per_core = args.timing.players as f64 * 1000.0 / (window.cpu_per_room_tick_ms.max(1e-6) * TICK_HZ);
         match transport {
             Transport::Ws => (report.websocket, report.websocket_players_per_core_at_30hz) = (window, per_core),
             Transport::Webrtc => {
@@ -129,5 +118,5 @@ pub async fn run(args: WebrtcArgs) -> Result<()> {
     server.stop()?;
     report.errors.truncate(5);
     println!("{}", serde_json::to_string_pretty(&report)?);
-    write_json(args.json.as_ref(), &report)
+    write_json(args.timing.json.as_ref(), &report)
 }
