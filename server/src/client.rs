@@ -188,6 +188,22 @@ pub fn page_message(page: &str) -> String {
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// Opens a WebSocket (over `stream` when given, to choose the local address) with small
+/// buffers, as a benchmark holding thousands of them needs.
+async fn connect(
+    request: tungstenite::handshake::client::Request,
+    stream: Option<TcpStream>,
+) -> Result<Socket, ClientError> {
+    let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
+    let (socket, _) = match stream {
+        Some(stream) => {
+            tokio_tungstenite::client_async_with_config(request, MaybeTlsStream::Plain(stream), Some(config)).await?
+        }
+        None => tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?,
+    };
+    Ok(socket)
+}
+
 /// An open hub connection, past the welcome and the lobby's state that follows it.
 pub struct Hub {
     socket: Socket,
@@ -206,14 +222,7 @@ impl Hub {
         request: tungstenite::handshake::client::Request,
         stream: Option<TcpStream>,
     ) -> Result<Self, ClientError> {
-        let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
-        let (socket, _) = match stream {
-            Some(stream) => {
-                tokio_tungstenite::client_async_with_config(request, MaybeTlsStream::Plain(stream), Some(config))
-                    .await?
-            }
-            None => tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?,
-        };
+        let socket = connect(request, stream).await?;
         let mut hub = Self { socket, welcome: ServerMsg::Pong { id: 0 }, online: Vec::new(), history: Vec::new() };
         hub.send(&ClientMsg::Hello { version: PROTOCOL_VERSION }).await?;
         let limit = Duration::from_secs(10);
@@ -408,17 +417,9 @@ impl<G: shared::game::Game> Room<G> {
         ticket: &str,
     ) -> Result<Self, ClientError> {
         use shared::room::{JoinRequest, ROOM_PROTOCOL_VERSION};
-        let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
-        let (socket, _) = match stream {
-            Some(stream) => {
-                tokio_tungstenite::client_async_with_config(request, MaybeTlsStream::Plain(stream), Some(config))
-                    .await?
-            }
-            None => tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?,
-        };
+        let mut socket = connect(request, stream).await?;
         let join = JoinRequest { version: ROOM_PROTOCOL_VERSION, ticket: ticket.to_owned() }.encode();
         let bytes_out = join.len() as u64;
-        let mut socket = socket;
         socket.send(Message::binary(join)).await?;
         let (answer, bytes_in) = tokio::time::timeout(Duration::from_secs(10), read_room_frame::<G>(&mut socket))
             .await

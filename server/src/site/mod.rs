@@ -380,21 +380,13 @@ async fn room_socket(
     MaybeSession(session): MaybeSession,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    if !csrf::same_origin(&app.config, &headers) {
-        return (StatusCode::FORBIDDEN, "cross-site WebSocket refused\n").into_response();
-    }
-    let Some(session) = session else {
-        return (StatusCode::UNAUTHORIZED, "sign in first\n").into_response();
+    let (session, upgrade) = match checked_upgrade(&app, &headers, session, upgrade, shared::room::MAX_TO_ROOM_BYTES) {
+        Ok(checked) => checked,
+        Err(refused) => return refused.into_response(),
     };
-    let max = shared::room::MAX_TO_ROOM_BYTES;
     let (rooms, rtc) = (app.hub.rooms().clone(), app.hub.rtc().clone());
     let limits = app.hub.shared_limits();
-    upgrade
-        .read_buffer_size(1024)
-        .write_buffer_size(0)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| crate::transport::ws::serve(socket, rooms, rtc, session, limits))
+    upgrade.on_upgrade(move |socket| crate::transport::ws::serve(socket, rooms, rtc, session, limits))
 }
 
 /// The hub WebSocket: 403 for another site's page, 401 without a live session.
@@ -404,19 +396,31 @@ async fn hub_socket(
     MaybeSession(session): MaybeSession,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    if !csrf::same_origin(&app.config, &headers) {
-        return (StatusCode::FORBIDDEN, "cross-site WebSocket refused\n").into_response();
+    let (session, upgrade) =
+        match checked_upgrade(&app, &headers, session, upgrade, shared::hub::MAX_CLIENT_MESSAGE_BYTES) {
+            Ok(checked) => checked,
+            Err(refused) => return refused.into_response(),
+        };
+    let hub = app.hub.clone();
+    upgrade.on_upgrade(move |socket| crate::hub::socket::serve(socket, hub, session))
+}
+
+/// What every WebSocket upgrade checks: the site's own origin (403 otherwise: cross-site
+/// WebSocket hijacking) and a live session (401). On success, the upgrade with messages capped
+/// at `max` bytes and small buffers (most of an idle connection's memory is its buffers).
+fn checked_upgrade(
+    app: &App,
+    headers: &HeaderMap,
+    session: Option<Session>,
+    upgrade: WebSocketUpgrade,
+    max: usize,
+) -> Result<(Session, WebSocketUpgrade), (StatusCode, &'static str)> {
+    if !csrf::same_origin(&app.config, headers) {
+        return Err((StatusCode::FORBIDDEN, "cross-site WebSocket refused\n"));
     }
     let Some(session) = session else {
-        return (StatusCode::UNAUTHORIZED, "sign in first\n").into_response();
+        return Err((StatusCode::UNAUTHORIZED, "sign in first\n"));
     };
-    let max = shared::hub::MAX_CLIENT_MESSAGE_BYTES;
-    let hub = app.hub.clone();
-    upgrade
-        // Small buffers: most of an idle connection's memory is its buffers.
-        .read_buffer_size(1024)
-        .write_buffer_size(0)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| crate::hub::socket::serve(socket, hub, session))
+    let upgrade = upgrade.read_buffer_size(1024).write_buffer_size(0).max_message_size(max).max_frame_size(max);
+    Ok((session, upgrade))
 }

@@ -9,7 +9,7 @@ use shared::hub::{ClientMsg, ErrorCode, MAX_CLIENT_MESSAGE_BYTES, ServerMsg, clo
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use crate::support::TestServer;
+use crate::support::{TestServer, expect_close};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -21,13 +21,6 @@ async fn next_presence(hub: &mut Hub) -> (Vec<String>, Vec<i64>) {
     })
     .await
     .unwrap()
-}
-
-async fn expect_close(hub: &mut Hub, code: u16) {
-    match hub.recv_until(WAIT, |_| None::<()>).await {
-        Err(ClientError::Closed { code: got, .. }) => assert_eq!(got, code),
-        other => panic!("expected close {code}, got {other:?}"),
-    }
 }
 
 /// The HTTP status of a refused upgrade.

@@ -120,6 +120,27 @@ async fn snapshots_carry_the_last_input_applied_and_only_what_the_player_sees() 
     assert!(stats.inputs_dropped.load(std::sync::atomic::Ordering::Relaxed) >= 1, "the third of the first three");
 }
 
+/// Reads frames until the room connection closes; its close code.
+async fn close_code<G: Game>(room: &mut Room<G>) -> u16 {
+    loop {
+        match room.recv_timeout(WAIT).await {
+            Ok(_) => {}
+            Err(ClientError::Closed { code, .. }) => return code,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// Waits for the hub's word that the match stopped; its message.
+async fn aborted(hub: &mut Hub) -> String {
+    hub.recv_until(WAIT, |m| match m {
+        ServerMsg::MatchAborted { message } => Some(message),
+        _ => None,
+    })
+    .await
+    .unwrap()
+}
+
 fn closed_with(result: Result<Room<Arena>, ClientError>) -> u16 {
     match result {
         Err(ClientError::Closed { code, .. }) => code,
@@ -202,23 +223,11 @@ async fn malformed_frames_are_dropped_counted_and_repeated_ones_close_the_connec
             break;
         }
     }
-    let closed = loop {
-        match ra.recv_timeout(WAIT).await {
-            Ok(_) => {}
-            Err(ClientError::Closed { code, .. }) => break code,
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let closed = close_code(&mut ra).await;
     assert_eq!(closed, close::POLICY);
     // An oversized frame: 1009.
     rb.send_raw(vec![0; 2048]).await.unwrap();
-    let closed = loop {
-        match rb.recv_timeout(WAIT).await {
-            Ok(_) => {}
-            Err(ClientError::Closed { code, .. }) => break code,
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let closed = close_code(&mut rb).await;
     assert_eq!(closed, close::TOO_BIG);
 }
 
@@ -324,14 +333,7 @@ async fn a_match_whose_players_do_not_come_is_cancelled() {
     let mut b = player(&server, "absent").await;
     let (ta, _) = tokio::join!(find_match(&mut a, "duel"), find_match(&mut b, "duel"));
     let mut ra = a.client.room::<Arena>(&ta).await.unwrap();
-    let message = a
-        .hub
-        .recv_until(WAIT, |m| match m {
-            ServerMsg::MatchAborted { message } => Some(message),
-            _ => None,
-        })
-        .await
-        .unwrap();
+    let message = aborted(&mut a.hub).await;
     assert!(message.contains("Too few players"), "{message}");
     assert!(matches!(ra.recv_timeout(WAIT).await, Err(ClientError::Closed { code: close::MATCH_OVER, .. })));
     assert_eq!(server.running.app.hub.stats().await.unwrap().playing, 0);
@@ -412,23 +414,10 @@ async fn a_panic_in_one_room_ends_that_room_only() {
     rooms[0].send(&ToRoom::Inputs { first_seq: 1, tick: 0, inputs: vec![bomb] }).await.unwrap();
     // The crashed room's players are told, and their room connection closes.
     for p in &mut players[..2] {
-        let message = p
-            .hub
-            .recv_until(WAIT, |m| match m {
-                ServerMsg::MatchAborted { message } => Some(message),
-                _ => None,
-            })
-            .await
-            .unwrap();
+        let message = aborted(&mut p.hub).await;
         assert!(message.contains("server error"), "{message}");
     }
-    let closed = loop {
-        match rooms[1].recv_timeout(WAIT).await {
-            Ok(_) => {}
-            Err(ClientError::Closed { code, .. }) => break code,
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let closed = close_code(&mut rooms[1]).await;
     assert_eq!(closed, close::ROOM_FAILED);
     // The other room keeps ticking.
     let mut ticks = Vec::new();

@@ -78,3 +78,12 @@ fn test_limits() -> Limits {
 }
 
 pub const SECOND: Duration = Duration::from_secs(1);
+
+/// Waits until the hub closes the connection, which must be with `code`.
+pub async fn expect_close(hub: &mut rallypoint_server::client::Hub, code: u16) {
+    use rallypoint_server::client::ClientError;
+    match hub.recv_until(Duration::from_secs(10), |_| None::<()>).await {
+        Err(ClientError::Closed { code: got, .. }) => assert_eq!(got, code),
+        other => panic!("expected close {code}, got {other:?}"),
+    }
+}

@@ -5,14 +5,14 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use rallypoint_server::bots::{BotsArgs, Transport};
-use rallypoint_server::client::{Client, ClientError, FromRoom, Hub, Room};
+use rallypoint_server::client::{Client, FromRoom, Hub, Room};
 use rallypoint_server::config::Config;
 use shared::arena::{Arena, ArenaInput};
 use shared::hub::{ClientMsg, ErrorCode, ServerMsg};
 use shared::room::ToRoom;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::TestServer;
+use crate::support::{TestServer, expect_close};
 
 const WAIT: Duration = Duration::from_secs(10);
 const OPEN: Duration = Duration::from_secs(3);
@@ -196,14 +196,7 @@ async fn bad_signaling_is_refused_with_a_reason() {
     // Oversized: the hub's 4 KiB limit closes the socket with 1009.
     let huge = ClientMsg::RtcOffer { room: a.room_name.clone(), sdp: "a".repeat(5000) };
     a.hub.send(&huge).await.unwrap();
-    let closed = loop {
-        match a.hub.recv_timeout(WAIT).await {
-            Ok(_) => {}
-            Err(ClientError::Closed { code, .. }) => break code,
-            Err(e) => panic!("{e}"),
-        }
-    };
-    assert_eq!(closed, shared::hub::close::TOO_BIG);
+    expect_close(&mut a.hub, shared::hub::close::TOO_BIG).await;
     // The signaling connection is gone, and so is every peer it negotiated.
     wait_for("the peer to be freed", || rtc.peers.load(Relaxed) == 0).await;
     drop(b);
