@@ -451,12 +451,6 @@ impl<G: shared::game::Game> Room<G> {
         Ok(self.socket.send(Message::binary(bytes)).await?)
     }
 
-    /// Sends raw bytes on the room WebSocket, whatever carries the other frames.
-    pub async fn send_raw_ws(&mut self, bytes: Vec<u8>) -> Result<(), ClientError> {
-        self.bytes_out += bytes.len() as u64;
-        Ok(self.socket.send(Message::binary(bytes)).await?)
-    }
-
     /// The next frame, from the WebSocket or the data channel; a close of the WebSocket
     /// becomes [`ClientError::Closed`].
     pub async fn recv(&mut self) -> Result<FromRoom<G>, ClientError> {

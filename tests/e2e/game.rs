@@ -17,6 +17,12 @@ async fn register(browser: &Browser, server: &Server, name: &str) {
     browser.find("#status[data-state='online']").await;
 }
 
+/// Chooses the duel in the lobby and presses Find match.
+async fn find_duel(b: &Browser) {
+    b.find("input[name='mode'][value='duel']").await.click().await.unwrap();
+    b.find("#find-match:not([disabled])").await.click().await.unwrap();
+}
+
 async fn state(b: &Browser) -> Value {
     b.js("return window.rallypoint.state()").await
 }
@@ -136,8 +142,7 @@ async fn without_webrtc_in_the_page_the_match_is_played_over_the_websocket() {
     // Dave's browser has no WebRTC at all; Carol's has.
     dave.js("window.RTCPeerConnection = undefined; return null").await;
     for b in [&carol, &dave] {
-        b.find("input[name='mode'][value='duel']").await.click().await.unwrap();
-        b.find("#find-match:not([disabled])").await.click().await.unwrap();
+        find_duel(b).await;
     }
     // From the moment the match view opens, Dave plays over the WebSocket within 3 s.
     dave.find("#game:not([hidden])").await;
@@ -174,8 +179,7 @@ async fn two_players_are_matched_see_each_other_move_and_the_result_is_kept() {
     register(&bob, &server, "bob").await;
 
     for b in [&alice, &bob] {
-        b.find("input[name='mode'][value='duel']").await.click().await.unwrap();
-        b.find("#find-match:not([disabled])").await.click().await.unwrap();
+        find_duel(b).await;
     }
     alice.find("#game[data-state='playing']").await;
     bob.find("#game[data-state='playing']").await;

@@ -138,7 +138,6 @@ type SeatKey = (i64, String);
 struct Inner {
     api: API,
     config: RtcConfig,
-    local_addr: SocketAddr,
     seats: Mutex<HashMap<SeatKey, SeatEntry>>,
     next_peer: AtomicU64,
     started: Instant,
@@ -165,16 +164,16 @@ impl Rtc {
         let bind_error = |source| RtcBindError { addr, source };
         let socket = UdpSocket::bind(addr).await.map_err(bind_error)?;
         let local_addr = socket.local_addr().map_err(bind_error)?;
-        let candidate_ip = config.public_ip.unwrap_or_else(|| announced_ip(local_addr.ip()));
+        // With the mux, each local address that passes the filter gives a host candidate on the
+        // shared port; with several, ICE was seen to fail. Keep exactly one, announced as
+        // `candidate_ip`.
+        let gather_ip = announced_ip(local_addr.ip());
+        let candidate_ip = config.public_ip.unwrap_or(gather_ip);
         let mut settings = SettingEngine::default();
         settings.set_udp_network(UDPNetwork::Muxed(UDPMuxDefault::new(UDPMuxParams::new(socket))));
         settings.set_network_types(vec![NetworkType::Udp4, NetworkType::Udp6]);
         settings.set_ice_multicast_dns_mode(MulticastDnsMode::Disabled);
-        settings.set_include_loopback_candidate(candidate_ip.is_loopback() || local_addr.ip().is_loopback());
-        // With the mux, each local address that passes the filter gives a host candidate on the
-        // shared port; with several, ICE was seen to fail. Keep exactly one, announced as
-        // `candidate_ip`.
-        let gather_ip = if local_addr.ip().is_unspecified() { announced_ip(local_addr.ip()) } else { local_addr.ip() };
+        settings.set_include_loopback_candidate(candidate_ip.is_loopback() || gather_ip.is_loopback());
         settings.set_ip_filter(Box::new(move |ip| ip == gather_ip));
         settings.set_nat_1to1_ips(vec![candidate_ip.to_string()], RTCIceCandidateType::Host);
         let api = APIBuilder::new().with_setting_engine(settings).build();
@@ -182,17 +181,11 @@ impl Rtc {
         Ok(Self(Arc::new(Inner {
             api,
             config,
-            local_addr,
             seats: Mutex::default(),
             next_peer: AtomicU64::new(1),
             started: Instant::now(),
             stats: RtcStats::default(),
         })))
-    }
-
-    /// The UDP address peers reach.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.0.local_addr
     }
 
     pub fn stats(&self) -> &RtcStats {
