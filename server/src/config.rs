@@ -100,6 +100,11 @@ pub struct ServeArgs {
     #[arg(long, env = "RALLYPOINT_MAX_PEERS", default_value_t = 10_000, value_name = "N")]
     pub max_peers: usize,
 
+    /// Loops that serve WebRTC peers, each with its own socket on the shared UDP port.
+    /// Default (0): one per runtime worker thread, i.e. one per core.
+    #[arg(long, env = "RALLYPOINT_WEBRTC_LOOPS", default_value_t = 0, value_name = "N")]
+    pub webrtc_loops: usize,
+
     /// Log filter, for example `info` or `rallypoint_server=debug,info`.
     #[arg(long, env = "RALLYPOINT_LOG", default_value = "info", value_name = "FILTER")]
     pub log: String,
@@ -296,6 +301,7 @@ impl Config {
                 public_ip: args.public_ip,
                 ice_servers,
                 max_peers: args.max_peers,
+                shards: args.webrtc_loops,
                 ..Default::default()
             },
         })

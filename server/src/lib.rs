@@ -77,8 +77,8 @@ pub async fn start_game<G: shared::game::Game>(listener: TcpListener, config: Co
     let db = db::open(&config.database_url).await?;
     let key = rooms::TicketKey::new(db::secret(&db, "room-tickets").await?);
     let (room_events, events) = tokio::sync::mpsc::channel(1024);
-    let rooms = rooms::Rooms::new::<G>(config.rooms.clone(), key, room_events);
-    let rtc = transport::webrtc::Rtc::bind(config.webrtc.clone(), addr).await?;
+    let rtc = transport::webrtc::Rtc::bind(config.webrtc.clone(), addr)?;
+    let rooms = rooms::Rooms::new::<G>(config.rooms.clone(), key, room_events, Arc::new(rtc.clone()));
     let (hub, hub_task) = Hub::start(db.clone(), config.limits.clone(), rooms, rtc, events).await?;
     if let Some(metrics) = config.metrics_listen {
         metrics_endpoint::serve(metrics)

@@ -11,7 +11,6 @@ use crate::accounts::Session;
 use crate::rate::TokenBucket;
 use crate::transport::webrtc::RtcError;
 use crate::transport::ws;
-use webrtc::ice_transport::ice_candidate::RTCIceCandidateInit;
 
 /// Why a connection ended, for the log and for tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,22 +180,12 @@ impl<'a> Connection<'a> {
                 self.forward(hub, Command::FindMatch { conn, mode, rating }).await
             }
             Ok(ClientMsg::CancelMatch) => self.forward(hub, Command::CancelMatch { conn }).await,
-            // Boxed: the WebRTC futures are large, and every idle connection's task would carry
-            // their state inline (7 KB more per connection, measured with `bench hub`).
-            Ok(ClientMsg::RtcOffer { room, sdp }) => {
-                match Box::pin(hub.rtc().offer(self.user_id, conn, &room, sdp)).await {
-                    Ok(sdp) => self.reply(ServerMsg::RtcAnswer { room, sdp }).await,
-                    Err(e) => self.refuse_rtc(hub, &e).await,
-                }
-            }
-            Ok(ClientMsg::RtcCandidate { room, candidate, sdp_mid, sdp_m_line_index }) => {
-                let candidate = RTCIceCandidateInit {
-                    candidate,
-                    sdp_mid,
-                    sdp_mline_index: sdp_m_line_index,
-                    username_fragment: None,
-                };
-                match Box::pin(hub.rtc().candidate(self.user_id, conn, &room, candidate)).await {
+            Ok(ClientMsg::RtcOffer { room, sdp }) => match hub.rtc().offer(self.user_id, conn, &room, &sdp) {
+                Ok(sdp) => self.reply(ServerMsg::RtcAnswer { room, sdp }).await,
+                Err(e) => self.refuse_rtc(hub, &e).await,
+            },
+            Ok(ClientMsg::RtcCandidate { room, candidate, .. }) => {
+                match hub.rtc().candidate(self.user_id, conn, &room, &candidate) {
                     Ok(()) => Step::Continue,
                     Err(e) => self.refuse_rtc(hub, &e).await,
                 }

@@ -7,6 +7,7 @@
 //! hub's state or the database, so rooms could later run in a process of their own.
 
 mod clock;
+pub mod link;
 mod room;
 pub mod ticket;
 
@@ -19,9 +20,8 @@ use shared::game::{Game, MatchSetup, Mode, Outcome};
 use shared::room::RatingChange;
 use tokio::sync::{mpsc, oneshot};
 
+pub use link::{DatagramPeer, Datagrams, Link, LinkId, NoDatagrams, Route, ToClient};
 pub use ticket::{RoomId, Ticket, TicketError, TicketKey};
-
-use crate::transport::{Link, LinkId};
 
 /// Settings of every room, from the configuration.
 #[derive(Debug, Clone)]
@@ -138,6 +138,8 @@ struct Shared {
     config: RoomConfig,
     key: TicketKey,
     events: mpsc::Sender<RoomEvent>,
+    /// Where unreliable frames go for players with a datagram path.
+    datagrams: Arc<dyn Datagrams>,
     idle: Mutex<Vec<u32>>,
     stats: RoomStats,
 }
@@ -160,9 +162,16 @@ pub struct Rooms(Arc<Inner>);
 const MAILBOX: usize = 1024;
 
 impl Rooms {
-    /// A pool of rooms running `G`; events go to `events`.
-    pub fn new<G: Game>(config: RoomConfig, key: TicketKey, events: mpsc::Sender<RoomEvent>) -> Self {
-        let shared = Arc::new(Shared { config, key, events, idle: Mutex::default(), stats: RoomStats::default() });
+    /// A pool of rooms running `G`; events go to `events`, and the unreliable frames of
+    /// players with an open datagram path to `datagrams`.
+    pub fn new<G: Game>(
+        config: RoomConfig,
+        key: TicketKey,
+        events: mpsc::Sender<RoomEvent>,
+        datagrams: Arc<dyn Datagrams>,
+    ) -> Self {
+        let shared =
+            Arc::new(Shared { config, key, events, datagrams, idle: Mutex::default(), stats: RoomStats::default() });
         let spawn: Box<Spawner> = Box::new(|slot, rx, shared| {
             tokio::spawn(room::run::<G>(slot, rx, shared));
         });

@@ -17,8 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
 
 use super::clock::Clock;
-use super::{Assignment, Claim, RoomCommand, RoomEvent, RoomId, Seated, Shared, TicketError, lock};
-use crate::transport::{Link, LinkId};
+use super::link::Outgoing;
+use super::{Assignment, Claim, Link, LinkId, RoomCommand, RoomEvent, RoomId, Seated, Shared, TicketError, lock};
 
 /// Malformed frames tolerated from one connection before it is closed.
 const MALFORMED_STRIKES: u32 = 10;
@@ -93,6 +93,8 @@ struct Match<'a, G: Game> {
     /// Reused for every frame encoded or decoded (bitcode would otherwise build its buffers
     /// anew each time: a few allocations per message).
     codec: bitcode::Buffer,
+    /// Unreliable frames for datagram paths, one batch per shard.
+    outgoing: Outgoing,
 }
 
 type Frame<G> = FromRoom<<G as Game>::View, <G as Game>::Rules>;
@@ -126,6 +128,7 @@ async fn play<G: Game>(a: Assignment, rx: &mut mpsc::Receiver<RoomCommand>, shar
         started: false,
         events: Vec::new(),
         codec: bitcode::Buffer::new(),
+        outgoing: Outgoing::default(),
     };
     tracing::info!(room = %m.room, mode = m.mode.name, players = m.seats.len(), "match starting");
 
@@ -316,7 +319,8 @@ impl<G: Game> Match<'_, G> {
             }
             ToRoom::Ping { id } => {
                 if let Some(link) = &self.seats[seat].link {
-                    link.unreliable(Bytes::from(Frame::<G>::Pong { id }.encode()));
+                    self.outgoing.unreliable(link, Bytes::from(Frame::<G>::Pong { id }.encode()));
+                    self.outgoing.flush(self.shared.datagrams.as_ref());
                 }
             }
             ToRoom::Leave => self.release(seat),
@@ -336,11 +340,12 @@ impl<G: Game> Match<'_, G> {
             if let Some(link) = &s.link {
                 let view = self.game.view(i as u8);
                 let frame = Frame::<G>::Snapshot { tick, ack: s.inputs.ack(), view };
-                if !link.unreliable(Bytes::copy_from_slice(self.codec.encode(&frame))) {
+                if !self.outgoing.unreliable(link, Bytes::copy_from_slice(self.codec.encode(&frame))) {
                     self.shared.stats.snapshots_dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
+        self.outgoing.flush(self.shared.datagrams.as_ref());
         let sent = Instant::now();
         for s in &mut self.seats {
             let ack = s.inputs.ack();

@@ -1,9 +1,10 @@
 //! The WebSocket transport for rooms (`/room`), and WebSocket helpers the hub shares.
 //!
 //! The first frame is a [`JoinRequest`] with the hub's ticket; once the room gives the seat to
-//! this connection, binary frames go to the room as they come, and the room's frames go out:
-//! on this WebSocket, or, for frames that may be lost, on the player's WebRTC data channel
-//! while it is open.
+//! this connection, binary frames go to the room as they come, and the room's frames for this
+//! WebSocket go out. While the player's WebRTC data channel is open the room sends the frames
+//! that may be lost there instead (through the link's route), and this task only sees the
+//! reliable ones.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,12 +14,11 @@ use shared::room::{JoinRequest, ROOM_PROTOCOL_VERSION, close};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 
-use super::webrtc::{DataPath, Rtc, SeatGuard};
-use super::{Link, ToClient};
+use super::webrtc::{Rtc, SeatGuard};
 use crate::accounts::Session;
 use crate::config::Limits;
 use crate::rate::TokenBucket;
-use crate::rooms::{RoomCommand, Rooms};
+use crate::rooms::{Link, RoomCommand, Rooms, ToClient};
 
 /// Writes one frame, giving up after `limit` (a client that does not read is dropped).
 pub async fn write(socket: &mut WebSocket, frame: Message, limit: Duration) -> bool {
@@ -65,14 +65,14 @@ pub async fn serve(mut socket: WebSocket, rooms: Rooms, rtc: Rtc, session: Sessi
         Err(e) => return close_with(socket, e.close_code(), &e.to_string()).await,
     };
     let (link, mut to_client) = Link::new();
-    let link_id = link.id;
+    let (link_id, route) = (link.id, std::sync::Arc::clone(&link.route));
     let room = match rooms.claim(ticket, link).await {
         Ok(room) => room,
         Err(e) => return close_with(socket, e.close_code(), &e.to_string()).await,
     };
     tracing::debug!(link = link_id, room = %ticket.room, user = session.user.id, "room connection joined");
-    let mut seat = rtc.seat(session.user.id, &ticket.room.to_string(), link_id, room.clone());
-    let end = pump(&mut socket, &room, link_id, &mut to_client, &mut seat, &limits).await;
+    let seat = rtc.seat(session.user.id, &ticket.room.to_string(), link_id, room.clone(), route);
+    let end = pump(&mut socket, &room, link_id, &mut to_client, &seat, &limits).await;
     drop(seat);
     // Tell the room, even if its mailbox is busy for a moment.
     let _ = timeout(Duration::from_secs(1), room.send(RoomCommand::Closed { link: link_id })).await;
@@ -87,10 +87,9 @@ async fn pump(
     room: &mpsc::Sender<RoomCommand>,
     link: u64,
     to_client: &mut mpsc::Receiver<ToClient>,
-    seat: &mut SeatGuard,
+    seat: &SeatGuard,
     limits: &Limits,
 ) -> Option<(u16, &'static str)> {
-    let mut data_channel = None;
     let mut inbound = TokenBucket::new(limits.room_messages_per_second, limits.room_message_burst, Instant::now());
     let mut strikes = 0;
     // Checked twice per timeout rather than re-armed on every message (a timer update each).
@@ -120,18 +119,7 @@ async fn pump(
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 }
             }
-            path = seat.events.recv() => match path {
-                Some(DataPath::Open(dc)) => data_channel = Some(dc),
-                Some(DataPath::Closed) | None => data_channel = None,
-            },
             out = to_client.recv() => match out {
-                Some(ToClient::Unreliable(frame)) if data_channel.is_some() => {
-                    // Boxed: the data channel's send future is large, and inline it would grow
-                    // every room connection's task, WebSocket-only ones included.
-                    if let Some(dc) = &data_channel && !Box::pin(seat.send(dc, &frame)).await {
-                        data_channel = None;
-                    }
-                }
                 Some(ToClient::Unreliable(frame) | ToClient::Reliable(frame)) => {
                     if !write(socket, Message::Binary(frame), limits.ws_write_timeout).await {
                         return None;

@@ -1,5 +1,5 @@
-//! The WebRTC transport: native clients (the same `webrtc` crate as the server) negotiate over
-//! the hub, play over the data channel, and send bad signaling.
+//! The WebRTC transport: native clients (the same sans-I/O stack as the server, str0m) negotiate
+//! over the hub, play over the data channel, and send bad signaling.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -63,17 +63,13 @@ async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
-/// A real SDP offer with the data channel, from the client side of the crate.
-async fn offer_sdp() -> (std::sync::Arc<webrtc::peer_connection::RTCPeerConnection>, String) {
-    let api = webrtc::api::APIBuilder::new().build();
-    let pc = std::sync::Arc::new(
-        api.new_peer_connection(webrtc::peer_connection::configuration::RTCConfiguration::default()).await.unwrap(),
-    );
-    pc.create_data_channel(shared::room::DATA_CHANNEL_LABEL, None).await.unwrap();
-    let offer = pc.create_offer(None).await.unwrap();
-    pc.set_local_description(offer).await.unwrap();
-    let sdp = pc.local_description().await.unwrap().sdp;
-    (pc, sdp)
+/// A real SDP offer with the data channel, made as the native client makes it.
+fn offer_sdp() -> String {
+    let provider = std::sync::Arc::new(str0m::crypto::from_feature_flags());
+    let mut rtc = str0m::RtcConfig::new().set_crypto_provider(provider).build(std::time::Instant::now());
+    let mut change = rtc.sdp_api();
+    change.add_channel(shared::room::DATA_CHANNEL_LABEL.to_owned());
+    change.apply().unwrap().0.to_sdp_string()
 }
 
 #[tokio::test]
@@ -145,7 +141,7 @@ async fn bots_play_full_matches_over_webrtc() {
 async fn bad_signaling_is_refused_with_a_reason() {
     let server = TestServer::start_with(long_matches).await;
     let (mut a, b) = duel(&server, "signal_a", "signal_b").await;
-    let (_pc, sdp) = offer_sdp().await;
+    let sdp = offer_sdp();
 
     // Malformed: not a message at all, then an offer whose SDP is nonsense.
     a.hub.send_raw(Message::text(r#"{"type":"rtc_offer","room":5}"#)).await.unwrap();
@@ -211,7 +207,7 @@ async fn a_peer_that_never_completes_its_handshake_is_dropped_on_time() {
     .await;
     let (mut a, _b) = duel(&server, "silent_a", "silent_b").await;
     // An offer whose answer is never applied: ICE and DTLS never start.
-    let (_pc, sdp) = offer_sdp().await;
+    let sdp = offer_sdp();
     a.hub.send(&ClientMsg::RtcOffer { room: a.room_name.clone(), sdp }).await.unwrap();
     assert_eq!(rtc_refusal(&mut a.hub).await, None);
     let rtc = server.running.app.hub.rtc().stats();

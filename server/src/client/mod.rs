@@ -15,9 +15,10 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use url::Url;
-use webrtc::data_channel::RTCDataChannel;
-use webrtc::peer_connection::RTCPeerConnection;
-use webrtc::peer_connection::configuration::RTCConfiguration;
+
+mod data_channel;
+
+pub use data_channel::{Conditions, DataChannel};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -31,7 +32,7 @@ pub enum ClientError {
     NoCsrf(String),
     #[error("WebSocket: {0}")]
     Ws(#[from] tungstenite::Error),
-    #[error("the hub closed the connection ({code}: {reason})")]
+    #[error("the server closed the connection ({code}: {reason})")]
     Closed { code: u16, reason: String },
     #[error("unexpected hub message: {0}")]
     Unexpected(String),
@@ -367,27 +368,6 @@ pub struct Room<G: shared::game::Game> {
     data: Option<DataChannel>,
 }
 
-/// The client side of a room's WebRTC data channel.
-struct DataChannel {
-    pc: Arc<RTCPeerConnection>,
-    dc: Arc<RTCDataChannel>,
-    frames: tokio::sync::mpsc::Receiver<axum::body::Bytes>,
-    closed: Arc<tokio::sync::Notify>,
-}
-
-/// One WebRTC stack for every native client of this process: host candidates only, loopback
-/// included (servers under test listen on 127.0.0.1), no mDNS.
-fn rtc_api() -> &'static webrtc::api::API {
-    static API: std::sync::OnceLock<webrtc::api::API> = std::sync::OnceLock::new();
-    API.get_or_init(|| {
-        let mut settings = webrtc::api::setting_engine::SettingEngine::default();
-        settings.set_include_loopback_candidate(true);
-        settings.set_ice_multicast_dns_mode(webrtc::ice::mdns::MulticastDnsMode::Disabled);
-        settings.set_network_types(vec![webrtc::ice::network_type::NetworkType::Udp4]);
-        webrtc::api::APIBuilder::new().with_setting_engine(settings).build()
-    })
-}
-
 /// A frame from a room.
 pub type FromRoom<G> = shared::room::FromRoom<<G as shared::game::Game>::View, <G as shared::game::Game>::Rules>;
 
@@ -441,8 +421,8 @@ impl<G: shared::game::Game> Room<G> {
     /// bad input).
     pub async fn send_raw(&mut self, bytes: Vec<u8>) -> Result<(), ClientError> {
         self.bytes_out += bytes.len() as u64;
-        if let Some(data) = &self.data {
-            if data.dc.send(&bytes.into()).await.is_err() {
+        if let Some(data) = &mut self.data {
+            if !data.send(&bytes) {
                 // The channel failed: play goes on over the WebSocket, as in the browser.
                 self.data = None;
             }
@@ -452,7 +432,7 @@ impl<G: shared::game::Game> Room<G> {
     }
 
     /// The next frame, from the WebSocket or the data channel; a close of the WebSocket
-    /// becomes [`ClientError::Closed`].
+    /// becomes [`ClientError::Closed`]. Cancel-safe.
     pub async fn recv(&mut self) -> Result<FromRoom<G>, ClientError> {
         loop {
             let Some(data) = &mut self.data else {
@@ -460,19 +440,22 @@ impl<G: shared::game::Game> Room<G> {
                 self.bytes_in += bytes;
                 return Ok(frame);
             };
+            if let Some(frame) = data.take() {
+                self.bytes_in += frame.len() as u64;
+                return shared::room::FromRoom::decode(&frame)
+                    .map_err(|e| ClientError::Unexpected(format!("undecodable data-channel frame: {e}")));
+            }
+            if data.is_closed() {
+                self.data = None;
+                continue;
+            }
             tokio::select! {
                 read = read_room_frame::<G>(&mut self.socket) => {
                     let (frame, bytes) = read?;
                     self.bytes_in += bytes;
                     return Ok(frame);
                 }
-                frame = data.frames.recv() => {
-                    let Some(frame) = frame else { self.data = None; continue };
-                    self.bytes_in += frame.len() as u64;
-                    return shared::room::FromRoom::decode(&frame)
-                        .map_err(|e| ClientError::Unexpected(format!("undecodable data-channel frame: {e}")));
-                }
-                () = data.closed.notified() => self.data = None,
+                () = data.wait() => {}
             }
         }
     }
@@ -486,58 +469,19 @@ impl<G: shared::game::Game> Room<G> {
     /// the server binds the peer connection to it), as the browser does. `room` is the name
     /// from [`ServerMsg::MatchFound`]. Waits at most `limit` for the channel to open.
     pub async fn open_data_channel(&mut self, hub: &mut Hub, room: &str, limit: Duration) -> Result<(), ClientError> {
-        use webrtc::data_channel::data_channel_init::RTCDataChannelInit;
-        use webrtc::peer_connection::sdp::session_description::RTCSessionDescription;
-        let rtc = |e: webrtc::Error| ClientError::WebRtc(e.to_string());
-        let pc = Arc::new(rtc_api().new_peer_connection(RTCConfiguration::default()).await.map_err(rtc)?);
-        let init = RTCDataChannelInit { ordered: Some(false), max_retransmits: Some(0), ..Default::default() };
-        let dc = pc.create_data_channel(shared::room::DATA_CHANNEL_LABEL, Some(init)).await.map_err(rtc)?;
-        let (tx, frames) = tokio::sync::mpsc::channel(64);
-        let (opened, closed) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
-        dc.on_message(Box::new(move |msg| {
-            let _ = tx.try_send(msg.data);
-            Box::pin(async {})
-        }));
-        let open = Arc::clone(&opened);
-        dc.on_open(Box::new(move || {
-            open.notify_one();
-            Box::pin(async {})
-        }));
-        let gone = Arc::clone(&closed);
-        dc.on_close(Box::new(move || {
-            gone.notify_one();
-            Box::pin(async {})
-        }));
-        let result = async {
-            let offer = pc.create_offer(None).await.map_err(rtc)?;
-            let mut gathered = pc.gathering_complete_promise().await;
-            pc.set_local_description(offer).await.map_err(rtc)?;
-            let _ = tokio::time::timeout(limit, gathered.recv()).await;
-            let sdp =
-                pc.local_description().await.ok_or_else(|| ClientError::WebRtc("no local description".into()))?.sdp;
-            hub.send(&ClientMsg::RtcOffer { room: room.to_owned(), sdp }).await?;
-            let answer = hub
-                .recv_until(limit, |m| match m {
-                    ServerMsg::RtcAnswer { room: r, sdp } if r == room => Some(Ok(sdp)),
-                    ServerMsg::Error { code: shared::hub::ErrorCode::Rtc, message } => Some(Err(message)),
-                    _ => None,
-                })
-                .await?
-                .map_err(ClientError::WebRtc)?;
-            pc.set_remote_description(RTCSessionDescription::answer(answer).map_err(rtc)?).await.map_err(rtc)?;
-            tokio::time::timeout(limit, opened.notified()).await.map_err(|_| ClientError::Timeout)
-        }
-        .await;
-        match result {
-            Ok(()) => {
-                self.data = Some(DataChannel { pc, dc, frames, closed });
-                Ok(())
-            }
-            Err(e) => {
-                let _ = pc.close().await;
-                Err(e)
-            }
-        }
+        self.open_data_channel_through(hub, room, limit, Conditions::default()).await
+    }
+
+    /// Like [`Self::open_data_channel`], over a link with these `conditions`.
+    pub async fn open_data_channel_through(
+        &mut self,
+        hub: &mut Hub,
+        room: &str,
+        limit: Duration,
+        conditions: Conditions,
+    ) -> Result<(), ClientError> {
+        self.data = Some(DataChannel::open(hub, room, limit, conditions).await?);
+        Ok(())
     }
 
     /// Like [`Self::recv`], giving up after `limit`.
@@ -548,7 +492,7 @@ impl<G: shared::game::Game> Room<G> {
     /// Closes the connection (and the peer connection) politely.
     pub async fn close(mut self) {
         if let Some(data) = self.data.take() {
-            let _ = data.pc.close().await;
+            data.close();
         }
         let _ = self.socket.close(None).await;
     }

@@ -1,0 +1,328 @@
+//! The native client's WebRTC data channel, with the same sans-I/O stack as the server (str0m):
+//! it offers a peer connection over the hub WebSocket as the browser does, then drives the
+//! peer from whoever awaits it (the room's `recv`), with no task of its own. A seeded link
+//! conditioner ([`Conditions`]) can delay, jitter, drop and duplicate its datagrams both ways,
+//! for tests and bots on a bad network.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use shared::hub::{ClientMsg, ServerMsg};
+use str0m::change::SdpAnswer;
+use str0m::channel::{ChannelConfig, ChannelId, Reliability};
+use str0m::config::CryptoProvider;
+use str0m::net::{DatagramRecv, Protocol, Receive};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output};
+use tokio::net::UdpSocket;
+
+use super::{ClientError, Hub};
+
+/// Frames received and not yet read, at most; past it the newest are dropped.
+const INBOX: usize = 256;
+
+/// A network to play through: every datagram, both ways, is delayed by `latency` plus up to
+/// `jitter` (which reorders them), dropped with probability `loss`, and sent twice with
+/// probability `duplicate`. The same seed gives the same fate to the same sequence.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Conditions {
+    pub latency: Duration,
+    pub jitter: Duration,
+    pub loss: f64,
+    pub duplicate: f64,
+    pub seed: u64,
+}
+
+impl Conditions {
+    fn is_perfect(&self) -> bool {
+        self.latency.is_zero() && self.jitter.is_zero() && self.loss <= 0.0 && self.duplicate <= 0.0
+    }
+}
+
+/// Datagrams of one direction on their way through a [`Conditions`] link.
+struct Lane {
+    conditions: Conditions,
+    rng: shared::game::Rng,
+    queue: BinaryHeap<Reverse<(Instant, u64, SocketAddr, Vec<u8>)>>,
+    order: u64,
+}
+
+impl Lane {
+    fn new(conditions: Conditions, salt: u64) -> Self {
+        Self { conditions, rng: shared::game::Rng::new(conditions.seed ^ salt), queue: BinaryHeap::new(), order: 0 }
+    }
+
+    fn chance(&mut self) -> f64 {
+        (self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn admit(&mut self, now: Instant, addr: SocketAddr, bytes: Vec<u8>) {
+        if self.chance() < self.conditions.loss {
+            return;
+        }
+        let copies = if self.chance() < self.conditions.duplicate { 2 } else { 1 };
+        for _ in 0..copies {
+            let jitter = self.conditions.jitter.mul_f64(self.chance());
+            self.order += 1;
+            self.queue.push(Reverse((now + self.conditions.latency + jitter, self.order, addr, bytes.clone())));
+        }
+    }
+
+    fn next(&self) -> Option<Instant> {
+        self.queue.peek().map(|Reverse((at, ..))| *at)
+    }
+
+    fn due(&mut self, now: Instant) -> Option<(SocketAddr, Vec<u8>)> {
+        if self.next()? > now {
+            return None;
+        }
+        self.queue.pop().map(|Reverse((_, _, addr, bytes))| (addr, bytes))
+    }
+}
+
+/// An open data channel to a room.
+pub struct DataChannel {
+    rtc: str0m::Rtc,
+    socket: UdpSocket,
+    local: SocketAddr,
+    channel: Option<ChannelId>,
+    frames: VecDeque<Vec<u8>>,
+    timeout: Instant,
+    closed: bool,
+    buf: Vec<u8>,
+    /// (outgoing, incoming), when the link is conditioned.
+    lanes: Option<Box<(Lane, Lane)>>,
+}
+
+/// One crypto provider for every native peer of the process.
+fn crypto() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    Arc::clone(PROVIDER.get_or_init(|| Arc::new(str0m::crypto::from_feature_flags())))
+}
+
+impl DataChannel {
+    /// Offers a peer connection for `room` over `hub` (which must stay open: the server binds
+    /// the peer to it) and waits at most `limit` for the channel to open.
+    pub async fn open(hub: &mut Hub, room: &str, limit: Duration, conditions: Conditions) -> Result<Self, ClientError> {
+        let rtc_error = |e: &dyn std::fmt::Display| ClientError::WebRtc(e.to_string());
+        let mut rtc = str0m::RtcConfig::new().set_crypto_provider(crypto()).build(Instant::now());
+        let mut change = rtc.sdp_api();
+        change.add_channel_with_config(ChannelConfig {
+            label: shared::room::DATA_CHANNEL_LABEL.to_owned(),
+            ordered: false,
+            reliability: Reliability::MaxRetransmits { retransmits: 0 },
+            ..ChannelConfig::default()
+        });
+        let (offer, pending) = change.apply().ok_or_else(|| ClientError::WebRtc("no offer to make".into()))?;
+        hub.send(&ClientMsg::RtcOffer { room: room.to_owned(), sdp: offer.to_sdp_string() }).await?;
+        let answer = hub
+            .recv_until(limit, |m| match m {
+                ServerMsg::RtcAnswer { room: r, sdp } if r == room => Some(Ok(sdp)),
+                ServerMsg::Error { code: shared::hub::ErrorCode::Rtc, message } => Some(Err(message)),
+                _ => None,
+            })
+            .await?
+            .map_err(ClientError::WebRtc)?;
+        // The server does not trickle: its answer names its one candidate. Send from the
+        // address the system routes to it from.
+        let server = answer
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("a="))
+            .filter_map(|c| Candidate::from_sdp_string(c).ok())
+            .map(|c| c.addr())
+            .next()
+            .ok_or_else(|| ClientError::WebRtc("the answer has no candidate".into()))?;
+        let socket = UdpSocket::bind((route_from(server)?, 0)).await.map_err(|e| rtc_error(&e))?;
+        let local = socket.local_addr().map_err(|e| rtc_error(&e))?;
+        rtc.add_local_candidate(Candidate::host(local, "udp").map_err(|e| rtc_error(&e))?);
+        let answer = SdpAnswer::from_sdp_string(&answer).map_err(|e| rtc_error(&e))?;
+        rtc.sdp_api().accept_answer(pending, answer).map_err(|e| rtc_error(&e))?;
+        let lanes = (!conditions.is_perfect())
+            .then(|| Box::new((Lane::new(conditions, 0x6f75_7467), Lane::new(conditions, 0x0069_6e63))));
+        let mut dc = Self {
+            rtc,
+            socket,
+            local,
+            channel: None,
+            frames: VecDeque::new(),
+            timeout: Instant::now(),
+            closed: false,
+            buf: vec![0; 2048],
+            lanes,
+        };
+        dc.pump(Instant::now());
+        let opened = tokio::time::timeout(limit, async {
+            while dc.channel.is_none() {
+                if dc.closed {
+                    return Err(ClientError::WebRtc("the peer connection closed before the channel opened".into()));
+                }
+                dc.wait().await;
+            }
+            Ok(())
+        })
+        .await;
+        match opened {
+            Ok(Ok(())) => Ok(dc),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ClientError::Timeout),
+        }
+    }
+
+    /// Sends one message; `false` when the channel is gone.
+    pub fn send(&mut self, bytes: &[u8]) -> bool {
+        let written = match self.channel.and_then(|cid| self.rtc.channel(cid)) {
+            Some(mut channel) => channel.write(true, bytes).is_ok(),
+            None => false,
+        };
+        self.pump(Instant::now());
+        written && !self.closed
+    }
+
+    /// A message received and not yet taken.
+    pub fn take(&mut self) -> Option<Vec<u8>> {
+        self.frames.pop_front()
+    }
+
+    /// Whether the peer connection ended.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Waits for the next datagram or timer and handles it. Cancel-safe: nothing is lost when
+    /// the future is dropped (a datagram is read whole or not at all).
+    pub async fn wait(&mut self) {
+        let wake = self.wake_at();
+        let got = tokio::select! {
+            got = self.socket.recv_from(&mut self.buf) => got.ok(),
+            () = tokio::time::sleep_until(wake.into()) => None,
+        };
+        let now = Instant::now();
+        if let Some((n, source)) = got {
+            let bytes = self.buf[..n].to_vec();
+            match &mut self.lanes {
+                Some(lanes) => lanes.1.admit(now, source, bytes),
+                None => self.input(now, source, &bytes),
+            }
+        }
+        self.tick(now);
+    }
+
+    /// Closes the peer connection, telling the server.
+    pub fn close(mut self) {
+        let _ = self.rtc.close();
+        self.pump(Instant::now());
+    }
+
+    fn wake_at(&self) -> Instant {
+        let lanes = self.lanes.as_ref().and_then(|l| [l.0.next(), l.1.next()].into_iter().flatten().min());
+        lanes.map_or(self.timeout, |at| at.min(self.timeout))
+    }
+
+    fn tick(&mut self, now: Instant) {
+        while let Some((addr, bytes)) = self.lanes.as_mut().and_then(|l| l.0.due(now)) {
+            let _ = self.socket.try_send_to(&bytes, addr);
+        }
+        while let Some((source, bytes)) = self.lanes.as_mut().and_then(|l| l.1.due(now)) {
+            self.input(now, source, &bytes);
+        }
+        if now >= self.timeout && self.rtc.handle_input(Input::Timeout(now)).is_err() {
+            self.closed = true;
+        }
+        self.pump(now);
+    }
+
+    fn input(&mut self, now: Instant, source: SocketAddr, bytes: &[u8]) {
+        let Ok(contents) = DatagramRecv::try_from(bytes) else { return };
+        let input = Input::Receive(now, Receive { proto: Protocol::Udp, source, destination: self.local, contents });
+        if self.rtc.handle_input(input).is_err() {
+            self.closed = true;
+        }
+        self.pump(now);
+    }
+
+    /// Takes what the peer has to say: datagrams to send, events, its next timeout.
+    fn pump(&mut self, now: Instant) {
+        loop {
+            match self.rtc.poll_output() {
+                Ok(Output::Transmit(t)) => match &mut self.lanes {
+                    Some(lanes) => lanes.0.admit(now, t.destination, t.contents.into()),
+                    // A full socket buffer drops the datagram, as the network would.
+                    None => drop(self.socket.try_send_to(&t.contents, t.destination)),
+                },
+                Ok(Output::Timeout(at)) => {
+                    self.timeout = at;
+                    return;
+                }
+                Ok(Output::Event(event)) => match event {
+                    Event::ChannelOpen(cid, _) => self.channel = Some(cid),
+                    Event::ChannelData(data) => {
+                        if self.frames.len() < INBOX {
+                            self.frames.push_back(data.data);
+                        }
+                    }
+                    Event::ChannelClose(_)
+                    | Event::Closed
+                    | Event::IceConnectionStateChange(IceConnectionState::Disconnected) => self.closed = true,
+                    _ => {}
+                },
+                Err(_) => {
+                    self.closed = true;
+                    self.timeout = now + Duration::from_secs(3600);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The local address the system would send to `server` from (no packet is sent).
+fn route_from(server: SocketAddr) -> Result<IpAddr, ClientError> {
+    let any: SocketAddr =
+        if server.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    std::net::UdpSocket::bind(any)
+        .and_then(|s| {
+            s.connect(server)?;
+            s.local_addr()
+        })
+        .map(|a| a.ip())
+        .map_err(|e| ClientError::WebRtc(format!("no route to the server's candidate {server}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_conditioned_lane_drops_delays_and_duplicates_as_seeded() {
+        let conditions = Conditions {
+            latency: Duration::from_millis(50),
+            jitter: Duration::from_millis(20),
+            loss: 0.1,
+            duplicate: 0.05,
+            seed: 7,
+        };
+        let run = || {
+            let mut lane = Lane::new(conditions, 1);
+            let (start, addr) = (Instant::now(), SocketAddr::from(([127, 0, 0, 1], 9)));
+            for i in 0..1000u32 {
+                lane.admit(start, addr, i.to_le_bytes().to_vec());
+            }
+            assert!(lane.due(start + Duration::from_millis(49)).is_none(), "nothing before the latency");
+            let mut out = Vec::new();
+            while let Some((_, bytes)) = lane.due(start + Duration::from_millis(71)) {
+                out.push(u32::from_le_bytes(bytes.try_into().unwrap()));
+            }
+            out
+        };
+        let out = run();
+        assert_eq!(out, run(), "the same seed gives the same fate");
+        let mut unique = out.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert!((850..=950).contains(&unique.len()), "about 10% lost: {} arrived", unique.len());
+        assert!(out.len() > unique.len(), "some duplicated");
+        assert!(out.windows(2).any(|w| w[0] > w[1]), "jitter reorders");
+    }
+}
