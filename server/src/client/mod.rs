@@ -460,6 +460,11 @@ impl<G: shared::game::Game> Room<G> {
         }
     }
 
+    /// The open data channel, if any.
+    pub fn data_channel(&mut self) -> Option<&mut DataChannel> {
+        self.data.as_mut()
+    }
+
     /// Which transport carries snapshots and inputs now: `"webrtc"` or `"websocket"`.
     pub fn transport(&self) -> &'static str {
         if self.data.is_some() { "webrtc" } else { "websocket" }

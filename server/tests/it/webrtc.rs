@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use rallypoint_server::bots::{BotsArgs, Transport};
-use rallypoint_server::client::{Client, FromRoom, Hub, Room};
+use rallypoint_server::client::{Client, Conditions, FromRoom, Hub, Room};
 use rallypoint_server::config::Config;
 use shared::arena::{Arena, ArenaInput};
 use shared::hub::{ClientMsg, ErrorCode, ServerMsg};
@@ -116,7 +116,12 @@ async fn a_match_is_played_over_the_data_channel_and_snapshots_arrive_on_it() {
 
 #[tokio::test]
 async fn bots_play_full_matches_over_webrtc() {
-    let server = TestServer::start_with(|c| c.rooms.time_limit_secs = Some(2)).await;
+    // Two loops: peers are adopted by whichever loop the kernel hands their first check to.
+    let server = TestServer::start_with(|c| {
+        c.rooms.time_limit_secs = Some(2);
+        c.webrtc.shards = 2;
+    })
+    .await;
     let args = BotsArgs {
         server: server.base.clone(),
         count: 2,
@@ -249,6 +254,219 @@ async fn two_hundred_joins_and_leaves_free_every_peer() {
     let grown = rss_kib().saturating_sub(rss_after_warmup);
     assert!(grown < 12 * 1024, "resident memory grew by {grown} KiB over 150 cycles");
     a.hub.close().await;
+}
+
+/// What one player saw of a match: when each snapshot's tick arrived.
+struct Seen {
+    arrivals: Vec<(u32, std::time::Instant)>,
+    pongs: u32,
+    ended: bool,
+    transport_at_end: &'static str,
+}
+
+impl Seen {
+    /// Snapshot age above the fastest one (arrival minus the tick's due time, less its minimum),
+    /// at the given quantile.
+    fn age(&self, tick_hz: u16, quantile: f64) -> Duration {
+        let dt = 1e9 / f64::from(tick_hz);
+        let origin = self.arrivals[0].1;
+        let offsets: Vec<f64> = self
+            .arrivals
+            .iter()
+            .map(|(tick, at)| at.duration_since(origin).as_nanos() as f64 - f64::from(*tick) * dt)
+            .collect();
+        let min = offsets.iter().copied().fold(f64::INFINITY, f64::min);
+        let mut ages: Vec<f64> = offsets.iter().map(|o| o - min).collect();
+        ages.sort_by(f64::total_cmp);
+        Duration::from_nanos(ages[((ages.len() - 1) as f64 * quantile) as usize] as u64)
+    }
+
+    /// The share of ticks between the first and the last seen whose snapshot arrived.
+    fn delivered(&self) -> f64 {
+        let mut ticks: Vec<u32> = self.arrivals.iter().map(|(t, _)| *t).collect();
+        ticks.sort_unstable();
+        ticks.dedup();
+        let span = ticks.last().unwrap() - ticks.first().unwrap() + 1;
+        ticks.len() as f64 / f64::from(span)
+    }
+}
+
+/// Plays until the match ends (or `limit`), pinging every 200 ms, recording every snapshot.
+async fn watch(room: &mut Room<Arena>, limit: Duration) -> Seen {
+    let mut seen = Seen { arrivals: Vec::new(), pongs: 0, ended: false, transport_at_end: "" };
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut pinger = tokio::time::interval(Duration::from_millis(200));
+    let mut id = 0;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => break,
+            _ = pinger.tick() => {
+                id += 1;
+                room.send(&ToRoom::Ping { id }).await.unwrap();
+            }
+            frame = room.recv() => match frame.unwrap() {
+                FromRoom::<Arena>::Snapshot { tick, .. } => {
+                    seen.transport_at_end = room.transport();
+                    seen.arrivals.push((tick, std::time::Instant::now()));
+                }
+                FromRoom::<Arena>::Pong { .. } => seen.pongs += 1,
+                FromRoom::<Arena>::Ended { .. } => {
+                    seen.ended = true;
+                    break;
+                }
+                FromRoom::<Arena>::Joined { .. } => panic!("a second join answer"),
+            },
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn a_lost_datagram_is_never_retransmitted_nor_delays_the_next() {
+    let server = TestServer::start_with(|c| {
+        c.rooms.time_limit_secs = Some(8);
+        c.rooms.claim_timeout = Duration::from_secs(5);
+    })
+    .await;
+    let (mut a, mut b) = duel(&server, "lossy_a", "clean_b").await;
+    let jitter = Duration::from_millis(40);
+    let lossy = Conditions { jitter, loss: 0.10, seed: 11, ..Conditions::default() };
+    let clean = Conditions { jitter, seed: 12, ..Conditions::default() };
+    let open = Duration::from_secs(10);
+    a.room.open_data_channel_through(&mut a.hub, &a.room_name, open, lossy).await.unwrap();
+    b.room.open_data_channel_through(&mut b.hub, &b.room_name, open, clean).await.unwrap();
+    let tick_hz = a.room.tick_hz;
+    let (seen_a, seen_b) = tokio::join!(watch(&mut a.room, WAIT * 2), watch(&mut b.room, WAIT * 2));
+    // The association stayed up for the whole match, on both sides.
+    assert!(seen_a.ended && seen_b.ended);
+    assert_eq!((seen_a.transport_at_end, seen_b.transport_at_end), ("webrtc", "webrtc"));
+    // Lost snapshots stay lost (about 10%): nothing is retransmitted.
+    let (delivered_a, delivered_b) = (seen_a.delivered(), seen_b.delivered());
+    assert!((0.80..0.96).contains(&delivered_a), "lossy link delivered {delivered_a:.3}");
+    assert!(delivered_b > 0.99, "clean link delivered {delivered_b:.3}");
+    // And a loss never holds back the snapshots after it: their age stays within one tick of
+    // the loss-free link with the same jitter.
+    let tick = Duration::from_secs(1) / u32::from(tick_hz);
+    let (age_a, age_b) = (seen_a.age(tick_hz, 0.99), seen_b.age(tick_hz, 0.99));
+    assert!(age_a <= age_b + tick, "p99 snapshot age {age_a:?} with loss, {age_b:?} without");
+}
+
+#[tokio::test]
+async fn duplicated_and_reordered_datagrams_are_delivered_once() {
+    let server = TestServer::start_with(long_matches).await;
+    let (mut a, _b) = duel(&server, "dup_a", "dup_b").await;
+    let doubled = Conditions { jitter: Duration::from_millis(30), duplicate: 1.0, seed: 3, ..Conditions::default() };
+    a.room.open_data_channel_through(&mut a.hub, &a.room_name, OPEN, doubled).await.unwrap();
+    let rtc = server.running.app.hub.rtc().stats();
+    let before = rtc.messages_in.load(Relaxed);
+    // Every datagram is sent twice, in a jumbled order: each ping reaches the room once, and
+    // each pong comes back once.
+    let mut pongs = std::collections::BTreeMap::new();
+    for id in 1..=40 {
+        a.room.send(&ToRoom::Ping { id }).await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(FromRoom::<Arena>::Pong { id }) = a.room.recv_timeout(Duration::from_millis(100)).await {
+            *pongs.entry(id).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(rtc.messages_in.load(Relaxed) - before, 40);
+    assert!(pongs.values().all(|&n| n == 1), "{pongs:?}");
+    // A datagram that arrives after the sender gave it up for lost (reordering looks like
+    // loss to SCTP) is dropped, never delivered late: most, not all, come back.
+    assert!(pongs.len() >= 36, "{} of 40 pongs", pongs.len());
+    assert_eq!(a.room.transport(), "webrtc");
+}
+
+#[tokio::test]
+async fn a_handshake_that_loses_its_first_datagrams_still_opens_in_time() {
+    let server = TestServer::start_with(long_matches).await;
+    let (mut a, mut b) = duel(&server, "late_a", "late_b").await;
+    let started = std::time::Instant::now();
+    b.room.open_data_channel(&mut b.hub, &b.room_name, OPEN).await.unwrap();
+    let clean = started.elapsed();
+    // The first two datagrams each way are lost: ICE checks, then the answers to the next two.
+    let lossy = Conditions { drop_first: 2, seed: 5, ..Conditions::default() };
+    let started = std::time::Instant::now();
+    let opened = a.room.open_data_channel_through(&mut a.hub, &a.room_name, WAIT, lossy).await;
+    let took = started.elapsed();
+    opened.unwrap_or_else(|e| panic!("not open after {took:?}: {e}"));
+    eprintln!("data channel opened in {took:?} after losing the first datagrams, {clean:?} without");
+    assert!(took < Duration::from_millis(2000), "{took:?}");
+}
+
+#[tokio::test]
+async fn junk_datagrams_and_oversized_messages_cost_nothing_and_break_no_peer() {
+    let server = TestServer::start_with(long_matches).await;
+    let (mut a, _b) = duel(&server, "junk_a", "junk_b").await;
+    a.room.open_data_channel(&mut a.hub, &a.room_name, OPEN).await.unwrap();
+    let rtc = server.running.app.hub.rtc().stats();
+    let udp = server.running.app.hub.rtc().udp_addr();
+    // From an address no peer has: garbage, a DTLS record, and a STUN check for nobody.
+    let stranger = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let stun = stun_binding_request("nobody00:someone");
+    let unknown_before = rtc.datagrams_unknown.load(Relaxed);
+    for junk in [&b"\x00garbage"[..], &[23, 254, 253, 0, 1, 0, 0, 0, 0, 0, 0, 0, 4, 1, 2, 3, 4], &stun] {
+        stranger.send_to(junk, udp).unwrap();
+    }
+    eprintln!("junk sent");
+    wait_for("the junk to be dropped", || rtc.datagrams_unknown.load(Relaxed) >= unknown_before + 3).await;
+    // From the peer's own address: a DTLS record that does not decrypt, and nonsense.
+    let dc = a.room.data_channel().unwrap();
+    dc.send_datagram(&[23, 254, 253, 0, 1, 0, 0, 0, 0, 0, 9, 0, 4, 1, 2, 3, 4]).unwrap();
+    dc.send_datagram(&[0xff; 300]).unwrap();
+    // A message over the room's size limit is refused and counted.
+    let dropped = rtc.frames_dropped.load(Relaxed);
+    a.room.send_raw(vec![7; shared::room::MAX_TO_ROOM_BYTES + 1]).await.unwrap();
+    wait_for("the oversized message to be counted", || rtc.frames_dropped.load(Relaxed) == dropped + 1).await;
+    // The peer plays on, over WebRTC.
+    a.room.send(&ToRoom::Ping { id: 77 }).await.unwrap();
+    while !matches!(a.room.recv_timeout(WAIT).await.unwrap(), FromRoom::<Arena>::Pong { id: 77 }) {}
+    assert_eq!(a.room.transport(), "webrtc");
+    assert_eq!(rtc.peers.load(Relaxed), 1);
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_reading_cannot_grow_the_servers_queue() {
+    let server = TestServer::start_with(|c| {
+        long_matches(c);
+        c.webrtc.max_buffered_bytes = 1024;
+    })
+    .await;
+    let (mut a, _b) = duel(&server, "deaf_a", "deaf_b").await;
+    a.room.open_data_channel(&mut a.hub, &a.room_name, OPEN).await.unwrap();
+    let rtc = server.running.app.hub.rtc().stats();
+    let dropped = rtc.snapshots_dropped.load(Relaxed);
+    // The client reads nothing (no SACKs go back) for three seconds: ~100 snapshots of ~100
+    // bytes, ten times the queue's 1 KiB. The excess is dropped and counted, not queued.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let now_dropped = rtc.snapshots_dropped.load(Relaxed) - dropped;
+    eprintln!("{now_dropped} snapshots dropped for a peer that stopped reading");
+    assert!(now_dropped > 20, "{now_dropped} dropped");
+    // Once it reads again, snapshots flow again on the same channel.
+    let mut fresh = 0;
+    while fresh < 10 {
+        if let FromRoom::<Arena>::Snapshot { .. } = a.room.recv_timeout(WAIT).await.unwrap() {
+            fresh += 1;
+        }
+    }
+    assert_eq!(a.room.transport(), "webrtc");
+}
+
+/// A STUN binding request with this USERNAME and no integrity (RFC 5389 framing).
+fn stun_binding_request(username: &str) -> Vec<u8> {
+    let name = username.as_bytes();
+    let padded = name.len().div_ceil(4) * 4;
+    let mut m = vec![0x00, 0x01];
+    m.extend_from_slice(&((4 + padded) as u16).to_be_bytes());
+    m.extend_from_slice(&0x2112_A442_u32.to_be_bytes());
+    m.extend_from_slice(&[7; 12]);
+    m.extend_from_slice(&0x0006_u16.to_be_bytes());
+    m.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    m.extend_from_slice(name);
+    m.resize(20 + 4 + padded, 0);
+    m
 }
 
 /// This process's resident memory (server and clients both live in it).

@@ -104,12 +104,16 @@ pub struct RtcStats {
     /// Candidates from clients that could not be parsed (mDNS names, say): an ICE-lite server
     /// learns the client's address from its checks, so they are ignored.
     pub candidates_ignored: AtomicU64,
+    /// Data-channel messages handed to rooms.
+    pub messages_in: AtomicU64,
     /// Data-channel messages dropped: text, oversized, too frequent, or the room's mailbox full.
     pub frames_dropped: AtomicU64,
     /// Snapshots dropped: the channel's queue full, the loop's inbox full, or the peer gone.
     pub snapshots_dropped: AtomicU64,
     /// Datagrams from addresses and ICE usernames no peer has (or that do not parse).
     pub datagrams_unknown: AtomicU64,
+    /// Datagrams from a peer's address that its connection refused (they do not decrypt, say).
+    pub datagrams_refused: AtomicU64,
     /// Datagrams one loop handed to the loop that owns their peer.
     pub datagrams_forwarded: AtomicU64,
     pub datagrams_in: AtomicU64,
@@ -150,6 +154,8 @@ struct Inner {
     config: RtcConfig,
     /// The address in every answer's candidate.
     candidate: SocketAddr,
+    /// The address the loops' sockets are bound to.
+    local: SocketAddr,
     crypto: Arc<CryptoProvider>,
     /// One certificate for every peer: generating one per peer costs a key pair each.
     cert: DtlsCert,
@@ -168,11 +174,16 @@ pub struct Rtc(Arc<Inner>);
 
 /// The UDP port could not be opened.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen for WebRTC on UDP {addr}: {source} (choose the port with --webrtc-listen)")]
+#[error("cannot listen for WebRTC on UDP {addr}: {reason} (choose the port with --webrtc-listen)")]
 pub struct RtcBindError {
     addr: SocketAddr,
-    source: std::io::Error,
+    reason: std::io::Error,
 }
+
+/// Largest data-channel message the SCTP layer takes (and advertises). Above the room's own
+/// limit on purpose: a larger message than the room takes is then refused and counted by us,
+/// not by an association abort.
+const MAX_SCTP_MESSAGE: u32 = 16 * 1024;
 
 /// Commands queued for one loop at most: a tick's batch per room and the signaling.
 const SHARD_INBOX: usize = 4096;
@@ -186,11 +197,11 @@ impl Rtc {
             0 => tokio::runtime::Handle::current().metrics().num_workers().max(1),
             n => n,
         };
-        let bind_error = |source| RtcBindError { addr, source };
-        let mut sockets = vec![shard::bind(addr).map_err(bind_error)?];
+        let bind_error = |reason| RtcBindError { addr, reason };
+        let mut sockets = vec![shard::bind(addr, true).map_err(bind_error)?];
         let local = sockets[0].local_addr().map_err(bind_error)?;
         for _ in 1..shards {
-            sockets.push(shard::bind(local).map_err(bind_error)?);
+            sockets.push(shard::bind(local, false).map_err(bind_error)?);
         }
         let candidate = SocketAddr::new(config.public_ip.unwrap_or_else(|| announced_ip(local.ip())), local.port());
         let crypto = Arc::new(str0m::crypto::from_feature_flags());
@@ -202,6 +213,7 @@ impl Rtc {
         let inner = Arc::new(Inner {
             config,
             candidate,
+            local,
             crypto,
             cert,
             seats: Mutex::default(),
@@ -222,6 +234,11 @@ impl Rtc {
 
     pub fn stats(&self) -> &RtcStats {
         &self.0.stats
+    }
+
+    /// The UDP address every peer shares.
+    pub fn udp_addr(&self) -> SocketAddr {
+        self.0.local
     }
 
     pub fn ice_servers(&self) -> &[shared::hub::IceServer] {
@@ -284,7 +301,7 @@ impl Rtc {
             .set_dtls_cert(self.0.cert.clone())
             .set_local_ice_credentials(creds.clone())
             .set_sctp_max_buffered_amount(self.0.config.max_buffered_bytes)
-            .set_sctp_max_message_size(shared::room::MAX_TO_ROOM_BYTES as u32)
+            .set_sctp_max_message_size(MAX_SCTP_MESSAGE)
             .build(now);
         let host = Candidate::host(self.0.candidate, "udp").map_err(|_| RtcError::BadOffer)?;
         rtc.add_local_candidate(host);

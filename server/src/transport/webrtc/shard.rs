@@ -160,10 +160,11 @@ pub(super) struct Shard {
     io: Io,
 }
 
-/// Binds one loop's socket on `addr`, sharing the port with the other loops.
-pub(super) fn bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+/// Binds one loop's socket on `addr`, sharing the port with the other loops. The `first` one
+/// checks that no other socket holds the port.
+pub(super) fn bind(addr: SocketAddr, first: bool) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Socket, Type};
-    if addr.port() != 0 {
+    if first && addr.port() != 0 {
         // SO_REUSEPORT would let us share the port with another process of the same user,
         // splitting its traffic silently: make sure nobody holds it first.
         drop(std::net::UdpSocket::bind(addr)?);
@@ -293,13 +294,13 @@ impl Shard {
         };
         let input =
             Input::Receive(now, Receive { proto: Protocol::Udp, source, destination: self.candidate, contents });
-        match peer.rtc.handle_input(input) {
-            Ok(()) => drive(peer, &mut self.io),
-            Err(e) => {
-                tracing::debug!(peer = id, error = %e, "WebRTC peer failed on input");
-                self.io.doomed.push((id, End::Closed));
-            }
+        // A datagram the peer refuses (one that does not decrypt, say) is dropped; it breaks
+        // nothing, or anyone who can send from the peer's address could end its connection.
+        if let Err(e) = peer.rtc.handle_input(input) {
+            tracing::debug!(peer = id, error = %e, "WebRTC datagram refused");
+            self.io.stats.datagrams_refused.fetch_add(1, Relaxed);
         }
+        drive(peer, &mut self.io);
     }
 
     /// Finds the peer of a datagram from an address no peer of this loop has used: by its ICE
@@ -526,7 +527,9 @@ fn on_event(peer: &mut Peer, event: Event, io: &mut Io) {
                 && data.data.len() <= shared::room::MAX_TO_ROOM_BYTES
                 && peer.inbound.take(tokio::time::Instant::now())
                 && peer.room.try_send(RoomCommand::Frame { link: peer.link, frame: Bytes::from(data.data) }).is_ok();
-            if !accepted {
+            if accepted {
+                io.stats.messages_in.fetch_add(1, Relaxed);
+            } else {
                 io.stats.frames_dropped.fetch_add(1, Relaxed);
                 metrics::counter!("rallypoint_webrtc_frames_dropped_total").increment(1);
             }
