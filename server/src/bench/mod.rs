@@ -101,15 +101,31 @@ impl ServerProcess {
 
     /// Starts the server on core 0 with one tokio worker and waits until it answers.
     pub async fn start(dir: tempfile::TempDir, database_url: String, extra: &[&str]) -> Result<Self> {
+        Self::start_on(dir, database_url, extra, 1).await
+    }
+
+    /// Starts the server with `workers` tokio workers pinned to cores 0..workers, and waits
+    /// until it answers. RALLYPOINT_BENCH_SERVER names another `rallypoint` binary to measure
+    /// (an older build, to compare in one sitting) instead of this one.
+    pub async fn start_on(
+        dir: tempfile::TempDir,
+        database_url: String,
+        extra: &[&str],
+        workers: usize,
+    ) -> Result<Self> {
         let addr = free_addr()?;
-        let exe = std::env::current_exe()?;
+        let exe = match std::env::var_os("RALLYPOINT_BENCH_SERVER") {
+            Some(path) => PathBuf::from(path),
+            None => std::env::current_exe()?,
+        };
+        let workers = workers.max(1);
         let pinned = Path::new("/usr/bin/taskset").exists();
         // RALLYPOINT_BENCH_WRAP runs the server under a profiler, e.g. "heaptrack" or "perf record".
         let wrap: Vec<String> =
             std::env::var("RALLYPOINT_BENCH_WRAP").unwrap_or_default().split_whitespace().map(String::from).collect();
         let mut argv: Vec<std::ffi::OsString> = Vec::new();
         if pinned {
-            argv.extend(["taskset".into(), "-c".into(), "0".into()]);
+            argv.extend(["taskset".into(), "-c".into(), format!("0-{}", workers - 1).into()]);
         }
         argv.extend(wrap.into_iter().map(Into::into));
         argv.push(exe.into_os_string());
@@ -120,7 +136,7 @@ impl ServerProcess {
             .arg(dir.path())
             .args(["--max-connections", "100000", "--log", "warn"])
             .args(extra)
-            .env("TOKIO_WORKER_THREADS", "1")
+            .env("TOKIO_WORKER_THREADS", workers.to_string())
             .stdin(Stdio::null())
             // Its own process group, so that signals reach it through taskset or a profiler.
             .process_group(0);
@@ -173,6 +189,22 @@ impl ServerProcess {
         cpu_of(self.pid())
     }
 
+    /// CPU time used so far by each tokio worker thread, in thread order.
+    pub fn worker_cpu(&self) -> Result<Vec<Duration>> {
+        let mut workers = Vec::new();
+        let mut tasks: Vec<_> =
+            std::fs::read_dir(format!("/proc/{}/task", self.pid()))?.filter_map(Result::ok).collect();
+        tasks.sort_by_key(std::fs::DirEntry::file_name);
+        for task in tasks {
+            let stat = std::fs::read_to_string(task.path().join("stat"))?;
+            // Linux truncates thread names to 15 bytes: "tokio-runtime-w".
+            if stat.contains("(tokio-runtime-w") {
+                workers.push(cpu_of_stat(&stat)?);
+            }
+        }
+        Ok(workers)
+    }
+
     /// Stops the server with SIGTERM and waits for it.
     pub fn stop(mut self) -> Result<()> {
         self.signal("TERM");
@@ -199,12 +231,25 @@ impl Drop for ServerProcess {
 /// CPU time of a process: fields 14 and 15 of /proc/PID/stat, in clock ticks of 1/100 s
 /// (Linux's USER_HZ).
 pub fn cpu_of(pid: u32) -> Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    cpu_of_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat"))?)
+}
+
+/// CPU time in a process's or thread's `stat` line.
+fn cpu_of_stat(stat: &str) -> Result<Duration> {
     let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).context("odd /proc/PID/stat")?;
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     let ticks: u64 =
         fields.get(11..13).context("short /proc/PID/stat")?.iter().filter_map(|f| f.parse::<u64>().ok()).sum();
     Ok(Duration::from_millis(ticks * 10))
+}
+
+/// Bytes and packets the loopback interface has carried so far (every byte between the
+/// benchmark's clients and the server, with its IP, UDP or TCP headers).
+pub fn loopback_traffic() -> Result<(u64, u64)> {
+    let dev = std::fs::read_to_string("/proc/net/dev")?;
+    let line = dev.lines().find_map(|l| l.trim_start().strip_prefix("lo:")).context("no lo in /proc/net/dev")?;
+    let fields: Vec<u64> = line.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+    Ok((*fields.first().context("odd /proc/net/dev")?, *fields.get(1).context("odd /proc/net/dev")?))
 }
 
 fn free_addr() -> Result<SocketAddr> {

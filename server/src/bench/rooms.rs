@@ -44,6 +44,9 @@ pub(super) struct Timing {
     /// Seconds of each measured window.
     #[arg(long, default_value_t = 15)]
     pub window: u64,
+    /// Tokio workers of the server, pinned to as many cores from core 0.
+    #[arg(long, default_value_t = 1)]
+    pub server_workers: usize,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -73,6 +76,12 @@ pub(super) struct Window {
     down_bytes_per_player_per_s: f64,
     up_bytes_per_player_per_s: f64,
     snapshots_per_player_per_s: f64,
+    /// Everything on the wire (loopback) per player per second, both ways, with the IP and
+    /// TCP/UDP headers, acknowledgements, DTLS and SCTP included.
+    wire_bytes_per_player_per_s: f64,
+    wire_packets_per_player_per_s: f64,
+    /// CPU seconds of each tokio worker thread in the window.
+    worker_cpu_seconds: Vec<f64>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -113,7 +122,7 @@ pub async fn run(args: RoomsArgs) -> Result<()> {
         "--lobby-capacity",
         "100000",
     ];
-    let server = ServerProcess::start(dir, url, &extra).await?;
+    let server = ServerProcess::start_on(dir, url, &extra, args.timing.server_workers).await?;
     let metrics_url = format!("http://{metrics_addr}/metrics");
 
     eprintln!("starting {players} bots in {} rooms of {}…", args.rooms, args.timing.players);
@@ -260,6 +269,7 @@ pub(super) async fn measure(
     let before = Scrape::take(metrics_url).await?;
     let (cpu0, down0, up0, snaps0) =
         (server.cpu()?, live.bytes_down.load(Relaxed), live.bytes_up.load(Relaxed), live.snapshots.load(Relaxed));
+    let (workers0, wire0) = (server.worker_cpu()?, super::loopback_traffic()?);
     let t0 = Instant::now();
     let reference = reference_clock(server.pinned(), seconds);
     let ((), (), reference) = tokio::join!(tokio::time::sleep(Duration::from_secs(seconds)), beside, reference);
@@ -267,6 +277,9 @@ pub(super) async fn measure(
     let elapsed = t0.elapsed().as_secs_f64();
     let after = Scrape::take(metrics_url).await?;
     let cpu = server.cpu()?.saturating_sub(cpu0).as_secs_f64();
+    let (workers, wire) = (server.worker_cpu()?, super::loopback_traffic()?);
+    let worker_cpu_seconds =
+        workers.iter().zip(&workers0).map(|(now, then)| now.saturating_sub(*then).as_secs_f64()).collect();
     let per_player = |now: u64, then: u64| (now - then) as f64 / players as f64 / elapsed;
     let ticks = after.count("rallypoint_room_tick_seconds") - before.count("rallypoint_room_tick_seconds");
     let q = |name: &str, p: f64| after.quantile_since(&before, name, p) * 1000.0;
@@ -286,6 +299,9 @@ pub(super) async fn measure(
         down_bytes_per_player_per_s: per_player(live.bytes_down.load(Relaxed), down0),
         up_bytes_per_player_per_s: per_player(live.bytes_up.load(Relaxed), up0),
         snapshots_per_player_per_s: per_player(live.snapshots.load(Relaxed), snaps0),
+        wire_bytes_per_player_per_s: per_player(wire.0, wire0.0),
+        wire_packets_per_player_per_s: per_player(wire.1, wire0.1),
+        worker_cpu_seconds,
     })
 }
 

@@ -1,9 +1,11 @@
 //! `rallypoint bench webrtc`: the same 16-player rooms over the WebSocket, then over WebRTC
-//! data channels, against one server process on one core, in one run.
+//! data channels, against one server process, in one run; then a storm of data channels
+//! opening at once while other rooms keep the server busy.
 //!
-//! Reports the time from room assignment (the hub's `match_found`) to an open data channel,
-//! the server's memory per peer connection, and per transport the all-in CPU per room tick
-//! and the bytes per player per second.
+//! Reports per transport the all-in server CPU per room tick (and per worker thread), the
+//! bytes per player per second in payload and on the wire, the server's memory per peer
+//! connection, and the time from room assignment (the hub's `match_found`) to an open data
+//! channel, quiet and in the storm.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -15,13 +17,19 @@ use serde::Serialize;
 
 use super::rooms::{Timing, Window, measure, start_bots, wait_until_playing};
 use super::{Percentiles, ServerProcess, write_json};
-use crate::bots::{Live, Transport};
+use crate::bots::{Live, Tally, Transport};
 
 #[derive(Debug, Args)]
 pub struct WebrtcArgs {
     /// Rooms per transport.
     #[arg(long, default_value_t = 4)]
     rooms: usize,
+    /// Rooms of WebRTC players that join at once in the storm (16 rooms: 256 peers).
+    #[arg(long, default_value_t = 16)]
+    storm_rooms: usize,
+    /// WebSocket rooms that keep the server busy during the storm.
+    #[arg(long, default_value_t = 24)]
+    load_rooms: usize,
     #[command(flatten)]
     timing: Timing,
 }
@@ -32,7 +40,8 @@ const TICK_HZ: f64 = 30.0;
 
 #[derive(Debug, Default, Serialize)]
 struct Report {
-    pinned_to_one_core: bool,
+    pinned: bool,
+    server_workers: usize,
     rooms_per_transport: usize,
     players_per_room: usize,
     data_channels_opened: usize,
@@ -49,43 +58,90 @@ struct Report {
     webrtc: Window,
     websocket_players_per_core_at_30hz: f64,
     webrtc_players_per_core_at_30hz: f64,
+    /// WebRTC's all-in CPU per room tick over the WebSocket's, same rooms, same run.
+    webrtc_cpu_over_websocket: f64,
+    storm: Storm,
     protocol_errors: u64,
     errors: Vec<String>,
 }
 
+#[derive(Debug, Default, Serialize)]
+struct Storm {
+    peers: usize,
+    /// The busy server's CPU share (of all its cores) while the storm came.
+    server_cpu_share_before: f64,
+    data_channels_opened: usize,
+    data_channel_open_p50_ms: f64,
+    data_channel_open_p99_ms: f64,
+}
+
+/// Bots started together, and how to stop them and collect their tallies.
+struct Crowd {
+    live: Arc<Live>,
+    stop: Arc<tokio::sync::Notify>,
+    bots: Vec<tokio::task::JoinHandle<Tally>>,
+}
+
+impl Crowd {
+    async fn start(server: &ServerProcess, tokens: &[String], transport: Transport) -> Self {
+        let (live, stop) = (Arc::new(Live::default()), Arc::new(tokio::sync::Notify::new()));
+        let bots = start_bots(&server.base, tokens, transport, &live, &stop).await;
+        Self { live, stop, bots }
+    }
+
+    /// Everyone leaves; the rooms end and go back to the pool. Returns the tallies.
+    async fn leave(self) -> Vec<Tally> {
+        self.live.leave.store(true, Relaxed);
+        let mut tallies = Vec::new();
+        for bot in self.bots {
+            if let Ok(tally) = bot.await {
+                tallies.push(tally);
+            }
+        }
+        self.stop.notify_waiters();
+        tallies
+    }
+}
+
 pub async fn run(args: WebrtcArgs) -> Result<()> {
-    let players = args.rooms * args.timing.players;
-    eprintln!("seeding {} users…", 2 * players);
+    let per_room = args.timing.players;
+    let players = args.rooms * per_room;
+    let (storm, load) = (args.storm_rooms * per_room, args.load_rooms * per_room);
+    let users = 2 * players + storm + load;
+    eprintln!("seeding {users} users…");
     let (dir, url) = ServerProcess::prepare()?;
     let tokens = {
         let db = crate::db::open(&url).await?;
-        let tokens =
-            crate::accounts::seed_for_bench(&db, PREFIX, 2 * players, PASSWORD, Duration::from_hours(24)).await?;
+        let tokens = crate::accounts::seed_for_bench(&db, PREFIX, users, PASSWORD, Duration::from_hours(24)).await?;
         db.close().await;
         tokens
     };
     let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let (metrics, max_rooms) = (metrics_addr.to_string(), (2 * args.rooms + 8).to_string());
+    let rooms_needed = 2 * args.rooms + args.storm_rooms + args.load_rooms + 8;
+    let (metrics, max_rooms) = (metrics_addr.to_string(), rooms_needed.to_string());
     let extra = ["--metrics-listen", &metrics, "--match-seconds", "3600", "--max-rooms", &max_rooms];
-    let server = ServerProcess::start(dir, url, &extra).await?;
+    let workers = args.timing.server_workers;
+    let server = ServerProcess::start_on(dir, url, &extra, workers).await?;
     let metrics_url = format!("http://{metrics_addr}/metrics");
     let mut report = Report {
-        pinned_to_one_core: server.pinned(),
+        pinned: server.pinned(),
+        server_workers: workers,
         rooms_per_transport: args.rooms,
-        players_per_room: args.timing.players,
+        players_per_room: per_room,
         ..Report::default()
     };
     let mut opens = Vec::new();
-    for (transport, tokens) in [(Transport::Ws, &tokens[..players]), (Transport::Webrtc, &tokens[players..])] {
-        eprintln!("{transport:?}: {players} bots in {} rooms of {}…", args.rooms, args.timing.players);
-        let live = Arc::new(Live::default());
-        let stop = Arc::new(tokio::sync::Notify::new());
-        let bots = start_bots(&server.base, tokens, transport, &live, &stop).await;
-        wait_until_playing(&live, players).await?;
+    let (ws_tokens, rest) = tokens.split_at(players);
+    let (rtc_tokens, rest) = rest.split_at(players);
+    let (load_tokens, storm_tokens) = rest.split_at(load);
+    for (transport, tokens) in [(Transport::Ws, ws_tokens), (Transport::Webrtc, rtc_tokens)] {
+        eprintln!("{transport:?}: {players} bots in {} rooms of {per_room}…", args.rooms);
+        let crowd = Crowd::start(&server, tokens, transport).await;
+        wait_until_playing(&crowd.live, players).await?;
         tokio::time::sleep(Duration::from_secs(args.timing.warmup)).await;
-        let window = measure(&server, &metrics_url, &live, players, args.timing.window, async {}).await?;
+        let window = measure(&server, &metrics_url, &crowd.live, players, args.timing.window, async {}).await?;
         eprintln!("{transport:?}: {}", serde_json::to_string(&window)?);
-        let per_core = args.timing.players as f64 * 1000.0 / (window.cpu_per_room_tick_ms.max(1e-6) * TICK_HZ);
+        let per_core = per_room as f64 * 1000.0 / (window.cpu_per_room_tick_ms.max(1e-6) * TICK_HZ);
         match transport {
             Transport::Ws => (report.websocket, report.websocket_players_per_core_at_30hz) = (window, per_core),
             Transport::Webrtc => {
@@ -93,16 +149,10 @@ pub async fn run(args: WebrtcArgs) -> Result<()> {
                 (report.webrtc, report.webrtc_players_per_core_at_30hz) = (window, per_core);
             }
         }
-        // Everyone leaves; the rooms end and go back to the pool.
-        live.leave.store(true, Relaxed);
-        for bot in bots {
-            if let Ok(tally) = bot.await {
-                report.protocol_errors += tally.errors.len() as u64;
-                report.errors.extend(tally.errors.into_iter().take(3));
-                opens.extend(tally.data_channels);
-            }
+        for tally in crowd.leave().await {
+            count_errors(&mut report, &tally);
+            opens.extend(tally.data_channels);
         }
-        stop.notify_waiters();
         if transport == Transport::Ws {
             // Let the closed connections go before taking the baseline.
             tokio::time::sleep(Duration::from_secs(2)).await;
@@ -115,8 +165,57 @@ pub async fn run(args: WebrtcArgs) -> Result<()> {
     report.server_memory_per_peer_kib =
         report.server_rss_with_webrtc_rooms_kib.saturating_sub(report.server_rss_after_websocket_rooms_kib) as f64
             / players as f64;
+    report.webrtc_cpu_over_websocket =
+        report.webrtc.cpu_per_room_tick_ms / report.websocket.cpu_per_room_tick_ms.max(1e-9);
+    if storm > 0 {
+        report.storm = open_storm(&server, load_tokens, storm_tokens, &mut report.errors).await?;
+    }
     server.stop()?;
     report.errors.truncate(5);
     println!("{}", serde_json::to_string_pretty(&report)?);
     write_json(args.timing.json.as_ref(), &report)
+}
+
+fn count_errors(report: &mut Report, tally: &Tally) {
+    report.protocol_errors += tally.errors.len() as u64;
+    report.errors.extend(tally.errors.iter().take(3).cloned());
+}
+
+/// WebSocket rooms keep the server busy; then every storm bot queues at once, and each opens
+/// its data channel as soon as it has its seat.
+async fn open_storm(
+    server: &ServerProcess,
+    load_tokens: &[String],
+    storm_tokens: &[String],
+    errors: &mut Vec<String>,
+) -> Result<Storm> {
+    eprintln!("storm: {} WebSocket players as load…", load_tokens.len());
+    let load = Crowd::start(server, load_tokens, Transport::Ws).await;
+    wait_until_playing(&load.live, load_tokens.len()).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (cpu0, t0) = (server.cpu()?, std::time::Instant::now());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let share = server.cpu()?.saturating_sub(cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+    eprintln!(
+        "storm: the server is busy at {:.0}% of a core; {} peers open at once…",
+        share * 100.0,
+        storm_tokens.len()
+    );
+    let storm = Crowd::start(server, storm_tokens, Transport::Webrtc).await;
+    wait_until_playing(&storm.live, storm_tokens.len()).await?;
+    let mut opens = Vec::new();
+    for tally in storm.leave().await {
+        errors.extend(tally.errors.iter().take(3).cloned());
+        opens.extend(tally.data_channels);
+    }
+    load.leave().await;
+    let opened = opens.len();
+    let p = Percentiles::of(opens);
+    Ok(Storm {
+        peers: storm_tokens.len(),
+        server_cpu_share_before: share,
+        data_channels_opened: opened,
+        data_channel_open_p50_ms: p.p50_ms,
+        data_channel_open_p99_ms: p.p99_ms,
+    })
 }

@@ -46,11 +46,14 @@ impl Conditions {
     }
 }
 
+/// A datagram held back by a [`Lane`]: when it is due, in what order it came, where it goes.
+type Held = Reverse<(Instant, u64, SocketAddr, Vec<u8>)>;
+
 /// Datagrams of one direction on their way through a [`Conditions`] link.
 struct Lane {
     conditions: Conditions,
     rng: shared::game::Rng,
-    queue: BinaryHeap<Reverse<(Instant, u64, SocketAddr, Vec<u8>)>>,
+    queue: BinaryHeap<Held>,
     order: u64,
     admitted: u64,
 }
@@ -75,12 +78,16 @@ impl Lane {
         if self.chance() < self.conditions.loss || self.admitted <= u64::from(self.conditions.drop_first) {
             return;
         }
-        let copies = if self.chance() < self.conditions.duplicate { 2 } else { 1 };
-        for _ in 0..copies {
-            let jitter = self.conditions.jitter.mul_f64(self.chance());
-            self.order += 1;
-            self.queue.push(Reverse((now + self.conditions.latency + jitter, self.order, addr, bytes.clone())));
+        if self.chance() < self.conditions.duplicate {
+            self.hold(now, addr, bytes.clone());
         }
+        self.hold(now, addr, bytes);
+    }
+
+    fn hold(&mut self, now: Instant, addr: SocketAddr, bytes: Vec<u8>) {
+        let jitter = self.conditions.jitter.mul_f64(self.chance());
+        self.order += 1;
+        self.queue.push(Reverse((now + self.conditions.latency + jitter, self.order, addr, bytes)));
     }
 
     fn next(&self) -> Option<Instant> {
@@ -97,7 +104,8 @@ impl Lane {
 
 /// An open data channel to a room.
 pub struct DataChannel {
-    rtc: str0m::Rtc,
+    /// Boxed: a peer is ~20 KB, and every future that holds a room would carry it inline.
+    rtc: Box<str0m::Rtc>,
     socket: UdpSocket,
     local: SocketAddr,
     server: SocketAddr,
@@ -126,7 +134,7 @@ impl DataChannel {
         // to 3 s, took ~10 s to get through three lost checks and three lost answers).
         config.set_initial_stun_rto(STUN_RTO);
         config.set_max_stun_rto(STUN_RTO_MAX);
-        let mut rtc = config.build(Instant::now());
+        let mut rtc = Box::new(config.build(Instant::now()));
         let mut change = rtc.sdp_api();
         change.add_channel_with_config(ChannelConfig {
             label: shared::room::DATA_CHANNEL_LABEL.to_owned(),
@@ -282,11 +290,7 @@ impl DataChannel {
                 }
                 Ok(Output::Event(event)) => match event {
                     Event::ChannelOpen(cid, _) => self.channel = Some(cid),
-                    Event::ChannelData(data) => {
-                        if self.frames.len() < INBOX {
-                            self.frames.push_back(data.data);
-                        }
-                    }
+                    Event::ChannelData(data) if self.frames.len() < INBOX => self.frames.push_back(data.data),
                     Event::ChannelClose(_)
                     | Event::Closed
                     | Event::IceConnectionStateChange(IceConnectionState::Disconnected) => self.closed = true,
@@ -294,7 +298,7 @@ impl DataChannel {
                 },
                 Err(_) => {
                     self.closed = true;
-                    self.timeout = now + Duration::from_secs(3600);
+                    self.timeout = now + Duration::from_hours(1);
                     return;
                 }
             }

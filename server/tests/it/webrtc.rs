@@ -393,7 +393,7 @@ async fn a_handshake_that_loses_its_first_datagrams_still_opens_in_time() {
     let took = started.elapsed();
     opened.unwrap_or_else(|e| panic!("not open after {took:?}: {e}"));
     eprintln!("data channel opened in {took:?} after losing the first datagrams, {clean:?} without");
-    assert!(took < Duration::from_millis(2000), "{took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
 }
 
 #[tokio::test]

@@ -518,7 +518,11 @@ pub fn parse_ice_servers(text: &str) -> Result<Vec<shared::hub::IceServer>, Stri
 fn ice_token(bytes: usize) -> String {
     let mut raw = vec![0u8; bytes];
     crate::random::fill(&mut raw);
-    raw.iter().map(|b| format!("{b:02x}")).collect()
+    raw.iter().fold(String::with_capacity(2 * bytes), |mut hex, b| {
+        use std::fmt::Write as _;
+        let _ = write!(hex, "{b:02x}");
+        hex
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -210,7 +210,7 @@ impl Shard {
 
     /// Serves until the transport is dropped (its senders gone).
     pub(super) async fn run(mut self) {
-        let sleep = tokio::time::sleep(Duration::from_secs(3600));
+        let sleep = tokio::time::sleep(Duration::from_hours(1));
         tokio::pin!(sleep);
         let mut armed = None;
         loop {
@@ -259,6 +259,8 @@ impl Shard {
                 Ok(n) => {
                     self.io.stats.recv_calls.fetch_add(1, Relaxed);
                     self.io.stats.datagrams_in.fetch_add(n as u64, Relaxed);
+                    metrics::counter!("rallypoint_webrtc_datagrams_in_total").increment(n as u64);
+                    metrics::counter!("rallypoint_webrtc_recv_calls_total").increment(1);
                     let now = Instant::now();
                     for (source, data) in batch.datagrams() {
                         self.receive(now, source, data, false);
@@ -479,6 +481,8 @@ impl Shard {
         let (sent, calls) = udp::send_all(self.socket.as_raw_fd(), &self.io.out);
         self.io.stats.datagrams_out.fetch_add(sent as u64, Relaxed);
         self.io.stats.send_calls.fetch_add(calls as u64, Relaxed);
+        metrics::counter!("rallypoint_webrtc_datagrams_out_total").increment(sent as u64);
+        metrics::counter!("rallypoint_webrtc_send_calls_total").increment(calls as u64);
         self.io.out.clear();
     }
 }
