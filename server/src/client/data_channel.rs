@@ -211,7 +211,7 @@ impl DataChannel {
     /// Sends `bytes` to the server as one datagram from this peer's own address, outside the
     /// peer connection (tests use it for bad input).
     pub fn send_datagram(&self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.socket.try_send_to(bytes, self.server)
+        socket2::SockRef::from(&self.socket).send_to(bytes, &self.server.into())
     }
 
     /// A message received and not yet taken.
@@ -256,7 +256,7 @@ impl DataChannel {
 
     fn tick(&mut self, now: Instant) {
         while let Some((addr, bytes)) = self.lanes.as_mut().and_then(|l| l.0.due(now)) {
-            let _ = self.socket.try_send_to(&bytes, addr);
+            send_to(&self.socket, &bytes, addr);
         }
         while let Some((source, bytes)) = self.lanes.as_mut().and_then(|l| l.1.due(now)) {
             self.input(now, source, &bytes);
@@ -281,8 +281,7 @@ impl DataChannel {
             match self.rtc.poll_output() {
                 Ok(Output::Transmit(t)) => match &mut self.lanes {
                     Some(lanes) => lanes.0.admit(now, t.destination, t.contents.into()),
-                    // A full socket buffer drops the datagram, as the network would.
-                    None => drop(self.socket.try_send_to(&t.contents, t.destination)),
+                    None => send_to(&self.socket, &t.contents, t.destination),
                 },
                 Ok(Output::Timeout(at)) => {
                     self.timeout = at;
@@ -304,6 +303,14 @@ impl DataChannel {
             }
         }
     }
+}
+
+/// Sends one datagram now. Not tokio's `try_send_to`: on a socket whose writability the reactor
+/// has not reported yet (a new one) it refuses without trying, which lost every first ICE check
+/// and cost each handshake one retransmission timeout. A full socket buffer drops the datagram,
+/// as the network would.
+fn send_to(socket: &UdpSocket, bytes: &[u8], to: SocketAddr) {
+    let _ = socket2::SockRef::from(socket).send_to(bytes, &to.into());
 }
 
 /// The local address the system would send to `server` from (no packet is sent).
