@@ -197,8 +197,8 @@ impl ServerProcess {
         tasks.sort_by_key(std::fs::DirEntry::file_name);
         for task in tasks {
             let stat = std::fs::read_to_string(task.path().join("stat"))?;
-            // Linux truncates thread names to 15 bytes: "tokio-runtime-w".
-            if stat.contains("(tokio-runtime-w") {
+            // Tokio names its workers "tokio-rt-worker" ("tokio-runtime-worker", cut to 15 bytes, before).
+            if stat.contains("(tokio-rt-worker") || stat.contains("(tokio-runtime-w") {
                 workers.push(cpu_of_stat(&stat)?);
             }
         }

@@ -129,7 +129,7 @@ impl DataChannel {
     /// the peer to it) and waits at most `limit` for the channel to open.
     pub async fn open(hub: &mut Hub, room: &str, limit: Duration, conditions: Conditions) -> Result<Self, ClientError> {
         let rtc_error = |e: &dyn std::fmt::Display| ClientError::WebRtc(e.to_string());
-        let mut config = str0m::RtcConfig::new().set_crypto_provider(crypto());
+        let mut config = str0m::RtcConfig::new().clear_codecs().clear_extension_map().set_crypto_provider(crypto());
         // As a browser does: a lost check is tried again soon (str0m's defaults, 250 ms doubling
         // to 3 s, took ~10 s to get through three lost checks and three lost answers).
         config.set_initial_stun_rto(STUN_RTO);

@@ -295,7 +295,10 @@ impl Rtc {
         let offer = SdpOffer::from_sdp_string(sdp).map_err(|_| RtcError::BadOffer)?;
         let creds = IceCreds { ufrag: ice_token(8), pass: ice_token(16) };
         let now = std::time::Instant::now();
+        // No media: no codecs or RTP header extensions to keep per peer.
         let mut rtc = str0m::RtcConfig::new()
+            .clear_codecs()
+            .clear_extension_map()
             .set_ice_lite(true)
             .set_crypto_provider(Arc::clone(&self.0.crypto))
             .set_dtls_cert(self.0.cert.clone())
