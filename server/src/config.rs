@@ -242,6 +242,8 @@ pub enum ConfigError {
     IceServers(String),
     #[error("--max-peers must be at least 1")]
     MaxPeers,
+    #[error("--webrtc-loops must be at most {MAX_WEBRTC_LOOPS} (0: one per core)")]
+    WebrtcLoops,
 }
 
 impl Config {
@@ -280,6 +282,9 @@ impl Config {
             .map_err(ConfigError::IceServers)?;
         if args.max_peers == 0 {
             return Err(ConfigError::MaxPeers);
+        }
+        if args.webrtc_loops > MAX_WEBRTC_LOOPS {
+            return Err(ConfigError::WebrtcLoops);
         }
         Ok(Self {
             database_url: args.database_url.clone(),
@@ -326,6 +331,9 @@ impl Config {
         }
     }
 }
+
+/// More loops than this would be a typo: each is a socket and a task.
+pub const MAX_WEBRTC_LOOPS: usize = 256;
 
 /// The file that proves a folder holds the built client.
 pub const CLIENT_JS: &str = "rallypoint-client.js";

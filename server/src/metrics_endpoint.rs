@@ -33,6 +33,13 @@ fn handle() -> Option<PrometheusHandle> {
                     &ms(&[1.0, 5.0, 10.0, 20.0, 30.0, 32.0, 33.4, 34.4, 36.0, 40.0, 50.0, 70.0, 100.0, 200.0]),
                 )
                 .ok()?
+                .set_buckets_for_metric(
+                    Matcher::Full("rallypoint_webrtc_open_seconds".into()),
+                    &ms(&[
+                        2.0, 5.0, 10.0, 20.0, 30.0, 40.0, 60.0, 80.0, 100.0, 150.0, 200.0, 300.0, 500.0, 1000.0, 3000.0,
+                    ]),
+                )
+                .ok()?
                 .install_recorder()
                 .ok()?;
             let upkeep = handle.clone();

@@ -320,10 +320,10 @@ async fn reference_clock(pinned: bool, seconds: u64) -> Result<super::Percentile
 }
 
 /// Prometheus text, as scraped.
-struct Scrape(String);
+pub(super) struct Scrape(String);
 
 impl Scrape {
-    async fn take(url: &str) -> Result<Self> {
+    pub(super) async fn take(url: &str) -> Result<Self> {
         Ok(Self(reqwest::get(url).await?.error_for_status()?.text().await.context("metrics")?))
     }
 
@@ -355,7 +355,7 @@ impl Scrape {
 
     /// The `q` quantile of what was recorded between `earlier` and this scrape, interpolated
     /// within its bucket.
-    fn quantile_since(&self, earlier: &Self, name: &str, q: f64) -> f64 {
+    pub(super) fn quantile_since(&self, earlier: &Self, name: &str, q: f64) -> f64 {
         let before = earlier.buckets(name);
         let diff: Vec<(f64, f64)> = self
             .buckets(name)

@@ -15,7 +15,7 @@ use anyhow::Result;
 use clap::Args;
 use serde::Serialize;
 
-use super::rooms::{Timing, Window, measure, start_bots, wait_until_playing};
+use super::rooms::{Scrape, Timing, Window, measure, start_bots, wait_until_playing};
 use super::{Percentiles, ServerProcess, write_json};
 use crate::bots::{Live, Tally, Transport};
 
@@ -49,6 +49,9 @@ struct Report {
     /// join in between (as in the browser).
     data_channel_open_p50_ms: f64,
     data_channel_open_p99_ms: f64,
+    /// The server's own view: from answering the offer to the channel's opening.
+    server_open_p50_ms: f64,
+    server_open_p99_ms: f64,
     server_rss_after_websocket_rooms_kib: u64,
     server_rss_with_webrtc_rooms_kib: u64,
     /// The growth from the WebSocket phase (same rooms, same players, connections closed and
@@ -73,7 +76,11 @@ struct Storm {
     data_channels_opened: usize,
     data_channel_open_p50_ms: f64,
     data_channel_open_p99_ms: f64,
+    server_open_p50_ms: f64,
+    server_open_p99_ms: f64,
 }
+
+const OPEN_SECONDS: &str = "rallypoint_webrtc_open_seconds";
 
 /// Bots started together, and how to stop them and collect their tallies.
 struct Crowd {
@@ -136,8 +143,14 @@ pub async fn run(args: WebrtcArgs) -> Result<()> {
     let (load_tokens, storm_tokens) = rest.split_at(load);
     for (transport, tokens) in [(Transport::Ws, ws_tokens), (Transport::Webrtc, rtc_tokens)] {
         eprintln!("{transport:?}: {players} bots in {} rooms of {per_room}…", args.rooms);
+        let before = Scrape::take(&metrics_url).await?;
         let crowd = Crowd::start(&server, tokens, transport).await;
         wait_until_playing(&crowd.live, players).await?;
+        if transport == Transport::Webrtc {
+            let after = Scrape::take(&metrics_url).await?;
+            report.server_open_p50_ms = after.quantile_since(&before, OPEN_SECONDS, 0.5) * 1000.0;
+            report.server_open_p99_ms = after.quantile_since(&before, OPEN_SECONDS, 0.99) * 1000.0;
+        }
         tokio::time::sleep(Duration::from_secs(args.timing.warmup)).await;
         let window = measure(&server, &metrics_url, &crowd.live, players, args.timing.window, async {}).await?;
         eprintln!("{transport:?}: {}", serde_json::to_string(&window)?);
@@ -168,7 +181,7 @@ pub async fn run(args: WebrtcArgs) -> Result<()> {
     report.webrtc_cpu_over_websocket =
         report.webrtc.cpu_per_room_tick_ms / report.websocket.cpu_per_room_tick_ms.max(1e-9);
     if storm > 0 {
-        report.storm = open_storm(&server, load_tokens, storm_tokens, &mut report.errors).await?;
+        report.storm = open_storm(&server, &metrics_url, load_tokens, storm_tokens, &mut report.errors).await?;
     }
     server.stop()?;
     report.errors.truncate(5);
@@ -185,6 +198,7 @@ fn count_errors(report: &mut Report, tally: &Tally) {
 /// its data channel as soon as it has its seat.
 async fn open_storm(
     server: &ServerProcess,
+    metrics_url: &str,
     load_tokens: &[String],
     storm_tokens: &[String],
     errors: &mut Vec<String>,
@@ -201,8 +215,10 @@ async fn open_storm(
         share * 100.0,
         storm_tokens.len()
     );
+    let before = Scrape::take(metrics_url).await?;
     let storm = Crowd::start(server, storm_tokens, Transport::Webrtc).await;
     wait_until_playing(&storm.live, storm_tokens.len()).await?;
+    let after = Scrape::take(metrics_url).await?;
     let mut opens = Vec::new();
     for tally in storm.leave().await {
         errors.extend(tally.errors.iter().take(3).cloned());
@@ -217,5 +233,7 @@ async fn open_storm(
         data_channels_opened: opened,
         data_channel_open_p50_ms: p.p50_ms,
         data_channel_open_p99_ms: p.p99_ms,
+        server_open_p50_ms: after.quantile_since(&before, OPEN_SECONDS, 0.5) * 1000.0,
+        server_open_p99_ms: after.quantile_since(&before, OPEN_SECONDS, 0.99) * 1000.0,
     })
 }
