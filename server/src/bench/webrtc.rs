@@ -55,7 +55,8 @@ struct Report {
     server_rss_after_websocket_rooms_kib: u64,
     server_rss_with_webrtc_rooms_kib: u64,
     /// The growth from the WebSocket phase (same rooms, same players, connections closed and
-    /// memory kept by the allocator) to the WebRTC phase, per peer connection.
+    /// memory kept by the allocator) to the WebRTC phase, per peer connection; one WebRTC room
+    /// has played before both, so one-time costs are not counted.
     server_memory_per_peer_kib: f64,
     websocket: Window,
     webrtc: Window,
@@ -114,7 +115,7 @@ pub async fn run(args: WebrtcArgs) -> Result<()> {
     let per_room = args.timing.players;
     let players = args.rooms * per_room;
     let (storm, load) = (args.storm_rooms * per_room, args.load_rooms * per_room);
-    let users = 2 * players + storm + load;
+    let users = 2 * players + storm + load + per_room;
     eprintln!("seeding {users} users…");
     let (dir, url) = ServerProcess::prepare()?;
     let tokens = {
@@ -140,7 +141,16 @@ pub async fn run(args: WebrtcArgs) -> Result<()> {
     let mut opens = Vec::new();
     let (ws_tokens, rest) = tokens.split_at(players);
     let (rtc_tokens, rest) = rest.split_at(players);
-    let (load_tokens, storm_tokens) = rest.split_at(load);
+    let (load_tokens, rest) = rest.split_at(load);
+    let (storm_tokens, warmup_tokens) = rest.split_at(storm);
+    // One WebRTC room plays briefly first, so that what the first peers cost once (crypto
+    // tables, the loops' maps and buffers) is not counted per peer below.
+    eprintln!("warm-up: one WebRTC room…");
+    let warmup = Crowd::start(&server, warmup_tokens, Transport::Webrtc).await;
+    wait_until_playing(&warmup.live, per_room).await?;
+    for tally in warmup.leave().await {
+        count_errors(&mut report, &tally);
+    }
     for (transport, tokens) in [(Transport::Ws, ws_tokens), (Transport::Webrtc, rtc_tokens)] {
         eprintln!("{transport:?}: {players} bots in {} rooms of {per_room}…", args.rooms);
         let before = Scrape::take(&metrics_url).await?;
