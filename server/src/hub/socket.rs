@@ -161,6 +161,7 @@ impl<'a> Connection<'a> {
             Ok(ClientMsg::Hello { .. }) => self.reply_error(ErrorCode::Unexpected, "Already said hello.").await,
             Ok(ClientMsg::Ping { id }) => self.reply(ServerMsg::Pong { id }).await,
             Ok(ClientMsg::Chat { text }) => {
+                let text = visible_chat(&text);
                 let text = text.trim();
                 let chars = text.chars().count();
                 if chars == 0 || chars > MAX_CHAT_CHARS {
@@ -247,9 +248,37 @@ impl<'a> Connection<'a> {
 }
 
 /// A read error: an oversized message gets close code 1009; anything else just ends.
+/// Chat text without what can hide or disguise it: control characters (a tab or line break
+/// becomes a space), bidirectional overrides and isolates (which reverse how the rest of a line
+/// reads), and zero-width characters.
+fn visible_chat(text: &str) -> String {
+    text.chars()
+        .filter_map(|c| match c {
+            '\t' | '\n' | '\r' => Some(' '),
+            '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}' => None,
+            c if c.is_control() => None,
+            c => Some(c),
+        })
+        .collect()
+}
+
 fn transport_error(e: axum::Error) -> End {
     match ws::read_error_code(e) {
         Some(code) => End::Close(code, "message too big"),
         None => End::Gone,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::visible_chat;
+
+    #[test]
+    fn chat_loses_controls_overrides_and_zero_width_characters() {
+        assert_eq!(visible_chat("gg\u{202E}txt.exe"), "ggtxt.exe");
+        assert_eq!(visible_chat("a\u{200B}b\u{FEFF}c\u{2066}d\u{2069}"), "abcd");
+        assert_eq!(visible_chat("bell\u{7}\u{1b}[31mred"), "bell[31mred");
+        assert_eq!(visible_chat("two\nlines\tand tab"), "two lines and tab");
+        assert_eq!(visible_chat("héllo 👋 مرحبا"), "héllo 👋 مرحبا", "letters and emoji of any script stay");
     }
 }

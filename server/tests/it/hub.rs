@@ -98,6 +98,23 @@ async fn chat_reaches_every_tab_as_plain_text() {
     }
 }
 
+#[tokio::test]
+async fn chat_loses_invisible_and_reordering_characters() {
+    let server = TestServer::start().await;
+    let mut a = server.user("mallory").await.hub().await.unwrap();
+    a.send(&ClientMsg::Chat { text: "free\u{202E}gpj.exe\u{200B} \u{7}now".into() }).await.unwrap();
+    assert_eq!(next_chat(&mut a).await.text, "freegpj.exe now");
+    // Nothing visible left: refused as empty.
+    a.send(&ClientMsg::Chat { text: "\u{200B}\u{202E}\u{1b}".into() }).await.unwrap();
+    let refused = a
+        .recv_until(Duration::from_secs(10), |m| match m {
+            ServerMsg::Error { code: ErrorCode::ChatLength, .. } => Some(()),
+            _ => None,
+        })
+        .await;
+    assert!(refused.is_ok());
+}
+
 async fn next_chat(hub: &mut Hub) -> shared::hub::ChatLine {
     hub.recv_until(WAIT, |m| match m {
         ServerMsg::Chat(line) => Some(line),
