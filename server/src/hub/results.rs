@@ -59,8 +59,11 @@ pub async fn record(
     .bind(unix_now())
     .fetch_one(&mut *tx)
     .await?;
+    let firsts: usize = outcome.ranks.iter().map(|&r| usize::from(r == 1)).sum();
     for (seat, p) in players.iter().enumerate() {
         let rank = outcome.ranks.get(seat).copied().unwrap_or(u8::MAX);
+        // First alone is a win; first with others is a draw.
+        let (won, drew) = (rank == 1 && firsts == 1, rank == 1 && firsts > 1);
         sqlx::query(
             "INSERT INTO match_players (match_id, user_id, seat, rank, score, rating_before, rating_after)
              VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -75,17 +78,19 @@ pub async fn record(
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "INSERT INTO ratings (user_id, mode, rating, deviation, volatility, matches, wins)
-             VALUES (?, ?, ?, ?, ?, 1, ?)
+            "INSERT INTO ratings (user_id, mode, rating, deviation, volatility, matches, wins, draws)
+             VALUES (?, ?, ?, ?, ?, 1, ?, ?)
              ON CONFLICT (user_id, mode) DO UPDATE SET rating = excluded.rating, deviation = excluded.deviation,
-               volatility = excluded.volatility, matches = matches + 1, wins = wins + excluded.wins",
+               volatility = excluded.volatility, matches = matches + 1, wins = wins + excluded.wins,
+               draws = draws + excluded.draws",
         )
         .bind(p.user_id)
         .bind(mode)
         .bind(after[seat].rating)
         .bind(after[seat].deviation)
         .bind(after[seat].volatility)
-        .bind(i64::from(rank == 1))
+        .bind(i64::from(won))
+        .bind(i64::from(drew))
         .execute(&mut *tx)
         .await?;
     }
@@ -146,6 +151,8 @@ pub struct HistoryRow {
     pub rating_before: f64,
     pub rating_after: f64,
     pub players: i64,
+    /// Players who shared this place (1: nobody else).
+    pub tied: i64,
     pub opponents: Option<String>,
 }
 
@@ -156,6 +163,7 @@ pub async fn history(db: &Db, user_id: i64, page: u32, per_page: u32) -> Result<
         "SELECT m.id AS match_id, m.mode, m.end_reason, m.ended_at, mp.rank, mp.score, mp.rating_before,
                 mp.rating_after,
                 (SELECT COUNT(*) FROM match_players x WHERE x.match_id = m.id) AS players,
+                (SELECT COUNT(*) FROM match_players x WHERE x.match_id = m.id AND x.rank = mp.rank) AS tied,
                 (SELECT group_concat(u.username, ', ') FROM match_players x JOIN users u ON u.id = x.user_id
                   WHERE x.match_id = m.id AND x.user_id != mp.user_id) AS opponents
          FROM match_players mp JOIN matches m ON m.id = mp.match_id
@@ -178,12 +186,13 @@ pub struct Standing {
     pub deviation: f64,
     pub matches: i64,
     pub wins: i64,
+    pub draws: i64,
 }
 
 /// A user's ratings in every mode they have played.
 pub async fn standings_of(db: &Db, user_id: i64) -> Result<Vec<Standing>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT r.user_id, u.username, r.mode, r.rating, r.deviation, r.matches, r.wins
+        "SELECT r.user_id, u.username, r.mode, r.rating, r.deviation, r.matches, r.wins, r.draws
          FROM ratings r JOIN users u ON u.id = r.user_id WHERE r.user_id = ? ORDER BY r.mode",
     )
     .bind(user_id)
@@ -194,7 +203,7 @@ pub async fn standings_of(db: &Db, user_id: i64) -> Result<Vec<Standing>, sqlx::
 /// A page of a mode's leaderboard, best first (`per_page + 1` rows, see [`history`]).
 pub async fn leaderboard(db: &Db, mode: &str, page: u32, per_page: u32) -> Result<Vec<Standing>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT r.user_id, u.username, r.mode, r.rating, r.deviation, r.matches, r.wins
+        "SELECT r.user_id, u.username, r.mode, r.rating, r.deviation, r.matches, r.wins, r.draws
          FROM ratings r JOIN users u ON u.id = r.user_id WHERE r.mode = ?
          ORDER BY r.rating DESC, r.matches DESC, u.username LIMIT ? OFFSET ?",
     )

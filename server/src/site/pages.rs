@@ -102,6 +102,7 @@ pub struct StandingLine {
     pub deviation: i64,
     pub matches: i64,
     pub wins: i64,
+    pub draws: i64,
 }
 
 impl StandingLine {
@@ -114,6 +115,7 @@ impl StandingLine {
             deviation: s.deviation.round() as i64,
             matches: s.matches,
             wins: s.wins,
+            draws: s.draws,
         }
     }
 }
@@ -144,12 +146,16 @@ impl ProfilePage {
                 HistoryLine {
                     when: datetime(h.ended_at),
                     mode: mode_title(modes, &h.mode),
-                    place: format!("{} of {}", ordinal(h.rank), h.players),
+                    place: if h.tied > 1 {
+                        format!("{} of {} (tied with {})", ordinal(h.rank), h.players, h.tied - 1)
+                    } else {
+                        format!("{} of {}", ordinal(h.rank), h.players)
+                    },
                     score: h.score,
                     against: h.opponents.clone().unwrap_or_default(),
                     rating: format!("{}", h.rating_after.round() as i64),
                     change: if delta >= 0 { format!("+{delta}") } else { delta.to_string() },
-                    won: h.rank == 1,
+                    won: h.rank == 1 && h.tied == 1,
                 }
             })
             .collect();

@@ -319,3 +319,40 @@ async fn healthz_reports_the_database() {
     let response = reqwest::get(format!("{}/healthz", server.base)).await.unwrap();
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
 }
+
+#[tokio::test]
+async fn a_tie_for_first_is_a_draw_on_the_leaderboard_and_in_the_history() {
+    use rallypoint_server::hub::results;
+    use rallypoint_server::rooms::{RoomId, Seated};
+    use shared::game::{EndReason, Outcome};
+    let server = TestServer::start().await;
+    let client = server.user("tie_a").await;
+    server.user("tie_b").await;
+    server.user("tie_c").await;
+    let accounts = &server.running.app.accounts;
+    let mut players = Vec::new();
+    for name in ["tie_a", "tie_b", "tie_c"] {
+        let user = accounts.user_by_name(name).await.unwrap().unwrap();
+        players.push(Seated { user_id: user.id, name: user.name });
+    }
+    let db = &server.running.app.db;
+    let room = RoomId { slot: 0, number: 1 };
+    let drawn = Outcome { ranks: vec![1, 1], scores: vec![3, 3], reason: EndReason::TimeLimit, ticks: 900 };
+    results::record(db, room, "duel", &players[..2], &drawn).await.unwrap();
+    let won = Outcome { ranks: vec![1, 2], scores: vec![5, 1], reason: EndReason::ScoreLimit, ticks: 600 };
+    results::record(db, room, "duel", &[players[0].clone(), players[2].clone()], &won).await.unwrap();
+    let standing = |name: &'static str| async move {
+        let user = accounts.user_by_name(name).await.unwrap().unwrap();
+        let rows = results::standings_of(db, user.id).await.unwrap();
+        (rows[0].matches, rows[0].wins, rows[0].draws)
+    };
+    assert_eq!(standing("tie_a").await, (2, 1, 1));
+    assert_eq!(standing("tie_b").await, (1, 0, 1), "a draw is not a win");
+    assert_eq!(standing("tie_c").await, (1, 0, 0));
+    let board = client.http().get(format!("{}/leaderboard?mode=duel", server.base)).send().await.unwrap();
+    assert!(board.text().await.unwrap().contains("<th>Draws</th>"));
+    let profile = client.http().get(format!("{}/u/tie_b", server.base)).send().await.unwrap();
+    let page = profile.text().await.unwrap();
+    assert!(page.contains("1st of 2 (tied with 1)"), "{page}");
+    assert!(!page.contains("class=\"won\""), "a draw is not shown as won");
+}
