@@ -247,7 +247,6 @@ impl<'a> Connection<'a> {
     }
 }
 
-/// A read error: an oversized message gets close code 1009; anything else just ends.
 /// Chat text without what can hide or disguise it: control characters (a tab or line break
 /// becomes a space), bidirectional overrides and isolates (which reverse how the rest of a line
 /// reads), and zero-width characters.
@@ -262,6 +261,7 @@ fn visible_chat(text: &str) -> String {
         .collect()
 }
 
+/// A read error: an oversized message gets close code 1009; anything else just ends.
 fn transport_error(e: axum::Error) -> End {
     match ws::read_error_code(e) {
         Some(code) => End::Close(code, "message too big"),

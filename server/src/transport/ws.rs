@@ -65,7 +65,7 @@ pub async fn serve(mut socket: WebSocket, rooms: Rooms, rtc: Rtc, session: Sessi
         Err(e) => return close_with(socket, e.close_code(), &e.to_string()).await,
     };
     let (link, mut to_client) = Link::new();
-    let (link_id, route) = (link.id, std::sync::Arc::clone(&link.route));
+    let (link_id, route) = (link.id, Arc::clone(&link.route));
     let room = match rooms.claim(ticket, link).await {
         Ok(room) => room,
         Err(e) => return close_with(socket, e.close_code(), &e.to_string()).await,
