@@ -12,7 +12,7 @@ use shared::predict::Predictor;
 use shared::room::{MAX_INPUTS_PER_MESSAGE, ToRoom, close};
 use tokio::time::Instant;
 
-use crate::client::{Client, ClientError, FromRoom, Hub, Room};
+use crate::client::{Client, ClientError, Conditions, FromRoom, Hub, Room};
 
 #[derive(Debug, Clone, Args)]
 pub struct BotsArgs {
@@ -41,6 +41,64 @@ pub struct BotsArgs {
     /// The bots' password (their accounts are created with it).
     #[arg(long, env = "RALLYPOINT_BOTS_PASSWORD", default_value = "rallypoint bot password", hide_env_values = true)]
     pub password: String,
+    #[command(flatten)]
+    pub network: NetworkArgs,
+}
+
+/// A bad network to play through: applied to the WebRTC data channel's datagrams, both ways,
+/// seeded (each bot its own sequence).
+#[derive(Debug, Clone, Default, Args)]
+pub struct NetworkArgs {
+    /// Added delay each way, in milliseconds.
+    #[arg(long, env = "RALLYPOINT_BOTS_LATENCY_MS", default_value_t = 0, value_name = "MS",
+          value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub latency_ms: u32,
+    /// Random extra delay each way, up to this many milliseconds (it reorders datagrams).
+    #[arg(long, env = "RALLYPOINT_BOTS_JITTER_MS", default_value_t = 0, value_name = "MS",
+          value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub jitter_ms: u32,
+    /// Share of datagrams lost each way, from 0 to 1.
+    #[arg(long, env = "RALLYPOINT_BOTS_LOSS", default_value_t = 0.0, value_name = "P", value_parser = parse_share)]
+    pub loss: f64,
+    /// Seed of the losses and delays.
+    #[arg(long, env = "RALLYPOINT_BOTS_SEED", default_value_t = 1)]
+    pub seed: u64,
+}
+
+impl NetworkArgs {
+    /// The conditions for bot number `bot`.
+    pub fn conditions(&self, bot: u64) -> Conditions {
+        Conditions {
+            latency: Duration::from_millis(u64::from(self.latency_ms)),
+            jitter: Duration::from_millis(u64::from(self.jitter_ms)),
+            loss: self.loss,
+            seed: self.seed ^ bot.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            ..Conditions::default()
+        }
+    }
+
+    fn is_perfect(&self) -> bool {
+        self.latency_ms == 0 && self.jitter_ms == 0 && self.loss == 0.0
+    }
+}
+
+fn parse_share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!("{text:?} is not a share from 0 to 1 (0.05 is 5%)")),
+    }
+}
+
+impl BotsArgs {
+    /// Refuses combinations that cannot work, with a sentence saying why.
+    pub fn check(&self) -> Result<(), String> {
+        if self.transport == Transport::Ws && !self.network.is_perfect() {
+            return Err("--latency-ms, --jitter-ms and --loss act on the WebRTC data channel; \
+                        use them with --transport webrtc"
+                .into());
+        }
+        Ok(())
+    }
 }
 
 /// What carries a bot's in-room traffic.
@@ -103,7 +161,10 @@ pub async fn run(args: &BotsArgs) -> BotReport {
             let mut tally = Tally::default();
             let name = format!("{}{i}", args.name_prefix);
             match sign_in(&args.server, &name, &args.password).await {
-                Ok(client) => play(&client, &args.mode, args.transport, deadline, i as u64, &mut tally).await,
+                Ok(client) => {
+                    let conditions = args.network.conditions(i as u64);
+                    play(&client, &args.mode, args.transport, conditions, deadline, i as u64, &mut tally).await;
+                }
                 Err(e) => tally.error(format!("{name}: {e}")),
             }
             tally
@@ -146,7 +207,15 @@ async fn sign_in(server: &str, name: &str, password: &str) -> Result<Client, Cli
 }
 
 /// Queues and plays matches until the deadline.
-pub async fn play(client: &Client, mode: &str, transport: Transport, deadline: Instant, seed: u64, tally: &mut Tally) {
+pub async fn play(
+    client: &Client,
+    mode: &str,
+    transport: Transport,
+    conditions: Conditions,
+    deadline: Instant,
+    seed: u64,
+    tally: &mut Tally,
+) {
     let mut hub = match client.hub().await {
         Ok(hub) => hub,
         Err(e) => return tally.error(format!("hub: {e}")),
@@ -163,7 +232,7 @@ pub async fn play(client: &Client, mode: &str, transport: Transport, deadline: I
         };
         if transport == Transport::Webrtc {
             let limit = Duration::from_millis(u64::from(shared::room::DATA_CHANNEL_OPEN_TIMEOUT_MS));
-            match room.open_data_channel(&mut hub, &room_name, limit).await {
+            match room.open_data_channel_through(&mut hub, &room_name, limit, conditions).await {
                 Ok(()) => tally.data_channels.push(found.elapsed()),
                 // Counted as an error, and the match is played over the WebSocket.
                 Err(e) => tally.error(format!("webrtc: {e}")),

@@ -40,6 +40,7 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
 
 /// Runs the bots and prints their report; any protocol error makes the exit status non-zero.
 fn bots(args: &rallypoint_server::bots::BotsArgs) -> anyhow::Result<()> {
+    args.check().map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let report = runtime.block_on(rallypoint_server::bots::run(args));
     if args.json {

@@ -80,6 +80,9 @@ fn bad_flags_and_values_are_refused() {
         (&["serve", "--max-peers", "0"][..], "--max-peers"),
         (&["serve", "--webrtc-loops", "100000"][..], "--webrtc-loops"),
         (&["serve", "--webrtc-loops", "many"][..], "--webrtc-loops"),
+        (&["bots", "--loss", "2"][..], "--loss"),
+        (&["bots", "--latency-ms", "100000"][..], "--latency-ms"),
+        (&["bots", "--transport", "ws", "--latency-ms", "50"][..], "--latency-ms"),
     ] {
         let output = rallypoint(args, dir.path());
         assert!(!output.status.success(), "{args:?}");

@@ -446,6 +446,7 @@ async fn bots_sign_up_queue_play_and_report() {
         name_prefix: "robo".into(),
         transport: rallypoint_server::bots::Transport::Ws,
         password: "robot password".into(),
+        network: rallypoint_server::bots::NetworkArgs::default(),
     };
     let report = rallypoint_server::bots::run(&args).await;
     assert_eq!(report.protocol_errors, 0, "{:?}", report.errors);

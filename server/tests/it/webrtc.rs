@@ -131,6 +131,7 @@ async fn bots_play_full_matches_over_webrtc() {
         name_prefix: "rtcbot".into(),
         transport: Transport::Webrtc,
         password: "robot password".into(),
+        network: rallypoint_server::bots::NetworkArgs::default(),
     };
     let report = rallypoint_server::bots::run(&args).await;
     assert_eq!(report.protocol_errors, 0, "{:?}", report.errors);
@@ -140,6 +141,28 @@ async fn bots_play_full_matches_over_webrtc() {
     assert!(report.snapshots_received > 100, "{report:?}");
     let rtc = server.running.app.hub.rtc().stats();
     wait_for("every peer to be freed", || rtc.peers.load(Relaxed) == 0).await;
+}
+
+#[tokio::test]
+async fn bots_play_through_a_slow_network_both_ways() {
+    let server = TestServer::start_with(|c| c.rooms.time_limit_secs = Some(2)).await;
+    let network = rallypoint_server::bots::NetworkArgs { latency_ms: 40, jitter_ms: 10, loss: 0.0, seed: 9 };
+    let args = BotsArgs {
+        server: server.base.clone(),
+        count: 2,
+        duration: 6,
+        mode: "duel".into(),
+        json: true,
+        name_prefix: "slowbot".into(),
+        transport: Transport::Webrtc,
+        password: "robot password".into(),
+        network,
+    };
+    let report = rallypoint_server::bots::run(&args).await;
+    assert_eq!(report.protocol_errors, 0, "{:?}", report.errors);
+    assert!(report.matches_completed >= 2 && report.data_channels_opened >= 2, "{report:?}");
+    // 40 ms each way: the data channel's ping takes at least 80 ms there and back.
+    assert!(report.rtt_p50_ms >= 80.0 && report.rtt_p50_ms < 150.0, "{report:?}");
 }
 
 #[tokio::test]
