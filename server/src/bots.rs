@@ -299,9 +299,13 @@ pub async fn play_match_counted(
     let mut pinger = tokio::time::interval(Duration::from_secs(1));
     let mut ping: Option<(u32, Instant)> = None;
     let mut latest: Option<(u32, ArenaView)> = None;
+    // Cleared when a send fails: the server may have ended the match and closed the socket
+    // with the result still unread, so read on, and let what comes decide (the result, or a
+    // lost connection).
+    let mut sending = true;
     let end = loop {
         tokio::select! {
-            _ = ticker.tick(), if latest.is_some() => {
+            _ = ticker.tick(), if latest.is_some() && sending => {
                 if Instant::now() >= deadline || live.is_some_and(|l| l.leave.load(Relaxed)) {
                     let _ = room.send(&ToRoom::Leave).await;
                     break None;
@@ -311,7 +315,8 @@ pub async fn play_match_counted(
                 predictor.input(brain.decide(own.map(|b| (b.x, b.y)), view));
                 let (first_seq, inputs) = predictor.to_send(MAX_INPUTS_PER_MESSAGE);
                 if room.send(&ToRoom::Inputs { first_seq, tick: *tick, inputs }).await.is_err() {
-                    break Some(ClientError::Closed { code: 1006, reason: "connection lost".into() });
+                    sending = false;
+                    continue;
                 }
                 tally.inputs += 1;
             }

@@ -25,10 +25,22 @@ pub async fn write(socket: &mut WebSocket, frame: Message, limit: Duration) -> b
     matches!(timeout(limit, socket.send(frame)).await, Ok(Ok(())))
 }
 
-/// Sends a close frame (waiting at most a second) and lets the socket go.
+/// Sends a close frame, reads until the client answers it (or goes), then lets the socket go;
+/// a second at most. Dropping the socket right after the frame would meet the frames the client
+/// was still sending with a reset, which can discard what we sent last (the match's result)
+/// before the client reads it.
 pub async fn close_with(mut socket: WebSocket, code: u16, reason: &str) {
     let frame = Message::Close(Some(CloseFrame { code, reason: reason.into() }));
-    let _ = timeout(Duration::from_secs(1), socket.send(frame)).await;
+    let _ = timeout(Duration::from_secs(1), async {
+        if socket.send(frame).await.is_ok() {
+            while let Some(Ok(message)) = socket.recv().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
 }
 
 /// A read error: `Some(1009)` for an oversized message (which deserves a close frame), `None`
