@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use rallypoint_server::bots::{BotsArgs, Transport};
+use rallypoint_server::bots::{BotReport, BotsArgs, NetworkArgs, Transport};
 use rallypoint_server::client::{Client, Conditions, FromRoom, Hub, Room};
 use rallypoint_server::config::Config;
 use shared::arena::{Arena, ArenaInput};
@@ -114,6 +114,22 @@ async fn a_match_is_played_over_the_data_channel_and_snapshots_arrive_on_it() {
     wait_for("every peer to be freed", || rtc.peers.load(Relaxed) == 0).await;
 }
 
+/// Two bots playing duels over WebRTC for six seconds through `network`.
+async fn two_webrtc_bots(server: &TestServer, name_prefix: &str, network: NetworkArgs) -> BotReport {
+    let args = BotsArgs {
+        server: server.base.clone(),
+        count: 2,
+        duration: 6,
+        mode: "duel".into(),
+        json: true,
+        name_prefix: name_prefix.into(),
+        transport: Transport::Webrtc,
+        password: "robot password".into(),
+        network,
+    };
+    rallypoint_server::bots::run(&args).await
+}
+
 #[tokio::test]
 async fn bots_play_full_matches_over_webrtc() {
     // Two loops: peers are adopted by whichever loop the kernel hands their first check to.
@@ -122,18 +138,7 @@ async fn bots_play_full_matches_over_webrtc() {
         c.webrtc.shards = 2;
     })
     .await;
-    let args = BotsArgs {
-        server: server.base.clone(),
-        count: 2,
-        duration: 6,
-        mode: "duel".into(),
-        json: true,
-        name_prefix: "rtcbot".into(),
-        transport: Transport::Webrtc,
-        password: "robot password".into(),
-        network: rallypoint_server::bots::NetworkArgs::default(),
-    };
-    let report = rallypoint_server::bots::run(&args).await;
+    let report = two_webrtc_bots(&server, "rtcbot", NetworkArgs::default()).await;
     assert_eq!(report.protocol_errors, 0, "{:?}", report.errors);
     assert!(report.matches_completed >= 2, "{report:?}");
     // Every match on a data channel (the last one, cut by the deadline, is not completed).
@@ -146,19 +151,8 @@ async fn bots_play_full_matches_over_webrtc() {
 #[tokio::test]
 async fn bots_play_through_a_slow_network_both_ways() {
     let server = TestServer::start_with(|c| c.rooms.time_limit_secs = Some(2)).await;
-    let network = rallypoint_server::bots::NetworkArgs { latency_ms: 40, jitter_ms: 10, loss: 0.0, seed: 9 };
-    let args = BotsArgs {
-        server: server.base.clone(),
-        count: 2,
-        duration: 6,
-        mode: "duel".into(),
-        json: true,
-        name_prefix: "slowbot".into(),
-        transport: Transport::Webrtc,
-        password: "robot password".into(),
-        network,
-    };
-    let report = rallypoint_server::bots::run(&args).await;
+    let network = NetworkArgs { latency_ms: 40, jitter_ms: 10, loss: 0.0, seed: 9 };
+    let report = two_webrtc_bots(&server, "slowbot", network).await;
     assert_eq!(report.protocol_errors, 0, "{:?}", report.errors);
     assert!(report.matches_completed >= 2 && report.data_channels_opened >= 2, "{report:?}");
     // 40 ms each way: the data channel's ping takes at least 80 ms there and back.

@@ -312,9 +312,9 @@ impl Rtc {
         let id = self.0.next_peer.fetch_add(1, Ordering::Relaxed);
         let config = &self.0.config;
         let inbound = TokenBucket::new(config.messages_per_second, config.message_burst, Instant::now());
-        let peer = Peer::new(id, creds.ufrag.clone(), rtc, link, room_tx, route, inbound, &self.0.stats);
-        let deadline = Instant::now() + config.handshake_timeout;
-        lock(&self.0.places).insert(creds.ufrag.clone(), Place::Pending(Box::new(peer.with_deadline(deadline))));
+        let deadline = now + config.handshake_timeout;
+        let peer = Peer::new(id, creds.ufrag.clone(), rtc, link, room_tx, route, inbound, deadline, &self.0.stats);
+        lock(&self.0.places).insert(creds.ufrag.clone(), Place::Pending(Box::new(peer)));
         let peer = PeerRef { id, ufrag: creds.ufrag, signaling };
         let replaced = {
             let mut seats = lock(&self.0.seats);
@@ -416,7 +416,7 @@ async fn sweep_pending(inner: Weak<Inner>) {
     loop {
         every.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        let now = Instant::now();
+        let now = std::time::Instant::now();
         let expired: Vec<Box<Peer>> = {
             let mut places = lock(&inner.places);
             let late: Vec<String> = places

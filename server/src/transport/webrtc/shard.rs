@@ -95,6 +95,7 @@ impl Peer {
         room: mpsc::Sender<RoomCommand>,
         route: Arc<Route>,
         inbound: TokenBucket,
+        deadline: Instant,
         stats: &Arc<RtcStats>,
     ) -> Self {
         stats.peers.fetch_add(1, Relaxed);
@@ -109,7 +110,7 @@ impl Peer {
             route,
             inbound,
             channel: None,
-            deadline: None,
+            deadline: Some(deadline),
             addrs: Vec::new(),
             timer: None,
             answered: Instant::now(),
@@ -117,13 +118,9 @@ impl Peer {
         }
     }
 
-    pub(super) fn with_deadline(mut self, deadline: tokio::time::Instant) -> Self {
-        self.deadline = Some(deadline.into_std());
-        self
-    }
-
-    pub(super) fn deadline(&self) -> Option<tokio::time::Instant> {
-        self.deadline.map(tokio::time::Instant::from_std)
+    /// Until the channel opens: when the handshake has taken too long.
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        self.deadline
     }
 
     pub(super) fn add_remote_candidate(&mut self, candidate: Candidate) {
