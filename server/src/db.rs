@@ -49,6 +49,13 @@ pub async fn open(url: &str) -> Result<Db, DbError> {
     Ok(pool)
 }
 
+/// Begins a transaction that will write. `BEGIN IMMEDIATE` takes the write lock at once, waiting
+/// for it under the busy timeout; a plain (deferred) transaction that reads first and then writes
+/// fails at once with "database is locked" when another writer committed meanwhile.
+pub async fn begin_write(db: &Db) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+    db.begin_with("BEGIN IMMEDIATE").await
+}
+
 /// Whether the database answers a trivial query within a second.
 pub async fn is_healthy(db: &Db) -> bool {
     let probe = sqlx::query_scalar::<_, i64>("SELECT 1").fetch_one(db);

@@ -262,7 +262,7 @@ pub async fn seed_for_bench(
     let hash = password::hash_blocking(password.as_bytes());
     let now = unix_now();
     let mut tokens = Vec::with_capacity(count);
-    let mut tx = db.begin().await?;
+    let mut tx = crate::db::begin_write(db).await?;
     for i in 0..count {
         let name = format!("{prefix}{i}");
         let id: i64 = sqlx::query_scalar(

@@ -47,7 +47,7 @@ async fn write(db: Db, mut rx: mpsc::Receiver<Record>) {
 }
 
 async fn write_batch(db: &Db, batch: &[Record]) -> Result<(), sqlx::Error> {
-    let mut tx = db.begin().await?;
+    let mut tx = crate::db::begin_write(db).await?;
     for r in batch {
         sqlx::query("INSERT INTO chat_messages (lobby, user_id, body, sent_at) VALUES (?, ?, ?, ?)")
             .bind(r.lobby as i64)

@@ -33,7 +33,7 @@ pub async fn record(
     players: &[Seated],
     outcome: &Outcome,
 ) -> Result<Vec<RatingChange>, sqlx::Error> {
-    let mut tx = db.begin().await?;
+    let mut tx = crate::db::begin_write(db).await?;
     let mut before = Vec::with_capacity(players.len());
     for p in players {
         let row: Option<(f64, f64, f64)> =
@@ -136,6 +136,38 @@ mod tests {
         assert!((after[0].rating - 1500.0).abs() < 1.0, "the middle player hardly moves");
         let level = new_ratings(&before[..2], &[1, 1]);
         assert!((level[0].rating - 1500.0).abs() < 1e-9 && level[0].deviation < 350.0, "a draw only tightens");
+    }
+
+    /// Many rooms ending at once: each transaction reads ratings, then writes. Deferred
+    /// transactions failed here with "database is locked" (seen in `bench webrtc`); every
+    /// result must be recorded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn matches_ending_at_once_are_all_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::open(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
+        for i in 0..64 {
+            sqlx::query("INSERT INTO users (username, username_key, password_hash, created_at) VALUES (?, ?, 'x', 0)")
+                .bind(format!("p{i}"))
+                .bind(format!("p{i}"))
+                .execute(&db)
+                .await
+                .unwrap();
+        }
+        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM users ORDER BY id").fetch_all(&db).await.unwrap();
+        let outcome =
+            Outcome { ranks: vec![1, 2], scores: vec![5, 3], reason: shared::game::EndReason::ScoreLimit, ticks: 9 };
+        let writes = ids.chunks(2).enumerate().map(|(n, pair)| {
+            let (db, outcome) = (db.clone(), outcome.clone());
+            let players: Vec<Seated> = pair.iter().map(|&user_id| Seated { user_id, name: String::new() }).collect();
+            tokio::spawn(
+                async move { record(&db, RoomId { slot: n as u32, number: 1 }, "duel", &players, &outcome).await },
+            )
+        });
+        for w in writes.collect::<Vec<_>>() {
+            w.await.unwrap().expect("every result is recorded");
+        }
+        let matches: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM matches").fetch_one(&db).await.unwrap();
+        assert_eq!(matches, 32);
     }
 }
 
