@@ -146,10 +146,15 @@ pub struct Limits {
     pub http_header_timeout: Duration,
     /// How long a session lasts after login.
     pub session_ttl: Duration,
-    /// Failed logins allowed per account within [`Self::login_window`].
-    pub login_failures_per_account: u32,
+    /// Failed logins allowed from one address on one account within [`Self::login_window`].
+    pub login_failures_per_account_address: u32,
     /// Failed logins allowed per client address within [`Self::login_window`].
     pub login_failures_per_address: u32,
+    /// Failed logins on an account, from anywhere, before it is paced (never locked).
+    pub login_failures_per_account: u32,
+    /// A paced account takes one attempt per this long, except from addresses that logged into
+    /// it before.
+    pub login_account_pace: Duration,
     /// The window over which failed logins are counted.
     pub login_window: Duration,
     /// Password hashes waiting for a hashing thread; beyond it a login gets "busy, retry".
@@ -194,8 +199,10 @@ impl Default for Limits {
             http_request_timeout: Duration::from_secs(15),
             http_header_timeout: Duration::from_secs(10),
             session_ttl: Duration::from_hours(30 * 24),
-            login_failures_per_account: 5,
+            login_failures_per_account_address: 5,
             login_failures_per_address: 30,
+            login_failures_per_account: 10,
+            login_account_pace: Duration::from_secs(30),
             login_window: Duration::from_mins(15),
             hash_queue: 256,
             hash_threads: cores,

@@ -99,11 +99,13 @@ impl Accounts {
         Self {
             db,
             hasher: Hasher::start(limits.hash_threads, limits.hash_queue),
-            throttle: Throttle::new(
-                limits.login_failures_per_account,
-                limits.login_failures_per_address,
-                limits.login_window,
-            ),
+            throttle: Throttle::new(throttle::Limits {
+                per_account_address: limits.login_failures_per_account_address,
+                per_address: limits.login_failures_per_address,
+                per_account: limits.login_failures_per_account,
+                account_pace: limits.login_account_pace,
+                window: limits.login_window,
+            }),
             session_ttl: limits.session_ttl,
         }
     }
@@ -144,7 +146,8 @@ impl Accounts {
     pub async fn login(&self, username: &str, password: &str, client: IpAddr) -> Result<NewSession, LoginError> {
         let key = username.to_ascii_lowercase();
         let now = tokio::time::Instant::now();
-        self.throttle.check(&key, client, now).map_err(|retry_after| LoginError::Throttled { retry_after })?;
+        let attempt =
+            self.throttle.begin(&key, client, now).map_err(|retry_after| LoginError::Throttled { retry_after })?;
         // Overlong input is never hashed; it fails like any wrong password.
         let plausible = valid_username(username) && password.chars().count() <= *PASSWORD_CHARS.end();
         let found = if plausible { self.find(&key).await? } else { None };
@@ -155,11 +158,12 @@ impl Accounts {
         let ok = plausible && self.hasher.verify(password.to_owned(), stored).await?;
         match user {
             Some(user) if ok => {
-                self.throttle.succeed(&key);
-                Ok(self.start_session(user).await?)
+                let session = self.start_session(user).await?;
+                attempt.succeeded(now);
+                Ok(session)
             }
             _ => {
-                self.throttle.fail(&key, client, now);
+                attempt.failed();
                 Err(LoginError::Wrong)
             }
         }

@@ -1,86 +1,171 @@
-//! Throttling of failed logins, per account and per client address.
+//! Throttling of login attempts, so that nobody can guess fast and nobody can lock a player out.
 //!
-//! Each key counts failures in a fixed window that starts at its first failure. Once a key has
-//! used its allowance, attempts are refused until the window ends, without checking a password.
+//! Three counts, each over a fixed window that starts at its first attempt:
+//! - per (account, address), strict: after its allowance that address may not try that account
+//!   again until the window ends;
+//! - per address, strict: one address cannot guess across many accounts;
+//! - per account, soft: after its allowance the account is *paced* (one attempt per
+//!   [`Limits::account_pace`] from anywhere), never locked, and an address that logged into it
+//!   before is not paced at all. Usernames are public: a strict per-account lock would let anyone
+//!   lock any player out.
+//!
+//! An attempt is counted when it starts, under one lock, and released if it succeeds (or fails
+//! for a reason that is not a wrong password). Guesses sent in parallel therefore use up the
+//! allowance as they arrive instead of all passing the check before any failure is recorded.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Most keys kept; beyond it, expired windows are dropped, then arbitrary ones.
+/// Most keys kept in each map; beyond it, expired entries are dropped, then arbitrary ones.
 const MAX_KEYS: usize = 100_000;
+/// How long an address that logged into an account stays exempt from that account's pace.
+const KNOWN_FOR: Duration = Duration::from_hours(30 * 24);
+
+/// How many attempts each count allows, and over which window.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub per_account_address: u32,
+    pub per_address: u32,
+    /// Failures on an account before it is paced.
+    pub per_account: u32,
+    pub account_pace: Duration,
+    pub window: Duration,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Key {
-    Account(String),
+    Pair(String, IpAddr),
     Address(IpAddr),
+    Account(String),
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Window {
     start: Instant,
-    failures: u32,
+    attempts: u32,
+    /// When a paced account may be tried next.
+    next: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    counts: HashMap<Key, Window>,
+    /// (account, address) pairs that logged in, and when.
+    known: HashMap<(String, IpAddr), Instant>,
+}
+
+impl State {
+    /// Gives back an attempt's count on each key (the account's pace stays as it was).
+    fn release(&mut self, account: &str, address: IpAddr) {
+        for key in [Key::Pair(account.to_owned(), address), Key::Address(address), Key::Account(account.to_owned())] {
+            if let Some(w) = self.counts.get_mut(&key) {
+                w.attempts = w.attempts.saturating_sub(1);
+            }
+        }
+    }
 }
 
 pub struct Throttle {
-    per_account: u32,
-    per_address: u32,
-    window: Duration,
-    counts: Mutex<HashMap<Key, Window>>,
+    limits: Limits,
+    state: Mutex<State>,
+}
+
+/// An attempt in progress, counted against its keys. Settle it with [`Attempt::failed`] (a
+/// wrong password: the count stays) or [`Attempt::succeeded`]; dropped unsettled (an error on
+/// our side, a client gone mid-check) it is released, as it proved nothing.
+#[must_use]
+pub struct Attempt<'a> {
+    throttle: &'a Throttle,
+    account: String,
+    address: IpAddr,
+    settled: bool,
+}
+
+impl Attempt<'_> {
+    pub fn failed(mut self) {
+        self.settled = true;
+    }
+
+    pub fn succeeded(mut self, now: Instant) {
+        self.settled = true;
+        let mut state = self.throttle.lock();
+        state.release(&self.account, self.address);
+        prune(&mut state.known, MAX_KEYS, |&at| at + KNOWN_FOR > now);
+        state.known.insert((self.account.clone(), self.address), now);
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            let mut state = self.throttle.lock();
+            state.release(&self.account, self.address);
+        }
+    }
 }
 
 impl Throttle {
-    pub fn new(per_account: u32, per_address: u32, window: Duration) -> Self {
-        Self { per_account, per_address, window, counts: Mutex::new(HashMap::new()) }
+    pub fn new(limits: Limits) -> Self {
+        Self { limits, state: Mutex::new(State::default()) }
     }
 
-    /// `Err(retry_after)` when either the account or the address has no attempts left.
-    pub fn check(&self, account: &str, address: IpAddr, now: Instant) -> Result<(), Duration> {
-        let counts = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let wait = |key: Key, limit: u32| {
-            counts.get(&key).and_then(|w| {
-                let end = w.start + self.window;
-                (w.failures >= limit && end > now).then(|| end - now)
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts an attempt on `account` from `address`, or `Err(retry_after)`.
+    pub fn begin(&self, account: &str, address: IpAddr, now: Instant) -> Result<Attempt<'_>, Duration> {
+        let address = prefix(address);
+        let limits = &self.limits;
+        let mut state = self.lock();
+        let window = limits.window;
+        prune(&mut state.counts, MAX_KEYS - 3, |w| w.start + window > now);
+        let pair = Key::Pair(account.to_owned(), address);
+        let current = |state: &State, key: &Key| {
+            state.counts.get(key).copied().filter(|w| w.start + window > now).unwrap_or(Window {
+                start: now,
+                attempts: 0,
+                next: now,
             })
         };
-        let waits = [
-            wait(Key::Account(account.to_owned()), self.per_account),
-            wait(Key::Address(prefix(address)), self.per_address),
-        ];
-        match waits.into_iter().flatten().max() {
-            Some(wait) => Err(wait),
-            None => Ok(()),
+        let lock_wait = |w: Window, limit: u32| (w.attempts >= limit).then(|| w.start + window - now);
+        let (p, a, acc) = (current(&state, &pair), current(&state, &Key::Address(address)), {
+            current(&state, &Key::Account(account.to_owned()))
+        });
+        let known = state.known.get(&(account.to_owned(), address)).is_some_and(|&at| at + KNOWN_FOR > now);
+        let paced = acc.attempts >= limits.per_account && !known;
+        let pace_wait = (paced && acc.next > now).then(|| acc.next - now);
+        if let Some(wait) = [lock_wait(p, limits.per_account_address), lock_wait(a, limits.per_address), pace_wait]
+            .into_iter()
+            .flatten()
+            .max()
+        {
+            return Err(wait);
         }
+        let next = if paced { now + limits.account_pace } else { acc.next };
+        for (key, mut w) in [(pair, p), (Key::Address(address), a), (Key::Account(account.to_owned()), acc)] {
+            w.attempts += 1;
+            w.next = next;
+            state.counts.insert(key, w);
+        }
+        Ok(Attempt { throttle: self, account: account.to_owned(), address, settled: false })
     }
+}
 
-    /// Records a failed attempt against both the account and the address.
-    pub fn fail(&self, account: &str, address: IpAddr, now: Instant) {
-        let mut counts = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if counts.len() >= MAX_KEYS {
-            counts.retain(|_, w| w.start + self.window > now);
-            while counts.len() >= MAX_KEYS {
-                let Some(key) = counts.keys().next().cloned() else {
-                    break;
-                };
-                counts.remove(&key);
-            }
+/// Keeps `map` under `max` entries: drops those `keep` refuses, then arbitrary ones.
+fn prune<K: Clone + Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>, max: usize, keep: impl Fn(&V) -> bool) {
+    if map.len() >= max {
+        map.retain(|_, v| keep(v));
+        while map.len() >= max {
+            let Some(key) = map.keys().next().cloned() else {
+                break;
+            };
+            map.remove(&key);
         }
-        for key in [Key::Account(account.to_owned()), Key::Address(prefix(address))] {
-            let w = counts.entry(key).or_insert(Window { start: now, failures: 0 });
-            if w.start + self.window <= now {
-                *w = Window { start: now, failures: 0 };
-            }
-            w.failures += 1;
-        }
-    }
-
-    /// A successful login clears the account's count (the address keeps its own).
-    pub fn succeed(&self, account: &str) {
-        let mut counts = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        counts.remove(&Key::Account(account.to_owned()));
     }
 }
 
@@ -101,52 +186,90 @@ mod tests {
     use super::*;
 
     const WINDOW: Duration = Duration::from_mins(1);
+    const PACE: Duration = Duration::from_secs(10);
+
+    fn throttle(per_account_address: u32, per_address: u32, per_account: u32) -> Throttle {
+        Throttle::new(Limits { per_account_address, per_address, per_account, account_pace: PACE, window: WINDOW })
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
+    fn fail(t: &Throttle, account: &str, address: &str, now: Instant) -> Result<(), Duration> {
+        t.begin(account, ip(address), now).map(Attempt::failed)
+    }
+
     #[test]
-    fn an_account_is_locked_after_its_allowance_until_the_window_ends() {
-        let t = Throttle::new(3, 100, WINDOW);
+    fn one_address_is_locked_out_of_one_account_after_its_allowance() {
+        let t = throttle(3, 100, 100);
         let now = Instant::now();
-        for i in 0..3 {
-            assert!(t.check("bob", ip("10.0.0.1"), now).is_ok());
-            t.fail("bob", ip(&format!("10.0.0.{i}")), now);
+        for _ in 0..3 {
+            fail(&t, "bob", "10.0.0.1", now).unwrap();
         }
-        assert_eq!(t.check("bob", ip("10.9.9.9"), now), Err(WINDOW));
+        assert_eq!(fail(&t, "bob", "10.0.0.1", now), Err(WINDOW));
         let later = now + Duration::from_secs(20);
-        assert_eq!(t.check("bob", ip("10.9.9.9"), later), Err(Duration::from_secs(40)));
-        assert!(t.check("alice", ip("10.9.9.9"), later).is_ok());
-        assert!(t.check("bob", ip("10.9.9.9"), now + WINDOW).is_ok());
+        assert_eq!(fail(&t, "bob", "10.0.0.1", later), Err(Duration::from_secs(40)));
+        assert!(t.begin("bob", ip("10.0.0.2"), later).is_ok(), "another address may still try");
+        assert!(t.begin("alice", ip("10.0.0.1"), later).is_ok(), "and this one another account");
+        assert!(t.begin("bob", ip("10.0.0.1"), now + WINDOW).is_ok());
+    }
+
+    #[test]
+    fn attempts_count_when_they_start_so_parallel_guesses_use_up_the_allowance() {
+        let t = throttle(5, 100, 100);
+        let now = Instant::now();
+        let in_flight: Vec<_> = (0..5).map(|_| t.begin("bob", ip("10.0.0.1"), now).unwrap()).collect();
+        assert!(t.begin("bob", ip("10.0.0.1"), now).is_err(), "the sixth guess in flight is refused");
+        drop(in_flight);
+        assert!(t.begin("bob", ip("10.0.0.1"), now).is_ok(), "attempts dropped unsettled are released");
+    }
+
+    #[test]
+    fn an_account_under_attack_is_paced_not_locked_and_known_addresses_are_not_paced() {
+        let t = throttle(100, 100, 3);
+        let now = Instant::now();
+        t.begin("bob", ip("192.0.2.7"), now).unwrap().succeeded(now);
+        for i in 0..3 {
+            fail(&t, "bob", &format!("10.0.0.{i}"), now).unwrap();
+        }
+        // From anywhere new: one attempt per pace.
+        fail(&t, "bob", "10.0.1.1", now).unwrap();
+        assert_eq!(fail(&t, "bob", "10.0.1.2", now), Err(PACE));
+        assert!(fail(&t, "bob", "10.0.1.2", now + PACE).is_ok());
+        // The owner's usual address is not paced, however busy the attacker is.
+        for _ in 0..5 {
+            t.begin("bob", ip("192.0.2.7"), now + PACE).unwrap().succeeded(now + PACE);
+        }
+        assert!(t.begin("alice", ip("10.0.1.3"), now).is_ok(), "other accounts are untouched");
     }
 
     #[test]
     fn an_address_is_locked_across_accounts() {
-        let t = Throttle::new(100, 2, WINDOW);
+        let t = throttle(100, 2, 100);
         let now = Instant::now();
-        t.fail("a", ip("192.0.2.1"), now);
-        t.fail("b", ip("192.0.2.1"), now);
-        assert!(t.check("c", ip("192.0.2.1"), now).is_err());
-        assert!(t.check("c", ip("192.0.2.2"), now).is_ok());
+        fail(&t, "a", "192.0.2.1", now).unwrap();
+        fail(&t, "b", "192.0.2.1", now).unwrap();
+        assert!(t.begin("c", ip("192.0.2.1"), now).is_err());
+        assert!(t.begin("c", ip("192.0.2.2"), now).is_ok());
     }
 
     #[test]
     fn ipv6_addresses_count_by_their_64_prefix() {
-        let t = Throttle::new(100, 1, WINDOW);
+        let t = throttle(100, 1, 100);
         let now = Instant::now();
-        t.fail("a", ip("2001:db8::1"), now);
-        assert!(t.check("a2", ip("2001:db8::ffff:1"), now).is_err());
-        assert!(t.check("a2", ip("2001:db8:0:1::1"), now).is_ok());
+        fail(&t, "a", "2001:db8::1", now).unwrap();
+        assert!(t.begin("a2", ip("2001:db8::ffff:1"), now).is_err());
+        assert!(t.begin("a2", ip("2001:db8:0:1::1"), now).is_ok());
     }
 
     #[test]
-    fn success_clears_the_account_but_not_the_address() {
-        let t = Throttle::new(1, 1, WINDOW);
+    fn success_gives_back_its_own_attempt_only() {
+        let t = throttle(2, 100, 100);
         let now = Instant::now();
-        t.fail("bob", ip("10.0.0.1"), now);
-        t.succeed("bob");
-        assert!(t.check("bob", ip("10.0.0.2"), now).is_ok());
-        assert!(t.check("bob", ip("10.0.0.1"), now).is_err());
+        fail(&t, "bob", "10.0.0.1", now).unwrap();
+        t.begin("bob", ip("10.0.0.1"), now).unwrap().succeeded(now);
+        fail(&t, "bob", "10.0.0.1", now).unwrap();
+        assert!(t.begin("bob", ip("10.0.0.1"), now).is_err(), "two failures still count");
     }
 }

@@ -105,20 +105,41 @@ async fn failed_logins_do_not_tell_whether_the_user_exists() {
     server.client().login("EXISTS", PASSWORD).await.unwrap();
 }
 
+/// Posts the login form as a browser at `address` (the server trusts `X-Forwarded-For` here).
+async fn login_from(server: &TestServer, name: &str, password: &str, address: &str) -> reqwest::Response {
+    let client = server.client();
+    let csrf = client.csrf("/login").await.unwrap();
+    client
+        .http()
+        .post(format!("{}/login", server.base))
+        .header("x-forwarded-for", address)
+        .form(&[("username", name), ("password", password), ("csrf", &csrf)])
+        .send()
+        .await
+        .unwrap()
+}
+
+fn behind_proxy(c: &mut rallypoint_server::config::Config) {
+    c.trust_forwarded_for = true;
+}
+
 #[tokio::test]
-async fn failed_logins_are_throttled_per_account_and_per_address() {
+async fn failed_logins_are_throttled_per_account_and_address_and_per_address() {
     let server = TestServer::start_with(|c| {
-        c.limits.login_failures_per_account = 3;
+        behind_proxy(c);
+        c.limits.login_failures_per_account_address = 3;
         c.limits.login_failures_per_address = 5;
     })
     .await;
     server.user("victim").await;
     for _ in 0..3 {
-        assert_eq!(refused(server.client().login("victim", "wrong password").await).0, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            login_from(&server, "victim", "wrong password", "10.1.0.1").await.status(),
+            StatusCode::UNAUTHORIZED
+        );
     }
-    // The account is locked, even for the right password, with a Retry-After.
-    let client = server.client();
-    let response = client.post_form("/login", &[("username", "victim"), ("password", PASSWORD)]).await.unwrap();
+    // That address is locked out of that account, even with the right password, with a Retry-After.
+    let response = login_from(&server, "victim", PASSWORD, "10.1.0.1").await;
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
     let retry: u64 = response.headers()[RETRY_AFTER].to_str().unwrap().parse().unwrap();
     assert!((1..=900).contains(&retry), "{retry}");
@@ -126,9 +147,52 @@ async fn failed_logins_are_throttled_per_account_and_per_address() {
 
     // The address has two failures left across all accounts, then it is locked too.
     for name in ["x1", "x2"] {
-        assert_eq!(refused(server.client().login(name, "wrong password").await).0, StatusCode::UNAUTHORIZED);
+        assert_eq!(login_from(&server, name, "wrong password", "10.1.0.1").await.status(), StatusCode::UNAUTHORIZED);
     }
-    assert_eq!(refused(server.client().login("x3", "wrong password").await).0, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(login_from(&server, "x3", "wrong password", "10.1.0.1").await.status(), StatusCode::TOO_MANY_REQUESTS);
+    // The real owner, elsewhere, is not locked out.
+    assert_eq!(login_from(&server, "victim", PASSWORD, "10.2.0.1").await.status(), StatusCode::SEE_OTHER);
+}
+
+#[tokio::test]
+async fn parallel_guesses_cannot_outrun_the_throttle() {
+    let server = TestServer::start_with(behind_proxy).await;
+    server.user("target").await;
+    // Sixty wrong guesses at once from one address: each counts when it starts, so only the
+    // allowance (5) is checked against the password and the rest are refused unhashed.
+    let guesses = (0..60).map(|_| login_from(&server, "target", "wrong password", "10.3.0.1"));
+    let statuses: Vec<StatusCode> =
+        futures_util::future::join_all(guesses).await.into_iter().map(|r| r.status()).collect();
+    let checked = statuses.iter().filter(|&&s| s == StatusCode::UNAUTHORIZED).count();
+    let refused = statuses.iter().filter(|&&s| s == StatusCode::TOO_MANY_REQUESTS).count();
+    assert_eq!((checked, refused), (5, 55), "{statuses:?}");
+    // And the right password from that address no longer gets in.
+    assert_eq!(login_from(&server, "target", PASSWORD, "10.3.0.1").await.status(), StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test]
+async fn an_attacker_with_many_addresses_slows_an_account_but_cannot_lock_its_owner_out() {
+    let server = TestServer::start_with(|c| {
+        behind_proxy(c);
+        c.limits.login_failures_per_account = 4;
+    })
+    .await;
+    server.user("popular").await;
+    // The owner has played from home before.
+    assert_eq!(login_from(&server, "popular", PASSWORD, "192.0.2.10").await.status(), StatusCode::SEE_OTHER);
+    let mut statuses = Vec::new();
+    for i in 0..30 {
+        statuses.push(login_from(&server, "popular", "wrong password", &format!("10.4.{i}.1")).await.status());
+    }
+    // Four failures, then one attempt per pace (30 s): the rest are refused unhashed.
+    let checked = statuses.iter().filter(|&&s| s == StatusCode::UNAUTHORIZED).count();
+    assert_eq!(checked, 5, "{statuses:?}");
+    let paced = login_from(&server, "popular", PASSWORD, "10.4.99.1").await;
+    assert_eq!(paced.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = paced.headers()[RETRY_AFTER].to_str().unwrap().parse().unwrap();
+    assert!((1..=30).contains(&retry), "a pace, not a lock: {retry}");
+    // From home, the owner gets straight in, however busy the attacker is.
+    assert_eq!(login_from(&server, "popular", PASSWORD, "192.0.2.10").await.status(), StatusCode::SEE_OTHER);
 }
 
 #[tokio::test]
