@@ -105,6 +105,15 @@ pub struct ServeArgs {
     #[arg(long, env = "RALLYPOINT_WEBRTC_LOOPS", default_value_t = 0, value_name = "N")]
     pub webrtc_loops: usize,
 
+    /// PEM certificate chain (leaf first) to serve `https` and `wss` directly, with
+    /// --tls-key. Without them the server speaks plain HTTP (put a TLS proxy in front).
+    #[arg(long, env = "RALLYPOINT_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "RALLYPOINT_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// Log filter, for example `info` or `rallypoint_server=debug,info`.
     #[arg(long, env = "RALLYPOINT_LOG", default_value = "info", value_name = "FILTER")]
     pub log: String,
@@ -119,12 +128,14 @@ pub struct Config {
     pub static_dir: PathBuf,
     /// The site's public origin (`scheme://host[:port]`), when configured.
     pub public_origin: Option<String>,
-    /// Whether cookies carry the `Secure` attribute (the public URL is https).
+    /// Whether cookies carry the `Secure` attribute (the public URL is https, or TLS is served).
     pub secure_cookies: bool,
     /// See [`ServeArgs::trust_forwarded_for`].
     pub trust_forwarded_for: bool,
     /// See [`ServeArgs::max_connections`].
     pub max_connections: usize,
+    /// TLS served by this process (`--tls-cert/--tls-key`), if any.
+    pub tls: Option<crate::tls::Tls>,
     /// Limits and timeouts, with production defaults; tests shorten some of them.
     pub limits: Limits,
     /// How rooms run.
@@ -249,6 +260,8 @@ pub enum ConfigError {
     IceServers(String),
     #[error("--max-peers must be at least 1")]
     MaxPeers,
+    #[error("--tls-cert/--tls-key {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("--webrtc-loops must be at most {MAX_WEBRTC_LOOPS} (0: one per core)")]
     WebrtcLoops,
 }
@@ -257,7 +270,11 @@ impl Config {
     /// Validates command-line arguments into a configuration.
     pub fn from_args(args: &ServeArgs) -> Result<Self, ConfigError> {
         let public_origin = args.public_url.as_deref().map(parse_origin).transpose()?;
-        let secure_cookies = public_origin.as_deref().is_some_and(|o| o.starts_with("https://"));
+        let tls = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::load(cert, key)?),
+            _ => None,
+        };
+        let secure_cookies = tls.is_some() || public_origin.as_deref().is_some_and(|o| o.starts_with("https://"));
         if !args.database_url.starts_with("sqlite:") {
             return Err(ConfigError::DatabaseUrl(args.database_url.clone()));
         }
@@ -300,6 +317,7 @@ impl Config {
             secure_cookies,
             trust_forwarded_for: args.trust_forwarded_for,
             max_connections: args.max_connections,
+            tls,
             limits: Limits { lobby_capacity: args.lobby_capacity, ..Limits::default() },
             rooms: crate::rooms::RoomConfig {
                 tick_hz: args.tick_rate,
@@ -328,6 +346,7 @@ impl Config {
             secure_cookies: false,
             trust_forwarded_for: false,
             max_connections: 50_000,
+            tls: None,
             limits: Limits::default(),
             rooms: crate::rooms::RoomConfig::default(),
             metrics_listen: None,

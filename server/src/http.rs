@@ -17,6 +17,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tower::ServiceExt as _;
 
+use crate::tls::Tls;
+
 /// Time given to requests in flight when the server stops.
 const DRAIN: Duration = Duration::from_secs(10);
 
@@ -25,6 +27,7 @@ pub async fn serve(
     router: Router,
     max_connections: usize,
     header_timeout: Duration,
+    tls: Option<Tls>,
     shutdown: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(max_connections));
@@ -50,22 +53,23 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(Counted { stream, _permit: permit });
+        let counted = Counted { stream, _permit: permit };
         let router = router.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
             router.clone().oneshot(request)
         });
-        let connection = builder.serve_connection(io, service).with_upgrades();
-        let mut stop = stop.clone();
+        let (builder, stop, tls) = (builder.clone(), stop.clone(), tls.clone());
         tokio::spawn(async move {
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = stop.changed() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                }
+            match tls {
+                None => serve_connection(&builder, TokioIo::new(counted), service, stop).await,
+                // The handshake has the header timeout: a client that stalls in it holds a
+                // connection permit no longer than one that stalls in its headers.
+                Some(Tls(acceptor)) => match tokio::time::timeout(header_timeout, acceptor.accept(counted)).await {
+                    Ok(Ok(stream)) => serve_connection(&builder, TokioIo::new(stream), service, stop).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                },
             }
         });
     }
@@ -75,6 +79,32 @@ pub async fn serve(
     let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
     if tokio::time::timeout(DRAIN, permits.acquire_many(all)).await.is_err() {
         tracing::warn!("some connections were still open when the server stopped");
+    }
+}
+
+/// Serves one connection (plain or TLS) until it ends, or gracefully once the server stops.
+async fn serve_connection<I, S>(
+    builder: &hyper::server::conn::http1::Builder,
+    io: I,
+    service: S,
+    mut stop: watch::Receiver<()>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming> + Send,
+    S::Future: Send,
+    S::ResBody: Send + 'static,
+    <S::ResBody as hyper::body::Body>::Data: Send,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let connection = builder.serve_connection(io, service).with_upgrades();
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = stop.changed() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
     }
 }
 

@@ -14,6 +14,7 @@ mod random;
 mod rate;
 pub mod rooms;
 pub mod site;
+pub mod tls;
 pub mod transport;
 
 use std::future::Future;
@@ -93,7 +94,8 @@ pub async fn start_game<G: shared::game::Game>(listener: TcpListener, config: Co
         let app = Arc::clone(&app);
         tokio::spawn(async move {
             let purge = tokio::spawn(purge_sessions(Arc::clone(&app)));
-            http::serve(listener, router, app.config.max_connections, app.config.limits.http_header_timeout, async {
+            let (limit, header_timeout) = (app.config.max_connections, app.config.limits.http_header_timeout);
+            http::serve(listener, router, limit, header_timeout, app.config.tls.clone(), async {
                 let _ = stopped.await;
                 app.hub.shutdown().await;
             })

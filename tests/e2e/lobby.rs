@@ -119,3 +119,24 @@ async fn pages_work_without_javascript() {
     browser.close().await;
     server.stop().await;
 }
+
+/// Served over TLS with `__Host-` cookies: logging out must clear the session cookie in the
+/// browser too (a clearing cookie without `Secure` is ignored, and the dead one stays).
+#[tokio::test]
+async fn over_https_logging_out_clears_the_session_cookie_in_the_browser() {
+    let _one = crate::ONE_AT_A_TIME.lock().await;
+    let server = Server::start_tls().await;
+    let driver = Driver::start().await;
+    let browser = driver.browser(&["--ignore-certificate-errors"]).await;
+    register(&browser, &server, "secure_sam").await;
+    let names = || async {
+        let cookies = browser.client.get_all_cookies().await.expect("cookies");
+        cookies.iter().map(|c| c.name().to_owned()).collect::<Vec<_>>()
+    };
+    assert!(names().await.contains(&"__Host-rp_session".to_owned()), "{:?}", names().await);
+    browser.find("form[action='/logout'] button").await.click().await.unwrap();
+    // The form goes to /, or the lobby, told its session ended, goes to /login first.
+    browser.wait_until("the browser leaves the lobby", || async { browser.path().await != "/play" }).await;
+    assert!(!names().await.contains(&"__Host-rp_session".to_owned()), "{:?}", names().await);
+    server.stop().await;
+}

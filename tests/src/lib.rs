@@ -36,6 +36,9 @@ pub struct Server {
     pub base: String,
     child: Child,
     _dir: tempfile::TempDir,
+    /// The certificate and key of [`Server::start_tls`], kept for as long as the server runs.
+    #[allow(dead_code)]
+    certs: Option<tempfile::TempDir>,
 }
 
 impl Server {
@@ -74,7 +77,23 @@ impl Server {
         .expect("the server starts within the step timeout");
         // Keep draining the log so that the server never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self { base: format!("http://{addr}"), child, _dir: dir }
+        let scheme = if extra.contains(&"--tls-cert") { "https" } else { "http" };
+        Self { base: format!("{scheme}://{addr}"), child, _dir: dir, certs: None }
+    }
+
+    /// Starts the server serving TLS itself, with a fresh self-signed certificate for
+    /// 127.0.0.1 (browsers need `--ignore-certificate-errors`).
+    pub async fn start_tls() -> Self {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let key = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .expect("a self-signed certificate");
+        let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert_path, key.cert.pem()).unwrap();
+        std::fs::write(&key_path, key.signing_key.serialize_pem()).unwrap();
+        let (cert_path, key_path) = (cert_path.display().to_string(), key_path.display().to_string());
+        let mut server = Self::start_with(&["--tls-cert", &cert_path, "--tls-key", &key_path]).await;
+        server.certs = Some(dir);
+        server
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -117,6 +117,16 @@ fn session_cookie(config: &crate::config::Config) -> &'static str {
     if config.secure_cookies { "__Host-rp_session" } else { "rp_session" }
 }
 
+/// The session cookie's attributes, with `value`.
+fn session_cookie_with(config: &crate::config::Config, value: String) -> Cookie<'static> {
+    Cookie::build((session_cookie(config), value))
+        .path("/")
+        .http_only(true)
+        .secure(config.secure_cookies)
+        .same_site(SameSite::Lax)
+        .build()
+}
+
 /// The client's address: the socket's peer, or the proxy's word when configured to trust it.
 fn client_ip(app: &App, headers: &HeaderMap, peer: SocketAddr) -> IpAddr {
     if app.config.trust_forwarded_for {
@@ -230,13 +240,8 @@ async fn signed_in(app: &App, jar: CookieJar, new: NewSession) -> Response {
         let _ = app.accounts.end_session(old.key).await;
         let _ = app.hub.end_sessions(vec![old.key]).await;
     }
-    let cookie = Cookie::build((name, new.token))
-        .path("/")
-        .http_only(true)
-        .secure(app.config.secure_cookies)
-        .same_site(SameSite::Lax)
-        .max_age(time_duration(new.max_age))
-        .build();
+    let mut cookie = session_cookie_with(&app.config, new.token);
+    cookie.set_max_age(time_duration(new.max_age));
     (jar.add(cookie), Redirect::to("/play")).into_response()
 }
 
@@ -264,7 +269,9 @@ async fn logout(
         app.accounts.end_session(session.key).await?;
         let _ = app.hub.end_sessions(vec![session.key]).await;
     }
-    let gone = Cookie::build((session_cookie(&app.config), "")).path("/").build();
+    // The clearing cookie carries the same attributes as the one it replaces: a browser ignores
+    // a `__Host-` cookie without `Secure`, and would keep the dead one.
+    let gone = session_cookie_with(&app.config, String::new());
     Ok((jar.remove(gone), Redirect::to("/")).into_response())
 }
 

@@ -80,6 +80,7 @@ fn bad_flags_and_values_are_refused() {
         (&["serve", "--max-peers", "0"][..], "--max-peers"),
         (&["serve", "--webrtc-loops", "100000"][..], "--webrtc-loops"),
         (&["serve", "--webrtc-loops", "many"][..], "--webrtc-loops"),
+        (&["serve", "--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"][..], "--tls-cert"),
         (&["bots", "--loss", "2"][..], "--loss"),
         (&["bots", "--latency-ms", "100000"][..], "--latency-ms"),
         (&["bots", "--transport", "ws", "--latency-ms", "50"][..], "--latency-ms"),
@@ -92,6 +93,19 @@ fn bad_flags_and_values_are_refused() {
             "{args:?}: {stderr}"
         );
     }
+}
+
+#[test]
+fn a_tls_key_that_is_not_a_key_is_one_clear_line() {
+    let dir = static_dir();
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a pem file").unwrap();
+    let junk = junk.display().to_string();
+    let output = rallypoint(&["serve", "--listen", "127.0.0.1:0", "--tls-cert", &junk, "--tls-key", &junk], dir.path());
+    let line = one_error_line(&output);
+    assert!(line.contains("--tls-cert") && line.contains("junk.pem") && line.contains("no PEM certificate"), "{line}");
+    let alone = rallypoint(&["serve", "--tls-cert", &junk], dir.path());
+    assert!(!alone.status.success() && String::from_utf8_lossy(&alone.stderr).contains("--tls-key <FILE>"));
 }
 
 #[test]
@@ -115,6 +129,8 @@ fn help_explains_every_flag_and_its_variable() {
         "--webrtc-listen",
         "--public-ip",
         "--ice-servers",
+        "--tls-cert",
+        "--tls-key",
     ] {
         assert!(help.contains(flag), "{flag}");
     }
@@ -126,6 +142,8 @@ fn help_explains_every_flag_and_its_variable() {
         "RALLYPOINT_WEBRTC_LISTEN",
         "RALLYPOINT_PUBLIC_IP",
         "RALLYPOINT_ICE_SERVERS",
+        "RALLYPOINT_TLS_CERT",
+        "RALLYPOINT_TLS_KEY",
     ] {
         assert!(help.contains(var), "{var}");
     }

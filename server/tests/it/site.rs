@@ -265,6 +265,41 @@ async fn https_public_url_makes_cookies_secure_and_host_prefixed() {
 }
 
 #[tokio::test]
+async fn logout_under_https_clears_the_host_prefixed_cookie_with_the_same_attributes() {
+    let server = TestServer::start_with(|c| {
+        c.public_origin = Some("https://play.example.com".into());
+        c.secure_cookies = true;
+    })
+    .await;
+    // The Secure CSRF cookie is not sent back over plain http by a cookie store: do it by hand.
+    let login = reqwest::get(format!("{}/login", server.base)).await.unwrap();
+    let csrf_cookie = login.headers()[SET_COOKIE].to_str().unwrap().split(';').next().unwrap().to_owned();
+    let token = csrf_cookie.split_once('=').unwrap().1.to_owned();
+    let response = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .post(format!("{}/logout", server.base))
+        .header("cookie", format!("{csrf_cookie}; __Host-rp_session=stale"))
+        .form(&[("csrf", token)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let cleared = response
+        .headers()
+        .get_all(SET_COOKIE)
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .find(|c| c.starts_with("__Host-rp_session="))
+        .expect("a clearing session cookie");
+    // A browser ignores a __Host- cookie without Secure and Path=/, and would keep the old one.
+    for attribute in ["Secure", "Path=/", "HttpOnly", "Max-Age=0"] {
+        assert!(cleared.contains(attribute), "{attribute} missing: {cleared}");
+    }
+}
+
+#[tokio::test]
 async fn sessions_expire() {
     let server = TestServer::start_with(|c| c.limits.session_ttl = Duration::ZERO).await;
     let client = server.user("shortlived").await;
