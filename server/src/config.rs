@@ -172,6 +172,14 @@ pub struct Limits {
     pub hash_queue: usize,
     /// Threads that hash passwords (run at a lower CPU priority than the network).
     pub hash_threads: usize,
+    /// WebSockets (hub and room together) one session may hold at once.
+    pub ws_per_session: u32,
+    /// WebSockets one user may hold at once, over all their sessions.
+    pub ws_per_user: u32,
+    /// WebSockets one client address may hold at once (a household or a school shares one).
+    pub ws_per_address: u32,
+    /// Registrations one client address may make in a burst, then per hour.
+    pub registrations_per_address: u32,
     /// Messages queued for one WebSocket client before it is dropped as too slow.
     pub ws_outbox: usize,
     /// Time a client has to send `hello` after the upgrade.
@@ -216,6 +224,10 @@ impl Default for Limits {
             login_account_pace: Duration::from_secs(30),
             login_window: Duration::from_mins(15),
             hash_queue: 256,
+            ws_per_session: 8,
+            ws_per_user: 16,
+            ws_per_address: 256,
+            registrations_per_address: 10,
             hash_threads: cores,
             ws_outbox: 64,
             ws_hello_timeout: Duration::from_secs(10),
@@ -335,6 +347,16 @@ impl Config {
                 ..Default::default()
             },
         })
+    }
+
+    /// The WebSocket caps: a tenth of `--max-connections` is kept for page loads.
+    pub fn socket_limits(&self) -> crate::site::caps::SocketLimits {
+        crate::site::caps::SocketLimits {
+            per_session: self.limits.ws_per_session,
+            per_user: self.limits.ws_per_user,
+            per_address: self.limits.ws_per_address,
+            total: self.max_connections - self.max_connections / 10,
+        }
     }
 
     /// A configuration for tests and tools: the given database and static folder, default limits.

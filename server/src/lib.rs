@@ -36,6 +36,8 @@ pub struct App {
     pub db: Db,
     pub accounts: Accounts,
     pub hub: Hub,
+    /// Caps on WebSockets per session, user and address.
+    pub sockets: Arc<site::caps::SocketCaps>,
 }
 
 /// The server could not start.
@@ -87,7 +89,8 @@ pub async fn start_game<G: shared::game::Game>(listener: TcpListener, config: Co
             .map_err(|e| db::DbError::Folder { path: format!("metrics listener {metrics}"), source: e })?;
     }
     let accounts = Accounts::new(db.clone(), &config.limits);
-    let app = Arc::new(App { config, db, accounts, hub });
+    let sockets = site::caps::SocketCaps::new(config.socket_limits());
+    let app = Arc::new(App { config, db, accounts, hub, sockets });
     let (stop, stopped) = oneshot::channel::<()>();
     let router = site::router(Arc::clone(&app));
     let task = {

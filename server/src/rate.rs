@@ -18,14 +18,24 @@ impl TokenBucket {
 
     /// Takes one token if there is one.
     pub fn take(&mut self, now: Instant) -> bool {
+        self.take_or_wait(now).is_ok()
+    }
+
+    /// How long since a token was last asked for.
+    pub fn idle_for(&self, now: Instant) -> std::time::Duration {
+        now.saturating_duration_since(self.last)
+    }
+
+    /// Takes one token, or says how long until there is one.
+    pub fn take_or_wait(&mut self, now: Instant) -> Result<(), std::time::Duration> {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            true
+            Ok(())
         } else {
-            false
+            Err(std::time::Duration::from_secs_f64((1.0 - self.tokens) / self.per_second))
         }
     }
 }

@@ -38,7 +38,7 @@ impl User {
 pub struct SessionKey([u8; 32]);
 
 impl SessionKey {
-    fn of_token(token: &str) -> Self {
+    pub(crate) fn of_token(token: &str) -> Self {
         Self(Sha256::digest(token.as_bytes()).into())
     }
 }
@@ -67,6 +67,8 @@ pub enum RegisterError {
     PasswordMismatch,
     #[error("That username is taken; choose another.")]
     Taken,
+    #[error("Too many new accounts from your network; try again in {} minutes.", retry_after.as_secs().div_ceil(60).max(1))]
+    Throttled { retry_after: Duration },
     #[error(transparent)]
     Busy(#[from] Busy),
     #[error("database error: {0}")]
@@ -91,6 +93,7 @@ pub struct Accounts {
     db: Db,
     hasher: Hasher,
     throttle: Throttle,
+    registrations: throttle::Registrations,
     session_ttl: Duration,
 }
 
@@ -106,12 +109,19 @@ impl Accounts {
                 account_pace: limits.login_account_pace,
                 window: limits.login_window,
             }),
+            registrations: throttle::Registrations::new(limits.registrations_per_address),
             session_ttl: limits.session_ttl,
         }
     }
 
     /// Creates an account and a session for it.
-    pub async fn register(&self, username: &str, password: &str, confirm: &str) -> Result<NewSession, RegisterError> {
+    pub async fn register(
+        &self,
+        username: &str,
+        password: &str,
+        confirm: &str,
+        client: IpAddr,
+    ) -> Result<NewSession, RegisterError> {
         if !valid_username(username) {
             return Err(RegisterError::Username);
         }
@@ -125,6 +135,11 @@ impl Accounts {
         if self.find(&key).await?.is_some() {
             return Err(RegisterError::Taken);
         }
+        // Counted once the form is valid, before hashing: only a registration that can succeed
+        // costs the address one.
+        self.registrations
+            .take(client, tokio::time::Instant::now())
+            .map_err(|retry_after| RegisterError::Throttled { retry_after })?;
         let hash = self.hasher.hash(password.to_owned()).await?;
         let inserted = sqlx::query_scalar::<_, i64>(
             "INSERT INTO users (username, username_key, password_hash, created_at)

@@ -156,6 +156,35 @@ impl Throttle {
     }
 }
 
+/// Registrations per client address: a burst, then the same number per hour.
+pub struct Registrations {
+    per_hour: u32,
+    buckets: Mutex<HashMap<IpAddr, crate::rate::TokenBucket>>,
+}
+
+impl Registrations {
+    pub fn new(per_hour: u32) -> Self {
+        Self { per_hour, buckets: Mutex::new(HashMap::new()) }
+    }
+
+    /// Counts one registration from `address`, or `Err(retry_after)`. The machine's own
+    /// processes (bots, tests) are not throttled.
+    pub fn take(&self, address: IpAddr, now: Instant) -> Result<(), Duration> {
+        if address.is_loopback() {
+            return Ok(());
+        }
+        let per_second = f64::from(self.per_hour) / 3600.0;
+        let burst = f64::from(self.per_hour);
+        let mut buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A bucket idle for an hour is full again, the same as no bucket: those go first.
+        prune(&mut buckets, MAX_KEYS, |b| b.idle_for(now) < Duration::from_hours(1));
+        buckets
+            .entry(prefix(address))
+            .or_insert_with(|| crate::rate::TokenBucket::new(per_second, burst, now))
+            .take_or_wait(now)
+    }
+}
+
 /// Keeps `map` under `max` entries: drops those `keep` refuses, then arbitrary ones.
 fn prune<K: Clone + Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>, max: usize, keep: impl Fn(&V) -> bool) {
     if map.len() >= max {

@@ -3,6 +3,7 @@
 //! Handlers are thin: they check the request, call `accounts` or `hub`, and render a page.
 //! Errors become responses in one place, [`AppError`].
 
+pub mod caps;
 pub mod csrf;
 mod error;
 mod pages;
@@ -181,6 +182,8 @@ async fn login_form(State(app): AppState, jar: CookieJar, MaybeSession(s): Maybe
 
 async fn register(
     State(app): AppState,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     jar: CookieJar,
     form: Result<axum::Form<AuthForm>, axum::extract::rejection::FormRejection>,
 ) -> Result<Response, AppError> {
@@ -188,17 +191,25 @@ async fn register(
     if !csrf::verify(&app.config, &jar, &form.csrf) {
         return Err(AppError::Csrf);
     }
-    let result = app.accounts.register(&form.username, &form.password, &form.password_confirm).await;
-    let status = match result {
+    let ip = client_ip(&app, &headers, peer);
+    let error = match app.accounts.register(&form.username, &form.password, &form.password_confirm, ip).await {
         Ok(new) => return Ok(signed_in(&app, jar, new).await),
         Err(RegisterError::Db(e)) => return Err(e.into()),
         Err(RegisterError::Busy(_)) => return Err(AppError::Busy),
-        Err(RegisterError::Taken) => StatusCode::CONFLICT,
-        Err(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        Err(e) => e,
     };
-    let message = result.err().map(|e| e.to_string());
+    let status = match error {
+        RegisterError::Taken => StatusCode::CONFLICT,
+        RegisterError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::UNPROCESSABLE_ENTITY,
+    };
     let (jar, layout) = layout(&app, jar, None);
-    Ok((status, jar, AuthPage::register(layout, &form.username, message)).into_response())
+    let mut response =
+        (status, jar, AuthPage::register(layout, &form.username, Some(error.to_string()))).into_response();
+    if let RegisterError::Throttled { retry_after } = error {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after.as_secs().max(1)));
+    }
+    Ok(response)
 }
 
 async fn login(
@@ -383,51 +394,72 @@ async fn not_found() -> AppError {
 /// without a live session; the seat itself is claimed with a ticket in the first message.
 async fn room_socket(
     State(app): AppState,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     MaybeSession(session): MaybeSession,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    let (session, upgrade) = match checked_upgrade(&app, &headers, session, upgrade, shared::room::MAX_TO_ROOM_BYTES) {
-        Ok(checked) => checked,
-        Err(refused) => return refused.into_response(),
-    };
+    let (session, upgrade, permit) =
+        match checked_upgrade(&app, &headers, peer, session, upgrade, shared::room::MAX_TO_ROOM_BYTES) {
+            Ok(checked) => checked,
+            Err(refused) => return refused.into_response(),
+        };
     let (rooms, rtc) = (app.hub.rooms().clone(), app.hub.rtc().clone());
     let limits = app.hub.shared_limits();
-    upgrade.on_upgrade(move |socket| crate::transport::ws::serve(socket, rooms, rtc, session, limits))
+    upgrade.on_upgrade(move |socket| async move {
+        crate::transport::ws::serve(socket, rooms, rtc, session, limits).await;
+        drop(permit);
+    })
 }
 
 /// The hub WebSocket: 403 for another site's page, 401 without a live session.
 async fn hub_socket(
     State(app): AppState,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     MaybeSession(session): MaybeSession,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    let (session, upgrade) =
-        match checked_upgrade(&app, &headers, session, upgrade, shared::hub::MAX_CLIENT_MESSAGE_BYTES) {
+    let (session, upgrade, permit) =
+        match checked_upgrade(&app, &headers, peer, session, upgrade, shared::hub::MAX_CLIENT_MESSAGE_BYTES) {
             Ok(checked) => checked,
             Err(refused) => return refused.into_response(),
         };
     let hub = app.hub.clone();
-    upgrade.on_upgrade(move |socket| crate::hub::socket::serve(socket, hub, session))
+    upgrade.on_upgrade(move |socket| async move {
+        crate::hub::socket::serve(socket, hub, session).await;
+        drop(permit);
+    })
 }
 
 /// What every WebSocket upgrade checks: the site's own origin (403 otherwise: cross-site
-/// WebSocket hijacking) and a live session (401). On success, the upgrade with messages capped
-/// at `max` bytes and small buffers (most of an idle connection's memory is its buffers).
+/// WebSocket hijacking), a live session (401), and the socket caps (429 per session, user or
+/// address; 503 when only the connections kept for page loads are left). On success, the
+/// upgrade with messages capped at `max` bytes and small buffers (most of an idle connection's
+/// memory is its buffers), and the socket's place under the caps.
 fn checked_upgrade(
     app: &App,
     headers: &HeaderMap,
+    peer: SocketAddr,
     session: Option<Session>,
     upgrade: WebSocketUpgrade,
     max: usize,
-) -> Result<(Session, WebSocketUpgrade), (StatusCode, &'static str)> {
+) -> Result<(Session, WebSocketUpgrade, caps::SocketPermit), (StatusCode, String)> {
     if !csrf::same_origin(&app.config, headers) {
-        return Err((StatusCode::FORBIDDEN, "cross-site WebSocket refused\n"));
+        return Err((StatusCode::FORBIDDEN, "cross-site WebSocket refused\n".to_owned()));
     }
     let Some(session) = session else {
-        return Err((StatusCode::UNAUTHORIZED, "sign in first\n"));
+        return Err((StatusCode::UNAUTHORIZED, "sign in first\n".to_owned()));
     };
+    let permit = app.sockets.admit(&session, client_ip(app, headers, peer)).map_err(|refused| {
+        let status = if refused == caps::Refused::Full {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::TOO_MANY_REQUESTS
+        };
+        tracing::debug!(user = session.user.id, %refused, "WebSocket refused");
+        (status, refused.to_string())
+    })?;
     let upgrade = upgrade.read_buffer_size(1024).write_buffer_size(0).max_message_size(max).max_frame_size(max);
-    Ok((session, upgrade))
+    Ok((session, upgrade, permit))
 }

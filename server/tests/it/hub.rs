@@ -422,3 +422,47 @@ async fn shutdown_closes_sockets_with_going_away() {
     expect_close(&mut hub, close::GOING_AWAY).await;
     drop(stopping.await.unwrap());
 }
+
+/// One account took 99 of 100 connections before; now a session, a user and an address each
+/// hold a few sockets, and a tenth of `--max-connections` stays free for page loads.
+#[tokio::test]
+async fn nobody_can_take_every_socket_and_page_loads_keep_room() {
+    let server = TestServer::start_with(|c| {
+        c.max_connections = 40;
+        c.limits.ws_per_session = 3;
+        c.limits.ws_per_user = 5;
+    })
+    .await;
+    let hog = server.user("hog").await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(hog.hub().await.unwrap());
+    }
+    assert_eq!(upgrade_status(hog.hub().await), 429, "per session");
+    let second = server.client();
+    second.login("hog", crate::support::PASSWORD).await.unwrap();
+    for _ in 0..2 {
+        held.push(second.hub().await.unwrap());
+    }
+    assert_eq!(upgrade_status(second.hub().await), 429, "per user, over all their sessions");
+    // A place comes back when a socket closes.
+    drop(held.pop());
+    let again = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(hub) = second.hub().await {
+                return hub;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    held.push(again.await.expect("a freed place is given back"));
+
+    // Others fill the server up to 36 sockets (40 less a tenth); the 37th is refused with 503,
+    // and a page still loads.
+    for i in 0..31 {
+        held.push(server.user_named(i).await.hub().await.unwrap());
+    }
+    assert_eq!(upgrade_status(server.user_named(99).await.hub().await), 503);
+    let page = server.client().http().get(format!("{}/login", server.base)).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+}

@@ -195,6 +195,34 @@ async fn an_attacker_with_many_addresses_slows_an_account_but_cannot_lock_its_ow
     assert_eq!(login_from(&server, "popular", PASSWORD, "192.0.2.10").await.status(), StatusCode::SEE_OTHER);
 }
 
+async fn register_from(server: &TestServer, name: &str, address: &str) -> reqwest::Response {
+    let client = server.client();
+    let csrf = client.csrf("/register").await.unwrap();
+    let form = [("username", name), ("password", PASSWORD), ("password_confirm", PASSWORD), ("csrf", &csrf)];
+    let request = client.http().post(format!("{}/register", server.base)).header("x-forwarded-for", address);
+    request.form(&form).send().await.unwrap()
+}
+
+#[tokio::test]
+async fn registrations_are_throttled_per_address() {
+    let server = TestServer::start_with(|c| {
+        behind_proxy(c);
+        c.limits.registrations_per_address = 2;
+    })
+    .await;
+    for name in ["farm1", "farm2"] {
+        assert_eq!(register_from(&server, name, "203.0.113.5").await.status(), StatusCode::SEE_OTHER);
+    }
+    let refused = register_from(&server, "farm3", "203.0.113.5").await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(refused.headers().contains_key(RETRY_AFTER));
+    let message = page_message(&refused.text().await.unwrap());
+    assert!(message.contains("Too many new accounts"), "{message}");
+    // A form that cannot succeed costs nothing, and other addresses are not affected.
+    assert_eq!(register_from(&server, "farm1", "203.0.113.6").await.status(), StatusCode::CONFLICT);
+    assert_eq!(register_from(&server, "farm3", "203.0.113.6").await.status(), StatusCode::SEE_OTHER);
+}
+
 #[tokio::test]
 async fn logging_in_again_gives_a_new_session_and_ends_the_old() {
     let server = TestServer::start().await;
