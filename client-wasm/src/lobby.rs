@@ -454,7 +454,7 @@ fn on_closed(lobby: Rc<Lobby>, code: u16, reason: &str) {
     }
 }
 
-/// Reconnects after a growing delay, first making sure the session still exists: a failed
+/// Reconnects after a growing, jittered delay, first making sure the session still exists: a failed
 /// WebSocket upgrade (401) cannot be told apart from a network failure in the browser.
 fn retry(lobby: Rc<Lobby>) {
     let failures = {
@@ -462,9 +462,16 @@ fn retry(lobby: Rc<Lobby>) {
         state.failures += 1;
         state.failures
     };
-    let delay = (500 * 2_i32.pow(failures.min(5))).min(10_000);
+    // Exponential backoff with jitter: after a server restart, its players do not all knock
+    // again at the same instant.
+    let ceiling = f64::from((500 * 2_i32.pow(failures.min(5))).min(10_000));
+    let delay = (ceiling * (0.5 + 0.5 * js_sys::Math::random())) as i32;
     dom::later(delay, move || {
         wasm_bindgen_futures::spawn_local(async move {
+            // A match that lost its connection meanwhile reconnects the hub at once: done.
+            if lobby.state.borrow().socket.is_some() {
+                return;
+            }
             if session_ended().await {
                 let _ = dom::window().location().assign("/login");
             } else {

@@ -128,6 +128,13 @@ pub struct BotReport {
     pub bytes_down: u64,
     pub bytes_up: u64,
     pub protocol_errors: u64,
+    /// Room connections lost mid-match, seats taken back after it, and matches that ended
+    /// while the bot was away.
+    pub room_connections_lost: u64,
+    pub seats_regained: u64,
+    pub seat_regained_p50_ms: f64,
+    pub seat_regained_p99_ms: f64,
+    pub seats_gone: u64,
     /// The first few errors, for the reader.
     pub errors: Vec<String>,
 }
@@ -144,6 +151,12 @@ pub struct Tally {
     pub bytes_down: u64,
     pub bytes_up: u64,
     pub errors: Vec<String>,
+    /// Room connections lost mid-match (a cut, a restart).
+    pub room_connections_lost: u64,
+    /// Time from each loss to the first snapshot back in the same seat.
+    pub seats_regained: Vec<Duration>,
+    /// Losses after which the hub had no seat to offer back (the match had ended meanwhile).
+    pub seats_gone: u64,
 }
 
 impl Tally {
@@ -179,8 +192,11 @@ pub async fn run(args: &BotsArgs) -> BotReport {
 /// Sums the bots' tallies into a report.
 pub fn report(bots: usize, tallies: Vec<Tally>) -> BotReport {
     let mut r = BotReport { bots, ..BotReport::default() };
-    let (mut rtts, mut opens) = (Vec::new(), Vec::new());
+    let (mut rtts, mut opens, mut regained) = (Vec::new(), Vec::new(), Vec::new());
     for t in tallies {
+        r.room_connections_lost += t.room_connections_lost;
+        r.seats_gone += t.seats_gone;
+        regained.extend(t.seats_regained);
         r.matches_completed += t.matches;
         r.data_channels_opened += t.data_channels.len() as u64;
         opens.extend(t.data_channels);
@@ -197,16 +213,21 @@ pub fn report(bots: usize, tallies: Vec<Tally>) -> BotReport {
     (r.rtt_p50_ms, r.rtt_p99_ms) = (p.p50_ms, p.p99_ms);
     let p = crate::bench::Percentiles::of(opens);
     (r.data_channel_open_p50_ms, r.data_channel_open_p99_ms) = (p.p50_ms, p.p99_ms);
+    r.seats_regained = regained.len() as u64;
+    let p = crate::bench::Percentiles::of(regained);
+    (r.seat_regained_p50_ms, r.seat_regained_p99_ms) = (p.p50_ms, p.p99_ms);
     r
 }
 
 async fn sign_in(server: &str, name: &str, password: &str) -> Result<Client, ClientError> {
     let client = Client::new(server)?;
-    client.login_or_register(name, password).await?;
+    client.register_or_login(name, password).await?;
     Ok(client)
 }
 
-/// Queues and plays matches until the deadline.
+/// Queues and plays matches until the deadline. A lost connection (hub or room) is reopened
+/// with backoff, as the browser does; a bot whose room connection dropped mid-match gets a fresh
+/// ticket from the hub and takes its seat back.
 pub async fn play(
     client: &Client,
     mode: &str,
@@ -220,27 +241,102 @@ pub async fn play(
         Ok(hub) => hub,
         Err(e) => return tally.error(format!("hub: {e}")),
     };
+    // A seat to go back to: the room, its ticket, and when the connection to it was lost.
+    let mut rejoin: Option<(String, String, Instant)> = None;
     while Instant::now() < deadline {
-        let (room_name, ticket, found) = match queue(&mut hub, mode, deadline).await {
-            Ok(Some((room, ticket))) => (room, ticket, Instant::now()),
-            Ok(None) => break,
-            Err(e) => return tally.error(format!("queue: {e}")),
+        let (room_name, ticket, coming_back) = match rejoin.take() {
+            Some((room, ticket, lost_at)) => (room, ticket, Some(lost_at)),
+            None => match queue(&mut hub, mode, deadline).await {
+                Ok(Some((room, ticket))) => (room, ticket, None),
+                Ok(None) => break,
+                Err(e) if e.is_connection_lost() => {
+                    match back_to_hub(client, deadline, seed).await {
+                        Ok((again, seat)) => (hub, rejoin) = (again, seat.map(|(r, t)| (r, t, Instant::now()))),
+                        Err(e) => return tally.error(format!("hub: {e}")),
+                    }
+                    continue;
+                }
+                Err(e) => return tally.error(format!("queue: {e}")),
+            },
         };
-        let mut room = match client.room::<Arena>(&ticket).await {
-            Ok(room) => room,
+        let found = Instant::now();
+        let regained_before = tally.seats_regained.len();
+        let lost = match client.room::<Arena>(&ticket).await {
+            Ok(mut room) => {
+                if transport == Transport::Webrtc {
+                    let limit = Duration::from_millis(u64::from(shared::room::DATA_CHANNEL_OPEN_TIMEOUT_MS));
+                    match room.open_data_channel_through(&mut hub, &room_name, limit, conditions).await {
+                        Ok(()) => tally.data_channels.push(found.elapsed()),
+                        // Counted as an error, and the match is played over the WebSocket.
+                        Err(e) => tally.error(format!("webrtc: {e}")),
+                    }
+                }
+                match play_match_counted(room, deadline, seed, tally, None, coming_back).await {
+                    MatchEnd::Over => None,
+                    MatchEnd::Lost(e) => Some(e),
+                }
+            }
+            Err(e) if e.is_connection_lost() => Some(e),
             Err(e) => return tally.error(format!("join: {e}")),
         };
-        if transport == Transport::Webrtc {
-            let limit = Duration::from_millis(u64::from(shared::room::DATA_CHANNEL_OPEN_TIMEOUT_MS));
-            match room.open_data_channel_through(&mut hub, &room_name, limit, conditions).await {
-                Ok(()) => tally.data_channels.push(found.elapsed()),
-                // Counted as an error, and the match is played over the WebSocket.
-                Err(e) => tally.error(format!("webrtc: {e}")),
-            }
+        let Some(lost) = lost else { continue };
+        if Instant::now() >= deadline {
+            break;
         }
-        play_match(room, deadline, seed, tally).await;
+        tracing::debug!(seed, error = %lost, "room connection lost: back through the hub");
+        // A loss while still coming back from the previous one is the same time away.
+        let lost_at = match coming_back {
+            Some(lost_at) if tally.seats_regained.len() == regained_before => lost_at,
+            _ => {
+                tally.room_connections_lost += 1;
+                Instant::now()
+            }
+        };
+        match back_to_hub(client, deadline, seed).await {
+            Ok((again, seat)) => {
+                hub = again;
+                match seat {
+                    Some((room, ticket)) => rejoin = Some((room, ticket, lost_at)),
+                    None => tally.seats_gone += 1,
+                }
+            }
+            Err(e) => return tally.error(format!("hub: {e}")),
+        }
     }
     hub.close().await;
+}
+
+/// Opens a new hub connection, retrying with exponential backoff and jitter (100 ms doubling to
+/// 2 s, each wait drawn between half and all of it) until the deadline. Returns it, with the
+/// seat the hub offers back (a room and a fresh ticket) when the bot still has one.
+async fn back_to_hub(
+    client: &Client,
+    deadline: Instant,
+    seed: u64,
+) -> Result<(Hub, Option<(String, String)>), ClientError> {
+    let mut rng = Rng::new(seed ^ 0x5eed_0fba_c0ff);
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match client.hub().await {
+            Ok(mut hub) => {
+                // A seated player's MatchFound follows the welcome at once.
+                let seat = hub
+                    .recv_until(Duration::from_millis(500), |m| match m {
+                        ServerMsg::MatchFound { room, ticket, .. } => Some((room, ticket)),
+                        _ => None,
+                    })
+                    .await
+                    .ok();
+                return Ok((hub, seat));
+            }
+            Err(e) if e.is_connection_lost() && Instant::now() + wait < deadline => {
+                let jittered = wait.mul_f64(0.5 + 0.5 * f64::from(rng.below(1000)) / 1000.0);
+                tokio::time::sleep(jittered).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Joins the queue and waits for a match; `None` when the deadline comes first, else the
@@ -275,19 +371,31 @@ pub struct Live {
     pub leave: std::sync::atomic::AtomicBool,
 }
 
-/// Plays one match: one input per tick, predicted and reconciled like the browser does.
-pub async fn play_match(room: Room<Arena>, deadline: Instant, seed: u64, tally: &mut Tally) {
-    play_match_counted(room, deadline, seed, tally, None).await;
+/// How a match ended for one bot.
+#[derive(Debug)]
+pub enum MatchEnd {
+    /// It was over (the result came, the bot left, or the match was closed for good).
+    Over,
+    /// The connection was lost mid-match: the seat is held for a while.
+    Lost(ClientError),
 }
 
-/// Like [`play_match`], also counting into `live` as it goes.
+/// Plays one match: one input per tick, predicted and reconciled like the browser does.
+pub async fn play_match(room: Room<Arena>, deadline: Instant, seed: u64, tally: &mut Tally) -> MatchEnd {
+    play_match_counted(room, deadline, seed, tally, None, None).await
+}
+
+/// Like [`play_match`], also counting into `live` as it goes. `rejoined` is when the bot lost
+/// its previous connection to this match, if it is coming back: its first snapshot then
+/// counts as a seat taken back, after that long.
 pub async fn play_match_counted(
     mut room: Room<Arena>,
     deadline: Instant,
     seed: u64,
     tally: &mut Tally,
     live: Option<&Live>,
-) {
+    mut rejoined: Option<Instant>,
+) -> MatchEnd {
     use std::sync::atomic::Ordering::Relaxed;
     let (mut seen_down, mut seen_up) = (room.bytes_in, room.bytes_out);
     let mut counted_playing = false;
@@ -328,6 +436,9 @@ pub async fn play_match_counted(
             frame = room.recv() => match frame {
                 Ok(FromRoom::<Arena>::Snapshot { tick, ack, view }) => {
                     tally.snapshots += 1;
+                    if let Some(lost_at) = rejoined.take() {
+                        tally.seats_regained.push(lost_at.elapsed());
+                    }
                     if let Some(live) = live {
                         live.snapshots.fetch_add(1, Relaxed);
                         live.bytes_down.fetch_add(room.bytes_in - seen_down, Relaxed);
@@ -363,12 +474,16 @@ pub async fn play_match_counted(
     };
     tally.bytes_down += room.bytes_in;
     tally.bytes_up += room.bytes_out;
+    room.close().await;
     match end {
         // Closed for a reason a match can end with: not a protocol error.
-        None | Some(ClientError::Closed { code: close::MATCH_OVER | close::LEFT, .. }) => {}
-        Some(e) => tally.error(format!("room: {e}")),
+        None | Some(ClientError::Closed { code: close::MATCH_OVER | close::LEFT, .. }) => MatchEnd::Over,
+        Some(e) if e.is_connection_lost() => MatchEnd::Lost(e),
+        Some(e) => {
+            tally.error(format!("room: {e}"));
+            MatchEnd::Over
+        }
     }
-    room.close().await;
 }
 
 /// A bot's mind: chase and shoot what it sees, wander otherwise.

@@ -227,3 +227,65 @@ async fn two_players_are_matched_see_each_other_move_and_the_result_is_kept() {
     bob.close().await;
     server.stop().await;
 }
+
+/// The network drops both players' connections mid-match (a relay between the browsers and the
+/// server cuts every hub and room connection): each page says it is reconnecting, comes back by
+/// itself with backoff, and is put back in the same seat, on a new data channel, without a
+/// reload.
+#[tokio::test]
+async fn a_dropped_connection_comes_back_to_the_same_seat_without_a_reload() {
+    use rallypoint_server::bench::relay::{Kind, Relay};
+    let _one = crate::ONE_AT_A_TIME.lock().await;
+    let server = Server::start_with(&["--match-seconds", "60"]).await;
+    let addr = server.base.trim_start_matches("http://").parse().unwrap();
+    let relay = Relay::start(addr).await.unwrap();
+    let driver = Driver::start().await;
+    let (erin, frank) = (driver.browser(&[]).await, driver.browser(&[]).await);
+    for (b, name) in [(&erin, "erin"), (&frank, "frank")] {
+        b.goto(&format!("{}/register", relay.base())).await;
+        b.submit(&[("username", name), ("password", PASSWORD), ("password_confirm", PASSWORD)]).await;
+        b.wait_for_path("/play").await;
+        b.find("#status[data-state='online']").await;
+        find_duel(b).await;
+    }
+    let mut seats = Vec::new();
+    for b in [&erin, &frank] {
+        b.find("#game[data-state='playing']").await;
+        on_the_data_channel(b).await;
+        b.js("window.notReloaded = true; return null").await;
+        seats.push(state(b).await["seat"].as_u64().unwrap());
+    }
+
+    // The hub connections drop: the pages say so, and come back by themselves; the match goes on.
+    while relay.cut(Kind::Hub, 0) {}
+    erin.wait_until("erin's page says it is reconnecting", || async {
+        erin.exists("#status[data-state='offline']").await
+    })
+    .await;
+    for b in [&erin, &frank] {
+        b.find("#status[data-state='online']").await;
+        assert_eq!(state(b).await["state"], "playing");
+    }
+
+    // The room connections drop: each page rejoins its seat through the hub, on a new peer. A
+    // new match view counts its data-channel frames from zero: play 5 s first, so that the
+    // count falling is seen.
+    let frames = |b| async move { state(b).await["data_channel_frames"].as_u64().unwrap_or(0) };
+    let mut before = Vec::new();
+    for b in [&erin, &frank] {
+        b.wait_until("5 s on the data channel", || async { frames(b).await > 150 }).await;
+        before.push(frames(b).await);
+    }
+    while relay.cut(Kind::Room, 0) {}
+    for (i, b) in [&erin, &frank].into_iter().enumerate() {
+        b.wait_until("a new match view", || async { frames(b).await < before[i] }).await;
+        b.find("#game[data-state='playing']").await;
+        on_the_data_channel(b).await;
+        let s = state(b).await;
+        assert_eq!(s["seat"].as_u64(), Some(seats[i]), "{s}");
+        assert_eq!(b.js("return window.notReloaded === true").await, true, "no reload");
+    }
+    erin.close().await;
+    frank.close().await;
+    server.stop().await;
+}

@@ -18,6 +18,7 @@ usage: cargo xtask <command>
   bench hub        benchmark the hub (connections, memory, chat fan-out, login storm)
   bench rooms      benchmark rooms (CPU per tick, players per core, bytes, input latency, jitter)
   bench webrtc     the same rooms over WebSocket and WebRTC (connect time, memory per peer, CPU, bytes)
+  bench reconnect  bots whose room connections a relay cuts at random: how many take their seat back
   client           build only the wasm client into web/dist/
 ";
 
@@ -232,7 +233,7 @@ fn dist() -> Result<()> {
 
 fn bench(args: &[String]) -> Result<()> {
     let Some(what) = args.first() else {
-        bail!("which benchmark? `cargo xtask bench hub`, `bench rooms` or `bench webrtc`")
+        bail!("which benchmark? `cargo xtask bench hub`, `bench rooms`, `bench webrtc` or `bench reconnect`")
     };
     let bin = build_server(true)?;
     step(&format!("Benchmark: {what} (server on core 0, load generators on core 1)"));

@@ -4,6 +4,8 @@
 //! Bounded: every phase has a fixed size and duration, and the run stops by itself.
 
 mod hub;
+mod reconnect;
+pub mod relay;
 mod rooms;
 mod webrtc;
 
@@ -30,6 +32,8 @@ enum Which {
     Rooms(rooms::RoomsArgs),
     /// The same rooms over WebSocket and over WebRTC: connect time, memory per peer, CPU, bytes.
     Webrtc(webrtc::WebrtcArgs),
+    /// Bots whose room connections a relay cuts at random: how many take their seat back.
+    Reconnect(reconnect::ReconnectArgs),
     /// Measures how late plain timed sleeps wake up on this core: the floor under room ticks.
     Clock(ClockArgs),
     /// Holds idle hub connections for `bench hub` (a second process: each process here may
@@ -46,6 +50,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Which::Hub(args) => hub::run(args).await,
             Which::Rooms(args) => rooms::run(args).await,
             Which::Webrtc(args) => webrtc::run(args).await,
+            Which::Reconnect(args) => reconnect::run(args).await,
             Which::Clock(args) => {
                 println!("{}", serde_json::to_string(&clock(&args))?);
                 Ok(())

@@ -247,7 +247,7 @@ async fn bot(
             room.open_data_channel(&mut hub, &room_name, Duration::from_secs(30)).await?;
             tally.data_channels.push(found.elapsed());
         }
-        play_match_counted(room, deadline, seed, tally, Some(live)).await;
+        let _ = play_match_counted(room, deadline, seed, tally, Some(live), None).await;
         drop(hub);
         Ok(())
     }

@@ -42,6 +42,19 @@ pub enum ClientError {
     WebRtc(String),
 }
 
+impl ClientError {
+    /// Whether the connection was lost or the server is going away (come back), rather than
+    /// closed for a reason that coming back would not change (a refused ticket, a match over).
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            // 1001 going away (a restart), 1006 no close frame, 1011/1012/1013 server trouble.
+            Self::Closed { code, .. } => matches!(code, 1001 | 1006 | 1011 | 1012 | 1013),
+            Self::Ws(_) | Self::Http(_) | Self::Timeout => true,
+            _ => false,
+        }
+    }
+}
+
 /// One user's browser-like session with a server.
 pub struct Client {
     http: reqwest::Client,
@@ -113,12 +126,12 @@ impl Client {
         expect_redirect("/login", self.post_form("/login", &fields).await?).await
     }
 
-    /// Signs in, registering the account first if it does not exist.
-    pub async fn login_or_register(&self, username: &str, password: &str) -> Result<(), ClientError> {
-        match self.login(username, password).await {
-            Err(ClientError::Refused { status: StatusCode::UNAUTHORIZED, .. }) => {
-                self.register(username, password).await
-            }
+    /// Registers the account, or signs in when it exists already. Registering first means a
+    /// new account costs no failed login: bots on one machine share one address, and failed
+    /// logins are throttled per address.
+    pub async fn register_or_login(&self, username: &str, password: &str) -> Result<(), ClientError> {
+        match self.register(username, password).await {
+            Err(ClientError::Refused { status: StatusCode::CONFLICT, .. }) => self.login(username, password).await,
             other => other,
         }
     }

@@ -456,3 +456,57 @@ async fn bots_sign_up_queue_play_and_report() {
     assert_eq!(count(&server, "SELECT COUNT(*) FROM users WHERE username LIKE 'robo%'").await, 4);
     assert!(count(&server, "SELECT COUNT(*) FROM matches").await >= 2);
 }
+
+/// Bots play duels through a relay that cuts their room connections mid-match: each comes back
+/// through the hub, gets a fresh ticket and takes its seat back (the browser does the same).
+async fn cut_room_connections_are_taken_back(transport: rallypoint_server::bots::Transport) {
+    use rallypoint_server::bench::relay::{Kind, Relay};
+    let server = TestServer::start_with(|c| c.rooms.time_limit_secs = Some(30)).await;
+    let relay = Relay::start(server.running.addr).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
+    let bots: Vec<_> = (0..4)
+        .map(|i| {
+            let base = relay.base();
+            tokio::spawn(async move {
+                let client = Client::new(&base).unwrap();
+                client.register(&format!("cut{i}"), crate::support::PASSWORD).await.unwrap();
+                let mut tally = rallypoint_server::bots::Tally::default();
+                let conditions = rallypoint_server::client::Conditions::default();
+                rallypoint_server::bots::play(&client, "duel", transport, conditions, deadline, i, &mut tally).await;
+                tally
+            })
+        })
+        .collect();
+    tokio::time::timeout(Duration::from_secs(8), async {
+        while relay.count(Kind::Room) < 4 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("four bots in two duels");
+    let mut cuts = 0;
+    for pick in 0..12 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cuts += u64::from(relay.cut(Kind::Room, pick));
+    }
+    let mut tallies = Vec::new();
+    for bot in bots {
+        tallies.push(bot.await.unwrap());
+    }
+    let report = rallypoint_server::bots::report(4, tallies);
+    assert_eq!(report.protocol_errors, 0, "{:?}", report.errors);
+    assert!(cuts >= 10 && report.room_connections_lost >= cuts / 2, "{cuts} cuts: {report:?}");
+    // Every cut ends back in the seat, unless that match ended meanwhile (rare in 12 s).
+    assert!(report.seats_gone <= 1, "{report:?}");
+    assert_eq!(report.seats_regained + report.seats_gone, report.room_connections_lost, "{report:?}");
+}
+
+#[tokio::test]
+async fn players_cut_off_mid_match_take_their_seat_back_over_the_websocket() {
+    cut_room_connections_are_taken_back(rallypoint_server::bots::Transport::Ws).await;
+}
+
+#[tokio::test]
+async fn players_cut_off_mid_match_take_their_seat_back_over_webrtc() {
+    cut_room_connections_are_taken_back(rallypoint_server::bots::Transport::Webrtc).await;
+}
