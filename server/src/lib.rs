@@ -7,6 +7,7 @@ pub mod bots;
 pub mod client;
 pub mod config;
 pub mod db;
+pub mod fuzzing;
 mod http;
 pub mod hub;
 mod metrics_endpoint;

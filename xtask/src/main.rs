@@ -19,6 +19,7 @@ usage: cargo xtask <command>
   bench rooms      benchmark rooms (CPU per tick, players per core, bytes, input latency, jitter)
   bench webrtc     the same rooms over WebSocket and WebRTC (connect time, memory per peer, CPU, bytes)
   bench reconnect  bots whose room connections a relay cuts at random: how many take their seat back
+  fuzz [SECS] [T…]  fuzz every decoder of network bytes (or targets T) for SECS seconds each (default 60)
   client           build only the wasm client into web/dist/
 ";
 
@@ -41,6 +42,7 @@ fn run() -> Result<()> {
         "ci" => ci(),
         "dist" => dist(),
         "bench" => bench(&rest),
+        "fuzz" => fuzz(&rest),
         "client" => {
             tools::ensure(tools::Need::Build)?;
             build_client()
@@ -228,6 +230,36 @@ fn dist() -> Result<()> {
         "\ndist/ is ready: copy it anywhere and run `./rallypoint serve` inside it.\n\
          It serves http://127.0.0.1:8080 with the database ./data/rallypoint.db; see `./rallypoint serve --help`."
     );
+    Ok(())
+}
+
+/// The fuzz targets in `fuzz/fuzz_targets/` (one per decoder in `rallypoint_server::fuzzing`).
+const FUZZ_TARGETS: [&str; 6] = ["hub_message", "room_frame", "ticket", "sdp_offer", "ice_candidate", "form"];
+
+/// Runs libFuzzer on each target for a while, growing its committed corpus in
+/// `fuzz/corpus/<target>/`; a crash stops the run and leaves the input in `fuzz/artifacts/`.
+fn fuzz(args: &[String]) -> Result<()> {
+    let seconds: u64 = args.first().and_then(|a| a.parse().ok()).unwrap_or(60);
+    let named: Vec<&str> = args.iter().skip_while(|a| a.parse::<u64>().is_ok()).map(String::as_str).collect();
+    for t in &named {
+        if !FUZZ_TARGETS.contains(t) {
+            bail!("no fuzz target {t:?}; the targets are {}", FUZZ_TARGETS.join(", "));
+        }
+    }
+    let targets = if named.is_empty() { FUZZ_TARGETS.to_vec() } else { named };
+    tools::ensure_cargo_fuzz()?;
+    for target in targets {
+        step(&format!("Fuzzing {target} for {seconds} s"));
+        let corpus = format!("fuzz/corpus/{target}");
+        std::fs::create_dir_all(&corpus)?;
+        let mut cmd = tools::command("cargo")?;
+        // cargo-fuzz's sanitizer flags are nightly-only; stable takes them with RUSTC_BOOTSTRAP.
+        cmd.env("RUSTC_BOOTSTRAP", "1")
+            .args(["fuzz", "run", "--fuzz-dir", "fuzz", target, &corpus, "--"])
+            .arg(format!("-max_total_time={seconds}"))
+            .args(["-max_len=8192", "-print_final_stats=1"]);
+        sh(&mut cmd)?;
+    }
     Ok(())
 }
 

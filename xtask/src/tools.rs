@@ -90,6 +90,15 @@ fn cargo_install(args: &[&str]) -> Result<()> {
     sh(&mut cmd)
 }
 
+/// cargo-fuzz, for `cargo xtask fuzz` only (libFuzzer on stable with `RUSTC_BOOTSTRAP=1`).
+pub fn ensure_cargo_fuzz() -> Result<()> {
+    if version_of("cargo-fuzz").is_none() {
+        step("Installing cargo-fuzz (it drives libFuzzer over the decoders). One time only; about 2 minutes");
+        cargo_install(&["--locked", "cargo-fuzz"])?;
+    }
+    Ok(())
+}
+
 fn ensure_trunk() -> Result<()> {
     match version_of("trunk") {
         Some(v) if v.starts_with(&format!("trunk {TRUNK_SERIES}.")) => return Ok(()),

@@ -157,7 +157,7 @@ async fn home(State(app): AppState, jar: CookieJar, MaybeSession(session): Maybe
 /// gets the same clear message as an empty one.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
-struct AuthForm {
+pub(crate) struct AuthForm {
     username: String,
     password: String,
     password_confirm: String,
@@ -262,7 +262,7 @@ fn time_duration(d: std::time::Duration) -> time::Duration {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
-struct CsrfForm {
+pub(crate) struct CsrfForm {
     csrf: String,
 }
 
@@ -297,13 +297,13 @@ async fn play(State(app): AppState, jar: CookieJar, MaybeSession(session): Maybe
 /// `?page=N` (1 when absent or not a number) and `?mode=NAME`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
-struct PageQuery {
+pub(crate) struct PageQuery {
     page: Option<String>,
     mode: Option<String>,
 }
 
 impl PageQuery {
-    fn page(&self) -> u32 {
+    pub(crate) fn page(&self) -> u32 {
         self.page.as_deref().and_then(|p| p.parse().ok()).filter(|&p| (1..=100_000).contains(&p)).unwrap_or(1)
     }
 }

@@ -287,28 +287,15 @@ impl Rtc {
         if self.0.stats.peers.load(Ordering::Relaxed) >= self.0.config.max_peers {
             return Err(RtcError::Full);
         }
-        // A browser's offer for our one data channel has an application section; without it
-        // the peer could never open a channel.
-        if !sdp.contains("m=application") {
-            return Err(RtcError::BadOffer);
-        }
-        let offer = SdpOffer::from_sdp_string(sdp).map_err(|_| RtcError::BadOffer)?;
         let creds = IceCreds { ufrag: ice_token(8), pass: ice_token(16) };
         let now = std::time::Instant::now();
-        // No media: no codecs or RTP header extensions to keep per peer.
-        let mut rtc = str0m::RtcConfig::new()
-            .clear_codecs()
-            .clear_extension_map()
-            .set_ice_lite(true)
-            .set_crypto_provider(Arc::clone(&self.0.crypto))
-            .set_dtls_cert(self.0.cert.clone())
-            .set_local_ice_credentials(creds.clone())
-            .set_sctp_max_buffered_amount(self.0.config.max_buffered_bytes)
-            .set_sctp_max_message_size(MAX_SCTP_MESSAGE)
-            .build(now);
-        let host = Candidate::host(self.0.candidate, "udp").map_err(|_| RtcError::BadOffer)?;
-        rtc.add_local_candidate(host);
-        let answer = rtc.sdp_api().accept_offer(offer).map_err(|_| RtcError::BadOffer)?;
+        let answerer = Answerer {
+            crypto: &self.0.crypto,
+            cert: &self.0.cert,
+            max_buffered_bytes: self.0.config.max_buffered_bytes,
+            candidate: self.0.candidate,
+        };
+        let (rtc, answer) = answerer.answer(sdp, creds.clone(), now)?;
         let id = self.0.next_peer.fetch_add(1, Ordering::Relaxed);
         let config = &self.0.config;
         let inbound = TokenBucket::new(config.messages_per_second, config.message_burst, Instant::now());
@@ -332,7 +319,7 @@ impl Rtc {
                 return Err(RtcError::NoSeat);
             }
         }
-        Ok(answer.to_sdp_string())
+        Ok(answer)
     }
 
     /// Adds a client's ICE candidate to the peer connection it negotiated on `signaling`.
@@ -530,6 +517,62 @@ fn ice_token(bytes: usize) -> String {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What the server's half of a negotiation needs from the server.
+struct Answerer<'a> {
+    crypto: &'a Arc<CryptoProvider>,
+    cert: &'a DtlsCert,
+    max_buffered_bytes: usize,
+    candidate: SocketAddr,
+}
+
+impl Answerer<'_> {
+    /// Checks and parses a browser's offer, builds the peer's connection (ICE-lite, one DTLS
+    /// certificate for all, no media: no codecs or RTP header extensions to keep per peer) and
+    /// answers it.
+    fn answer(&self, sdp: &str, creds: IceCreds, now: std::time::Instant) -> Result<(str0m::Rtc, String), RtcError> {
+        // A browser's offer for our one data channel has an application section; without it
+        // the peer could never open a channel.
+        if !sdp.contains("m=application") {
+            return Err(RtcError::BadOffer);
+        }
+        let offer = SdpOffer::from_sdp_string(sdp).map_err(|_| RtcError::BadOffer)?;
+        let mut rtc = str0m::RtcConfig::new()
+            .clear_codecs()
+            .clear_extension_map()
+            .set_ice_lite(true)
+            .set_crypto_provider(Arc::clone(self.crypto))
+            .set_dtls_cert(self.cert.clone())
+            .set_local_ice_credentials(creds)
+            .set_sctp_max_buffered_amount(self.max_buffered_bytes)
+            .set_sctp_max_message_size(MAX_SCTP_MESSAGE)
+            .build(now);
+        let host = Candidate::host(self.candidate, "udp").map_err(|_| RtcError::BadOffer)?;
+        rtc.add_local_candidate(host);
+        let answer = rtc.sdp_api().accept_offer(offer).map_err(|_| RtcError::BadOffer)?;
+        Ok((rtc, answer.to_sdp_string()))
+    }
+}
+
+/// Answers `sdp` as the server would, with a fixed certificate: the fuzz target of offers.
+pub(crate) fn fuzz_offer(sdp: &str) {
+    static SETUP: std::sync::OnceLock<(Arc<CryptoProvider>, Option<DtlsCert>)> = std::sync::OnceLock::new();
+    let (crypto, cert) = SETUP.get_or_init(|| {
+        let crypto = Arc::new(str0m::crypto::from_feature_flags());
+        let cert = crypto.dtls_provider.generate_certificate();
+        (crypto, cert)
+    });
+    let Some(cert) = cert else { return };
+    let answerer =
+        Answerer { crypto, cert, max_buffered_bytes: 64 * 1024, candidate: SocketAddr::from(([127, 0, 0, 1], 9)) };
+    let creds = IceCreds { ufrag: "fuzzfuzz".into(), pass: "fuzzfuzzfuzzfuzz".into() };
+    let _ = answerer.answer(sdp, creds, std::time::Instant::now());
+}
+
+/// Parses a trickled candidate line as the server does: the fuzz target of candidates.
+pub(crate) fn fuzz_candidate(line: &str) {
+    let _ = Candidate::from_sdp_string(line);
 }
 
 #[cfg(test)]

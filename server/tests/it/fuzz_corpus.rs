@@ -1,0 +1,99 @@
+//! The fuzz targets' short run in `cargo xtask test`: every seed, every input of the committed
+//! corpora (`fuzz/corpus/<target>/`, grown by `cargo xtask fuzz`), and seeded mutations of each,
+//! through the same decoders the fuzzer drives. None may panic.
+
+use rallypoint_server::fuzzing::{TARGETS, seeds};
+use shared::game::Rng;
+
+/// Mutations tried per input.
+const MUTATIONS: usize = 300;
+
+fn corpus_dir(target: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(target)
+}
+
+fn corpus(target: &str) -> Vec<Vec<u8>> {
+    let dir = corpus_dir(target);
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries.filter_map(|e| std::fs::read(e.ok()?.path()).ok()).collect()
+}
+
+/// One random edit: flip a bit, drop or repeat a slice, insert a byte, or cut the end.
+fn mutate(input: &[u8], rng: &mut Rng) -> Vec<u8> {
+    let mut out = input.to_vec();
+    let at = |rng: &mut Rng, len: usize| rng.below(len.max(1) as u32) as usize;
+    for _ in 0..=rng.below(4) {
+        match rng.below(5) {
+            0 if !out.is_empty() => {
+                let i = at(rng, out.len());
+                out[i] ^= 1 << rng.below(8);
+            }
+            1 if !out.is_empty() => {
+                let i = at(rng, out.len());
+                let n = at(rng, out.len() - i) + 1;
+                out.drain(i..i + n);
+            }
+            2 if !out.is_empty() => {
+                let i = at(rng, out.len());
+                let n = (at(rng, out.len() - i) + 1).min(64);
+                let slice = out[i..i + n].to_vec();
+                out.splice(i..i, slice);
+            }
+            3 => {
+                let i = at(rng, out.len() + 1);
+                out.insert(i, [0, 0xff, b'"', b'{', b'=', b'&', b'%', b'\r'][rng.below(8) as usize]);
+            }
+            _ => out.truncate(at(rng, out.len() + 1)),
+        }
+    }
+    out
+}
+
+#[test]
+fn every_decoder_survives_its_corpus_and_mutations_of_it() {
+    let seeds = seeds();
+    let mut rng = Rng::new(0x00f0_2200);
+    for (name, target) in TARGETS {
+        let mut inputs: Vec<Vec<u8>> = seeds.iter().filter(|(t, _)| *t == name).map(|(_, s)| s.clone()).collect();
+        assert!(!inputs.is_empty(), "{name} has seeds");
+        inputs.extend(corpus(name));
+        for input in &inputs {
+            target(input);
+            for _ in 0..MUTATIONS {
+                target(&mutate(input, &mut rng));
+            }
+        }
+    }
+}
+
+#[test]
+fn the_seeds_are_what_the_server_accepts() {
+    // Seeds that decode make the fuzzer start from the interesting paths.
+    for (name, seed) in seeds() {
+        let ok = match name {
+            "hub_message" => shared::hub::ClientMsg::from_json(std::str::from_utf8(&seed).unwrap()).is_ok(),
+            "room_frame" => {
+                shared::room::JoinRequest::decode(&seed).is_ok()
+                    || shared::room::ToRoom::<shared::arena::ArenaInput>::decode(&seed).is_ok()
+            }
+            _ => true,
+        };
+        assert!(ok, "{name}: {:?}", String::from_utf8_lossy(&seed));
+    }
+}
+
+/// The fuzzer starts from the seeds: each is a file of its target's corpus. After changing
+/// `seeds()`, `RALLYPOINT_BLESS=1 cargo test -p rallypoint-server --test it fuzz_corpus` writes
+/// the missing ones.
+#[test]
+fn every_seed_is_in_the_corpus() {
+    let bless = std::env::var_os("RALLYPOINT_BLESS").is_some();
+    for (i, (name, seed)) in seeds().into_iter().enumerate() {
+        if corpus(name).contains(&seed) {
+            continue;
+        }
+        assert!(bless, "seed {i} of {name} is not in fuzz/corpus/{name}: run with RALLYPOINT_BLESS=1");
+        std::fs::create_dir_all(corpus_dir(name)).unwrap();
+        std::fs::write(corpus_dir(name).join(format!("seed-{i}")), seed).unwrap();
+    }
+}
