@@ -19,6 +19,7 @@ usage: cargo xtask <command>
   bench rooms      benchmark rooms (CPU per tick, players per core, bytes, input latency, jitter)
   bench webrtc     the same rooms over WebSocket and WebRTC (connect time, memory per peer, CPU, bytes)
   bench reconnect  bots whose room connections a relay cuts at random: how many take their seat back
+  soak [--minutes N] bots play, drop and return, sign out and in for N minutes (60): memory, files, results
   fuzz [SECS] [T…]  fuzz every decoder of network bytes (or targets T) for SECS seconds each (default 60)
   client           build only the wasm client into web/dist/
 ";
@@ -43,6 +44,11 @@ fn run() -> Result<()> {
         "dist" => dist(),
         "bench" => bench(&rest),
         "fuzz" => fuzz(&rest),
+        "soak" => {
+            let mut args = vec!["soak".to_owned()];
+            args.extend(rest);
+            bench(&args)
+        }
         "client" => {
             tools::ensure(tools::Need::Build)?;
             build_client()

@@ -7,6 +7,7 @@ mod hub;
 mod reconnect;
 pub mod relay;
 mod rooms;
+mod soak;
 mod webrtc;
 
 use std::net::SocketAddr;
@@ -34,6 +35,9 @@ enum Which {
     Webrtc(webrtc::WebrtcArgs),
     /// Bots whose room connections a relay cuts at random: how many take their seat back.
     Reconnect(reconnect::ReconnectArgs),
+    /// Bots joining, playing, dropping and coming back, signing out and in, for a long time:
+    /// memory and open files must stay flat, and no result may be lost.
+    Soak(soak::SoakArgs),
     /// Measures how late plain timed sleeps wake up on this core: the floor under room ticks.
     Clock(ClockArgs),
     /// Holds idle hub connections for `bench hub` (a second process: each process here may
@@ -51,6 +55,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Which::Rooms(args) => rooms::run(args).await,
             Which::Webrtc(args) => webrtc::run(args).await,
             Which::Reconnect(args) => reconnect::run(args).await,
+            Which::Soak(args) => soak::run(args).await,
             Which::Clock(args) => {
                 println!("{}", serde_json::to_string(&clock(&args))?);
                 Ok(())
