@@ -135,6 +135,17 @@ pub struct BotReport {
     pub seat_regained_p50_ms: f64,
     pub seat_regained_p99_ms: f64,
     pub seats_gone: u64,
+    /// Others drawn between snapshots at 60 frames a second: share of frames past the newest
+    /// snapshot, the largest step between two frames (tiles), and the delay (ticks, p50/p99).
+    pub interp_frames: u64,
+    pub interp_dry_share: f64,
+    pub interp_largest_step_tiles: f64,
+    pub interp_delay_p50_ticks: f64,
+    pub interp_delay_p99_ticks: f64,
+    pub corrections_per_minute: f64,
+    /// Size of corrections of the own prediction, in tiles.
+    pub correction_p50_tiles: f64,
+    pub correction_p99_tiles: f64,
     /// The first few errors, for the reader.
     pub errors: Vec<String>,
 }
@@ -157,6 +168,14 @@ pub struct Tally {
     pub seats_regained: Vec<Duration>,
     /// Losses after which the hub had no seat to offer back (the match had ended meanwhile).
     pub seats_gone: u64,
+    /// Drawing others between snapshots, as the browser does at 60 frames a second.
+    pub interp: shared::interp::InterpStats,
+    /// The interpolation delay each match ended with, in ticks.
+    pub interp_delays: Vec<f64>,
+    /// Size of each correction of the own prediction, in world units.
+    pub correction_sizes: Vec<u32>,
+    /// Time spent in matches.
+    pub playing: Duration,
 }
 
 impl Tally {
@@ -193,7 +212,14 @@ pub async fn run(args: &BotsArgs) -> BotReport {
 pub fn report(bots: usize, tallies: Vec<Tally>) -> BotReport {
     let mut r = BotReport { bots, ..BotReport::default() };
     let (mut rtts, mut opens, mut regained) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut delays, mut sizes, mut playing, mut dry) = (Vec::new(), Vec::new(), Duration::ZERO, 0);
     for t in tallies {
+        r.interp_frames += t.interp.frames;
+        dry += t.interp.dry;
+        r.interp_largest_step_tiles = r.interp_largest_step_tiles.max(t.interp.largest_step);
+        delays.extend(t.interp_delays);
+        sizes.extend(t.correction_sizes);
+        playing += t.playing;
         r.room_connections_lost += t.room_connections_lost;
         r.seats_gone += t.seats_gone;
         regained.extend(t.seats_regained);
@@ -213,6 +239,14 @@ pub fn report(bots: usize, tallies: Vec<Tally>) -> BotReport {
     (r.rtt_p50_ms, r.rtt_p99_ms) = (p.p50_ms, p.p99_ms);
     let p = crate::bench::Percentiles::of(opens);
     (r.data_channel_open_p50_ms, r.data_channel_open_p99_ms) = (p.p50_ms, p.p99_ms);
+    r.interp_dry_share = dry as f64 / r.interp_frames.max(1) as f64;
+    delays.sort_by(f64::total_cmp);
+    let at = |v: &[f64], q: f64| v.get(((v.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0.0);
+    (r.interp_delay_p50_ticks, r.interp_delay_p99_ticks) = (at(&delays, 0.5), at(&delays, 0.99));
+    r.corrections_per_minute = r.corrections as f64 / (playing.as_secs_f64() / 60.0).max(1e-9);
+    let mut sizes: Vec<f64> = sizes.into_iter().map(|s| f64::from(s) / f64::from(TILE)).collect();
+    sizes.sort_by(f64::total_cmp);
+    (r.correction_p50_tiles, r.correction_p99_tiles) = (at(&sizes, 0.5), at(&sizes, 0.99));
     r.seats_regained = regained.len() as u64;
     let p = crate::bench::Percentiles::of(regained);
     (r.seat_regained_p50_ms, r.seat_regained_p99_ms) = (p.p50_ms, p.p99_ms);
@@ -371,6 +405,9 @@ pub struct Live {
     pub leave: std::sync::atomic::AtomicBool,
 }
 
+/// Other players' seats and positions, as in a snapshot or as drawn in a frame.
+type Drawn = Vec<(u8, f64, f64)>;
+
 /// How a match ended for one bot.
 #[derive(Debug)]
 pub enum MatchEnd {
@@ -405,6 +442,14 @@ pub async fn play_match_counted(
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pinger = tokio::time::interval(Duration::from_secs(1));
+    // Others are drawn between snapshots as the browser draws them, 60 times a second, except in
+    // the room benchmarks (`live`), where the bots' own CPU matters.
+    let drawing = live.is_none();
+    let started = Instant::now();
+    let ms = |at: Instant| at.duration_since(started).as_secs_f64() * 1000.0;
+    let mut clock = shared::interp::SnapshotClock::new(room.tick_hz);
+    let mut kept: std::collections::VecDeque<(u32, Drawn)> = std::collections::VecDeque::new();
+    let mut frames = tokio::time::interval(Duration::from_micros(16_667));
     let mut ping: Option<(u32, Instant)> = None;
     let mut latest: Option<(u32, ArenaView)> = None;
     // Cleared when a send fails: the server may have ended the match and closed the socket
@@ -427,6 +472,20 @@ pub async fn play_match_counted(
                     continue;
                 }
                 tally.inputs += 1;
+            }
+            _ = frames.tick(), if drawing && !kept.is_empty() => {
+                let ticks: Vec<u32> = kept.iter().map(|(t, _)| *t).collect();
+                if let Some(p) = shared::interp::pair(&ticks, clock.render_tick(ms(Instant::now()))) {
+                    let (from, to) = (&kept[p.from].1, &kept[p.to].1);
+                    let drawn: Drawn = to
+                        .iter()
+                        .map(|&(seat, x, y)| match from.iter().find(|(s, ..)| *s == seat) {
+                            Some(&(_, fx, fy)) => (seat, fx + (x - fx) * p.t, fy + (y - fy) * p.t),
+                            None => (seat, x, y),
+                        })
+                        .collect();
+                    tally.interp.frame(p.dry, &drawn, f64::from(TILE));
+                }
             }
             _ = pinger.tick() => {
                 let id = ping.map_or(1, |(id, _)| id + 1);
@@ -451,6 +510,17 @@ pub async fn play_match_counted(
                     }
                     if predictor.snapshot(ack, &view).is_some() {
                         tally.corrections += 1;
+                        tally.correction_sizes.push(predictor.last_correction);
+                    }
+                    if drawing {
+                        clock.on_snapshot(tick, ms(Instant::now()));
+                        if kept.back().is_none_or(|(t, _)| *t < tick) {
+                            let others = view.others.iter().map(|o| (o.seat, f64::from(o.x), f64::from(o.y))).collect();
+                            kept.push_back((tick, others));
+                            if kept.len() > 16 {
+                                kept.pop_front();
+                            }
+                        }
                     }
                     if latest.as_ref().is_none_or(|(t, _)| *t < tick) {
                         latest = Some((tick, view));
@@ -474,6 +544,10 @@ pub async fn play_match_counted(
     };
     tally.bytes_down += room.bytes_in;
     tally.bytes_up += room.bytes_out;
+    tally.playing += started.elapsed();
+    if drawing {
+        tally.interp_delays.push(clock.delay_ticks());
+    }
     room.close().await;
     match end {
         // Closed for a reason a match can end with: not a protocol error.

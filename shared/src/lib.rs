@@ -8,5 +8,6 @@ pub mod arena;
 pub mod game;
 pub mod hub;
 pub mod inputs;
+pub mod interp;
 pub mod predict;
 pub mod room;

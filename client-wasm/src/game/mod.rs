@@ -14,6 +14,7 @@ use std::rc::Rc;
 
 use shared::arena::{Arena, ArenaInput, ArenaRules, ArenaView};
 use shared::game::Outcome;
+use shared::interp::SnapshotClock;
 use shared::predict::Predictor;
 use shared::room::{FromRoom, JoinRequest, MAX_INPUTS_PER_MESSAGE, ROOM_PROTOCOL_VERSION, RatingChange, ToRoom, close};
 use wasm_bindgen::prelude::*;
@@ -26,7 +27,7 @@ use link::{LinkEvent, RoomLink};
 type Down = FromRoom<ArenaView, ArenaRules>;
 type Up = ToRoom<ArenaInput>;
 
-/// How far in the past others are drawn, in ticks: enough to have a snapshot on either side.
+/// How far in the past others are drawn before the snapshot clock runs, in ticks.
 const INTERPOLATION_TICKS: f64 = 2.0;
 /// Snapshots kept for interpolation.
 const KEPT_SNAPSHOTS: usize = 16;
@@ -95,6 +96,10 @@ pub struct Match {
     joined: Option<Joined>,
     predictor: Option<Predictor<Arena>>,
     snapshots: VecDeque<Snapshot>,
+    /// Where on the server's timeline others are drawn (adapts to jitter and loss).
+    clock: Option<SnapshotClock>,
+    /// How interpolation went: frames drawn, frames with no newer snapshot, largest step.
+    interp: shared::interp::InterpStats,
     controls: Controls,
     /// Time not yet turned into ticks, in milliseconds.
     owed_ms: f64,
@@ -147,6 +152,8 @@ pub fn start(
         joined: None,
         predictor: None,
         snapshots: VecDeque::new(),
+        clock: None,
+        interp: shared::interp::InterpStats::default(),
         controls: Controls::default(),
         owed_ms: 0.0,
         last_frame_ms: None,
@@ -219,6 +226,7 @@ impl Match {
             Down::Joined { seat, players, tick_hz, rules, .. } => {
                 self.predictor = Some(Predictor::new(rules));
                 self.joined = Some(Joined { seat, players, tick_hz });
+                self.clock = Some(SnapshotClock::new(tick_hz));
                 // The seat is ours: now the server accepts a peer connection for it.
                 if let Some(link) = &mut self.link
                     && let Err(e) = link.start_webrtc(&self.room, &self.ice_servers)
@@ -238,6 +246,9 @@ impl Match {
                     p.snapshot(ack, &view);
                 }
                 self.net.snapshots_in_window += 1;
+                if let Some(clock) = &mut self.clock {
+                    clock.on_snapshot(tick, now);
+                }
                 // Unordered transports may deliver an old snapshot late: keep ticks in order.
                 if self.snapshots.back().is_none_or(|s| s.tick < tick) {
                     self.snapshots.push_back(Snapshot { tick, at_ms: now, view });
@@ -516,17 +527,17 @@ pub fn back_to_lobby() {
 }
 
 impl Match {
-    fn interpolation_pair(&self, render_tick: f64) -> Option<(&Snapshot, &Snapshot, f64)> {
-        let newest = self.snapshots.back()?;
-        let i = self.snapshots.iter().rposition(|s| f64::from(s.tick) <= render_tick);
-        match i {
-            Some(i) if i + 1 < self.snapshots.len() => {
-                let (a, b) = (&self.snapshots[i], &self.snapshots[i + 1]);
-                let t = (render_tick - f64::from(a.tick)) / f64::from(b.tick - a.tick).max(1.0);
-                Some((a, b, t.clamp(0.0, 1.0)))
-            }
-            _ => Some((newest, newest, 1.0)),
-        }
+    /// The tick others are drawn at now: on the snapshot clock once it runs.
+    fn render_tick(&self, now: f64) -> f64 {
+        self.clock.as_ref().map_or_else(|| self.estimated_tick(now) - INTERPOLATION_TICKS, |c| c.render_tick(now))
+    }
+
+    /// The snapshots either side of `render_tick`, how far between them, and whether the
+    /// buffer ran dry (no snapshot after it yet).
+    fn interpolation_pair(&self, render_tick: f64) -> Option<(&Snapshot, &Snapshot, f64, bool)> {
+        let ticks: Vec<u32> = self.snapshots.iter().map(|s| s.tick).collect();
+        let p = shared::interp::pair(&ticks, render_tick)?;
+        Some((&self.snapshots[p.from], &self.snapshots[p.to], p.t, p.dry))
     }
 }
 
@@ -550,6 +561,11 @@ pub fn state_json() -> String {
         "corrections": m.predictor.as_ref().map(|p| p.corrections),
         "transport": m.link.as_ref().map(RoomLink::kind),
         "data_channel_frames": m.link.as_ref().map(|l| l.data_frames.get()),
+        "interp_delay_ticks": m.clock.as_ref().map(SnapshotClock::delay_ticks),
+        "jitter_ms": m.clock.as_ref().map(SnapshotClock::jitter_ms),
+        "frames": m.interp.frames,
+        "dry_frames": m.interp.dry,
+        "largest_step": m.interp.largest_step,
     })
     .to_string()
 }

@@ -6,7 +6,7 @@ use std::f64::consts::TAU;
 use shared::arena::{MAP_H, MAP_W, PLAYER_HALF, TILE, is_wall, line_of_sight};
 use web_sys::{CanvasRenderingContext2d, HtmlCanvasElement};
 
-use super::{INTERPOLATION_TICKS, Match};
+use super::Match;
 
 /// One colour per seat.
 const COLOURS: [&str; 16] = [
@@ -78,8 +78,11 @@ pub fn draw(m: &mut Match, now: f64) {
         m.fog.update(x as i32, y as i32);
         draw_fog(&ctx, s, &m.fog);
     }
-    let render_tick = m.estimated_tick(now) - INTERPOLATION_TICKS;
-    if let Some((a, b, t)) = m.interpolation_pair(render_tick) {
+    let render_tick = m.render_tick(now);
+    let mut drawn = Vec::new();
+    let mut dry = false;
+    if let Some((a, b, t, ran_dry)) = m.interpolation_pair(render_tick) {
+        dry = ran_dry;
         for seen in &b.view.others {
             let (x, y) = a
                 .view
@@ -93,7 +96,11 @@ pub fn draw(m: &mut Match, now: f64) {
                 m.joined.as_ref().and_then(|st| st.players.get(usize::from(seen.seat))).map_or("", String::as_str);
             let aim = (f64::from(seen.aim_x) / 127.0, f64::from(seen.aim_y) / 127.0);
             draw_player(&ctx, s, x, y, aim, seen.seat, name, seen.hp, false);
+            drawn.push((seen.seat, x, y));
         }
+    }
+    if !m.snapshots.is_empty() {
+        m.interp.frame(dry, &drawn, f64::from(TILE));
     }
     let estimated = m.estimated_tick(now);
     if let Some(latest) = m.snapshots.back() {
