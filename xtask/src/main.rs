@@ -265,6 +265,10 @@ fn fuzz(args: &[String]) -> Result<()> {
             .arg(format!("-max_total_time={seconds}"))
             .args(["-max_len=8192", "-print_final_stats=1"]);
         sh(&mut cmd)?;
+        // Keep the committed corpus small: only inputs that add coverage.
+        let mut cmin = tools::command("cargo")?;
+        cmin.env("RUSTC_BOOTSTRAP", "1").args(["fuzz", "cmin", "--fuzz-dir", "fuzz", target, &corpus]);
+        sh(&mut cmin)?;
     }
     Ok(())
 }

@@ -81,19 +81,3 @@ fn the_seeds_are_what_the_server_accepts() {
         assert!(ok, "{name}: {:?}", String::from_utf8_lossy(&seed));
     }
 }
-
-/// The fuzzer starts from the seeds: each is a file of its target's corpus. After changing
-/// `seeds()`, `RALLYPOINT_BLESS=1 cargo test -p rallypoint-server --test it fuzz_corpus` writes
-/// the missing ones.
-#[test]
-fn every_seed_is_in_the_corpus() {
-    let bless = std::env::var_os("RALLYPOINT_BLESS").is_some();
-    for (i, (name, seed)) in seeds().into_iter().enumerate() {
-        if corpus(name).contains(&seed) {
-            continue;
-        }
-        assert!(bless, "seed {i} of {name} is not in fuzz/corpus/{name}: run with RALLYPOINT_BLESS=1");
-        std::fs::create_dir_all(corpus_dir(name)).unwrap();
-        std::fs::write(corpus_dir(name).join(format!("seed-{i}")), seed).unwrap();
-    }
-}
