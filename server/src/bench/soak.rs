@@ -148,12 +148,14 @@ async fn bot(base: String, i: usize, deadline: Instant) -> (Tally, u64) {
             Ok(client) => client,
             Err(e) => {
                 tally.errors.push(e.to_string());
-                break;
+                break; // a bad URL: trying again changes nothing
             }
         };
         if let Err(e) = client.register_or_login(&name, "soak password 123").await {
+            // Counted, and tried again after a pause, as a person would.
             tally.errors.push(format!("{name}: {e}"));
-            break;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            continue;
         }
         sessions += 1;
         let stint = Instant::now() + Duration::from_secs(30 + u64::from(rng.below(60)));
