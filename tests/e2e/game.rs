@@ -201,6 +201,14 @@ async fn two_players_are_matched_see_each_other_move_and_the_result_is_kept() {
     alice.wait_until("alice sees bob", || async { seen(&alice, bob_seat).await.is_some() }).await;
     sees_moving(&bob, &alice).await;
     sees_moving(&alice, &bob).await;
+    // Others were drawn between snapshots on the snapshot clock: the buffer hardly ran dry, and
+    // nobody jumped across the screen between two frames.
+    let s = state(&bob).await;
+    eprintln!("interpolation in the browser: {s}");
+    let (frames, dry) = (s["frames"].as_u64().unwrap(), s["dry_frames"].as_u64().unwrap());
+    assert!(frames > 60 && dry * 20 < frames, "{dry} of {frames} frames dry: {s}");
+    assert!(s["largest_step"].as_f64().unwrap() < 1.0, "{s}");
+    assert!(s["interp_delay_ticks"].as_f64().unwrap() >= 1.5, "{s}");
     alice.screenshot("match").await;
     // Prediction kept up: the walking client hardly had to correct itself.
     let corrections = state(&alice).await["corrections"].as_u64().unwrap();
