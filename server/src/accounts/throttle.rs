@@ -47,7 +47,7 @@ enum Key {
 struct Window {
     start: Instant,
     attempts: u32,
-    /// When a paced account may be tried next.
+    /// When a paced account may be tried next (accounts only).
     next: Instant,
 }
 
@@ -124,32 +124,27 @@ impl Throttle {
         let mut state = self.lock();
         let window = limits.window;
         prune(&mut state.counts, MAX_KEYS - 3, |w| w.start + window > now);
-        let pair = Key::Pair(account.to_owned(), address);
-        let current = |state: &State, key: &Key| {
-            state.counts.get(key).copied().filter(|w| w.start + window > now).unwrap_or(Window {
-                start: now,
-                attempts: 0,
-                next: now,
-            })
-        };
-        let lock_wait = |w: Window, limit: u32| (w.attempts >= limit).then(|| w.start + window - now);
-        let (p, a, acc) = (current(&state, &pair), current(&state, &Key::Address(address)), {
-            current(&state, &Key::Account(account.to_owned()))
+        let keys = [Key::Pair(account.to_owned(), address), Key::Address(address), Key::Account(account.to_owned())];
+        let [pair, addr, acc] = keys.each_ref().map(|key| {
+            let fresh = Window { start: now, attempts: 0, next: now };
+            state.counts.get(key).copied().filter(|w| w.start + window > now).unwrap_or(fresh)
         });
+        let lock_wait = |w: Window, limit: u32| (w.attempts >= limit).then(|| w.start + window - now);
         let known = state.known.get(&(account.to_owned(), address)).is_some_and(|&at| at + KNOWN_FOR > now);
         let paced = acc.attempts >= limits.per_account && !known;
         let pace_wait = (paced && acc.next > now).then(|| acc.next - now);
-        if let Some(wait) = [lock_wait(p, limits.per_account_address), lock_wait(a, limits.per_address), pace_wait]
-            .into_iter()
-            .flatten()
-            .max()
+        if let Some(wait) =
+            [lock_wait(pair, limits.per_account_address), lock_wait(addr, limits.per_address), pace_wait]
+                .into_iter()
+                .flatten()
+                .max()
         {
             return Err(wait);
         }
-        let next = if paced { now + limits.account_pace } else { acc.next };
-        for (key, mut w) in [(pair, p), (Key::Address(address), a), (Key::Account(account.to_owned()), acc)] {
+        // Counted now; given back by `Attempt` unless it turns out to be a wrong password.
+        let acc = Window { next: if paced { now + limits.account_pace } else { acc.next }, ..acc };
+        for (key, mut w) in keys.into_iter().zip([pair, addr, acc]) {
             w.attempts += 1;
-            w.next = next;
             state.counts.insert(key, w);
         }
         Ok(Attempt { throttle: self, account: account.to_owned(), address, settled: false })
