@@ -467,7 +467,7 @@ pub async fn play_match_counted(
                 let own = predictor.own().copied();
                 predictor.input(brain.decide(own.map(|b| (b.x, b.y)), view));
                 let (first_seq, inputs) = predictor.to_send(MAX_INPUTS_PER_MESSAGE);
-                if room.send(&ToRoom::Inputs { first_seq, tick: *tick, inputs }).await.is_err() {
+                if room.send(&ToRoom::Inputs { first_seq, tick: *tick, seen: room.seen(), inputs }).await.is_err() {
                     sending = false;
                     continue;
                 }
@@ -538,6 +538,8 @@ pub async fn play_match_counted(
                     break None;
                 }
                 Ok(FromRoom::<Arena>::Joined { .. }) => break Some(ClientError::Unexpected("a second join answer".into())),
+                // `Room::recv` turns deltas into snapshots.
+                Ok(FromRoom::<Arena>::Delta { .. }) => {}
                 Err(e) => break Some(e),
             },
         }

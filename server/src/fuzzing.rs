@@ -2,9 +2,10 @@
 //! `fuzz/` (`cargo xtask fuzz`) and the corpus replay in `cargo xtask test`. Whatever the bytes,
 //! none may panic, hang or allocate without bound; what they decode is thrown away.
 
-use shared::arena::{ArenaInput, ArenaRules, ArenaView};
+use shared::arena::{Arena, ArenaInput, ArenaView};
+use shared::game::Game as _;
 use shared::hub::{ClientMsg, ServerMsg};
-use shared::room::{FromRoom, JoinRequest, ToRoom};
+use shared::room::{FromRoomOf, JoinRequest, ToRoom};
 
 use crate::rooms::TicketKey;
 
@@ -34,7 +35,18 @@ pub fn hub_message(data: &[u8]) {
 pub fn room_frame(data: &[u8]) {
     let _ = JoinRequest::decode(data);
     let _ = bitcode::Buffer::new().decode::<ToRoom<ArenaInput>>(data);
-    let _ = FromRoom::<ArenaView, ArenaRules>::decode(data);
+    if let Ok(FromRoomOf::<Arena>::Delta { back, delta, .. }) = FromRoomOf::<Arena>::decode(data) {
+        // What a client does with a delta: patch a view it holds.
+        static BASE: std::sync::OnceLock<ArenaView> = std::sync::OnceLock::new();
+        let base = BASE.get_or_init(|| {
+            let setup = shared::game::MatchSetup { players: 2, tick_hz: 30, seed: 1, time_limit_secs: None };
+            let mut arena = Arena::new(&Arena::modes()[0], &setup);
+            arena.set_present(0, true);
+            arena.set_present(1, true);
+            arena.view(0)
+        });
+        let _ = Arena::patch(base, &delta, u32::from(back));
+    }
 }
 
 /// A room ticket as a client presents it.
@@ -86,7 +98,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         expires_ms: i64::MAX,
         nonce: 7,
     });
-    let inputs = ToRoom::Inputs { first_seq: 1, tick: 10, inputs: vec![ArenaInput::default(); 3] };
+    let inputs = ToRoom::Inputs { first_seq: 1, tick: 10, seen: 9, inputs: vec![ArenaInput::default(); 3] };
     vec![
         ("hub_message", json(&ClientMsg::Hello { version: PROTOCOL_VERSION })),
         ("hub_message", json(&ClientMsg::Chat { text: "gl hf \u{1F44B}".into() })),

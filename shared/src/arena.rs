@@ -340,6 +340,163 @@ pub struct ArenaView {
     pub ticks_left: u32,
 }
 
+/// How one seat's view changed over some ticks ([`Game::diff`]): positions as differences,
+/// everything else only when it changed, bullets that flew on as predicted by their index.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ArenaDelta {
+    /// The viewer.
+    pub me: MeDelta,
+    /// Others in sight now, in the view's order.
+    pub others: Vec<SeenDelta>,
+    /// Bullets in sight now, in the view's order.
+    pub bullets: Vec<BulletDelta>,
+    /// The scoreboard, when it changed.
+    pub scores: Option<Vec<i16>>,
+    /// Ticks left, when the clock did not simply run on.
+    pub ticks_left: Option<u32>,
+}
+
+/// How the viewer changed. Coordinates fit in `i16` (the map is 10,240 units wide).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct MeDelta {
+    /// Movement.
+    pub dx: i16,
+    /// See [`MeDelta::dx`].
+    pub dy: i16,
+    /// Health, when it changed.
+    pub hp: Option<u8>,
+    /// Respawn countdown, when it changed.
+    pub respawn: Option<u16>,
+}
+
+/// Another player in sight: movement from where the base saw them (from 0, 0 when it did
+/// not), aim and health when they changed (always, for a player the base did not see).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct SeenDelta {
+    /// Their seat.
+    pub seat: Seat,
+    /// Movement.
+    pub dx: i16,
+    /// See [`SeenDelta::dx`].
+    pub dy: i16,
+    /// Aim, when it changed.
+    pub aim: Option<(i8, i8)>,
+    /// Health, when it changed.
+    pub hp: Option<u8>,
+}
+
+/// A bullet in sight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub enum BulletDelta {
+    /// The base's bullet at this index, flown on at its velocity.
+    Flew(u8),
+    /// A bullet the base did not see there.
+    New(SeenBullet),
+}
+
+fn moved(from: u16, to: u16) -> i16 {
+    (i32::from(to) - i32::from(from)) as i16
+}
+
+fn move_by(from: u16, by: i16) -> Option<u16> {
+    u16::try_from(i32::from(from) + i32::from(by)).ok()
+}
+
+/// Where `b` is after `ticks` more ticks of flight, if still on the map.
+fn flown(b: SeenBullet, ticks: u32) -> Option<SeenBullet> {
+    let ticks = i64::from(ticks);
+    let at = |p: u16, v: i16| u16::try_from(i64::from(p) + i64::from(v) * ticks).ok();
+    Some(SeenBullet { x: at(b.x, b.vx)?, y: at(b.y, b.vy)?, ..b })
+}
+
+fn diff_views(base: &ArenaView, now: &ArenaView, ticks: u32) -> ArenaDelta {
+    let me = MeDelta {
+        dx: moved(base.me.x, now.me.x),
+        dy: moved(base.me.y, now.me.y),
+        hp: (now.me.hp != base.me.hp).then_some(now.me.hp),
+        respawn: (now.me.respawn != base.me.respawn).then_some(now.me.respawn),
+    };
+    let others = now
+        .others
+        .iter()
+        .map(|o| {
+            let was = base.others.iter().find(|b| b.seat == o.seat);
+            let (x, y) = was.map_or((0, 0), |b| (b.x, b.y));
+            SeenDelta {
+                seat: o.seat,
+                dx: moved(x, o.x),
+                dy: moved(y, o.y),
+                aim: (was.map(|b| (b.aim_x, b.aim_y)) != Some((o.aim_x, o.aim_y))).then_some((o.aim_x, o.aim_y)),
+                hp: (was.map(|b| b.hp) != Some(o.hp)).then_some(o.hp),
+            }
+        })
+        .collect();
+    // Bullets keep their order in the game, so the search goes on from the last one found.
+    let mut from = 0;
+    let bullets = now
+        .bullets
+        .iter()
+        .map(|n| {
+            let found = (from..base.bullets.len().min(256)).find(|&i| flown(base.bullets[i], ticks) == Some(*n));
+            match found {
+                Some(i) => {
+                    from = i + 1;
+                    BulletDelta::Flew(i as u8)
+                }
+                None => BulletDelta::New(*n),
+            }
+        })
+        .collect();
+    ArenaDelta {
+        me,
+        others,
+        bullets,
+        scores: (now.scores != base.scores).then(|| now.scores.clone()),
+        ticks_left: (now.ticks_left != base.ticks_left.saturating_sub(ticks)).then_some(now.ticks_left),
+    }
+}
+
+fn patch_view(base: &ArenaView, delta: &ArenaDelta, ticks: u32) -> Option<ArenaView> {
+    let d = &delta.me;
+    let me = Me {
+        x: move_by(base.me.x, d.dx)?,
+        y: move_by(base.me.y, d.dy)?,
+        hp: d.hp.unwrap_or(base.me.hp),
+        respawn: d.respawn.unwrap_or(base.me.respawn),
+    };
+    let others = delta
+        .others
+        .iter()
+        .map(|d| {
+            let was = base.others.iter().find(|b| b.seat == d.seat);
+            let (aim_x, aim_y) = d.aim.or(was.map(|b| (b.aim_x, b.aim_y)))?;
+            Some(Seen {
+                seat: d.seat,
+                x: move_by(was.map_or(0, |b| b.x), d.dx)?,
+                y: move_by(was.map_or(0, |b| b.y), d.dy)?,
+                aim_x,
+                aim_y,
+                hp: d.hp.or(was.map(|b| b.hp))?,
+            })
+        })
+        .collect::<Option<_>>()?;
+    let bullets = delta
+        .bullets
+        .iter()
+        .map(|b| match b {
+            BulletDelta::Flew(i) => flown(*base.bullets.get(usize::from(*i))?, ticks),
+            BulletDelta::New(b) => Some(*b),
+        })
+        .collect::<Option<_>>()?;
+    Some(ArenaView {
+        me,
+        others,
+        bullets,
+        scores: delta.scores.clone().unwrap_or_else(|| base.scores.clone()),
+        ticks_left: delta.ticks_left.unwrap_or(base.ticks_left.saturating_sub(ticks)),
+    })
+}
+
 /// The predicted part of a player: where their body is, and whether it can move.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Body {
@@ -470,6 +627,7 @@ impl Arena {
 impl Game for Arena {
     type Input = ArenaInput;
     type View = ArenaView;
+    type Delta = ArenaDelta;
     type Own = Body;
     type Rules = ArenaRules;
 
@@ -574,6 +732,14 @@ impl Game for Arena {
             scores: self.players.iter().map(|p| p.kills as i16).collect(),
             ticks_left: self.time_limit.saturating_sub(self.tick),
         }
+    }
+
+    fn diff(base: &ArenaView, now: &ArenaView, ticks: u32) -> ArenaDelta {
+        diff_views(base, now, ticks)
+    }
+
+    fn patch(base: &ArenaView, delta: &ArenaDelta, ticks: u32) -> Option<ArenaView> {
+        patch_view(base, delta, ticks)
     }
 
     fn outcome(&self) -> Option<Outcome> {

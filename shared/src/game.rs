@@ -83,7 +83,10 @@ pub trait Game: Sized + Send + 'static {
     /// One player's input for one step of their own movement.
     type Input: Copy + Default + PartialEq + std::fmt::Debug + Encode + DecodeOwned + Send + 'static;
     /// What one player may see at one tick.
-    type View: std::fmt::Debug + Encode + DecodeOwned + Send + 'static;
+    type View: Clone + std::fmt::Debug + Encode + DecodeOwned + Send + 'static;
+    /// What changed in one seat's view between two ticks: sent instead of the whole view when
+    /// the client holds the older one and the change is smaller (see [`crate::delta`]).
+    type Delta: std::fmt::Debug + Encode + DecodeOwned + Send + 'static;
     /// The part of a player's state that their client predicts.
     type Own: Clone + PartialEq + std::fmt::Debug;
     /// Fixed facts a client needs in order to predict (sent once, when it joins).
@@ -104,6 +107,13 @@ pub trait Game: Sized + Send + 'static {
 
     /// What `seat` may see now.
     fn view(&self, seat: Seat) -> Self::View;
+
+    /// The change from `base` to `now`, a view of the same seat `ticks` ticks later.
+    fn diff(base: &Self::View, now: &Self::View, ticks: u32) -> Self::Delta;
+
+    /// `base` changed by `delta`, which [`Game::diff`] made with the same `ticks`; `None` when
+    /// the delta does not fit this base (a client must never trust a delta blindly).
+    fn patch(base: &Self::View, delta: &Self::Delta, ticks: u32) -> Option<Self::View>;
 
     /// The result, once the match is over.
     fn outcome(&self) -> Option<Outcome>;

@@ -5,6 +5,7 @@
 //! randomness, so that the same inputs give the same bytes natively and in WebAssembly.
 
 pub mod arena;
+pub mod delta;
 pub mod game;
 pub mod hub;
 pub mod inputs;

@@ -6,10 +6,10 @@
 
 use bitcode::{Decode, Encode};
 
-use crate::game::{Outcome, Seat};
+use crate::game::{Game, Outcome, Seat};
 
 /// Version of the room protocol.
-pub const ROOM_PROTOCOL_VERSION: u32 = 1;
+pub const ROOM_PROTOCOL_VERSION: u32 = 2;
 
 /// Largest message a client may send on a room connection, in bytes.
 pub const MAX_TO_ROOM_BYTES: usize = 1024;
@@ -86,6 +86,9 @@ pub enum ToRoom<I> {
         first_seq: u32,
         /// The tick the client believed the server was at when it sent the newest input.
         tick: u32,
+        /// The newest tick whose view the client holds (0 for none): the room may send later
+        /// views as [`FromRoom::Delta`] against it.
+        seen: u32,
         /// At most [`MAX_INPUTS_PER_MESSAGE`].
         inputs: Vec<I>,
     },
@@ -109,7 +112,7 @@ pub struct RatingChange {
 
 /// A message from a room to one player.
 #[derive(Debug, Clone, PartialEq, Encode, Decode)]
-pub enum FromRoom<V, R> {
+pub enum FromRoom<V, R, D> {
     /// The seat is yours.
     Joined {
         /// Your seat.
@@ -133,6 +136,18 @@ pub enum FromRoom<V, R> {
         ack: u32,
         /// Your view.
         view: V,
+    },
+    /// What you see at a tick, as the change from the view of tick `tick - back`, one you
+    /// said you hold ([`crate::delta`]).
+    Delta {
+        /// The tick.
+        tick: u32,
+        /// The last of your inputs applied before this tick's state.
+        ack: u32,
+        /// How many ticks older the base view is (1 to [`crate::delta::KEPT_VIEWS`] - 1).
+        back: u8,
+        /// The change.
+        delta: D,
     },
     /// The answer to [`ToRoom::Ping`].
     Pong {
@@ -160,7 +175,15 @@ impl<I: bitcode::Encode + bitcode::DecodeOwned> ToRoom<I> {
     }
 }
 
-impl<V: bitcode::Encode + bitcode::DecodeOwned, R: bitcode::Encode + bitcode::DecodeOwned> FromRoom<V, R> {
+/// The frames a room of game `G` sends.
+pub type FromRoomOf<G> = FromRoom<<G as Game>::View, <G as Game>::Rules, <G as Game>::Delta>;
+
+impl<V, R, D> FromRoom<V, R, D>
+where
+    V: bitcode::Encode + bitcode::DecodeOwned,
+    R: bitcode::Encode + bitcode::DecodeOwned,
+    D: bitcode::Encode + bitcode::DecodeOwned,
+{
     /// Encodes for the wire.
     pub fn encode(&self) -> Vec<u8> {
         bitcode::encode(self)
@@ -177,16 +200,19 @@ mod tests {
     use super::*;
     use crate::arena::{ArenaInput, ArenaRules, ArenaView, Me, Seen, SeenBullet};
     use crate::game::EndReason;
+    use crate::game::Game;
 
     type Up = ToRoom<ArenaInput>;
-    type Down = FromRoom<ArenaView, ArenaRules>;
+    type Down = FromRoomOf<crate::arena::Arena>;
 
     #[test]
     fn every_message_round_trips() {
         let input = ArenaInput { buttons: ArenaInput::UP | ArenaInput::FIRE, aim_x: -300, aim_y: 12 };
         let join = JoinRequest { version: ROOM_PROTOCOL_VERSION, ticket: "abc.def".into() };
         assert_eq!(JoinRequest::decode(&join.encode()).unwrap(), join);
-        for msg in [Up::Inputs { first_seq: 7, tick: 99, inputs: vec![input; 4] }, Up::Ping { id: 5 }, Up::Leave] {
+        for msg in
+            [Up::Inputs { first_seq: 7, tick: 99, seen: 98, inputs: vec![input; 4] }, Up::Ping { id: 5 }, Up::Leave]
+        {
             assert_eq!(Up::decode(&msg.encode()).unwrap(), msg);
         }
         let view = ArenaView {
@@ -206,7 +232,8 @@ mod tests {
                 tick: 0,
                 rules: ArenaRules { tick_hz: 30 },
             },
-            Down::Snapshot { tick: 12, ack: 11, view },
+            Down::Snapshot { tick: 12, ack: 11, view: view.clone() },
+            Down::Delta { tick: 13, ack: 12, back: 1, delta: crate::arena::Arena::diff(&view, &view, 1) },
             Down::Pong { id: 5 },
             Down::Ended { outcome, ratings: vec![RatingChange { before: 1500, after: 1562 }; 2] },
         ] {

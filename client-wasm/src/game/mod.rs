@@ -12,11 +12,14 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
 
-use shared::arena::{Arena, ArenaInput, ArenaRules, ArenaView};
+use shared::arena::{Arena, ArenaInput, ArenaView};
+use shared::delta::Views;
 use shared::game::Outcome;
 use shared::interp::SnapshotClock;
 use shared::predict::Predictor;
-use shared::room::{FromRoom, JoinRequest, MAX_INPUTS_PER_MESSAGE, ROOM_PROTOCOL_VERSION, RatingChange, ToRoom, close};
+use shared::room::{
+    FromRoomOf, JoinRequest, MAX_INPUTS_PER_MESSAGE, ROOM_PROTOCOL_VERSION, RatingChange, ToRoom, close,
+};
 use wasm_bindgen::prelude::*;
 use web_sys::{CanvasRenderingContext2d, HtmlCanvasElement, HtmlElement, KeyboardEvent, MouseEvent};
 
@@ -24,7 +27,7 @@ use crate::dom;
 use input::Controls;
 use link::{LinkEvent, RoomLink};
 
-type Down = FromRoom<ArenaView, ArenaRules>;
+type Down = FromRoomOf<Arena>;
 type Up = ToRoom<ArenaInput>;
 
 /// How far in the past others are drawn before the snapshot clock runs, in ticks.
@@ -96,6 +99,8 @@ pub struct Match {
     joined: Option<Joined>,
     predictor: Option<Predictor<Arena>>,
     snapshots: VecDeque<Snapshot>,
+    /// The last views received, whole or rebuilt from deltas: bases for the next deltas.
+    views: Views<ArenaView>,
     /// Where on the server's timeline others are drawn (adapts to jitter and loss).
     clock: Option<SnapshotClock>,
     /// How interpolation went: frames drawn, frames with no newer snapshot, largest step.
@@ -152,6 +157,7 @@ pub fn start(
         joined: None,
         predictor: None,
         snapshots: VecDeque::new(),
+        views: Views::default(),
         clock: None,
         interp: shared::interp::InterpStats::default(),
         controls: Controls::default(),
@@ -236,26 +242,16 @@ impl Match {
                 self.view.banner.set_text_content(Some("Waiting for the other players…"));
                 let _ = self.view.section.set_attribute("data-state", "waiting");
             }
+            Down::Delta { tick, ack, back, delta } => {
+                // A delta whose base is gone is as good as lost: the server sends the next one
+                // against a view this client still acknowledges.
+                if let Some(view) = self.views.patch::<Arena>(tick, back, &delta) {
+                    self.on_snapshot(tick, ack, view);
+                }
+            }
             Down::Snapshot { tick, ack, view } => {
-                let now = dom::now_ms();
-                if self.snapshots.is_empty() {
-                    self.view.banner.set_text_content(None);
-                    let _ = self.view.section.set_attribute("data-state", "playing");
-                }
-                if let Some(p) = &mut self.predictor {
-                    p.snapshot(ack, &view);
-                }
-                self.net.snapshots_in_window += 1;
-                if let Some(clock) = &mut self.clock {
-                    clock.on_snapshot(tick, now);
-                }
-                // Unordered transports may deliver an old snapshot late: keep ticks in order.
-                if self.snapshots.back().is_none_or(|s| s.tick < tick) {
-                    self.snapshots.push_back(Snapshot { tick, at_ms: now, view });
-                    if self.snapshots.len() > KEPT_SNAPSHOTS {
-                        self.snapshots.pop_front();
-                    }
-                }
+                self.views.insert(tick, view.clone());
+                self.on_snapshot(tick, ack, view);
             }
             Down::Pong { id } => {
                 if let Some((pid, sent)) = self.net.ping
@@ -266,6 +262,28 @@ impl Match {
                 }
             }
             Down::Ended { outcome, ratings } => self.show_result(&outcome, &ratings),
+        }
+    }
+
+    fn on_snapshot(&mut self, tick: u32, ack: u32, view: ArenaView) {
+        let now = dom::now_ms();
+        if self.snapshots.is_empty() {
+            self.view.banner.set_text_content(None);
+            let _ = self.view.section.set_attribute("data-state", "playing");
+        }
+        if let Some(p) = &mut self.predictor {
+            p.snapshot(ack, &view);
+        }
+        self.net.snapshots_in_window += 1;
+        if let Some(clock) = &mut self.clock {
+            clock.on_snapshot(tick, now);
+        }
+        // Unordered transports may deliver an old snapshot late: keep ticks in order.
+        if self.snapshots.back().is_none_or(|s| s.tick < tick) {
+            self.snapshots.push_back(Snapshot { tick, at_ms: now, view });
+            if self.snapshots.len() > KEPT_SNAPSHOTS {
+                self.snapshots.pop_front();
+            }
         }
     }
 
@@ -377,7 +395,7 @@ impl Match {
         let (x, y) = predictor.own().map_or((0, 0), |b| (b.x, b.y));
         predictor.input(self.controls.sample(x, y));
         let (first_seq, inputs) = predictor.to_send(MAX_INPUTS_PER_MESSAGE);
-        let frame = Up::Inputs { first_seq, tick: estimated, inputs }.encode();
+        let frame = Up::Inputs { first_seq, tick: estimated, seen: self.views.newest(), inputs }.encode();
         self.send_raw(&frame);
     }
 

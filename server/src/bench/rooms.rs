@@ -76,6 +76,10 @@ pub(super) struct Window {
     down_bytes_per_player_per_s: f64,
     up_bytes_per_player_per_s: f64,
     snapshots_per_player_per_s: f64,
+    /// Snapshot payloads the server sent (deltas where smaller than the view), per player...
+    snapshot_bytes_per_player_per_s: f64,
+    /// ...and what the same snapshots would have taken as whole views.
+    snapshot_whole_bytes_per_player_per_s: f64,
     /// Everything on the wire (loopback) per player per second, both ways, with the IP and
     /// TCP/UDP headers, acknowledgements, DTLS and SCTP included.
     wire_bytes_per_player_per_s: f64,
@@ -299,6 +303,14 @@ pub(super) async fn measure(
         down_bytes_per_player_per_s: per_player(live.bytes_down.load(Relaxed), down0),
         up_bytes_per_player_per_s: per_player(live.bytes_up.load(Relaxed), up0),
         snapshots_per_player_per_s: per_player(live.snapshots.load(Relaxed), snaps0),
+        snapshot_bytes_per_player_per_s: per_player(
+            after.total("rallypoint_room_snapshot_bytes_total"),
+            before.total("rallypoint_room_snapshot_bytes_total"),
+        ),
+        snapshot_whole_bytes_per_player_per_s: per_player(
+            after.total("rallypoint_room_snapshot_whole_bytes_total"),
+            before.total("rallypoint_room_snapshot_whole_bytes_total"),
+        ),
         wire_bytes_per_player_per_s: per_player(wire.0, wire0.0),
         wire_packets_per_player_per_s: per_player(wire.1, wire0.1),
         worker_cpu_seconds,
@@ -333,6 +345,11 @@ impl Scrape {
             .find(|l| l.starts_with(line_start))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
+    }
+
+    /// A counter's value.
+    fn total(&self, name: &str) -> u64 {
+        self.value(&format!("{name} ")).unwrap_or(0.0) as u64
     }
 
     fn count(&self, name: &str) -> u64 {

@@ -379,10 +379,13 @@ pub struct Room<G: shared::game::Game> {
     pub bytes_out: u64,
     /// The WebRTC data channel, once [`Room::open_data_channel`] opened it.
     data: Option<DataChannel>,
+    /// The last views received: bases of delta snapshots.
+    views: shared::delta::Views<G::View>,
+    deltas: (u64, u64),
 }
 
 /// A frame from a room.
-pub type FromRoom<G> = shared::room::FromRoom<<G as shared::game::Game>::View, <G as shared::game::Game>::Rules>;
+pub type FromRoom<G> = shared::room::FromRoomOf<G>;
 
 impl Client {
     /// The room WebSocket's upgrade request, with this session's cookie.
@@ -418,9 +421,18 @@ impl<G: shared::game::Game> Room<G> {
             .await
             .map_err(|_| ClientError::Timeout)??;
         match answer {
-            shared::room::FromRoom::Joined { seat, players, tick_hz, rules, .. } => {
-                Ok(Self { socket, seat, players, tick_hz, rules, bytes_in, bytes_out, data: None })
-            }
+            shared::room::FromRoom::Joined { seat, players, tick_hz, rules, .. } => Ok(Self {
+                socket,
+                seat,
+                players,
+                tick_hz,
+                rules,
+                bytes_in,
+                bytes_out,
+                data: None,
+                views: shared::delta::Views::default(),
+                deltas: (0, 0),
+            }),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }
@@ -445,8 +457,40 @@ impl<G: shared::game::Game> Room<G> {
     }
 
     /// The next frame, from the WebSocket or the data channel; a close of the WebSocket
-    /// becomes [`ClientError::Closed`]. Cancel-safe.
+    /// becomes [`ClientError::Closed`]. A delta snapshot comes as the
+    /// [`shared::room::FromRoom::Snapshot`] it stands for; one whose base is gone is skipped,
+    /// as the browser does. Cancel-safe.
     pub async fn recv(&mut self) -> Result<FromRoom<G>, ClientError> {
+        loop {
+            match self.recv_frame().await? {
+                shared::room::FromRoom::Snapshot { tick, ack, view } => {
+                    self.views.insert(tick, view.clone());
+                    return Ok(shared::room::FromRoom::Snapshot { tick, ack, view });
+                }
+                shared::room::FromRoom::Delta { tick, ack, back, delta } => {
+                    if let Some(view) = self.views.patch::<G>(tick, back, &delta) {
+                        self.deltas.0 += 1;
+                        return Ok(shared::room::FromRoom::Snapshot { tick, ack, view });
+                    }
+                    self.deltas.1 += 1;
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// The newest tick whose view this client holds: `seen` in the inputs it sends.
+    pub fn seen(&self) -> u32 {
+        self.views.newest()
+    }
+
+    /// Delta snapshots received: how many were applied, and how many were skipped because
+    /// their base was gone.
+    pub fn deltas(&self) -> (u64, u64) {
+        self.deltas
+    }
+
+    async fn recv_frame(&mut self) -> Result<FromRoom<G>, ClientError> {
         loop {
             let Some(data) = &mut self.data else {
                 let (frame, bytes) = read_room_frame::<G>(&mut self.socket).await?;

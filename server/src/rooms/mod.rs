@@ -131,6 +131,10 @@ pub struct RoomStats {
     pub inputs_dropped: AtomicU64,
     pub frames_malformed: AtomicU64,
     pub snapshots_dropped: AtomicU64,
+    /// Snapshot bytes sent (deltas where smaller).
+    pub snapshot_bytes: AtomicU64,
+    /// What the same snapshots would have taken as whole views.
+    pub snapshot_whole_bytes: AtomicU64,
 }
 
 /// What room tasks share.

@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use futures_util::FutureExt as _;
+use shared::delta::Views;
 use shared::game::{Game, Mode, Outcome};
 use shared::inputs::InputQueue;
-use shared::room::{FromRoom, MAX_INPUTS_PER_MESSAGE, ToRoom, close};
+use shared::room::{FromRoomOf, MAX_INPUTS_PER_MESSAGE, ToRoom, close};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
 
@@ -77,6 +78,10 @@ struct Seat<G: Game> {
     /// Newest sequence number accepted from each message with new inputs, and when it came.
     arrivals: VecDeque<(u32, Instant)>,
     malformed: u32,
+    /// The views sent to this seat lately: bases for delta snapshots.
+    sent: Views<G::View>,
+    /// The newest tick whose view this seat's client holds (0: send whole views).
+    seen: u32,
 }
 
 struct Match<'a, G: Game> {
@@ -97,7 +102,7 @@ struct Match<'a, G: Game> {
     outgoing: Outgoing,
 }
 
-type Frame<G> = FromRoom<<G as Game>::View, <G as Game>::Rules>;
+type Frame<G> = FromRoomOf<G>;
 
 async fn play<G: Game>(a: Assignment, rx: &mut mpsc::Receiver<RoomCommand>, shared: &Shared) -> Flow {
     let config = &shared.config;
@@ -120,6 +125,8 @@ async fn play<G: Game>(a: Assignment, rx: &mut mpsc::Receiver<RoomCommand>, shar
                 applied: Vec::new(),
                 arrivals: VecDeque::new(),
                 malformed: 0,
+                sent: Views::default(),
+                seen: 0,
             })
             .collect(),
         used_nonces: HashSet::new(),
@@ -272,6 +279,8 @@ impl<G: Game> Match<'_, G> {
             self.game.set_present(ticket.seat, true);
         }
         s.away_since = None;
+        // A new connection holds no view yet.
+        s.seen = 0;
         tracing::debug!(room = %self.room, seat, user = ticket.user_id, "seat claimed");
         let _ = reply.send(Ok(()));
     }
@@ -296,12 +305,16 @@ impl<G: Game> Match<'_, G> {
             return;
         };
         match msg {
-            ToRoom::Inputs { first_seq, tick, inputs } => {
+            ToRoom::Inputs { first_seq, tick, seen, inputs } => {
                 if !self.started {
                     return;
                 }
                 let server_tick = self.game.tick();
                 let s = &mut self.seats[seat];
+                // Inputs may arrive out of order; a tick not played yet is a lie and ignored.
+                if seen <= server_tick {
+                    s.seen = s.seen.max(seen);
+                }
                 let before = (s.inputs.stats.accepted, s.inputs.stats.dropped_far + s.inputs.stats.dropped_flood);
                 s.inputs.offer(first_seq, tick, server_tick, &inputs);
                 let after = (s.inputs.stats.accepted, s.inputs.stats.dropped_far + s.inputs.stats.dropped_flood);
@@ -336,15 +349,33 @@ impl<G: Game> Match<'_, G> {
         let inputs: Vec<&[G::Input]> = self.seats.iter().map(|s| s.applied.as_slice()).collect();
         self.game.step(&inputs);
         let tick = self.game.tick();
-        for (i, s) in self.seats.iter().enumerate() {
+        let (mut sent_bytes, mut whole_bytes) = (0, 0);
+        for (i, s) in self.seats.iter_mut().enumerate() {
             if let Some(link) = &s.link {
-                let view = self.game.view(i as u8);
-                let frame = Frame::<G>::Snapshot { tick, ack: s.inputs.ack(), view };
-                if !self.outgoing.unreliable(link, Bytes::copy_from_slice(self.codec.encode(&frame))) {
+                let ack = s.inputs.ack();
+                let frame = Frame::<G>::Snapshot { tick, ack, view: self.game.view(i as u8) };
+                let mut bytes = Bytes::copy_from_slice(self.codec.encode(&frame));
+                whole_bytes += bytes.len();
+                let Frame::<G>::Snapshot { view, .. } = frame else { unreachable!("built above") };
+                // The change since the newest view the client holds, when that is smaller.
+                if let Some((back, base)) = s.sent.base(s.seen, tick) {
+                    let delta = Frame::<G>::Delta { tick, ack, back, delta: G::diff(base, &view, u32::from(back)) };
+                    let encoded = self.codec.encode(&delta);
+                    if encoded.len() < bytes.len() {
+                        bytes = Bytes::copy_from_slice(encoded);
+                    }
+                }
+                sent_bytes += bytes.len();
+                s.sent.insert(tick, view);
+                if !self.outgoing.unreliable(link, bytes) {
                     self.shared.stats.snapshots_dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
+        self.shared.stats.snapshot_bytes.fetch_add(sent_bytes as u64, Ordering::Relaxed);
+        self.shared.stats.snapshot_whole_bytes.fetch_add(whole_bytes as u64, Ordering::Relaxed);
+        metrics::counter!("rallypoint_room_snapshot_bytes_total").increment(sent_bytes as u64);
+        metrics::counter!("rallypoint_room_snapshot_whole_bytes_total").increment(whole_bytes as u64);
         self.outgoing.flush(self.shared.datagrams.as_ref());
         let sent = Instant::now();
         for s in &mut self.seats {

@@ -48,7 +48,7 @@ async fn play_out(room: &mut Room<Arena>) -> (Outcome, Vec<shared::room::RatingC
             _ = every.tick() => {
                 seq += 1;
                 let input = ArenaInput { buttons: ArenaInput::RIGHT | ArenaInput::FIRE, aim_x: 100, aim_y: 0 };
-                room.send(&ToRoom::Inputs { first_seq: seq, tick: 0, inputs: vec![input] }).await.unwrap();
+                room.send(&ToRoom::Inputs { first_seq: seq, tick: 0, seen: room.seen(), inputs: vec![input] }).await.unwrap();
             }
             frame = room.recv_timeout(WAIT) => match frame.unwrap() {
                 FromRoom::<Arena>::Snapshot { .. } => snapshots += 1,
@@ -108,7 +108,7 @@ async fn snapshots_carry_the_last_input_applied_and_only_what_the_player_sees() 
     while acks.last() != Some(&3) {
         let first_seq = acks.last().map_or(1, |a| a + 1);
         let inputs = vec![input; (4 - first_seq) as usize];
-        ra.send(&ToRoom::Inputs { first_seq, tick: 0, inputs }).await.unwrap();
+        ra.send(&ToRoom::Inputs { first_seq, tick: 0, seen: ra.seen(), inputs }).await.unwrap();
         if let FromRoom::<Arena>::Snapshot { ack, view, .. } = ra.recv_timeout(WAIT).await.unwrap() {
             assert!(view.others.iter().all(|o| o.seat != ra.seat), "never yourself among the others");
             assert_eq!(view.scores.len(), 2);
@@ -242,8 +242,8 @@ async fn inputs_far_ahead_or_far_behind_are_dropped_and_counted() {
     let input = ArenaInput { buttons: ArenaInput::RIGHT, aim_x: 1, aim_y: 0 };
     // Wait for play to start, then send inputs far ahead in sequence and far off in time.
     while !matches!(ra.recv_timeout(WAIT).await.unwrap(), FromRoom::<Arena>::Snapshot { .. }) {}
-    ra.send(&ToRoom::Inputs { first_seq: 1_000_000, tick: 0, inputs: vec![input] }).await.unwrap();
-    ra.send(&ToRoom::Inputs { first_seq: 1, tick: 1_000_000, inputs: vec![input; 3] }).await.unwrap();
+    ra.send(&ToRoom::Inputs { first_seq: 1_000_000, tick: 0, seen: 0, inputs: vec![input] }).await.unwrap();
+    ra.send(&ToRoom::Inputs { first_seq: 1, tick: 1_000_000, seen: 0, inputs: vec![input; 3] }).await.unwrap();
     let stats = server.running.app.hub.rooms().stats();
     let deadline = tokio::time::Instant::now() + WAIT;
     // The room counts the drops as it takes the frames; snapshots show none was applied.
@@ -345,6 +345,7 @@ struct Fragile(Arena);
 impl Game for Fragile {
     type Input = ArenaInput;
     type View = ArenaView;
+    type Delta = <Arena as Game>::Delta;
     type Own = <Arena as Game>::Own;
     type Rules = ArenaRules;
 
@@ -363,6 +364,12 @@ impl Game for Fragile {
     }
     fn view(&self, seat: Seat) -> ArenaView {
         self.0.view(seat)
+    }
+    fn diff(base: &ArenaView, now: &ArenaView, ticks: u32) -> Self::Delta {
+        Arena::diff(base, now, ticks)
+    }
+    fn patch(base: &ArenaView, delta: &Self::Delta, ticks: u32) -> Option<ArenaView> {
+        Arena::patch(base, delta, ticks)
     }
     fn outcome(&self) -> Option<Outcome> {
         self.0.outcome()
@@ -411,7 +418,7 @@ async fn a_panic_in_one_room_ends_that_room_only() {
     }
     while !matches!(rooms[0].recv_timeout(WAIT).await.unwrap(), FromRoom::<Fragile>::Snapshot { .. }) {}
     let bomb = ArenaInput { buttons: u8::MAX, aim_x: 0, aim_y: 0 };
-    rooms[0].send(&ToRoom::Inputs { first_seq: 1, tick: 0, inputs: vec![bomb] }).await.unwrap();
+    rooms[0].send(&ToRoom::Inputs { first_seq: 1, tick: 0, seen: 0, inputs: vec![bomb] }).await.unwrap();
     // The crashed room's players are told, and their room connection closes.
     for p in &mut players[..2] {
         let message = aborted(&mut p.hub).await;

@@ -86,7 +86,7 @@ async fn a_match_is_played_over_the_data_channel_and_snapshots_arrive_on_it() {
     let mut acked = 0;
     for seq in 1..=60u32 {
         let input = ArenaInput { buttons: ArenaInput::RIGHT, aim_x: 1, aim_y: 0 };
-        a.room.send(&ToRoom::Inputs { first_seq: seq, tick: 0, inputs: vec![input] }).await.unwrap();
+        a.room.send(&ToRoom::Inputs { first_seq: seq, tick: 0, seen: 0, inputs: vec![input] }).await.unwrap();
         if let FromRoom::<Arena>::Snapshot { ack, .. } = a.room.recv_timeout(WAIT).await.unwrap() {
             acked = ack;
         }
@@ -336,6 +336,7 @@ async fn watch(room: &mut Room<Arena>, limit: Duration) -> Seen {
                     break;
                 }
                 FromRoom::<Arena>::Joined { .. } => panic!("a second join answer"),
+                FromRoom::<Arena>::Delta { .. } => unreachable!("Room::recv turns deltas into snapshots"),
             },
         }
     }
@@ -528,7 +529,7 @@ async fn no_input_is_lost_while_a_key_is_held_on_a_lossy_link() {
                 }
                 if predictor.pending() > 0 {
                     let (first_seq, inputs) = predictor.to_send(shared::room::MAX_INPUTS_PER_MESSAGE);
-                    a.room.send(&ToRoom::Inputs { first_seq, tick, inputs }).await.unwrap();
+                    a.room.send(&ToRoom::Inputs { first_seq, tick, seen: a.room.seen(), inputs }).await.unwrap();
                 }
             }
             frame = a.room.recv() => if let FromRoom::<Arena>::Snapshot { tick: t, ack, view } = frame.unwrap() {
@@ -540,4 +541,13 @@ async fn no_input_is_lost_while_a_key_is_held_on_a_lossy_link() {
     }
     assert_eq!(a.room.transport(), "webrtc");
     assert_eq!(predictor.corrections, 0, "the server ended where the player predicted");
+    // While the key was held, snapshots came as deltas against views the client acknowledged,
+    // losses and all; every view rebuilt from them was the server's (else the prediction would
+    // have been corrected), and none was against a base the client did not hold.
+    let (applied, skipped) = a.room.deltas();
+    assert!(applied > 100, "{applied} deltas applied");
+    assert_eq!(skipped, 0);
+    let stats = server.running.app.hub.rooms().stats();
+    let (sent, whole) = (stats.snapshot_bytes.load(Relaxed), stats.snapshot_whole_bytes.load(Relaxed));
+    assert!(sent < whole, "{sent} bytes sent for {whole} bytes of whole views");
 }
