@@ -79,7 +79,7 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Running, Sta
 pub async fn start_game<G: shared::game::Game>(listener: TcpListener, config: Config) -> Result<Running, StartError> {
     let addr = listener.local_addr().map_err(|e| db::DbError::Folder { path: "listener".into(), source: e })?;
     let db = db::open(&config.database_url).await?;
-    let key = rooms::TicketKey::new(db::secret(&db, "room-tickets").await?);
+    let key = rooms::TicketSigner::from_seed(&db::secret(&db, "room-tickets-ed25519").await?);
     let (room_events, events) = tokio::sync::mpsc::channel(1024);
     let rtc = transport::webrtc::Rtc::bind(config.webrtc.clone(), addr)?;
     let rooms = rooms::Rooms::new::<G>(config.rooms.clone(), key, room_events, Arc::new(rtc.clone()));

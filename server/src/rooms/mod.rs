@@ -21,7 +21,7 @@ use shared::room::RatingChange;
 use tokio::sync::{mpsc, oneshot};
 
 pub use link::{DatagramPeer, Datagrams, Link, LinkId, NoDatagrams, Route, ToClient};
-pub use ticket::{RoomId, Ticket, TicketError, TicketKey};
+pub use ticket::{LOCAL_SERVER, RoomId, Ticket, TicketError, TicketSigner, TicketVerifier};
 
 /// Settings of every room, from the configuration.
 #[derive(Debug, Clone)]
@@ -140,7 +140,7 @@ pub struct RoomStats {
 /// What room tasks share.
 struct Shared {
     config: RoomConfig,
-    key: TicketKey,
+    key: TicketSigner,
     events: mpsc::Sender<RoomEvent>,
     /// Where unreliable frames go for players with a datagram path.
     datagrams: Arc<dyn Datagrams>,
@@ -170,7 +170,7 @@ impl Rooms {
     /// players with an open datagram path to `datagrams`.
     pub fn new<G: Game>(
         config: RoomConfig,
-        key: TicketKey,
+        key: TicketSigner,
         events: mpsc::Sender<RoomEvent>,
         datagrams: Arc<dyn Datagrams>,
     ) -> Self {
@@ -248,13 +248,14 @@ impl Rooms {
         let mut nonce = [0u8; 8];
         crate::random::fill(&mut nonce);
         let expires_ms = crate::db::unix_now_ms() + self.0.shared.config.ticket_ttl.as_millis() as i64;
-        self.0.shared.key.sign(&Ticket { room, user_id, seat, expires_ms, nonce: u64::from_le_bytes(nonce) })
+        let nonce = u64::from_le_bytes(nonce);
+        self.0.shared.key.sign(&Ticket { server: LOCAL_SERVER, room, user_id, seat, expires_ms, nonce })
     }
 
     /// Checks a ticket's signature and expiry, and that it belongs to `user_id`.
     pub fn verify(&self, ticket: &str, user_id: i64) -> Result<Ticket, TicketError> {
-        let ticket = self.0.shared.key.verify(ticket, crate::db::unix_now_ms())?;
-        if ticket.user_id == user_id { Ok(ticket) } else { Err(TicketError::Foreign) }
+        let ticket = self.0.shared.key.verifier().verify(ticket, crate::db::unix_now_ms())?;
+        if ticket.user_id == user_id && ticket.server == LOCAL_SERVER { Ok(ticket) } else { Err(TicketError::Foreign) }
     }
 
     /// Gives a verified ticket's seat to `link`. On success, returns the room's mailbox, where

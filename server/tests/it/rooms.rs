@@ -163,8 +163,13 @@ async fn forged_expired_reused_and_foreign_tickets_are_refused() {
     let forged = String::from_utf8(forged).unwrap();
     assert_eq!(closed_with(a.client.room::<Arena>(&forged).await), close::TICKET_FORGED);
     assert_eq!(closed_with(a.client.room::<Arena>("not a ticket").await), close::TICKET_FORGED);
-    // Foreign: someone else's ticket.
+    // Foreign: someone else's ticket, or a genuine one for the same seat on another room server.
     assert_eq!(closed_with(b.client.room::<Arena>(&ta).await), close::TICKET_FOREIGN);
+    let seed = rallypoint_server::db::secret(&server.running.app.db, "room-tickets-ed25519").await.unwrap();
+    let signer = rallypoint_server::rooms::TicketSigner::from_seed(&seed);
+    let genuine = signer.verifier().verify(&ta, 0).unwrap();
+    let elsewhere = signer.sign(&rallypoint_server::rooms::Ticket { server: 7, nonce: 1, ..genuine });
+    assert_eq!(closed_with(a.client.room::<Arena>(&elsewhere).await), close::TICKET_FOREIGN);
     // Used: the first use takes the seat, the second is refused.
     let seat = a.client.room::<Arena>(&ta).await.unwrap();
     assert_eq!(closed_with(a.client.room::<Arena>(&ta).await), close::TICKET_USED);
