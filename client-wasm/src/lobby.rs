@@ -182,7 +182,7 @@ impl Lobby {
     }
 
     /// Enters a match: the lobby hides and the game view takes its place.
-    fn enter_match(self: &Rc<Self>, ticket: String, room: String) {
+    fn enter_match(self: &Rc<Self>, ticket: String, room: String, url: Option<String>) {
         let ice_servers = {
             let mut state = self.state.borrow_mut();
             state.queued = None;
@@ -190,7 +190,7 @@ impl Lobby {
         };
         self.panels.set_hidden(true);
         let weak = Rc::downgrade(self);
-        let started = crate::game::start(ticket, room, ice_servers, move |message| {
+        let started = crate::game::start(ticket, room, url, ice_servers, move |message| {
             if let Some(lobby) = weak.upgrade() {
                 lobby.panels.set_hidden(false);
                 lobby.set_notice(message.as_deref());
@@ -297,7 +297,7 @@ impl Lobby {
                 self.state.borrow_mut().queued = None;
                 self.show_queue();
             }
-            ServerMsg::MatchFound { ticket, room, .. } => self.enter_match(ticket, room),
+            ServerMsg::MatchFound { ticket, room, url, .. } => self.enter_match(ticket, room, url),
             ServerMsg::MatchAborted { message } => {
                 crate::game::stop();
                 self.panels.set_hidden(false);

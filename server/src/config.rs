@@ -19,11 +19,51 @@ pub struct Cli {
 pub enum Command {
     /// Serve the site, the lobby hub and the game rooms.
     Serve(ServeArgs),
+    /// Host rooms for a hub, as a separate process (official or community).
+    RoomServer(crate::fleet::room_server::RoomServerArgs),
+    /// Create, list and revoke the tokens room servers register with (run on the hub's host).
+    RoomToken(RoomTokenArgs),
     /// Run native bots that sign in, queue and play against a server, then report.
     Bots(crate::bots::BotsArgs),
     /// Benchmarks, run by `cargo xtask bench` (not for production).
     #[command(hide = true)]
     Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RoomTokenArgs {
+    #[command(subcommand)]
+    pub action: RoomTokenAction,
+
+    /// The hub's database (as given to `rallypoint serve`).
+    #[arg(
+        long,
+        env = "RALLYPOINT_DATABASE_URL",
+        default_value = "sqlite://./data/rallypoint.db",
+        value_name = "URL",
+        global = true
+    )]
+    pub database_url: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RoomTokenAction {
+    /// Create a room server's token and print it (only once: keep it).
+    Create {
+        /// The room server's name: lower-case letters, digits, '-', '_' and '.'.
+        #[arg(long)]
+        name: String,
+        /// A community server: its results go to history as unofficial and change no rating.
+        #[arg(long)]
+        community: bool,
+    },
+    /// List room servers, their kind and whether their token is revoked.
+    List,
+    /// Revoke a room server's token: it is refused from now on, and disconnected if connected.
+    Revoke {
+        /// The room server's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -114,9 +154,22 @@ pub struct ServeArgs {
     #[arg(long, env = "RALLYPOINT_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
+    /// Run matches in this process (`on`), or only on room servers (`off`): with `off`, players
+    /// wait in the queue until a room server has a free room.
+    #[arg(long, env = "RALLYPOINT_LOCAL_ROOMS", default_value = "on", value_name = "on|off", value_parser = on_off)]
+    pub local_rooms: bool,
+
     /// Log filter, for example `info` or `rallypoint_server=debug,info`.
     #[arg(long, env = "RALLYPOINT_LOG", default_value = "info", value_name = "FILTER")]
     pub log: String,
+}
+
+fn on_off(value: &str) -> Result<bool, String> {
+    match value {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("{other:?} is neither on nor off")),
+    }
 }
 
 /// The validated configuration of a running server.
@@ -144,6 +197,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// How WebRTC peers are served.
     pub webrtc: crate::transport::webrtc::RtcConfig,
+    /// Whether matches run in this process (else only on room servers).
+    pub local_rooms: bool,
 }
 
 /// Sizes, rates and timeouts. The defaults are what production runs with.
@@ -338,6 +393,7 @@ impl Config {
                 ..crate::rooms::RoomConfig::default()
             },
             metrics_listen: args.metrics_listen,
+            local_rooms: args.local_rooms,
             webrtc: crate::transport::webrtc::RtcConfig {
                 listen: args.webrtc_listen,
                 public_ip: args.public_ip,
@@ -376,6 +432,7 @@ impl Config {
                 listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
                 ..Default::default()
             },
+            local_rooms: true,
         }
     }
 }

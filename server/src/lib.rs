@@ -7,6 +7,7 @@ pub mod bots;
 pub mod client;
 pub mod config;
 pub mod db;
+pub mod fleet;
 pub mod fuzzing;
 mod http;
 pub mod hub;
@@ -79,11 +80,13 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Running, Sta
 pub async fn start_game<G: shared::game::Game>(listener: TcpListener, config: Config) -> Result<Running, StartError> {
     let addr = listener.local_addr().map_err(|e| db::DbError::Folder { path: "listener".into(), source: e })?;
     let db = db::open(&config.database_url).await?;
-    let key = rooms::TicketSigner::from_seed(&db::secret(&db, "room-tickets-ed25519").await?);
+    let signer = rooms::TicketSigner::from_seed(&db::secret(&db, "room-tickets-ed25519").await?);
     let (room_events, events) = tokio::sync::mpsc::channel(1024);
     let rtc = transport::webrtc::Rtc::bind(config.webrtc.clone(), addr)?;
-    let rooms = rooms::Rooms::new::<G>(config.rooms.clone(), key, room_events, Arc::new(rtc.clone()));
-    let (hub, hub_task) = Hub::start(db.clone(), config.limits.clone(), rooms, rtc, events).await?;
+    let tickets = (signer.verifier().clone(), rooms::LOCAL_SERVER);
+    let rooms = rooms::Rooms::new::<G>(config.rooms.clone(), tickets, room_events, Arc::new(rtc.clone()));
+    let local = (rooms, config.local_rooms);
+    let (hub, hub_task) = Hub::start(db.clone(), config.limits.clone(), local, rtc, signer, events).await?;
     if let Some(metrics) = config.metrics_listen {
         metrics_endpoint::serve(metrics)
             .await

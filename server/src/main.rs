@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use rallypoint_server::config::{Cli, Command, Config, ServeArgs};
+use rallypoint_server::config::{Cli, Command, Config, RoomTokenAction, RoomTokenArgs, ServeArgs};
+use rallypoint_server::fleet::room_server::RoomServerArgs;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -11,6 +12,8 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(&args),
         Command::Bench(args) => rallypoint_server::bench::run(args),
         Command::Bots(args) => bots(&args),
+        Command::RoomServer(args) => room_server(&args),
+        Command::RoomToken(args) => room_token(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -35,6 +38,47 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         })?;
         rallypoint_server::run(listener, config, shutdown_signal()).await?;
         Ok(())
+    })
+}
+
+fn room_server(args: &RoomServerArgs) -> anyhow::Result<()> {
+    init_logging(&args.log)?;
+    rallypoint_server::raise_fd_limit(None);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(rallypoint_server::fleet::room_server::run(args, shutdown_signal()))
+}
+
+fn room_token(args: &RoomTokenArgs) -> anyhow::Result<()> {
+    use rallypoint_server::fleet::tokens;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let db = rallypoint_server::db::open(&args.database_url).await?;
+        match &args.action {
+            RoomTokenAction::Create { name, community } => {
+                let token = tokens::create(&db, name, *community).await?;
+                let kind = if *community { "community" } else { "official" };
+                println!("{token}");
+                eprintln!("Token of the {kind} room server {name:?}: shown only now. Start it with");
+                eprintln!("  rallypoint room-server --hub URL --token TOKEN --public-url URL");
+            }
+            RoomTokenAction::List => {
+                let servers = tokens::list(&db).await?;
+                if servers.is_empty() {
+                    println!("No room servers yet: `rallypoint room-token create --name NAME` makes one.");
+                }
+                for s in servers {
+                    let kind = if s.community { "community" } else { "official" };
+                    let state = if s.revoked_at.is_some() { "revoked" } else { "active" };
+                    println!("{}\t{kind}\t{state}", s.name);
+                }
+            }
+            RoomTokenAction::Revoke { name } => {
+                tokens::revoke(&db, name).await?;
+                println!("Revoked {name:?}: it is refused from now on.");
+            }
+        }
+        db.close().await;
+        anyhow::Ok(())
     })
 }
 

@@ -216,6 +216,10 @@ pub enum ServerMsg {
         ticket: String,
         /// Names of the players, by seat.
         players: Vec<String>,
+        /// Where the room runs, when on a room server (`https://host:port`; its room
+        /// WebSocket is at `/room` there); none for the site's own rooms.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        url: Option<String>,
     },
     /// The server's answer to [`ClientMsg::RtcOffer`]. Its SDP carries every server candidate
     /// (the server does not trickle).
@@ -311,6 +315,14 @@ mod tests {
                 room: "r1".into(),
                 ticket: "t.s".into(),
                 players: vec!["a".into(), "b".into()],
+                url: None,
+            },
+            ServerMsg::MatchFound {
+                mode: "duel".into(),
+                room: "eu-1/r0-1".into(),
+                ticket: "t.s".into(),
+                players: vec!["a".into(), "b".into()],
+                url: Some("https://r1.example.com:9000".into()),
             },
             ServerMsg::MatchAborted { message: "sorry".into() },
             ServerMsg::Error { code: ErrorCode::RateLimited, message: "slow down".into() },

@@ -62,9 +62,14 @@ pub struct RoomLink {
 }
 
 impl RoomLink {
-    /// Connects to `/room`; every event goes to `on_event`.
-    pub fn open(on_event: impl Fn(LinkEvent) + 'static) -> Result<Self, JsValue> {
-        let socket = WebSocket::new(&dom::socket_url("/room")?)?;
+    /// Connects to `/room` on this site, or on the room server at `url` (`https://host:port`);
+    /// every event goes to `on_event`.
+    pub fn open(url: Option<&str>, on_event: impl Fn(LinkEvent) + 'static) -> Result<Self, JsValue> {
+        let target = match url {
+            Some(url) => format!("{}/room", url.trim_end_matches('/').replacen("http", "ws", 1)),
+            None => dom::socket_url("/room")?,
+        };
+        let socket = WebSocket::new(&target)?;
         socket.set_binary_type(BinaryType::Arraybuffer);
         let on_event: Rc<dyn Fn(LinkEvent)> = Rc::new(on_event);
         let bytes_in = Rc::new(RefCell::new(0u64));

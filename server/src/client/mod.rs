@@ -227,6 +227,8 @@ pub struct Hub {
     pub online: Vec<UserSummary>,
     /// The lobby's recent chat when this connection joined, oldest first.
     pub history: Vec<ChatLine>,
+    /// Where the last match found runs, when on a room server ([`Client::room_at`]).
+    pub room_url: Option<String>,
 }
 
 impl Hub {
@@ -237,7 +239,13 @@ impl Hub {
         stream: Option<TcpStream>,
     ) -> Result<Self, ClientError> {
         let socket = connect(request, stream).await?;
-        let mut hub = Self { socket, welcome: ServerMsg::Pong { id: 0 }, online: Vec::new(), history: Vec::new() };
+        let mut hub = Self {
+            socket,
+            welcome: ServerMsg::Pong { id: 0 },
+            online: Vec::new(),
+            history: Vec::new(),
+            room_url: None,
+        };
         hub.send(&ClientMsg::Hello { version: PROTOCOL_VERSION }).await?;
         let limit = Duration::from_secs(10);
         hub.welcome = hub.recv_timeout(limit).await?;
@@ -285,8 +293,12 @@ impl Hub {
             };
             match frame? {
                 Message::Text(text) => {
-                    return serde_json::from_str(text.as_str())
-                        .map_err(|_| ClientError::Unexpected(text.as_str().to_owned()));
+                    let msg: ServerMsg = serde_json::from_str(text.as_str())
+                        .map_err(|_| ClientError::Unexpected(text.as_str().to_owned()))?;
+                    if let ServerMsg::MatchFound { url, .. } = &msg {
+                        self.room_url.clone_from(url);
+                    }
+                    return Ok(msg);
                 }
                 Message::Close(frame) => {
                     let (code, reason) = close_parts(frame);
@@ -402,6 +414,19 @@ impl Client {
     /// Takes the seat that `ticket` grants.
     pub async fn room<G: shared::game::Game>(&self, ticket: &str) -> Result<Room<G>, ClientError> {
         Room::join(self.room_request()?, None, ticket).await
+    }
+
+    /// Takes the seat that `ticket` grants, on the room server at `url` (the match found's;
+    /// `None`: this site's own rooms, [`Client::room`]).
+    pub async fn room_at<G: shared::game::Game>(
+        &self,
+        url: Option<&str>,
+        ticket: &str,
+    ) -> Result<Room<G>, ClientError> {
+        match url {
+            None => self.room(ticket).await,
+            Some(url) => Room::join(remote_room_request(url)?, None, ticket).await,
+        }
     }
 }
 
@@ -558,6 +583,13 @@ impl<G: shared::game::Game> Room<G> {
         }
         let _ = self.socket.close(None).await;
     }
+}
+
+/// The upgrade request for `/room` on the room server at `url`: no cookie (another site's
+/// server sees only the ticket).
+pub fn remote_room_request(url: &str) -> Result<tungstenite::handshake::client::Request, ClientError> {
+    let target = format!("{}/room", url.trim_end_matches('/').replacen("http", "ws", 1));
+    Ok(target.as_str().into_client_request()?)
 }
 
 /// Reads the next room frame and its size.

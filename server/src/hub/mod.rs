@@ -29,8 +29,9 @@ use tokio::time::Instant;
 use crate::accounts::SessionKey;
 use crate::config::Limits;
 use crate::db::{Db, unix_now_ms};
+use crate::fleet::control::{self, Assignment, FromHub, FromServer, Player, Signed};
 use crate::rate::TokenBucket;
-use crate::rooms::{RoomEvent, RoomId, Rooms, Seated};
+use crate::rooms::{LOCAL_SERVER, RoomEvent, RoomId, Rooms, Seated, Ticket, TicketSigner};
 use crate::transport::webrtc::Rtc;
 use matchmaking::Waiting;
 
@@ -102,7 +103,44 @@ enum Command {
     Stats {
         reply: oneshot::Sender<HubStats>,
     },
+    /// A room server registered (or registered again).
+    ServerUp(Box<ServerUp>),
+    /// A message from a registered room server's control connection.
+    FromServer {
+        server: u32,
+        generation: u64,
+        msg: FromServer,
+    },
+    /// A room server's result is recorded: its players are out of the match.
+    ServerFinished {
+        server: u32,
+        match_id: u64,
+    },
+    /// A room server's control connection ended: out of placement at once.
+    ServerDown {
+        server: u32,
+        generation: u64,
+    },
+    /// The room server did not come back in time: its matches are over, without a result.
+    ServerLost {
+        server: u32,
+        generation: u64,
+    },
     Shutdown,
+}
+
+/// A room server's registration, as the hub keeps it.
+#[derive(Debug)]
+pub struct ServerUp {
+    pub server: u32,
+    pub name: String,
+    pub community: bool,
+    pub url: String,
+    pub free: u32,
+    pub running: Vec<control::Running>,
+    pub outbox: mpsc::Sender<FromHub>,
+    /// Told which generation this registration is (or why it is refused).
+    pub reply: oneshot::Sender<u64>,
 }
 
 /// Counts for health pages, tests and benchmarks.
@@ -114,6 +152,8 @@ pub struct HubStats {
     pub dropped_slow: u64,
     pub queued: usize,
     pub playing: usize,
+    /// Room servers registered and heard from.
+    pub room_servers: usize,
 }
 
 /// A cheap handle to the hub task.
@@ -125,6 +165,14 @@ pub struct Hub {
     db: Db,
     rooms: Rooms,
     rtc: Rtc,
+    signer: Arc<TicketSigner>,
+    /// WebSocket origins of room servers (`wss://host:port`), for the pages' CSP.
+    room_origins: Arc<std::sync::RwLock<BTreeSet<String>>>,
+}
+
+/// The WebSocket origin of a room server's public URL.
+fn socket_origin(url: &str) -> String {
+    url.trim_end_matches('/').replacen("http", "ws", 1)
 }
 
 /// The hub task has stopped (the server is shutting down).
@@ -133,14 +181,19 @@ pub struct Hub {
 pub struct HubGone;
 
 impl Hub {
-    /// Loads recent chat and starts the hub and chat-log tasks. Room events arrive on `events`.
+    /// Loads recent chat and starts the hub and chat-log tasks. Room events arrive on `events`;
+    /// tickets are signed with `signer`. Without `local_rooms`, every match goes to a room server.
     pub async fn start(
         db: Db,
         limits: Limits,
-        rooms: Rooms,
+        (rooms, local_rooms): (Rooms, bool),
         rtc: Rtc,
+        signer: TicketSigner,
         events: mpsc::Receiver<RoomEvent>,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), sqlx::Error> {
+        let signer = Arc::new(signer);
+        let known = crate::fleet::tokens::known_urls(&db).await?;
+        let room_origins = Arc::new(std::sync::RwLock::new(known.iter().map(|u| socket_origin(u)).collect()));
         let recent = chat_log::recent(&db, CHAT_HISTORY_LEN).await?;
         let (log, log_task) = chat_log::ChatLog::start(db.clone());
         let (commands, rx) = mpsc::channel(4096);
@@ -160,6 +213,10 @@ impl Hub {
             queues: BTreeMap::new(),
             queued: HashMap::new(),
             playing: HashMap::new(),
+            signer: Arc::clone(&signer),
+            local_rooms,
+            servers: BTreeMap::new(),
+            placing: HashMap::new(),
         };
         for (lobby, lines) in recent {
             state.lobby_mut(lobby).recent = lines.into();
@@ -169,7 +226,7 @@ impl Hub {
             // The log flushes what it holds once every sender is gone.
             let _ = log_task.await;
         });
-        Ok((Self { commands, next_conn: Arc::default(), limits, db, rooms, rtc }, task))
+        Ok((Self { commands, next_conn: Arc::default(), limits, db, rooms, rtc, signer, room_origins }, task))
     }
 
     pub fn rooms(&self) -> &Rooms {
@@ -182,6 +239,47 @@ impl Hub {
 
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// The key that signs tickets and assignments.
+    pub fn signer(&self) -> &TicketSigner {
+        &self.signer
+    }
+
+    /// Lets pages open WebSockets to a room server at `url`.
+    pub fn add_room_origin(&self, url: &str) {
+        self.room_origins.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(socket_origin(url));
+    }
+
+    /// The origins pages may open WebSockets to besides their own, separated by spaces.
+    pub fn room_origins(&self) -> String {
+        let origins = self.room_origins.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        origins.iter().map(String::as_str).collect::<Vec<_>>().join(" ")
+    }
+
+    /// Registers a room server; the answer is the registration's generation.
+    pub async fn server_up(&self, up: ServerUp) -> Result<(), HubGone> {
+        self.send(Command::ServerUp(Box::new(up))).await
+    }
+
+    /// Passes on a room server's message.
+    pub async fn from_server(&self, server: u32, generation: u64, msg: FromServer) -> Result<(), HubGone> {
+        self.send(Command::FromServer { server, generation, msg }).await
+    }
+
+    /// A room server's result is recorded.
+    pub async fn server_finished(&self, server: u32, match_id: u64) -> Result<(), HubGone> {
+        self.send(Command::ServerFinished { server, match_id }).await
+    }
+
+    /// A room server's control connection ended; after a grace, [`Command::ServerLost`].
+    pub async fn server_down(&self, server: u32, generation: u64) {
+        let _ = self.send(Command::ServerDown { server, generation }).await;
+        let hub = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(SERVER_GRACE).await;
+            let _ = hub.send(Command::ServerLost { server, generation }).await;
+        });
     }
 
     pub fn limits(&self) -> &Limits {
@@ -236,7 +334,13 @@ struct Online {
 /// A user's seat in a running match, kept while the match runs (also while they are offline,
 /// so that a reloaded tab goes back in).
 struct Playing {
+    /// The room server hosting the match ([`LOCAL_SERVER`]: this process).
+    server: u32,
     room: RoomId,
+    /// The room server's match id.
+    match_id: Option<u64>,
+    /// Where the room server takes players, for a remote match.
+    url: Option<Arc<str>>,
     seat: u8,
     mode: &'static str,
     players: Vec<String>,
@@ -270,7 +374,41 @@ struct State {
     /// The mode each queued user waits for.
     queued: HashMap<i64, &'static str>,
     playing: HashMap<i64, Playing>,
+    signer: Arc<TicketSigner>,
+    /// Whether matches may run in this process.
+    local_rooms: bool,
+    /// Room servers registered, by id.
+    servers: BTreeMap<u32, Remote>,
+    /// Matches sent to a room server that has not said yet where they run.
+    placing: HashMap<u64, Placing>,
 }
+
+/// How long a room server whose control connection ended may take to come back before its
+/// matches are called off (its players are told within [`control::SILENCE`] + this).
+pub const SERVER_GRACE: Duration = Duration::from_secs(2);
+/// How long a room server may take to answer a match it was sent.
+const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A registered room server.
+struct Remote {
+    name: String,
+    url: Arc<str>,
+    free: u32,
+    draining: bool,
+    /// `None` while its connection is down (within the grace).
+    outbox: Option<mpsc::Sender<FromHub>>,
+    generation: u64,
+}
+
+/// A match sent to a room server, waiting for [`FromServer::Started`].
+struct Placing {
+    server: u32,
+    mode: &'static Mode,
+    players: Vec<Waiting>,
+    since: Instant,
+}
+
+static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl State {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>, mut events: mpsc::Receiver<RoomEvent>) {
@@ -296,7 +434,10 @@ impl State {
                     self.flush_presence();
                     flush_at = None;
                 }
-                _ = matchmaking.tick(), if !self.queued.is_empty() => self.match_all(),
+                _ = matchmaking.tick(), if !self.queued.is_empty() => {
+                    self.expire_placements();
+                    self.match_all();
+                }
             }
             self.drop_slow();
             if flush_at.is_none() && self.lobbies.iter().any(|l| !l.pending.is_empty()) {
@@ -330,8 +471,23 @@ impl State {
                     dropped_slow: self.dropped_slow,
                     queued: self.queued.len(),
                     playing: self.playing.len(),
+                    room_servers: self.servers.values().filter(|r| r.outbox.is_some()).count(),
                 });
             }
+            Command::ServerUp(up) => self.server_up(*up),
+            Command::FromServer { server, generation, msg } => self.on_server_message(server, generation, &msg),
+            Command::ServerFinished { server, match_id } => {
+                self.playing.retain(|_, p| !(p.server == server && p.match_id == Some(match_id)));
+            }
+            Command::ServerDown { server, generation } => {
+                if let Some(r) = self.servers.get_mut(&server).filter(|r| r.generation == generation) {
+                    tracing::warn!(server = r.name, "room server disconnected");
+                    r.outbox = None;
+                    r.free = 0;
+                }
+                self.update_server_metrics();
+            }
+            Command::ServerLost { server, generation } => self.server_lost(server, generation),
             Command::Shutdown => {
                 let conns: Vec<ConnId> = self.conns.keys().copied().collect();
                 for conn in conns {
@@ -552,46 +708,282 @@ impl State {
         }
     }
 
-    /// Starts every match the queue of `mode` allows now.
+    /// Starts every match the queue of `mode` allows now, each where most rooms are free: in
+    /// this process, or on the room server with the most free rooms.
     fn match_mode(&mut self, mode: &'static Mode) {
         let Some(queue) = self.queues.get_mut(mode.name) else { return };
         let matches = matchmaking::form_matches(queue, mode, Instant::now());
         for (i, players) in matches.iter().enumerate() {
-            let seated = players.iter().map(|w| Seated { user_id: w.user_id, name: w.name.clone() }).collect();
             let mut seed = [0u8; 8];
             crate::random::fill(&mut seed);
-            match self.rooms.launch(mode, seated, u64::from_le_bytes(seed)) {
-                Ok(room) => {
-                    let names: Vec<String> = players.iter().map(|w| w.name.clone()).collect();
-                    for (seat, w) in players.iter().enumerate() {
-                        self.queued.remove(&w.user_id);
-                        let p = Playing { room, seat: seat as u8, mode: mode.name, players: names.clone() };
-                        let found = self.match_found(w.user_id, &p);
-                        self.playing.insert(w.user_id, p);
-                        self.send_to(w.conn, &found);
-                    }
-                    tracing::debug!(%room, mode = mode.name, players = players.len(), "match made");
-                }
-                Err(full) => {
-                    tracing::warn!(mode = mode.name, "cannot start a match: {full}");
-                    // Back to the front of the queue, in order, for the next look.
-                    let queue = self.queues.entry(mode.name).or_default();
-                    for waiting in matches[i..].iter().flatten().rev() {
-                        queue.insert(0, waiting.clone());
-                    }
-                    return;
-                }
+            let seed = u64::from_le_bytes(seed);
+            let placed = match self.place() {
+                Some(LOCAL_SERVER) => self.start_local(mode, players, seed),
+                Some(server) => self.start_remote(server, mode, players, seed),
+                None => false,
+            };
+            if !placed {
+                tracing::warn!(mode = mode.name, "cannot start a match: every room is busy");
+                // Back to the front of the queue, in order, for the next look.
+                self.requeue(mode, matches[i..].iter().flatten().cloned().collect());
+                return;
             }
         }
     }
 
+    /// Where the next match goes: the place with the most free rooms (this process first on
+    /// a tie), or nowhere.
+    fn place(&self) -> Option<u32> {
+        let local = if self.local_rooms { self.rooms.free() } else { 0 };
+        let remote = self
+            .servers
+            .iter()
+            .filter(|(_, r)| r.outbox.is_some() && !r.draining)
+            .map(|(&id, r)| (r.free as usize, id))
+            .max_by_key(|&(free, id)| (free, std::cmp::Reverse(id)));
+        match remote {
+            Some((free, id)) if free > local => Some(id),
+            _ if local > 0 => Some(LOCAL_SERVER),
+            _ => None,
+        }
+    }
+
+    fn start_local(&mut self, mode: &'static Mode, players: &[Waiting], seed: u64) -> bool {
+        let seated = players.iter().map(|w| Seated { user_id: w.user_id, name: w.name.clone() }).collect();
+        let Ok(room) = self.rooms.launch(mode, seated, seed) else { return false };
+        self.seat_players(mode, players, LOCAL_SERVER, room, None);
+        tracing::debug!(%room, mode = mode.name, players = players.len(), "match made");
+        true
+    }
+
+    /// Sends the match to a room server; its players wait for [`FromServer::Started`] (they
+    /// stay marked as queued meanwhile, so that nobody queues twice).
+    fn start_remote(&mut self, server: u32, mode: &'static Mode, players: &[Waiting], seed: u64) -> bool {
+        let Some(remote) = self.servers.get_mut(&server) else { return false };
+        let Some(outbox) = &remote.outbox else { return false };
+        let mut id = [0u8; 8];
+        crate::random::fill(&mut id);
+        let match_id = u64::from_le_bytes(id) >> 11; // exact in a JavaScript number, for readers of the JSON
+        let assignment = Assignment {
+            match_id,
+            server,
+            mode: mode.name.to_owned(),
+            players: players.iter().map(|w| Player { user_id: w.user_id, name: w.name.clone() }).collect(),
+            seed,
+        };
+        if outbox.try_send(FromHub::Start { assignment: Signed::new(&assignment, &self.signer) }).is_err() {
+            return false;
+        }
+        remote.free = remote.free.saturating_sub(1);
+        self.placing.insert(match_id, Placing { server, mode, players: players.to_vec(), since: Instant::now() });
+        true
+    }
+
+    /// Puts waiting players back at the front of their queue, in order (those still connected).
+    fn requeue(&mut self, mode: &'static Mode, players: Vec<Waiting>) {
+        let queue = self.queues.entry(mode.name).or_default();
+        for waiting in players.into_iter().rev() {
+            if self.conns.contains_key(&waiting.conn) {
+                self.queued.insert(waiting.user_id, mode.name);
+                queue.insert(0, waiting);
+            } else {
+                self.queued.remove(&waiting.user_id);
+            }
+        }
+    }
+
+    fn seat_players(
+        &mut self,
+        mode: &'static Mode,
+        players: &[Waiting],
+        server: u32,
+        room: RoomId,
+        remote: Option<&(u64, Arc<str>)>,
+    ) {
+        let names: Vec<String> = players.iter().map(|w| w.name.clone()).collect();
+        for (seat, w) in players.iter().enumerate() {
+            self.queued.remove(&w.user_id);
+            let p = Playing {
+                server,
+                room,
+                match_id: remote.map(|r| r.0),
+                url: remote.map(|r| Arc::clone(&r.1)),
+                seat: seat as u8,
+                mode: mode.name,
+                players: names.clone(),
+            };
+            let found = self.match_found(w.user_id, &p);
+            self.playing.insert(w.user_id, p);
+            self.send_to(w.conn, &found);
+        }
+    }
+
     fn match_found(&self, user_id: i64, p: &Playing) -> ServerMsg {
+        let mut nonce = [0u8; 8];
+        crate::random::fill(&mut nonce);
+        let expires_ms = unix_now_ms() + self.rooms.config().ticket_ttl.as_millis() as i64;
+        let ticket = Ticket {
+            server: p.server,
+            room: p.room,
+            user_id,
+            seat: p.seat,
+            expires_ms,
+            nonce: u64::from_le_bytes(nonce),
+        };
+        let room = match self.servers.get(&p.server) {
+            Some(r) if p.server != LOCAL_SERVER => format!("{}/{}", r.name, p.room),
+            _ => p.room.to_string(),
+        };
         ServerMsg::MatchFound {
             mode: p.mode.into(),
-            room: p.room.to_string(),
-            ticket: self.rooms.ticket(p.room, user_id, p.seat),
+            room,
+            ticket: self.signer.sign(&ticket),
             players: p.players.clone(),
+            url: p.url.as_deref().map(str::to_owned),
         }
+    }
+
+    fn server_up(&mut self, up: ServerUp) {
+        let generation = GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let url: Arc<str> = Arc::from(up.url.as_str());
+        // Matches it plays already (the hub restarted, or the connection dropped a moment).
+        for running in &up.running {
+            let Some(a) = running.assignment.open(self.signer.verifier()).filter(|a| a.server == up.server) else {
+                continue;
+            };
+            let Some(mode) = self.rooms.mode(&a.mode) else { continue };
+            let room = RoomId { slot: running.slot, number: running.number };
+            let names: Vec<String> = a.players.iter().map(|p| p.name.clone()).collect();
+            for (seat, player) in a.players.iter().enumerate() {
+                if self.playing.contains_key(&player.user_id) || self.queued.contains_key(&player.user_id) {
+                    continue;
+                }
+                let p = Playing {
+                    server: up.server,
+                    room,
+                    match_id: Some(a.match_id),
+                    url: Some(Arc::clone(&url)),
+                    seat: seat as u8,
+                    mode: mode.name,
+                    players: names.clone(),
+                };
+                self.playing.insert(player.user_id, p);
+            }
+        }
+        tracing::info!(server = up.name, url = %url, free = up.free, community = up.community, running = up.running.len(), "room server registered");
+        // A second registration of the same server replaces the first (whose outbox closes).
+        self.servers.insert(
+            up.server,
+            Remote { name: up.name, url, free: up.free, draining: false, outbox: Some(up.outbox), generation },
+        );
+        let _ = up.reply.send(generation);
+        self.update_server_metrics();
+    }
+
+    fn on_server_message(&mut self, server: u32, generation: u64, msg: &FromServer) {
+        let Some(remote) = self.servers.get_mut(&server).filter(|r| r.generation == generation) else { return };
+        match *msg {
+            FromServer::Load { free, draining } => {
+                remote.free = free;
+                remote.draining = draining;
+                metrics::gauge!("rallypoint_room_server_free_rooms", "server" => remote.name.clone())
+                    .set(f64::from(free));
+            }
+            FromServer::Started { match_id, slot, number } => {
+                let Some(placing) = self.placing.remove(&match_id).filter(|p| p.server == server) else { return };
+                let url = Arc::clone(&remote.url);
+                let room = RoomId { slot, number };
+                tracing::debug!(server = remote.name, %room, mode = placing.mode.name, "match placed");
+                self.seat_players(placing.mode, &placing.players, server, room, Some(&(match_id, url)));
+            }
+            FromServer::Full { match_id } => {
+                if let Some(placing) = self.placing.remove(&match_id).filter(|p| p.server == server) {
+                    remote.free = 0;
+                    self.requeue(placing.mode, placing.players);
+                }
+            }
+            FromServer::SeatReleased { match_id, user_id } => {
+                if self.playing.get(&user_id).is_some_and(|p| p.server == server && p.match_id == Some(match_id)) {
+                    self.playing.remove(&user_id);
+                }
+            }
+            FromServer::Cancelled { match_id } => {
+                self.abort_remote(server, match_id, "Too few players took their seats; you are back in the lobby.");
+            }
+            FromServer::Crashed { match_id } => {
+                self.abort_remote(
+                    server,
+                    match_id,
+                    "The match stopped because of a server error; you are back in the lobby.",
+                );
+            }
+            // Handled by the control connection (which records, then tells the hub).
+            FromServer::Register { .. } | FromServer::Finished { .. } => {}
+        }
+    }
+
+    /// Calls off the matches of a room server that did not come back.
+    fn server_lost(&mut self, server: u32, generation: u64) {
+        let Some(remote) = self.servers.get(&server) else { return };
+        if remote.generation != generation || remote.outbox.is_some() {
+            return; // it registered again
+        }
+        tracing::warn!(server = remote.name, "room server lost: its matches are called off");
+        let placing: Vec<u64> = self.placing.iter().filter(|(_, p)| p.server == server).map(|(&id, _)| id).collect();
+        for id in placing {
+            if let Some(p) = self.placing.remove(&id) {
+                self.requeue(p.mode, p.players);
+            }
+        }
+        let matches: BTreeSet<u64> =
+            self.playing.values().filter(|p| p.server == server).filter_map(|p| p.match_id).collect();
+        for match_id in matches {
+            self.abort_remote(
+                server,
+                match_id,
+                "The server hosting your match went away; you are back in the lobby. No rating changed.",
+            );
+        }
+        self.servers.remove(&server);
+        self.update_server_metrics();
+    }
+
+    /// Placements a room server never answered go back to the queue.
+    fn expire_placements(&mut self) {
+        let now = Instant::now();
+        let late: Vec<u64> =
+            self.placing.iter().filter(|(_, p)| now - p.since > PLACEMENT_TIMEOUT).map(|(&id, _)| id).collect();
+        for id in late {
+            if let Some(p) = self.placing.remove(&id) {
+                tracing::warn!(match_id = id, "a room server did not start a match in time");
+                self.requeue(p.mode, p.players);
+            }
+        }
+    }
+
+    fn abort_remote(&mut self, server: u32, match_id: u64, message: &str) {
+        let users: Vec<i64> = self
+            .playing
+            .iter()
+            .filter(|(_, p)| p.server == server && p.match_id == Some(match_id))
+            .map(|(&id, _)| id)
+            .collect();
+        for user_id in users {
+            self.playing.remove(&user_id);
+            self.tell_user(user_id, &ServerMsg::MatchAborted { message: message.into() });
+        }
+    }
+
+    fn tell_user(&mut self, user_id: i64, msg: &ServerMsg) {
+        let conns = self.users.get(&user_id).map(|o| o.conns.clone()).unwrap_or_default();
+        for conn in conns {
+            self.send_to(conn, msg);
+        }
+    }
+
+    fn update_server_metrics(&self) {
+        let live = self.servers.values().filter(|r| r.outbox.is_some()).count();
+        metrics::gauge!("rallypoint_room_servers").set(live as f64);
     }
 
     fn room_event(&mut self, event: RoomEvent) {
@@ -602,7 +994,8 @@ impl State {
                 }
                 let db = self.db.clone();
                 tokio::spawn(async move {
-                    match results::record(&db, room, mode, &players, &outcome).await {
+                    let label = room.to_string();
+                    match results::record(&db, &label, mode, &players, &outcome, results::Source::LOCAL).await {
                         Ok(changes) => {
                             let _ = reply.send(changes);
                         }
@@ -620,8 +1013,9 @@ impl State {
         }
     }
 
+    /// A player of one of this process's rooms is out of it.
     fn leave_room(&mut self, user_id: i64, room: RoomId) {
-        if self.playing.get(&user_id).is_some_and(|p| p.room == room) {
+        if self.playing.get(&user_id).is_some_and(|p| p.server == LOCAL_SERVER && p.room == room) {
             self.playing.remove(&user_id);
         }
     }
@@ -629,10 +1023,7 @@ impl State {
     fn abort(&mut self, room: RoomId, users: &[i64], message: &str) {
         for &user_id in users {
             self.leave_room(user_id, room);
-            let conns = self.users.get(&user_id).map(|o| o.conns.clone()).unwrap_or_default();
-            for conn in conns {
-                self.send_to(conn, &ServerMsg::MatchAborted { message: message.into() });
-            }
+            self.tell_user(user_id, &ServerMsg::MatchAborted { message: message.into() });
         }
     }
 

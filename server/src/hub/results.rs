@@ -10,7 +10,7 @@ use skillratings::Outcomes;
 use skillratings::glicko2::{Glicko2Config, Glicko2Rating, glicko2_rating_period};
 
 use crate::db::{Db, unix_now};
-use crate::rooms::{RoomId, Seated};
+use crate::rooms::Seated;
 
 /// A fresh player's rating.
 pub const INITIAL_RATING: f64 = 1500.0;
@@ -25,15 +25,51 @@ pub async fn rating(db: &Db, user_id: i64, mode: &str) -> Result<f64, sqlx::Erro
     Ok(found.unwrap_or(INITIAL_RATING))
 }
 
-/// Records a finished match and returns each seat's rating change.
+/// Where a result comes from.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    /// The room server's name; `None` for the hub's own rooms.
+    pub server: Option<&'a str>,
+    /// Official results change ratings; community servers' do not.
+    pub official: bool,
+    /// The room server's match id: a result reported twice is recorded once.
+    pub match_id: Option<u64>,
+}
+
+impl Source<'_> {
+    /// The hub's own rooms.
+    pub const LOCAL: Source<'static> = Source { server: None, official: true, match_id: None };
+}
+
+/// Records a finished match and returns each seat's rating change (none for an unofficial
+/// one). A result whose match id is recorded already is not counted again: the changes recorded
+/// then are returned.
 pub async fn record(
     db: &Db,
-    room: RoomId,
+    room: &str,
     mode: &str,
     players: &[Seated],
     outcome: &Outcome,
+    source: Source<'_>,
 ) -> Result<Vec<RatingChange>, sqlx::Error> {
     let mut tx = crate::db::begin_write(db).await?;
+    let key = source.match_id.map(|id| format!("{}/{id}", source.server.unwrap_or("")));
+    if let Some(key) = &key {
+        let stored: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM matches WHERE match_key = ?").bind(key).fetch_optional(&mut *tx).await?;
+        if let Some(match_id) = stored {
+            let rows: Vec<(f64, f64)> = sqlx::query_as(
+                "SELECT rating_before, rating_after FROM match_players WHERE match_id = ? ORDER BY seat",
+            )
+            .bind(match_id)
+            .fetch_all(&mut *tx)
+            .await?;
+            return Ok(rows
+                .into_iter()
+                .map(|(b, a)| RatingChange { before: b.round() as i32, after: a.round() as i32 })
+                .collect());
+        }
+    }
     let mut before = Vec::with_capacity(players.len());
     for p in players {
         let row: Option<(f64, f64, f64)> =
@@ -48,15 +84,19 @@ pub async fn record(
             volatility,
         }));
     }
-    let after = new_ratings(&before, &outcome.ranks);
+    let after = if source.official { new_ratings(&before, &outcome.ranks) } else { before.clone() };
     let match_id: i64 = sqlx::query_scalar(
-        "INSERT INTO matches (mode, room, end_reason, ticks, ended_at) VALUES (?, ?, ?, ?, ?) RETURNING id",
+        "INSERT INTO matches (mode, room, end_reason, ticks, ended_at, server, official, match_key)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
     )
     .bind(mode)
-    .bind(room.to_string())
+    .bind(room)
     .bind(outcome.reason.as_str())
     .bind(i64::from(outcome.ticks))
     .bind(unix_now())
+    .bind(source.server)
+    .bind(source.official)
+    .bind(&key)
     .fetch_one(&mut *tx)
     .await?;
     let firsts: usize = outcome.ranks.iter().map(|&r| usize::from(r == 1)).sum();
@@ -77,6 +117,9 @@ pub async fn record(
         .bind(after[seat].rating)
         .execute(&mut *tx)
         .await?;
+        if !source.official {
+            continue;
+        }
         sqlx::query(
             "INSERT INTO ratings (user_id, mode, rating, deviation, volatility, matches, wins, draws)
              VALUES (?, ?, ?, ?, ?, 1, ?, ?)
@@ -138,6 +181,48 @@ mod tests {
         assert!((level[0].rating - 1500.0).abs() < 1e-9 && level[0].deviation < 350.0, "a draw only tightens");
     }
 
+    /// A room server that lost the hub's acknowledgement sends its result again: it is
+    /// recorded once, and the changes recorded the first time come back. A community server's
+    /// result is history only.
+    #[tokio::test]
+    async fn a_result_sent_twice_counts_once_and_a_community_one_changes_no_rating() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::open(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
+        for name in ["a", "b"] {
+            sqlx::query("INSERT INTO users (username, username_key, password_hash, created_at) VALUES (?, ?, 'x', 0)")
+                .bind(name)
+                .bind(name)
+                .execute(&db)
+                .await
+                .unwrap();
+        }
+        let players: Vec<Seated> = sqlx::query_scalar("SELECT id FROM users ORDER BY id")
+            .fetch_all(&db)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|user_id| Seated { user_id, name: String::new() })
+            .collect();
+        let outcome =
+            Outcome { ranks: vec![1, 2], scores: vec![5, 3], reason: shared::game::EndReason::ScoreLimit, ticks: 9 };
+        let official = Source { server: Some("eu-1"), official: true, match_id: Some(42) };
+        let first = record(&db, "eu-1/42", "duel", &players, &outcome, official).await.unwrap();
+        let again = record(&db, "eu-1/42", "duel", &players, &outcome, official).await.unwrap();
+        assert_eq!(first, again);
+        assert!(first[0].after > first[0].before);
+        let count = |sql: &'static str| {
+            let db = db.clone();
+            async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&db).await.unwrap() }
+        };
+        assert_eq!(count("SELECT COUNT(*) FROM matches").await, 1);
+        assert_eq!(count("SELECT SUM(matches) FROM ratings").await, 2);
+        let community = Source { server: Some("club"), official: false, match_id: Some(42) };
+        let unofficial = record(&db, "club/42", "duel", &players, &outcome, community).await.unwrap();
+        assert!(unofficial.iter().all(|r| r.before == r.after), "{unofficial:?}");
+        assert_eq!(count("SELECT COUNT(*) FROM matches WHERE official = 0").await, 1);
+        assert_eq!(count("SELECT SUM(matches) FROM ratings").await, 2, "no rating touched");
+    }
+
     /// Many rooms ending at once: each transaction reads ratings, then writes. Deferred
     /// transactions failed here with "database is locked" (seen in `bench webrtc`); every
     /// result must be recorded.
@@ -160,7 +245,7 @@ mod tests {
             let (db, outcome) = (db.clone(), outcome.clone());
             let players: Vec<Seated> = pair.iter().map(|&user_id| Seated { user_id, name: String::new() }).collect();
             tokio::spawn(
-                async move { record(&db, RoomId { slot: n as u32, number: 1 }, "duel", &players, &outcome).await },
+                async move { record(&db, &format!("r{n}-1"), "duel", &players, &outcome, Source::LOCAL).await },
             )
         });
         for w in writes.collect::<Vec<_>>() {

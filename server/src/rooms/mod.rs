@@ -140,7 +140,10 @@ pub struct RoomStats {
 /// What room tasks share.
 struct Shared {
     config: RoomConfig,
-    key: TicketSigner,
+    /// Checks the hub's tickets.
+    tickets: TicketVerifier,
+    /// This pool's server number in tickets ([`LOCAL_SERVER`] inside the hub's process).
+    server: u32,
     events: mpsc::Sender<RoomEvent>,
     /// Where unreliable frames go for players with a datagram path.
     datagrams: Arc<dyn Datagrams>,
@@ -166,16 +169,17 @@ pub struct Rooms(Arc<Inner>);
 const MAILBOX: usize = 1024;
 
 impl Rooms {
-    /// A pool of rooms running `G`; events go to `events`, and the unreliable frames of
-    /// players with an open datagram path to `datagrams`.
+    /// A pool of rooms running `G`, admitting players with tickets for `server` that `tickets`
+    /// verifies; events go to `events`, and the unreliable frames of players with an open
+    /// datagram path to `datagrams`.
     pub fn new<G: Game>(
         config: RoomConfig,
-        key: TicketSigner,
+        (tickets, server): (TicketVerifier, u32),
         events: mpsc::Sender<RoomEvent>,
         datagrams: Arc<dyn Datagrams>,
     ) -> Self {
-        let shared =
-            Arc::new(Shared { config, key, events, datagrams, idle: Mutex::default(), stats: RoomStats::default() });
+        let stats = RoomStats::default();
+        let shared = Arc::new(Shared { config, tickets, server, events, datagrams, idle: Mutex::default(), stats });
         let spawn: Box<Spawner> = Box::new(|slot, rx, shared| {
             tokio::spawn(room::run::<G>(slot, rx, shared));
         });
@@ -243,19 +247,21 @@ impl Rooms {
         slots.get(slot as usize).cloned()
     }
 
-    /// A ticket for `user_id` to take `seat` in `room`.
-    pub fn ticket(&self, room: RoomId, user_id: i64, seat: u8) -> String {
-        let mut nonce = [0u8; 8];
-        crate::random::fill(&mut nonce);
-        let expires_ms = crate::db::unix_now_ms() + self.0.shared.config.ticket_ttl.as_millis() as i64;
-        let nonce = u64::from_le_bytes(nonce);
-        self.0.shared.key.sign(&Ticket { server: LOCAL_SERVER, room, user_id, seat, expires_ms, nonce })
+    /// Checks a ticket's signature and expiry, that it names this pool's server, and that it
+    /// belongs to `user_id` (when the connection has a session; a room server has only the
+    /// ticket to go by).
+    pub fn verify(&self, ticket: &str, user_id: Option<i64>) -> Result<Ticket, TicketError> {
+        let shared = &self.0.shared;
+        let ticket = shared.tickets.verify(ticket, crate::db::unix_now_ms())?;
+        let theirs = user_id.is_none_or(|id| id == ticket.user_id);
+        if theirs && ticket.server == shared.server { Ok(ticket) } else { Err(TicketError::Foreign) }
     }
 
-    /// Checks a ticket's signature and expiry, and that it belongs to `user_id`.
-    pub fn verify(&self, ticket: &str, user_id: i64) -> Result<Ticket, TicketError> {
-        let ticket = self.0.shared.key.verifier().verify(ticket, crate::db::unix_now_ms())?;
-        if ticket.user_id == user_id && ticket.server == LOCAL_SERVER { Ok(ticket) } else { Err(TicketError::Foreign) }
+    /// How many rooms could start a match now.
+    pub fn free(&self) -> usize {
+        let shared = &self.0.shared;
+        let slots = self.0.slots.read().unwrap_or_else(std::sync::PoisonError::into_inner).len();
+        shared.config.max_rooms.saturating_sub(slots) + lock(&shared.idle).len()
     }
 
     /// Gives a verified ticket's seat to `link`. On success, returns the room's mailbox, where

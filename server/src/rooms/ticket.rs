@@ -104,6 +104,11 @@ impl TicketSigner {
         &self.verifier
     }
 
+    /// An Ed25519 signature of `message` (callers prefix their own context).
+    pub fn sign_bytes(&self, message: &[u8]) -> Vec<u8> {
+        self.pair.sign(message).as_ref().to_vec()
+    }
+
     /// `base64url(payload).base64url(signature)`.
     pub fn sign(&self, t: &Ticket) -> String {
         let mut payload = Vec::with_capacity(PAYLOAD);
@@ -128,6 +133,11 @@ impl TicketVerifier {
     /// The public key's bytes.
     pub fn to_bytes(&self) -> [u8; 32] {
         self.0
+    }
+
+    /// Whether `signature` is this key's over `message`.
+    pub fn verify_bytes(&self, message: &[u8], signature: &[u8]) -> bool {
+        UnparsedPublicKey::new(&ED25519, &self.0).verify(message, signature).is_ok()
     }
 
     /// Checks the signature and the expiry.

@@ -61,25 +61,30 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/ws", get(hub_socket))
         .route("/room", get(room_socket))
+        .route(crate::fleet::control::PATH, get(crate::fleet::hub_side::socket))
         .merge(pages)
-        .layer(middleware::from_fn(security_headers))
+        .layer(middleware::from_fn_with_state(Arc::clone(&app), security_headers))
         .with_state(app)
 }
 
 /// Headers that every response carries.
-async fn security_headers(request: Request, next: Next) -> Response {
+async fn security_headers(State(app): AppState, request: Request, next: Next) -> Response {
     let is_static = request.uri().path().starts_with("/static/");
     let mut response = next.run(request).await;
     let h = response.headers_mut();
     let set = |h: &mut HeaderMap, name: &'static str, value: &'static str| {
         h.entry(name).or_insert(HeaderValue::from_static(value));
     };
-    set(
-        h,
-        "content-security-policy",
+    // Pages may open WebSockets to their own site and to the room servers it places matches on.
+    let rooms = app.hub.room_origins();
+    let csp = format!(
         "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; img-src 'self' data:; \
-         connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+         connect-src 'self'{}{rooms}; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+        if rooms.is_empty() { "" } else { " " }
     );
+    if let Ok(csp) = HeaderValue::from_str(&csp) {
+        h.entry("content-security-policy").or_insert(csp);
+    }
     set(h, "x-content-type-options", "nosniff");
     set(h, "referrer-policy", "same-origin");
     set(h, "x-frame-options", "DENY");
@@ -407,7 +412,7 @@ async fn room_socket(
     let (rooms, rtc) = (app.hub.rooms().clone(), app.hub.rtc().clone());
     let limits = app.hub.shared_limits();
     upgrade.on_upgrade(move |socket| async move {
-        crate::transport::ws::serve(socket, rooms, rtc, session, limits).await;
+        crate::transport::ws::serve(socket, rooms, rtc, Some(session), limits).await;
         drop(permit);
     })
 }

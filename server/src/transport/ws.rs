@@ -53,8 +53,9 @@ pub fn read_error_code(e: axum::Error) -> Option<u16> {
     }
 }
 
-/// Runs one player's room connection until it ends.
-pub async fn serve(mut socket: WebSocket, rooms: Rooms, rtc: Rtc, session: Session, limits: Arc<Limits>) {
+/// Runs one player's room connection until it ends. With a `session` (the hub's own rooms) the
+/// ticket must be that user's; a room server has no sessions and goes by the ticket alone.
+pub async fn serve(mut socket: WebSocket, rooms: Rooms, rtc: Rtc, session: Option<Session>, limits: Arc<Limits>) {
     let first = match timeout(limits.ws_hello_timeout, socket.recv()).await {
         Ok(Some(Ok(Message::Binary(frame)))) => JoinRequest::decode(&frame).ok(),
         Ok(Some(Err(e))) => {
@@ -72,7 +73,7 @@ pub async fn serve(mut socket: WebSocket, rooms: Rooms, rtc: Rtc, session: Sessi
     if join.version != ROOM_PROTOCOL_VERSION {
         return close_with(socket, close::RELOAD, "protocol version changed: reload the page").await;
     }
-    let ticket = match rooms.verify(&join.ticket, session.user.id) {
+    let ticket = match rooms.verify(&join.ticket, session.as_ref().map(|s| s.user.id)) {
         Ok(ticket) => ticket,
         Err(e) => return close_with(socket, e.close_code(), &e.to_string()).await,
     };
@@ -82,8 +83,8 @@ pub async fn serve(mut socket: WebSocket, rooms: Rooms, rtc: Rtc, session: Sessi
         Ok(room) => room,
         Err(e) => return close_with(socket, e.close_code(), &e.to_string()).await,
     };
-    tracing::debug!(link = link_id, room = %ticket.room, user = session.user.id, "room connection joined");
-    let seat = rtc.seat(session.user.id, &ticket.room.to_string(), link_id, room.clone(), route);
+    tracing::debug!(link = link_id, room = %ticket.room, user = ticket.user_id, "room connection joined");
+    let seat = rtc.seat(ticket.user_id, &ticket.room.to_string(), link_id, room.clone(), route);
     let end = pump(&mut socket, &room, link_id, &mut to_client, &seat, &limits).await;
     drop(seat);
     // Tell the room, even if its mailbox is busy for a moment.

@@ -7,6 +7,7 @@
 mod cli;
 mod fuzz_corpus;
 mod hub;
+mod room_servers;
 mod rooms;
 mod site;
 mod support;

@@ -14,18 +14,18 @@ use crate::support::TestServer;
 const WAIT: Duration = Duration::from_secs(10);
 
 /// Short matches and timeouts, so that tests finish quickly.
-fn quick(c: &mut Config) {
+pub(crate) fn quick(c: &mut Config) {
     c.rooms.time_limit_secs = Some(2);
     c.rooms.claim_timeout = Duration::from_secs(3);
     c.rooms.seat_hold = Duration::from_secs(1);
 }
 
-struct Player {
-    client: Client,
-    hub: Hub,
+pub(crate) struct Player {
+    pub(crate) client: Client,
+    pub(crate) hub: Hub,
 }
 
-async fn player(server: &TestServer, name: &str) -> Player {
+pub(crate) async fn player(server: &TestServer, name: &str) -> Player {
     let client = server.user(name).await;
     let hub = client.hub().await.unwrap();
     Player { client, hub }
@@ -39,7 +39,7 @@ async fn find_match(p: &mut Player, mode: &str) -> String {
 
 /// Plays (walking right, shooting) until the match ends; returns the outcome and ratings and
 /// the snapshots seen.
-async fn play_out(room: &mut Room<Arena>) -> (Outcome, Vec<shared::room::RatingChange>, u32) {
+pub(crate) async fn play_out(room: &mut Room<Arena>) -> (Outcome, Vec<shared::room::RatingChange>, u32) {
     let mut seq = 0;
     let mut snapshots = 0;
     let mut every = tokio::time::interval(Duration::from_millis(33));
@@ -59,7 +59,7 @@ async fn play_out(room: &mut Room<Arena>) -> (Outcome, Vec<shared::room::RatingC
     }
 }
 
-async fn count(server: &TestServer, sql: &'static str) -> i64 {
+pub(crate) async fn count(server: &TestServer, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(&server.running.app.db).await.unwrap()
 }
 
@@ -132,7 +132,7 @@ async fn close_code<G: Game>(room: &mut Room<G>) -> u16 {
 }
 
 /// Waits for the hub's word that the match stopped; its message.
-async fn aborted(hub: &mut Hub) -> String {
+pub(crate) async fn aborted(hub: &mut Hub) -> String {
     hub.recv_until(WAIT, |m| match m {
         ServerMsg::MatchAborted { message } => Some(message),
         _ => None,

@@ -39,11 +39,40 @@ impl TestServer {
     }
 
     async fn start_game_in<G: shared::game::Game>(dir: tempfile::TempDir, adjust: impl FnOnce(&mut Config)) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on::<G>(listener, dir, adjust).await
+    }
+
+    /// Starts a server again on the database in `dir`, at the address `addr` it had (a restart).
+    pub async fn restart_at(
+        addr: std::net::SocketAddr,
+        dir: tempfile::TempDir,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Self {
+        let mut tries = 0;
+        let listener = loop {
+            match TcpListener::bind(addr).await {
+                Ok(listener) => break listener,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("cannot bind {addr} again: {e}"),
+            }
+        };
+        Self::start_on::<Arena>(listener, dir, adjust).await
+    }
+
+    async fn start_on<G: shared::game::Game>(
+        listener: TcpListener,
+        dir: tempfile::TempDir,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Self {
         let url = format!("sqlite://{}", dir.path().join("rp.db").display());
         let mut config = Config::new(url, dir.path());
         config.limits = test_limits();
         adjust(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let running = start_game::<G>(listener, config).await.unwrap();
         let base = format!("http://{}", running.addr);
         Self { running, base, dir }

@@ -1,0 +1,260 @@
+//! The hub's end of room servers' control connections, at [`control::PATH`]: a bearer token
+//! checked before the upgrade, a registration checked for versions, then heartbeats, match
+//! answers and results. Results are recorded here (once per match id) and acknowledged; the
+//! hub's task hears of everything else.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::timeout;
+
+use super::control::{self, CONTROL_VERSION, FromHub, FromServer, close};
+use super::tokens::{self, RoomServer};
+use crate::App;
+use crate::hub::results::{self, Source};
+use crate::hub::{Hub, ServerUp};
+use crate::rooms::Seated;
+
+/// How often a connected room server's token is checked again (a revoked one is dropped).
+const RECHECK_TOKEN: Duration = Duration::from_secs(5);
+
+/// `GET /room-servers`: 401 without a valid token, else the control WebSocket.
+pub async fn socket(State(app): State<Arc<App>>, headers: HeaderMap, upgrade: WebSocketUpgrade) -> Response {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let server = match tokens::authenticate(&app.db, token).await {
+        Ok(Some(server)) => server,
+        Ok(None) => {
+            tracing::warn!("a room server presented an unknown or revoked token");
+            return (StatusCode::UNAUTHORIZED, "unknown or revoked room-server token\n").into_response();
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot check a room-server token");
+            return (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n").into_response();
+        }
+    };
+    upgrade
+        .max_message_size(control::MAX_MESSAGE)
+        .max_frame_size(control::MAX_MESSAGE)
+        .on_upgrade(move |socket| serve(socket, app, server))
+}
+
+async fn close_with(mut socket: WebSocket, code: u16, reason: String) {
+    let frame = Message::Close(Some(CloseFrame { code, reason: reason.into() }));
+    let _ = timeout(Duration::from_secs(1), socket.send(frame)).await;
+}
+
+async fn send(socket: &mut WebSocket, msg: &FromHub) -> bool {
+    matches!(timeout(Duration::from_secs(5), socket.send(Message::text(msg.to_json()))).await, Ok(Ok(())))
+}
+
+/// The next message, parsed; `Err` with a close frame for a breach, `Ok(None)` when gone.
+async fn recv(socket: &mut WebSocket) -> Result<Option<FromServer>, (u16, String)> {
+    loop {
+        return match socket.recv().await {
+            None | Some(Err(_) | Ok(Message::Close(_))) => Ok(None),
+            Some(Ok(Message::Text(text))) => serde_json::from_str(text.as_str())
+                .map(Some)
+                .map_err(|e| (close::POLICY, format!("unreadable control message: {e}"))),
+            Some(Ok(Message::Binary(_))) => Err((close::POLICY, "control messages are JSON text".into())),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+        };
+    }
+}
+
+/// Checks a registration: the versions, and a URL browsers can reach.
+fn check_registration(msg: &FromServer) -> Result<(String, u32, &[control::Running]), (u16, String)> {
+    let FromServer::Register { control_version, room_protocol, public_url, free, running } = msg else {
+        return Err((close::POLICY, "the first message must be a registration".into()));
+    };
+    if *control_version != CONTROL_VERSION || *room_protocol != shared::room::ROOM_PROTOCOL_VERSION {
+        return Err((
+            close::VERSION,
+            format!(
+                "this hub speaks control protocol {CONTROL_VERSION} and room protocol {}, the room server {control_version} and {room_protocol}: run the same release on both",
+                shared::room::ROOM_PROTOCOL_VERSION
+            ),
+        ));
+    }
+    let origin = url::Url::parse(public_url)
+        .ok()
+        .filter(|u| public_url.len() <= control::MAX_URL && matches!(u.scheme(), "http" | "https"))
+        .filter(|u| u.host().is_some() && u.path() == "/" && u.query().is_none() && u.username().is_empty())
+        .map(|u| u.origin().ascii_serialization());
+    let Some(origin) = origin else {
+        return Err((close::POLICY, format!("public URL {public_url:?} must be http(s)://host[:port]")));
+    };
+    if running.len() > control::MAX_RUNNING {
+        return Err((close::POLICY, "too many running matches".into()));
+    }
+    Ok((origin, *free, running))
+}
+
+async fn serve(mut socket: WebSocket, app: Arc<App>, server: RoomServer) {
+    let hub = app.hub.clone();
+    let first = match timeout(Duration::from_secs(10), recv(&mut socket)).await {
+        Ok(Ok(Some(msg))) => msg,
+        Ok(Err((code, reason))) => return close_with(socket, code, reason).await,
+        _ => return,
+    };
+    let (url, free, running) = match check_registration(&first) {
+        Ok((url, free, running)) => (url, free, running.to_vec()),
+        Err((code, reason)) => {
+            tracing::warn!(server = server.name, "room server refused: {reason}");
+            return close_with(socket, code, reason).await;
+        }
+    };
+    let Ok(id) = u32::try_from(server.id) else { return };
+    let _ = tokens::remember_url(&app.db, server.id, &url).await;
+    app.hub.add_room_origin(&url);
+    let (outbox_tx, mut outbox) = mpsc::channel(1024);
+    let (reply, generation) = oneshot::channel();
+    let up = ServerUp {
+        server: id,
+        name: server.name.clone(),
+        community: server.community,
+        url,
+        free,
+        running,
+        outbox: outbox_tx,
+        reply,
+    };
+    if hub.server_up(up).await.is_err() {
+        return close_with(socket, 1001, "the hub is stopping".into()).await;
+    }
+    let Ok(generation) = generation.await else { return };
+    let config = &app.config.rooms;
+    let welcome = FromHub::Welcome {
+        server: id,
+        ticket_key: URL_SAFE_NO_PAD.encode(hub.signer().verifier().to_bytes()),
+        site_origin: app.config.public_origin.clone(),
+        tick_hz: config.tick_hz,
+        time_limit_secs: config.time_limit_secs,
+        ticket_ttl_ms: config.ticket_ttl.as_millis() as u64,
+    };
+    let end = if send(&mut socket, &welcome).await {
+        control_loop(&mut socket, &app, &server, id, generation, &mut outbox).await
+    } else {
+        None
+    };
+    hub.server_down(id, generation).await;
+    if let Some((code, reason)) = end {
+        close_with(socket, code, reason).await;
+    }
+}
+
+async fn control_loop(
+    socket: &mut WebSocket,
+    app: &App,
+    server: &RoomServer,
+    id: u32,
+    generation: u64,
+    outbox: &mut mpsc::Receiver<FromHub>,
+) -> Option<(u16, String)> {
+    let hub = &app.hub;
+    let mut recheck = tokio::time::interval(RECHECK_TOKEN);
+    recheck.reset();
+    loop {
+        tokio::select! {
+            msg = timeout(control::SILENCE, recv(socket)) => {
+                let msg = match msg {
+                    Err(_) => return Some((close::SILENT, "nothing heard for too long".into())),
+                    Ok(Err(breach)) => return Some(breach),
+                    Ok(Ok(None)) => return None,
+                    Ok(Ok(Some(msg))) => msg,
+                };
+                match msg {
+                    FromServer::Register { .. } => return Some((close::POLICY, "registered twice".into())),
+                    FromServer::Finished { assignment, outcome } => {
+                        let recorded = record(app, server, id, &assignment, &outcome).await;
+                        match recorded {
+                            Ok((match_id, ratings)) => {
+                                let _ = hub.server_finished(id, match_id).await;
+                                if !send(socket, &FromHub::Recorded { match_id, ratings }).await {
+                                    return None;
+                                }
+                            }
+                            Err(Refused::Breach(reason)) => return Some((close::POLICY, reason)),
+                            // Not acknowledged: the room server sends it again later.
+                            Err(Refused::Later(e)) => tracing::warn!(server = server.name, error = %e, "could not record a room server's result"),
+                        }
+                    }
+                    other => {
+                        if hub.from_server(id, generation, other).await.is_err() {
+                            return Some((1001, "the hub is stopping".into()));
+                        }
+                    }
+                }
+            }
+            out = outbox.recv() => match out {
+                Some(msg) => {
+                    if !send(socket, &msg).await {
+                        return None;
+                    }
+                }
+                // The hub let go of this registration: another connection replaced it.
+                None => return Some((close::REPLACED, "another connection registered as this server".into())),
+            },
+            _ = recheck.tick() => {
+                if matches!(tokens::is_active(&app.db, server.id).await, Ok(false)) {
+                    tracing::warn!(server = server.name, "room server's token revoked: disconnected");
+                    return Some((close::REVOKED, "this room server's token was revoked".into()));
+                }
+            }
+        }
+    }
+}
+
+enum Refused {
+    /// The message breaks the protocol: the connection is closed.
+    Breach(String),
+    /// The database failed: try again later.
+    Later(sqlx::Error),
+}
+
+/// Records a room server's result, once per match id: official only from an official server.
+async fn record(
+    app: &App,
+    server: &RoomServer,
+    id: u32,
+    assignment: &control::Signed,
+    outcome: &shared::game::Outcome,
+) -> Result<(u64, Vec<shared::room::RatingChange>), Refused> {
+    let hub: &Hub = &app.hub;
+    let a = assignment
+        .open(hub.signer().verifier())
+        .ok_or_else(|| Refused::Breach("a result for an assignment this hub did not sign".into()))?;
+    if a.server != id {
+        return Err(Refused::Breach("a result for another server's match".into()));
+    }
+    let mode = hub.rooms().mode(&a.mode).ok_or_else(|| Refused::Breach(format!("no mode {:?}", a.mode)))?;
+    let n = a.players.len();
+    if outcome.ranks.len() != n
+        || outcome.scores.len() != n
+        || outcome.ranks.iter().any(|&r| r == 0 || usize::from(r) > n)
+    {
+        return Err(Refused::Breach("an outcome that does not fit its players".into()));
+    }
+    let players: Vec<Seated> = a.players.iter().map(Seated::from).collect();
+    let source = Source { server: Some(&server.name), official: !server.community, match_id: Some(a.match_id) };
+    let label = format!("{}/{}", server.name, a.match_id);
+    let ratings =
+        results::record(&app.db, &label, mode.name, &players, outcome, source).await.map_err(Refused::Later)?;
+    tracing::info!(
+        server = server.name,
+        match_id = a.match_id,
+        official = !server.community,
+        "room server's result recorded"
+    );
+    Ok((a.match_id, ratings))
+}

@@ -1,0 +1,468 @@
+//! `rallypoint room-server`: a process that hosts rooms for a hub. It registers over a control
+//! connection, takes the matches the hub places on it, admits players at its own `/room` by
+//! ticket alone (and only from the site's pages), and reports each result until the hub
+//! acknowledges it, keeping it on disk meanwhile. It keeps playing when it loses the hub and
+//! registers again when the hub is back. SIGTERM drains it: no new matches, the running ones
+//! finish (within `--drain-timeout`), then it exits.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use axum::Router;
+use axum::extract::State;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use clap::Args;
+use futures_util::{SinkExt as _, StreamExt as _};
+use shared::room::RatingChange;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use super::control::{self, CONTROL_VERSION, FromHub, FromServer, Running, Signed};
+use super::outbox::Outbox;
+use crate::config::Limits;
+use crate::rooms::{RoomConfig, RoomEvent, RoomId, Rooms, Seated, TicketVerifier};
+use crate::transport::webrtc::{Rtc, RtcConfig};
+
+#[derive(Debug, Args)]
+pub struct RoomServerArgs {
+    /// The hub's address, as players reach it (`https://play.example.com`).
+    #[arg(long, env = "RALLYPOINT_HUB", value_name = "URL")]
+    pub hub: String,
+
+    /// This server's token, from `rallypoint room-token create` on the hub's host.
+    #[arg(long, env = "RALLYPOINT_ROOM_SERVER_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub token: String,
+
+    /// Address and port where players' room WebSockets arrive.
+    #[arg(long, env = "RALLYPOINT_LISTEN", default_value = "127.0.0.1:9000", value_name = "ADDR:PORT")]
+    pub listen: SocketAddr,
+
+    /// How browsers reach --listen (`https://r1.example.com:9000`), told to the hub.
+    #[arg(long, env = "RALLYPOINT_PUBLIC_URL", value_name = "URL")]
+    pub public_url: String,
+
+    /// Most matches playing here at once.
+    #[arg(long, env = "RALLYPOINT_CAPACITY", default_value_t = 100, value_name = "ROOMS")]
+    pub capacity: usize,
+
+    /// Folder for results not yet acknowledged by the hub.
+    #[arg(long, env = "RALLYPOINT_DATA_DIR", default_value = "./data/room-server", value_name = "DIR")]
+    pub data_dir: PathBuf,
+
+    /// On SIGTERM, how long running matches may take to finish before the server exits anyway.
+    #[arg(long, env = "RALLYPOINT_DRAIN_TIMEOUT", default_value_t = 600, value_name = "SECONDS")]
+    pub drain_timeout: u64,
+
+    /// UDP address and port for WebRTC peers. Default: the address and port of --listen.
+    #[arg(long, env = "RALLYPOINT_WEBRTC_LISTEN", value_name = "ADDR:PORT")]
+    pub webrtc_listen: Option<SocketAddr>,
+
+    /// The IP address browsers reach the WebRTC port at (behind NAT or in a container).
+    #[arg(long, env = "RALLYPOINT_PUBLIC_IP", value_name = "IP")]
+    pub public_ip: Option<std::net::IpAddr>,
+
+    /// Log filter, for example `info`.
+    #[arg(long, env = "RALLYPOINT_LOG", default_value = "info", value_name = "FILTER")]
+    pub log: String,
+}
+
+/// The checked settings.
+struct Settings {
+    control: tungstenite::handshake::client::Request,
+    /// The hub's origin: what browsers' `Origin` is, unless the hub names its site's.
+    hub_origin: String,
+    public_url: String,
+    capacity: usize,
+}
+
+fn check(args: &RoomServerArgs) -> anyhow::Result<Settings> {
+    let hub = url::Url::parse(&args.hub).ok().filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+    let Some(hub) = hub else { bail!("--hub {:?} must be the hub's http(s):// address", args.hub) };
+    if hub.scheme() == "https" {
+        bail!("--hub: this build reaches the hub over plain http only (put the hub's internal http address here)");
+    }
+    let public = url::Url::parse(&args.public_url)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some() && u.path() == "/");
+    let Some(public) = public else {
+        bail!("--public-url {:?} must be http(s)://host[:port], how browsers reach --listen", args.public_url)
+    };
+    if args.capacity == 0 || args.capacity > 100_000 {
+        bail!("--capacity must be between 1 and 100000 rooms");
+    }
+    if args.token.is_empty() || args.token.len() > 100 || !args.token.is_ascii() {
+        bail!("--token must be the token `rallypoint room-token create` printed");
+    }
+    let mut control = hub.join(control::PATH)?;
+    let _ = control.set_scheme("ws");
+    let mut request = control.as_str().into_client_request()?;
+    let bearer = format!("Bearer {}", args.token).parse().context("--token has characters a header cannot carry")?;
+    request.headers_mut().insert(header::AUTHORIZATION, bearer);
+    Ok(Settings {
+        control: request,
+        hub_origin: hub.origin().ascii_serialization(),
+        public_url: public.origin().ascii_serialization(),
+        capacity: args.capacity,
+    })
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// What the hub said when it accepted the registration.
+struct Welcome {
+    server: u32,
+    key: TicketVerifier,
+    site_origin: String,
+    rooms: RoomConfig,
+}
+
+/// Connects and registers; `Err` with a sentence for the operator.
+async fn register(settings: &Settings, free: u32, running: Vec<Running>) -> Result<(Socket, Welcome), String> {
+    let config = tungstenite::protocol::WebSocketConfig::default().max_message_size(Some(control::MAX_MESSAGE));
+    let (mut socket, _) = tokio_tungstenite::connect_async_with_config(settings.control.clone(), Some(config), true)
+        .await
+        .map_err(|e| match e {
+            tungstenite::Error::Http(r) if r.status() == 401 => {
+                "the hub refused this token (wrong or revoked)".to_owned()
+            }
+            e => format!("cannot reach the hub: {e}"),
+        })?;
+    let register = FromServer::Register {
+        control_version: CONTROL_VERSION,
+        room_protocol: shared::room::ROOM_PROTOCOL_VERSION,
+        public_url: settings.public_url.clone(),
+        free,
+        running,
+    };
+    socket.send(Message::text(register.to_json())).await.map_err(|e| format!("the hub went away: {e}"))?;
+    let answer = tokio::time::timeout(Duration::from_secs(10), socket.next()).await;
+    let welcome = match answer {
+        Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str::<FromHub>(text.as_str()).ok(),
+        Ok(Some(Ok(Message::Close(Some(frame))))) => return Err(format!("the hub refused: {}", frame.reason)),
+        _ => None,
+    };
+    let Some(FromHub::Welcome { server, ticket_key, site_origin, tick_hz, time_limit_secs, ticket_ttl_ms }) = welcome
+    else {
+        return Err("the hub did not answer the registration".into());
+    };
+    let key = URL_SAFE_NO_PAD
+        .decode(&ticket_key)
+        .ok()
+        .and_then(|k| <[u8; 32]>::try_from(k).ok())
+        .ok_or("the hub sent a malformed ticket key")?;
+    let rooms = RoomConfig {
+        tick_hz,
+        time_limit_secs,
+        ticket_ttl: Duration::from_millis(ticket_ttl_ms),
+        ..RoomConfig::default()
+    };
+    let site_origin = site_origin.unwrap_or_else(|| settings.hub_origin.clone());
+    Ok((socket, Welcome { server, key: TicketVerifier::from_bytes(key), site_origin, rooms }))
+}
+
+/// Runs until drained after `shutdown` (SIGTERM).
+pub async fn run(args: &RoomServerArgs, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    let settings = check(args)?;
+    let mut outbox = Outbox::open(&args.data_dir.join("results"))
+        .with_context(|| format!("cannot use the data folder {}", args.data_dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (choose another with --listen)", args.listen))?;
+    // The first registration: a hub that refuses the token or the version stops us here.
+    let (socket, welcome) =
+        register(&settings, settings.capacity as u32, Vec::new()).await.map_err(|e| anyhow::anyhow!(e))?;
+    tracing::info!(server = welcome.server, hub = %settings.hub_origin, "registered with the hub");
+    let rtc_config = RtcConfig { listen: args.webrtc_listen, public_ip: args.public_ip, ..RtcConfig::default() };
+    let rtc = Rtc::bind(rtc_config, args.listen)?;
+    let (events_tx, events) = mpsc::channel(1024);
+    let rooms_config = RoomConfig { max_rooms: settings.capacity, ..welcome.rooms.clone() };
+    let rooms = Rooms::new::<shared::arena::Arena>(
+        rooms_config,
+        (welcome.key.clone(), welcome.server),
+        events_tx,
+        Arc::new(rtc.clone()),
+    );
+    let door = Door { rooms: rooms.clone(), rtc, site_origin: welcome.site_origin.clone(), limits: Arc::default() };
+    let router = Router::new()
+        .route("/room", get(room_socket))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(Arc::new(door));
+    let (stop_http, http_stopped) = oneshot::channel::<()>();
+    let limits = Limits::default();
+    let http = tokio::spawn(crate::http::serve(listener, router, 50_000, limits.http_header_timeout, None, async {
+        let _ = http_stopped.await;
+    }));
+    let mut server = Server {
+        settings: &settings,
+        rooms: rooms.clone(),
+        key: welcome.key,
+        id: welcome.server,
+        matches: HashMap::new(),
+        ratings: HashMap::new(),
+        draining: None,
+        drain_timeout: Duration::from_secs(args.drain_timeout),
+    };
+    for result in outbox.pending() {
+        tracing::info!(result = ?result_id(result), "a result from before is still to be delivered");
+    }
+    server.serve(Some(socket), events, &mut outbox, shutdown).await;
+    rooms.shutdown();
+    let _ = stop_http.send(());
+    let _ = http.await;
+    if !outbox.is_empty() {
+        tracing::warn!(results = outbox.len(), folder = %args.data_dir.display(), "results not acknowledged yet stay on disk for the next start");
+    }
+    Ok(())
+}
+
+fn result_id(msg: &FromServer) -> Option<String> {
+    match msg {
+        FromServer::Finished { assignment, .. } => Some(assignment.body.chars().take(40).collect()),
+        _ => None,
+    }
+}
+
+/// The control side of a running room server.
+struct Server<'a> {
+    settings: &'a Settings,
+    rooms: Rooms,
+    key: TicketVerifier,
+    id: u32,
+    /// Matches playing, by room: the assignment and its match id.
+    matches: HashMap<RoomId, (Signed, u64)>,
+    /// Rooms waiting to show their players the rating changes, by match id.
+    ratings: HashMap<u64, oneshot::Sender<Vec<RatingChange>>>,
+    /// Since when the server drains (SIGTERM).
+    draining: Option<Instant>,
+    drain_timeout: Duration,
+}
+
+impl Server<'_> {
+    fn free(&self) -> u32 {
+        if self.draining.is_some() { 0 } else { self.rooms.free() as u32 }
+    }
+
+    fn running(&self) -> Vec<Running> {
+        self.matches
+            .iter()
+            .map(|(room, (assignment, _))| Running {
+                assignment: assignment.clone(),
+                slot: room.slot,
+                number: room.number,
+            })
+            .collect()
+    }
+
+    async fn serve(
+        &mut self,
+        mut socket: Option<Socket>,
+        mut events: mpsc::Receiver<RoomEvent>,
+        outbox: &mut Outbox,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let mut heartbeat = tokio::time::interval(control::HEARTBEAT);
+        let mut retry_wait = Duration::from_millis(250);
+        let mut retry_at = Instant::now();
+        let mut resend = true;
+        loop {
+            if let Some(since) = self.draining {
+                let done = self.matches.is_empty() && outbox.is_empty();
+                if done || since.elapsed() > self.drain_timeout + Duration::from_secs(10) {
+                    return;
+                }
+            }
+            if resend && let Some(s) = &mut socket {
+                // Results not acknowledged: again, after every (re)registration.
+                for result in outbox.pending() {
+                    if s.send(Message::text(result.to_json())).await.is_err() {
+                        break;
+                    }
+                }
+                resend = false;
+            }
+            let connected = socket.is_some();
+            tokio::select! {
+                () = &mut shutdown, if self.draining.is_none() => {
+                    tracing::info!(matches = self.matches.len(), "draining: no new matches; the running ones finish");
+                    self.draining = Some(Instant::now());
+                    self.send(&mut socket, &FromServer::Load { free: 0, draining: true }).await;
+                }
+                event = events.recv() => {
+                    let Some(event) = event else { return };
+                    if let Some(msg) = self.room_event(event, outbox) {
+                        self.send(&mut socket, &msg).await;
+                    }
+                }
+                msg = next(&mut socket), if connected => match msg {
+                    Some(msg) => {
+                        if let Some(answer) = self.on_hub_message(msg, outbox) {
+                            self.send(&mut socket, &answer).await;
+                        }
+                    }
+                    None => {
+                        tracing::warn!("lost the hub; matches go on, results wait on disk");
+                        socket = None;
+                        retry_at = Instant::now() + retry_wait;
+                    }
+                },
+                () = tokio::time::sleep_until(retry_at), if !connected => {
+                    match register(self.settings, self.free(), self.running()).await {
+                        Ok((s, welcome)) => {
+                            if welcome.key != self.key || welcome.server != self.id {
+                                tracing::error!("the hub's key or this server's id changed: restart this room server");
+                            }
+                            tracing::info!("registered with the hub again");
+                            socket = Some(s);
+                            resend = true;
+                            retry_wait = Duration::from_millis(250);
+                        }
+                        Err(e) => {
+                            tracing::warn!("{e}; trying again");
+                            let jitter = 0.5 + f64::from(rand_below(1000)) / 2000.0;
+                            retry_at = Instant::now() + retry_wait.mul_f64(jitter);
+                            retry_wait = (retry_wait * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
+                _ = heartbeat.tick(), if connected => {
+                    let load = FromServer::Load { free: self.free(), draining: self.draining.is_some() };
+                    self.send(&mut socket, &load).await;
+                }
+            }
+        }
+    }
+
+    async fn send(&self, socket: &mut Option<Socket>, msg: &FromServer) {
+        if let Some(s) = socket {
+            let sent = tokio::time::timeout(Duration::from_secs(5), s.send(Message::text(msg.to_json()))).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                tracing::warn!("lost the hub while sending");
+                *socket = None;
+            }
+        }
+    }
+
+    /// A room's event, as the message for the hub.
+    fn room_event(&mut self, event: RoomEvent, outbox: &mut Outbox) -> Option<FromServer> {
+        match event {
+            RoomEvent::Finished { room, outcome, reply, .. } => {
+                let (assignment, match_id) = self.matches.remove(&room)?;
+                let msg = FromServer::Finished { assignment, outcome };
+                if let Err(e) = outbox.keep(match_id, msg.clone()) {
+                    tracing::error!(match_id, error = %e, "cannot keep a result on disk; sending it anyway");
+                }
+                self.ratings.insert(match_id, reply);
+                Some(msg)
+            }
+            RoomEvent::SeatReleased { room, user_id } => {
+                let match_id = self.matches.get(&room)?.1;
+                Some(FromServer::SeatReleased { match_id, user_id })
+            }
+            RoomEvent::Cancelled { room, .. } => {
+                let (_, match_id) = self.matches.remove(&room)?;
+                Some(FromServer::Cancelled { match_id })
+            }
+            RoomEvent::Crashed { room, .. } => {
+                let (_, match_id) = self.matches.remove(&room)?;
+                Some(FromServer::Crashed { match_id })
+            }
+        }
+    }
+
+    /// A message from the hub, and the answer to it.
+    fn on_hub_message(&mut self, msg: FromHub, outbox: &mut Outbox) -> Option<FromServer> {
+        match msg {
+            FromHub::Start { assignment } => {
+                let Some(a) = assignment.open(&self.key).filter(|a| a.server == self.id) else {
+                    tracing::warn!("an assignment this hub did not sign, or for another server: ignored");
+                    return None;
+                };
+                let mode = self.rooms.mode(&a.mode);
+                let launched = match mode {
+                    Some(mode) if self.draining.is_none() => {
+                        let players: Vec<Seated> = a.players.iter().map(Seated::from).collect();
+                        self.rooms.launch(mode, players, a.seed).ok()
+                    }
+                    _ => None,
+                };
+                let Some(room) = launched else { return Some(FromServer::Full { match_id: a.match_id }) };
+                self.matches.insert(room, (assignment, a.match_id));
+                Some(FromServer::Started { match_id: a.match_id, slot: room.slot, number: room.number })
+            }
+            FromHub::Recorded { match_id, ratings } => {
+                outbox.acknowledged(match_id);
+                if let Some(reply) = self.ratings.remove(&match_id) {
+                    let _ = reply.send(ratings);
+                }
+                None
+            }
+            FromHub::Welcome { .. } => None,
+        }
+    }
+}
+
+/// The next message from the hub; `None` when the connection ended or broke the protocol.
+async fn next(socket: &mut Option<Socket>) -> Option<FromHub> {
+    let s = socket.as_mut()?;
+    loop {
+        match tokio::time::timeout(control::SILENCE * 2, s.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str(text.as_str()) {
+                Ok(msg) => return Some(msg),
+                Err(e) => {
+                    tracing::error!(error = %e, "unreadable message from the hub");
+                    return None;
+                }
+            },
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => {}
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                if let Some(frame) = frame {
+                    tracing::warn!(code = u16::from(frame.code), reason = %frame.reason, "the hub closed the control connection");
+                }
+                return None;
+            }
+            _ => return None,
+        }
+    }
+}
+
+fn rand_below(n: u32) -> u32 {
+    let mut b = [0u8; 4];
+    crate::random::fill(&mut b);
+    u32::from_le_bytes(b) % n
+}
+
+/// The players' door: `/room`, by ticket alone, only from the site's pages.
+struct Door {
+    rooms: Rooms,
+    rtc: Rtc,
+    site_origin: String,
+    limits: Arc<Limits>,
+}
+
+async fn room_socket(State(door): State<Arc<Door>>, headers: HeaderMap, upgrade: WebSocketUpgrade) -> Response {
+    // Browsers always send an Origin: only the site's pages may open a room here. Native
+    // clients send none and are judged by their ticket, like everyone.
+    if let Some(origin) = headers.get(header::ORIGIN)
+        && !origin.to_str().is_ok_and(|o| o.eq_ignore_ascii_case(&door.site_origin))
+    {
+        return (StatusCode::FORBIDDEN, "rooms here are for the site's pages only\n").into_response();
+    }
+    let (rooms, rtc, limits) = (door.rooms.clone(), door.rtc.clone(), Arc::clone(&door.limits));
+    upgrade
+        .max_message_size(shared::room::MAX_TO_ROOM_BYTES)
+        .max_frame_size(shared::room::MAX_TO_ROOM_BYTES)
+        .on_upgrade(move |socket| crate::transport::ws::serve(socket, rooms, rtc, None, limits))
+}

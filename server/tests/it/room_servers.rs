@@ -1,0 +1,246 @@
+//! Room servers as real processes of the built binary, registered with a hub: placement,
+//! results recorded once (official or not), tokens, a room server killed, the hub restarted,
+//! and a drain on SIGTERM.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rallypoint_server::client::{ClientError, Room};
+use rallypoint_server::fleet::tokens;
+use shared::arena::Arena;
+use shared::hub::ClientMsg;
+use shared::room::close;
+
+use crate::rooms::{Player, aborted, count, play_out, player, quick};
+use crate::support::TestServer;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A `rallypoint room-server` process, killed when dropped.
+struct RoomServer {
+    child: Child,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl RoomServer {
+    fn command(hub: &str, token: &str, data: &Path) -> Command {
+        let port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rallypoint"));
+        cmd.args(["room-server", "--hub", hub, "--token", token, "--log", "warn", "--drain-timeout", "30"])
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--public-url", &format!("http://127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(data)
+            .env_clear()
+            .stdout(Stdio::null());
+        cmd
+    }
+
+    fn start(hub: &str, token: &str, data: &Path) -> Self {
+        let child = Self::command(hub, token, data).stderr(Stdio::null()).spawn().unwrap();
+        Self { child }
+    }
+
+    /// Waits for the process to end by itself; its exit status. (The hub runs on this test's
+    /// thread: nothing here may block it.)
+    async fn wait(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.child.id()).unwrap();
+        // SAFETY: sends a signal to our own child process.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+}
+
+impl Drop for RoomServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until the hub counts `n` live room servers.
+async fn room_servers(server: &TestServer, n: usize) {
+    let deadline = Instant::now() + WAIT;
+    while server.running.app.hub.stats().await.unwrap().room_servers != n {
+        assert!(Instant::now() < deadline, "the hub never counted {n} room servers");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A hub that runs no match itself, and one room server registered with it.
+async fn hub_and_room_server(community: bool) -> (TestServer, RoomServer, tempfile::TempDir) {
+    let server = TestServer::start_with(|c| {
+        quick(c);
+        c.local_rooms = false;
+    })
+    .await;
+    let token = tokens::create(&server.running.app.db, "eu-1", community).await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let rs = RoomServer::start(&server.base, &token, data.path());
+    room_servers(&server, 1).await;
+    (server, rs, data)
+}
+
+/// Both queue for a duel; each gets its ticket and the room server's address.
+async fn matched(a: &mut Player, b: &mut Player) -> (String, String) {
+    for p in [&mut *a, &mut *b] {
+        p.hub.send(&ClientMsg::FindMatch { mode: "duel".into() }).await.unwrap();
+    }
+    let (ta, tb) = tokio::join!(a.hub.match_found(WAIT), b.hub.match_found(WAIT));
+    (ta.unwrap().1, tb.unwrap().1)
+}
+
+async fn seat(p: &Player, ticket: &str) -> Result<Room<Arena>, ClientError> {
+    p.client.room_at::<Arena>(p.hub.room_url.as_deref(), ticket).await
+}
+
+#[tokio::test]
+async fn a_match_placed_on_a_room_server_is_played_there_and_recorded_once_as_official() {
+    let (server, _rs, data) = hub_and_room_server(false).await;
+    let (mut a, mut b) = (player(&server, "far_a").await, player(&server, "far_b").await);
+    let (ta, tb) = matched(&mut a, &mut b).await;
+    let url = a.hub.room_url.clone().expect("the match runs on the room server");
+    assert_ne!(url, server.base);
+    // The hub's own door does not take a room server's ticket.
+    assert!(matches!(a.client.room::<Arena>(&ta).await, Err(ClientError::Closed { code: close::TICKET_FOREIGN, .. })));
+    let mut ra = seat(&a, &ta).await.unwrap();
+    let mut rb = seat(&b, &tb).await.unwrap();
+    // Someone else's ticket, a replayed one and a forged one are refused there too.
+    assert!(matches!(seat(&b, &ta).await, Err(ClientError::Closed { code: close::TICKET_USED, .. })));
+    let forged = format!("{}x", &ta[..ta.len() - 1]);
+    assert!(matches!(seat(&a, &forged).await, Err(ClientError::Closed { code: close::TICKET_FORGED, .. })));
+    let ((oa, ratings, snaps), (ob, _, _)) = tokio::join!(play_out(&mut ra), play_out(&mut rb));
+    assert_eq!(oa, ob);
+    assert!(snaps > 30, "{snaps} snapshots");
+    assert_eq!(ratings.len(), 2, "the hub recorded it and answered with the rating changes");
+    assert_eq!(count(&server, "SELECT COUNT(*) FROM matches WHERE server = 'eu-1' AND official = 1").await, 1);
+    assert_eq!(count(&server, "SELECT COUNT(*) FROM ratings WHERE mode = 'duel' AND matches = 1").await, 2);
+    // Acknowledged: nothing left on the room server's disk; both players are free again.
+    let results = data.path().join("results");
+    let deadline = Instant::now() + WAIT;
+    while std::fs::read_dir(&results).unwrap().count() > 0 {
+        assert!(Instant::now() < deadline, "an acknowledged result stayed on disk");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(server.running.app.hub.stats().await.unwrap().playing, 0);
+}
+
+#[tokio::test]
+async fn a_community_servers_results_are_history_only() {
+    let (server, _rs, _data) = hub_and_room_server(true).await;
+    let (mut a, mut b) = (player(&server, "club_a").await, player(&server, "club_b").await);
+    let (ta, tb) = matched(&mut a, &mut b).await;
+    let (mut ra, mut rb) = (seat(&a, &ta).await.unwrap(), seat(&b, &tb).await.unwrap());
+    let ((_, ratings, _), _) = tokio::join!(play_out(&mut ra), play_out(&mut rb));
+    assert!(ratings.iter().all(|r| r.after == r.before), "no rating changes: {ratings:?}");
+    assert_eq!(count(&server, "SELECT COUNT(*) FROM matches WHERE server = 'eu-1' AND official = 0").await, 1);
+    assert_eq!(count(&server, "SELECT COUNT(*) FROM ratings").await, 0);
+}
+
+#[tokio::test]
+async fn wrong_and_revoked_tokens_are_refused_and_a_revoked_server_is_dropped() {
+    let server = TestServer::start_with(quick).await;
+    let db = &server.running.app.db;
+    let dir = tempfile::tempdir().unwrap();
+    for token in ["rpt_not-a-token".to_owned(), tokens::create(db, "gone", false).await.unwrap()] {
+        if token != "rpt_not-a-token" {
+            tokens::revoke(db, "gone").await.unwrap();
+        }
+        let mut cmd = RoomServer::command(&server.base, &token, dir.path());
+        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("refused this token"), "{stderr}");
+    }
+    // Connected, then revoked: out within seconds.
+    let token = tokens::create(db, "soon-gone", false).await.unwrap();
+    let _rs = RoomServer::start(&server.base, &token, dir.path());
+    room_servers(&server, 1).await;
+    tokens::revoke(db, "soon-gone").await.unwrap();
+    room_servers(&server, 0).await;
+}
+
+#[tokio::test]
+async fn players_of_a_killed_room_server_are_back_in_the_lobby_within_five_seconds() {
+    let (server, mut rs, _data) = hub_and_room_server(false).await;
+    let (mut a, mut b) = (player(&server, "kill_a").await, player(&server, "kill_b").await);
+    let (ta, tb) = matched(&mut a, &mut b).await;
+    let (_ra, _rb) = (seat(&a, &ta).await.unwrap(), seat(&b, &tb).await.unwrap());
+    rs.signal(libc::SIGKILL);
+    let killed = Instant::now();
+    let (ma, mb) = tokio::join!(aborted(&mut a.hub), aborted(&mut b.hub));
+    assert!(killed.elapsed() < Duration::from_secs(5), "told after {:?}", killed.elapsed());
+    assert!(ma.contains("went away") && mb.contains("No rating changed"), "{ma}");
+    assert_eq!(count(&server, "SELECT COUNT(*) FROM matches").await, 0);
+    let stats = server.running.app.hub.stats().await.unwrap();
+    assert_eq!((stats.playing, stats.room_servers), (0, 0));
+    // Free to queue again.
+    a.hub.send(&ClientMsg::FindMatch { mode: "duel".into() }).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_result_made_while_the_hub_is_down_is_delivered_once_when_it_is_back() {
+    let (server, _rs, data) = hub_and_room_server(false).await;
+    let (mut a, mut b) = (player(&server, "wait_a").await, player(&server, "wait_b").await);
+    let (ta, tb) = matched(&mut a, &mut b).await;
+    let (mut ra, mut rb) = (seat(&a, &ta).await.unwrap(), seat(&b, &tb).await.unwrap());
+    // The hub goes away mid-match; the players play on, on the room server.
+    let addr = server.running.addr;
+    let dir = server.stop().await;
+    let ((oa, ratings, _), (ob, _, _)) = tokio::join!(play_out(&mut ra), play_out(&mut rb));
+    assert_eq!(oa, ob);
+    assert!(ratings.is_empty(), "no hub, no rating changes to show");
+    assert_eq!(std::fs::read_dir(data.path().join("results")).unwrap().count(), 1, "the result waits on disk");
+    // The hub is back: the room server registers again and delivers the result, once.
+    let server = TestServer::restart_at(addr, dir, |c| {
+        quick(c);
+        c.local_rooms = false;
+    })
+    .await;
+    room_servers(&server, 1).await;
+    let deadline = Instant::now() + WAIT;
+    while count(&server, "SELECT COUNT(*) FROM matches WHERE server = 'eu-1'").await == 0 {
+        assert!(Instant::now() < deadline, "the result never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(count(&server, "SELECT COUNT(*) FROM matches").await, 1);
+    assert_eq!(count(&server, "SELECT COUNT(*) FROM ratings WHERE matches = 1").await, 2);
+    assert_eq!(std::fs::read_dir(data.path().join("results")).unwrap().count(), 0);
+}
+
+#[tokio::test]
+async fn sigterm_drains_a_room_server_its_match_finishes_then_it_exits_cleanly() {
+    let (server, mut rs, _data) = hub_and_room_server(false).await;
+    let (mut a, mut b) = (player(&server, "drain_a").await, player(&server, "drain_b").await);
+    let (ta, tb) = matched(&mut a, &mut b).await;
+    let (mut ra, mut rb) = (seat(&a, &ta).await.unwrap(), seat(&b, &tb).await.unwrap());
+    rs.signal(libc::SIGTERM);
+    // No new match goes there while it drains: these two wait in the queue.
+    let (mut c, mut d) = (player(&server, "drain_c").await, player(&server, "drain_d").await);
+    for p in [&mut c, &mut d] {
+        p.hub.send(&ClientMsg::FindMatch { mode: "duel".into() }).await.unwrap();
+    }
+    let ((_, ratings, _), _) = tokio::join!(play_out(&mut ra), play_out(&mut rb));
+    assert_eq!(ratings.len(), 2, "the running match finished and was recorded");
+    let status = rs.wait(WAIT).await.expect("the drained room server exits");
+    assert!(status.success(), "{status}");
+    assert!(c.hub.match_found(Duration::from_secs(1)).await.is_err(), "nothing was placed on a draining server");
+    assert_eq!(count(&server, "SELECT COUNT(*) FROM matches").await, 1);
+}
