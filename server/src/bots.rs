@@ -297,9 +297,7 @@ pub async fn play(
         let regained_before = tally.seats_regained.len();
         let lost = match client.room_at::<Arena>(hub.room_url.as_deref(), &ticket).await {
             Ok(mut room) => {
-                // A room server's peers are not signaled through the hub yet: its rooms play
-                // over their WebSocket.
-                if transport == Transport::Webrtc && hub.room_url.is_none() {
+                if transport == Transport::Webrtc {
                     let limit = Duration::from_millis(u64::from(shared::room::DATA_CHANNEL_OPEN_TIMEOUT_MS));
                     match room.open_data_channel_through(&mut hub, &room_name, limit, conditions).await {
                         Ok(()) => tally.data_channels.push(found.elapsed()),

@@ -119,6 +119,10 @@ pub enum FromServer {
     Crashed { match_id: u64 },
     /// A result, with the assignment it is for. Sent again until [`FromHub::Recorded`].
     Finished { assignment: Signed, outcome: Outcome },
+    /// The answer to [`FromHub::RtcOffer`], for the player's hub connection `signaling`.
+    RtcAnswer { user_id: i64, signaling: u64, sdp: String },
+    /// [`FromHub::RtcOffer`] or a candidate was refused: the player stays on the WebSocket.
+    RtcRefused { user_id: i64, signaling: u64, reason: String },
 }
 
 /// From the hub to a room server.
@@ -141,6 +145,13 @@ pub enum FromHub {
     Start { assignment: Signed },
     /// The result of this match is recorded (official or not); these are the rating changes.
     Recorded { match_id: u64, ratings: Vec<RatingChange> },
+    /// A player's WebRTC offer for their seat in `room` (`r0-1`), made on hub connection
+    /// `signaling`: the browser signals through the hub, the peer connection is the room server's.
+    RtcOffer { user_id: i64, signaling: u64, room: String, sdp: String },
+    /// A trickled ICE candidate of that peer connection.
+    RtcCandidate { user_id: i64, signaling: u64, room: String, candidate: String },
+    /// The player's hub connection `signaling` closed: its peer connections go.
+    RtcClosed { signaling: u64 },
 }
 
 impl FromHub {

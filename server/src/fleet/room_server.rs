@@ -194,7 +194,12 @@ pub async fn run(args: &RoomServerArgs, shutdown: impl Future<Output = ()> + Sen
         events_tx,
         Arc::new(rtc.clone()),
     );
-    let door = Door { rooms: rooms.clone(), rtc, site_origin: welcome.site_origin.clone(), limits: Arc::default() };
+    let door = Door {
+        rooms: rooms.clone(),
+        rtc: rtc.clone(),
+        site_origin: welcome.site_origin.clone(),
+        limits: Arc::default(),
+    };
     let router = Router::new()
         .route("/room", get(room_socket))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -207,6 +212,7 @@ pub async fn run(args: &RoomServerArgs, shutdown: impl Future<Output = ()> + Sen
     let mut server = Server {
         settings: &settings,
         rooms: rooms.clone(),
+        rtc,
         key: welcome.key,
         id: welcome.server,
         matches: HashMap::new(),
@@ -238,6 +244,7 @@ fn result_id(msg: &FromServer) -> Option<String> {
 struct Server<'a> {
     settings: &'a Settings,
     rooms: Rooms,
+    rtc: Rtc,
     key: TicketVerifier,
     id: u32,
     /// Matches playing, by room: the assignment and its match id.
@@ -407,6 +414,20 @@ impl Server<'_> {
                 if let Some(reply) = self.ratings.remove(&match_id) {
                     let _ = reply.send(ratings);
                 }
+                None
+            }
+            FromHub::RtcOffer { user_id, signaling, room, sdp } => {
+                Some(match self.rtc.offer(user_id, signaling, &room, &sdp) {
+                    Ok(sdp) => FromServer::RtcAnswer { user_id, signaling, sdp },
+                    Err(e) => FromServer::RtcRefused { user_id, signaling, reason: e.to_string() },
+                })
+            }
+            FromHub::RtcCandidate { user_id, signaling, room, candidate } => {
+                let refused = self.rtc.candidate(user_id, signaling, &room, &candidate).err();
+                refused.map(|e| FromServer::RtcRefused { user_id, signaling, reason: e.to_string() })
+            }
+            FromHub::RtcClosed { signaling } => {
+                self.rtc.signaling_closed(signaling);
                 None
             }
             FromHub::Welcome { .. } => None,

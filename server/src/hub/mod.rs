@@ -126,7 +126,21 @@ enum Command {
         server: u32,
         generation: u64,
     },
+    /// WebRTC signaling for a seat on a room server, relayed there.
+    RemoteRtc {
+        conn: ConnId,
+        room: String,
+        signal: RemoteSignal,
+    },
     Shutdown,
+}
+
+/// What a browser signals for a peer connection to a room server.
+#[derive(Debug)]
+pub enum RemoteSignal {
+    Offer(String),
+    Candidate(String),
+    Closed,
 }
 
 /// A room server's registration, as the hub keeps it.
@@ -255,6 +269,21 @@ impl Hub {
     pub fn room_origins(&self) -> String {
         let origins = self.room_origins.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         origins.iter().map(String::as_str).collect::<Vec<_>>().join(" ")
+    }
+
+    /// Relays WebRTC signaling for a seat on a room server (rooms named `server/room`); `false`
+    /// when the room is this process's.
+    pub async fn relay_rtc(&self, conn: ConnId, room: &str, signal: RemoteSignal) -> Result<bool, HubGone> {
+        if !room.contains('/') {
+            return Ok(false);
+        }
+        self.send(Command::RemoteRtc { conn, room: room.to_owned(), signal }).await?;
+        Ok(true)
+    }
+
+    /// Tells room servers that a hub connection's peer connections are gone.
+    pub async fn rtc_signaling_closed(&self, conn: ConnId) {
+        let _ = self.send(Command::RemoteRtc { conn, room: String::new(), signal: RemoteSignal::Closed }).await;
     }
 
     /// Registers a room server; the answer is the registration's generation.
@@ -488,6 +517,7 @@ impl State {
                 self.update_server_metrics();
             }
             Command::ServerLost { server, generation } => self.server_lost(server, generation),
+            Command::RemoteRtc { conn, room, signal } => self.remote_rtc(conn, &room, signal),
             Command::Shutdown => {
                 let conns: Vec<ConnId> = self.conns.keys().copied().collect();
                 for conn in conns {
@@ -917,6 +947,12 @@ impl State {
                     "The match stopped because of a server error; you are back in the lobby.",
                 );
             }
+            FromServer::RtcAnswer { user_id, signaling, ref sdp } => {
+                self.remote_rtc_answer(server, user_id, signaling, Ok(sdp.clone()));
+            }
+            FromServer::RtcRefused { user_id, signaling, ref reason } => {
+                self.remote_rtc_answer(server, user_id, signaling, Err(reason.clone()));
+            }
             // Handled by the control connection (which records, then tells the hub).
             FromServer::Register { .. } | FromServer::Finished { .. } => {}
         }
@@ -972,6 +1008,45 @@ impl State {
             self.playing.remove(&user_id);
             self.tell_user(user_id, &ServerMsg::MatchAborted { message: message.into() });
         }
+    }
+
+    /// Relays a browser's signaling to the room server hosting its seat.
+    fn remote_rtc(&mut self, conn: ConnId, room: &str, signal: RemoteSignal) {
+        let Some(user_id) = self.conns.get(&conn).map(|c| c.user_id) else { return };
+        let seat = self.playing.get(&user_id).and_then(|p| {
+            let remote = self.servers.get(&p.server)?;
+            let named = matches!(signal, RemoteSignal::Closed) || format!("{}/{}", remote.name, p.room) == room;
+            Some((remote.outbox.clone()?, p.room.to_string())).filter(|_| named)
+        });
+        let Some((outbox, local_room)) = seat else {
+            if !matches!(signal, RemoteSignal::Closed) {
+                let msg = ServerMsg::Error { code: ErrorCode::Rtc, message: "no seat in that room".into() };
+                self.send_to(conn, &msg);
+            }
+            return;
+        };
+        let msg = match signal {
+            RemoteSignal::Offer(sdp) => FromHub::RtcOffer { user_id, signaling: conn, room: local_room, sdp },
+            RemoteSignal::Candidate(candidate) => {
+                FromHub::RtcCandidate { user_id, signaling: conn, room: local_room, candidate }
+            }
+            RemoteSignal::Closed => FromHub::RtcClosed { signaling: conn },
+        };
+        let _ = outbox.try_send(msg);
+    }
+
+    /// A room server's answer to a browser's signaling, for the connection that signaled.
+    fn remote_rtc_answer(&mut self, server: u32, user_id: i64, signaling: ConnId, answer: Result<String, String>) {
+        if self.conns.get(&signaling).is_none_or(|c| c.user_id != user_id) {
+            return;
+        }
+        let Some(p) = self.playing.get(&user_id).filter(|p| p.server == server) else { return };
+        let Some(remote) = self.servers.get(&server) else { return };
+        let msg = match answer {
+            Ok(sdp) => ServerMsg::RtcAnswer { room: format!("{}/{}", remote.name, p.room), sdp },
+            Err(reason) => ServerMsg::Error { code: ErrorCode::Rtc, message: reason },
+        };
+        self.send_to(signaling, &msg);
     }
 
     fn tell_user(&mut self, user_id: i64, msg: &ServerMsg) {

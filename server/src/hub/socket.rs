@@ -6,7 +6,7 @@ use shared::hub::{ClientMsg, ErrorCode, MAX_CHAT_CHARS, PROTOCOL_VERSION, Server
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
 
-use super::{Command, ConnId, Hub, Outbound, results};
+use super::{Command, ConnId, Hub, Outbound, RemoteSignal, results};
 use crate::accounts::Session;
 use crate::rate::TokenBucket;
 use crate::transport::webrtc::RtcError;
@@ -29,6 +29,7 @@ pub async fn serve(socket: WebSocket, hub: Hub, session: Session) {
         Ok(outbox) => {
             let end = task.run(conn, &hub, outbox).await;
             hub.rtc().signaling_closed(conn);
+            hub.rtc_signaling_closed(conn).await;
             let _ = hub.send(Command::Leave { conn }).await;
             end
         }
@@ -181,11 +182,24 @@ impl<'a> Connection<'a> {
                 self.forward(hub, Command::FindMatch { conn, mode, rating }).await
             }
             Ok(ClientMsg::CancelMatch) => self.forward(hub, Command::CancelMatch { conn }).await,
-            Ok(ClientMsg::RtcOffer { room, sdp }) => match hub.rtc().offer(self.user_id, conn, &room, &sdp) {
-                Ok(sdp) => self.reply(ServerMsg::RtcAnswer { room, sdp }).await,
-                Err(e) => self.refuse_rtc(hub, &e).await,
-            },
+            Ok(ClientMsg::RtcOffer { room, sdp }) => {
+                // A seat on a room server: the hub relays; the answer comes back through it.
+                match hub.relay_rtc(conn, &room, RemoteSignal::Offer(sdp.clone())).await {
+                    Ok(true) => return Step::Continue,
+                    Ok(false) => {}
+                    Err(_) => return Step::Stop(End::Close(close::GOING_AWAY, "server shutting down")),
+                }
+                match hub.rtc().offer(self.user_id, conn, &room, &sdp) {
+                    Ok(sdp) => self.reply(ServerMsg::RtcAnswer { room, sdp }).await,
+                    Err(e) => self.refuse_rtc(hub, &e).await,
+                }
+            }
             Ok(ClientMsg::RtcCandidate { room, candidate, .. }) => {
+                match hub.relay_rtc(conn, &room, RemoteSignal::Candidate(candidate.clone())).await {
+                    Ok(true) => return Step::Continue,
+                    Ok(false) => {}
+                    Err(_) => return Step::Stop(End::Close(close::GOING_AWAY, "server shutting down")),
+                }
                 match hub.rtc().candidate(self.user_id, conn, &room, &candidate) {
                     Ok(()) => Step::Continue,
                     Err(e) => self.refuse_rtc(hub, &e).await,

@@ -99,11 +99,17 @@ async fn hub_and_room_server(community: bool) -> (TestServer, RoomServer, tempfi
 
 /// Both queue for a duel; each gets its ticket and the room server's address.
 async fn matched(a: &mut Player, b: &mut Player) -> (String, String) {
+    let ((_, ta), (_, tb)) = matched_in(a, b).await;
+    (ta, tb)
+}
+
+/// Like [`matched`], with the room's name (for WebRTC signaling) beside each ticket.
+async fn matched_in(a: &mut Player, b: &mut Player) -> ((String, String), (String, String)) {
     for p in [&mut *a, &mut *b] {
         p.hub.send(&ClientMsg::FindMatch { mode: "duel".into() }).await.unwrap();
     }
     let (ta, tb) = tokio::join!(a.hub.match_found(WAIT), b.hub.match_found(WAIT));
-    (ta.unwrap().1, tb.unwrap().1)
+    (ta.unwrap(), tb.unwrap())
 }
 
 async fn seat(p: &Player, ticket: &str) -> Result<Room<Arena>, ClientError> {
@@ -114,7 +120,8 @@ async fn seat(p: &Player, ticket: &str) -> Result<Room<Arena>, ClientError> {
 async fn a_match_placed_on_a_room_server_is_played_there_and_recorded_once_as_official() {
     let (server, _rs, data) = hub_and_room_server(false).await;
     let (mut a, mut b) = (player(&server, "far_a").await, player(&server, "far_b").await);
-    let (ta, tb) = matched(&mut a, &mut b).await;
+    let ((room, ta), (_, tb)) = matched_in(&mut a, &mut b).await;
+    assert!(room.starts_with("eu-1/"), "{room}");
     let url = a.hub.room_url.clone().expect("the match runs on the room server");
     assert_ne!(url, server.base);
     // The hub's own door does not take a room server's ticket.
@@ -125,6 +132,12 @@ async fn a_match_placed_on_a_room_server_is_played_there_and_recorded_once_as_of
     assert!(matches!(seat(&b, &ta).await, Err(ClientError::Closed { code: close::TICKET_USED, .. })));
     let forged = format!("{}x", &ta[..ta.len() - 1]);
     assert!(matches!(seat(&a, &forged).await, Err(ClientError::Closed { code: close::TICKET_FORGED, .. })));
+    // In-room traffic over WebRTC: signaled through the hub, the peer is the room server's.
+    ra.open_data_channel(&mut a.hub, &room, WAIT).await.unwrap();
+    for _ in 0..10 {
+        ra.recv_timeout(WAIT).await.unwrap();
+    }
+    assert_eq!(ra.transport(), "webrtc", "the data channel carried the snapshots without failing");
     let ((oa, ratings, snaps), (ob, _, _)) = tokio::join!(play_out(&mut ra), play_out(&mut rb));
     assert_eq!(oa, ob);
     assert!(snaps > 30, "{snaps} snapshots");
@@ -178,7 +191,7 @@ async fn wrong_and_revoked_tokens_are_refused_and_a_revoked_server_is_dropped() 
 
 #[tokio::test]
 async fn players_of_a_killed_room_server_are_back_in_the_lobby_within_five_seconds() {
-    let (server, mut rs, _data) = hub_and_room_server(false).await;
+    let (server, rs, _data) = hub_and_room_server(false).await;
     let (mut a, mut b) = (player(&server, "kill_a").await, player(&server, "kill_b").await);
     let (ta, tb) = matched(&mut a, &mut b).await;
     let (_ra, _rb) = (seat(&a, &ta).await.unwrap(), seat(&b, &tb).await.unwrap());
