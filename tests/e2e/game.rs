@@ -236,6 +236,41 @@ async fn two_players_are_matched_see_each_other_move_and_the_result_is_kept() {
     server.stop().await;
 }
 
+/// The hub runs no match itself: the match goes to a room server, another process on another
+/// port (another origin). Both browsers play there over WebRTC (signaled through the hub), and
+/// the result lands in the hub's history.
+#[tokio::test]
+async fn two_browsers_play_a_match_hosted_on_a_room_server_over_webrtc() {
+    let _one = crate::ONE_AT_A_TIME.lock().await;
+    let server = Server::start_with(&["--match-seconds", "12", "--local-rooms", "off"]).await;
+    let _rooms = server.room_server("eu-1").await;
+    let driver = Driver::start().await;
+    let erin = driver.browser(&[]).await;
+    let frank = driver.browser(&[]).await;
+    register(&erin, &server, "erin").await;
+    register(&frank, &server, "frank").await;
+    for b in [&erin, &frank] {
+        find_duel(b).await;
+    }
+    for b in [&erin, &frank] {
+        b.find("#game[data-state='playing']").await;
+        on_the_data_channel(b).await;
+    }
+    let before = position(&state(&frank).await).unwrap();
+    key(&frank, "KeyS", true).await;
+    frank.wait_until("frank moves", || async { position(&state(&frank).await) != Some(before) }).await;
+    key(&frank, "KeyS", false).await;
+    for b in [&erin, &frank] {
+        b.find_within("#result:not([hidden])", Duration::from_secs(30)).await;
+    }
+    erin.goto(&server.url("/u/erin")).await;
+    let row = erin.find("table.history tbody tr").await.text().await.unwrap();
+    assert!(row.contains("Duel"), "{row}");
+    erin.close().await;
+    frank.close().await;
+    server.stop().await;
+}
+
 /// The network drops both players' connections mid-match (a relay between the browsers and the
 /// server cuts every hub and room connection): each page says it is reconnecting, comes back by
 /// itself with backoff, and is put back in the same seat, on a new data channel, without a

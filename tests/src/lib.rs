@@ -35,7 +35,7 @@ fn must_exist(path: PathBuf, what: &str) -> PathBuf {
 pub struct Server {
     pub base: String,
     child: Child,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     /// The certificate and key of [`Server::start_tls`], kept for as long as the server runs.
     #[allow(dead_code)]
     certs: Option<tempfile::TempDir>,
@@ -78,7 +78,7 @@ impl Server {
         // Keep draining the log so that the server never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let scheme = if extra.contains(&"--tls-cert") { "https" } else { "http" };
-        Self { base: format!("{scheme}://{addr}"), child, _dir: dir, certs: None }
+        Self { base: format!("{scheme}://{addr}"), child, dir, certs: None }
     }
 
     /// Starts the server serving TLS itself, with a fresh self-signed certificate for
@@ -100,6 +100,44 @@ impl Server {
         format!("{}{path}", self.base)
     }
 
+    /// Starts a `rallypoint room-server` registered with this server, under a fresh token
+    /// (`rallypoint room-token create` on this server's database); returns once registered.
+    pub async fn room_server(&self, name: &str) -> RoomServer {
+        let bin = must_exist(env_path("RALLYPOINT_BIN", workspace().join("target/debug/rallypoint")), "the binary");
+        let db = format!("sqlite://{}", self.dir.path().join("rp.db").display());
+        let created = Command::new(&bin)
+            .args(["room-token", "create", "--name", name, "--database-url", &db])
+            .output()
+            .await
+            .expect("room-token runs");
+        assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+        let token = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let mut child = Command::new(&bin)
+            .args(["room-server", "--hub", &self.base, "--token", &token, "--data-dir"])
+            .arg(dir.path())
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--public-url", &format!("http://127.0.0.1:{port}")])
+            .env("RALLYPOINT_LOG", "info")
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the room server starts");
+        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        tokio::time::timeout(STEP, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("registered with the hub") {
+                    return;
+                }
+            }
+            panic!("the room server exited before registering");
+        })
+        .await
+        .expect("the room server registers within the step timeout");
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        RoomServer { _child: child, _dir: dir }
+    }
+
     /// Stops the server with SIGTERM and waits for it.
     pub async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
@@ -107,6 +145,12 @@ impl Server {
         }
         let _ = tokio::time::timeout(STEP, self.child.wait()).await;
     }
+}
+
+/// A `rallypoint room-server` process, killed when dropped.
+pub struct RoomServer {
+    _child: Child,
+    _dir: tempfile::TempDir,
 }
 
 /// A chromedriver process; each [`Browser`] it opens is a separate Chromium with its own
