@@ -150,6 +150,63 @@ fn help_explains_every_flag_and_its_variable() {
 }
 
 #[test]
+fn room_server_help_explains_every_flag_and_bad_values_are_one_clear_line() {
+    let output = rallypoint(&["room-server", "--help"], std::path::Path::new("."));
+    let help = String::from_utf8_lossy(&output.stdout);
+    for (flag, var) in [
+        ("--hub", "RALLYPOINT_HUB"),
+        ("--token", "RALLYPOINT_ROOM_SERVER_TOKEN"),
+        ("--listen", "RALLYPOINT_LISTEN"),
+        ("--public-url", "RALLYPOINT_PUBLIC_URL"),
+        ("--capacity", "RALLYPOINT_CAPACITY"),
+        ("--webrtc-listen", "RALLYPOINT_WEBRTC_LISTEN"),
+        ("--public-ip", "RALLYPOINT_PUBLIC_IP"),
+        ("--data-dir", "RALLYPOINT_DATA_DIR"),
+        ("--drain-timeout", "RALLYPOINT_DRAIN_TIMEOUT"),
+    ] {
+        assert!(help.contains(flag) && help.contains(var), "{flag} {var}");
+    }
+    let dir = static_dir();
+    let base = ["room-server", "--token", "rpt_x", "--data-dir", "/nonexistent/never"];
+    for (args, expected) in [
+        (vec!["--hub", "ftp://x", "--public-url", "http://a:1"], "--hub"),
+        (vec!["--hub", "http://127.0.0.1:1", "--public-url", "nope"], "--public-url"),
+        (vec!["--hub", "http://127.0.0.1:1", "--public-url", "http://a:1", "--capacity", "0"], "--capacity"),
+    ] {
+        let all: Vec<&str> = base.iter().copied().chain(args).collect();
+        let line = one_error_line(&rallypoint(&all, dir.path()));
+        assert!(line.contains(expected), "{line}");
+    }
+    let output = rallypoint(&["serve", "--local-rooms", "maybe"], dir.path());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("neither on nor off"));
+}
+
+#[test]
+fn room_tokens_are_created_listed_and_revoked_from_the_command_line() {
+    let dir = static_dir();
+    let db = format!("sqlite://{}", dir.path().join("t.db").display());
+    let created = rallypoint(&["room-token", "create", "--name", "eu-1", "--database-url", &db], dir.path());
+    assert!(created.status.success());
+    let token = String::from_utf8_lossy(&created.stdout).trim().to_owned();
+    assert!(token.starts_with("rpt_") && token.len() > 40, "{token}");
+    let again = rallypoint(&["room-token", "create", "--name", "eu-1", "--database-url", &db], dir.path());
+    assert!(one_error_line(&again).contains("already has a token"));
+    let bad = rallypoint(&["room-token", "create", "--name", "EU 1", "--database-url", &db], dir.path());
+    assert!(one_error_line(&bad).contains("name"));
+    let community =
+        rallypoint(&["room-token", "create", "--name", "club", "--community", "--database-url", &db], dir.path());
+    assert!(community.status.success());
+    let revoked = rallypoint(&["room-token", "revoke", "eu-1", "--database-url", &db], dir.path());
+    assert!(revoked.status.success());
+    let list = rallypoint(&["room-token", "list", "--database-url", &db], dir.path());
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(list.contains("club\tcommunity\tactive") && list.contains("eu-1\tofficial\trevoked"), "{list}");
+    assert!(!list.contains(&token), "a token is never shown again");
+    let missing = rallypoint(&["room-token", "revoke", "nobody", "--database-url", &db], dir.path());
+    assert!(one_error_line(&missing).contains("no room server"));
+}
+
+#[test]
 fn bots_exit_non_zero_on_errors() {
     let dir = static_dir();
     let output = rallypoint(&["bots", "--server", "http://127.0.0.1:1", "--count", "1", "--duration", "1"], dir.path());
