@@ -156,7 +156,7 @@ pub struct ServeArgs {
 
     /// Run matches in this process (`on`), or only on room servers (`off`): with `off`, players
     /// wait in the queue until a room server has a free room.
-    #[arg(long, env = "RALLYPOINT_LOCAL_ROOMS", default_value = "on", value_name = "on|off", value_parser = on_off)]
+    #[arg(long, env = "RALLYPOINT_LOCAL_ROOMS", default_value = "on", value_name = "on|off", value_parser = on_off, action = clap::ArgAction::Set)]
     pub local_rooms: bool,
 
     /// Log filter, for example `info` or `rallypoint_server=debug,info`.

@@ -178,7 +178,9 @@ fn room_server_help_explains_every_flag_and_bad_values_are_one_clear_line() {
         assert!(line.contains(expected), "{line}");
     }
     let output = rallypoint(&["serve", "--local-rooms", "maybe"], dir.path());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("neither on nor off"));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("\"maybe\" is neither on nor off"));
+    let help = rallypoint(&["serve", "--help"], dir.path());
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--local-rooms <on|off>"));
 }
 
 #[test]
