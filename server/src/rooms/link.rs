@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::body::Bytes;
+use bytes::Bytes;
 use tokio::sync::mpsc;
 
 /// Identifies one player connection for the life of the process.

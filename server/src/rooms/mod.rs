@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use axum::body::Bytes;
+use bytes::Bytes;
 use shared::game::{Game, MatchSetup, Mode, Outcome};
 use shared::room::RatingChange;
 use tokio::sync::{mpsc, oneshot};

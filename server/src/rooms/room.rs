@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use bytes::Bytes;
 use futures_util::FutureExt as _;
 use shared::delta::Views;
 use shared::game::{Game, Mode, Outcome};
