@@ -176,6 +176,8 @@ pub struct Tally {
     pub correction_sizes: Vec<u32>,
     /// Time spent in matches.
     pub playing: Duration,
+    /// Time from each match found to the seat taken (the room's join answer).
+    pub seats_claimed: Vec<Duration>,
 }
 
 impl Tally {

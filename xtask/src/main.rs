@@ -19,6 +19,7 @@ usage: cargo xtask <command>
   bench rooms      benchmark rooms (CPU per tick, players per core, bytes, input latency, jitter)
   bench webrtc     the same rooms over WebSocket and WebRTC (connect time, memory per peer, CPU, bytes)
   bench reconnect  bots whose room connections a relay cuts at random: how many take their seat back
+  bench fleet      the same rooms all in one process, then on a room server: placement, seat time, split cost
   soak [--minutes N] bots play, drop and return, sign out and in for N minutes (60): memory, files, results
   fuzz [SECS] [T…]  fuzz every decoder of network bytes (or targets T) for SECS seconds each (default 60)
   client           build only the wasm client into web/dist/
@@ -275,7 +276,7 @@ fn fuzz(args: &[String]) -> Result<()> {
 
 fn bench(args: &[String]) -> Result<()> {
     let Some(what) = args.first() else {
-        bail!("which benchmark? `cargo xtask bench hub`, `bench rooms`, `bench webrtc` or `bench reconnect`")
+        bail!("which benchmark? `cargo xtask bench hub`, `bench rooms`, `bench webrtc`, `bench reconnect` or `bench fleet`")
     };
     let bin = build_server(true)?;
     step(&format!("Benchmark: {what} (server on core 0, load generators on core 1)"));

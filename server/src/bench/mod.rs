@@ -3,6 +3,7 @@
 //! drives it over loopback with native clients from this process, then prints a report.
 //! Bounded: every phase has a fixed size and duration, and the run stops by itself.
 
+mod fleet;
 mod hub;
 mod reconnect;
 pub mod relay;
@@ -29,6 +30,7 @@ pub struct BenchArgs {
 enum Which {
     /// Idle connections and memory per connection, chat fan-out, logins under load.
     Hub(hub::HubArgs),
+    Fleet(fleet::FleetArgs),
     /// Full rooms of bots: CPU per tick, players per core, bytes per player, latencies.
     Rooms(rooms::RoomsArgs),
     /// The same rooms over WebSocket and over WebRTC: connect time, memory per peer, CPU, bytes.
@@ -52,6 +54,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     runtime.block_on(async {
         match args.which {
             Which::Hub(args) => hub::run(args).await,
+            Which::Fleet(args) => fleet::run(args).await,
             Which::Rooms(args) => rooms::run(args).await,
             Which::Webrtc(args) => webrtc::run(args).await,
             Which::Reconnect(args) => reconnect::run(args).await,
@@ -124,29 +127,45 @@ impl ServerProcess {
         workers: usize,
     ) -> Result<Self> {
         let addr = free_addr()?;
+        let workers = workers.max(1);
+        let mut args: Vec<String> = ["serve", "--listen", &addr.to_string(), "--database-url", &database_url]
+            .iter()
+            .map(|a| (*a).to_owned())
+            .collect();
+        args.extend(["--static-dir".to_owned(), dir.path().display().to_string()]);
+        args.extend(["--max-connections", "100000", "--log", "warn"].map(str::to_owned));
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        Self::spawn(dir, database_url, addr, &args, &format!("0-{}", workers - 1), workers).await
+    }
+
+    /// Runs `rallypoint ARGS` (which must serve `/healthz` on `addr`) pinned to `cores` with
+    /// `workers` tokio workers, and waits until it answers.
+    pub async fn spawn(
+        dir: tempfile::TempDir,
+        database_url: String,
+        addr: SocketAddr,
+        args: &[String],
+        cores: &str,
+        workers: usize,
+    ) -> Result<Self> {
         let exe = match std::env::var_os("RALLYPOINT_BENCH_SERVER") {
             Some(path) => PathBuf::from(path),
             None => std::env::current_exe()?,
         };
-        let workers = workers.max(1);
         let pinned = Path::new("/usr/bin/taskset").exists();
         // RALLYPOINT_BENCH_WRAP runs the server under a profiler, e.g. "heaptrack" or "perf record".
         let wrap: Vec<String> =
             std::env::var("RALLYPOINT_BENCH_WRAP").unwrap_or_default().split_whitespace().map(String::from).collect();
         let mut argv: Vec<std::ffi::OsString> = Vec::new();
         if pinned {
-            argv.extend(["taskset".into(), "-c".into(), format!("0-{}", workers - 1).into()]);
+            argv.extend(["taskset".into(), "-c".into(), cores.into()]);
         }
         argv.extend(wrap.into_iter().map(Into::into));
         argv.push(exe.into_os_string());
         let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..]);
-        cmd.args(["serve", "--listen", &addr.to_string(), "--database-url", &database_url])
-            .arg("--static-dir")
-            .arg(dir.path())
-            .args(["--max-connections", "100000", "--log", "warn"])
-            .args(extra)
-            .env("TOKIO_WORKER_THREADS", workers.to_string())
+        cmd.args(&argv[1..])
+            .args(args)
+            .env("TOKIO_WORKER_THREADS", workers.max(1).to_string())
             .stdin(Stdio::null())
             // Its own process group, so that signals reach it through taskset or a profiler.
             .process_group(0);

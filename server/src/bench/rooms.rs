@@ -52,9 +52,9 @@ pub(super) struct Timing {
     pub json: Option<PathBuf>,
 }
 
-const PASSWORD: &str = "bench password 123";
+pub(super) const PASSWORD: &str = "bench password 123";
 const PREFIX: &str = "roombench";
-const TICK_HZ: f64 = 30.0;
+pub(super) const TICK_HZ: f64 = 30.0;
 
 #[derive(Debug, Default, Serialize)]
 pub(super) struct Window {
@@ -244,7 +244,8 @@ async fn bot(
         hub.send(&ClientMsg::FindMatch { mode: "brawl".into() }).await?;
         let (room_name, ticket) = hub.match_found(Duration::from_mins(2)).await?;
         let found = Instant::now();
-        let mut room = client.room::<shared::arena::Arena>(&ticket).await?;
+        let mut room = client.room_at::<shared::arena::Arena>(hub.room_url.as_deref(), &ticket).await?;
+        tally.seats_claimed.push(found.elapsed());
         if transport == Transport::Webrtc {
             // Generous here: the bench opens many at once on a loaded machine; what it took
             // is what is reported.

@@ -1,0 +1,197 @@
+//! `rallypoint bench fleet`: the same full rooms played all in one process, then on a room
+//! server registered with a hub that runs no match itself. The process that plays the rooms is
+//! pinned to core 0 both times (in the split, the hub shares core 1 with the bots), so that the
+//! CPU per room tick of the two can be set side by side: what the split costs the rooms. Also:
+//! how fast the hub places matches on the room server, the time from "match found" to the seat
+//! taken on the room server, and the hub's CPU per placed match.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use clap::Args;
+use serde::Serialize;
+
+use super::rooms::{PASSWORD, TICK_HZ, Timing, start_bots, wait_until_playing};
+use super::{Percentiles, ServerProcess, write_json};
+use crate::bots::{Live, Tally, Transport};
+
+#[derive(Debug, Args)]
+pub struct FleetArgs {
+    /// Rooms to fill.
+    #[arg(long, default_value_t = 32)]
+    rooms: usize,
+    #[command(flatten)]
+    timing: Timing,
+}
+
+/// One way of running the rooms.
+#[derive(Debug, Default, Serialize)]
+struct Run {
+    /// Seconds from the first bot's start to every bot seated and receiving snapshots.
+    seating_seconds: f64,
+    /// Matches placed per second over that time (bots arrive over it: a floor, not a ceiling).
+    matches_placed_per_second: f64,
+    /// From "match found" to the seat taken (the room's join answer), per player.
+    match_found_to_seat: Percentiles,
+    /// CPU of the process that runs the rooms over the window, per room tick.
+    rooms_cpu_per_room_tick_ms: f64,
+    /// 16 players per room over that CPU at 30 Hz.
+    players_per_core_at_30hz: f64,
+    /// The hub's CPU over the seating, per match placed (split run only; it includes the
+    /// players' hub connections and queueing).
+    hub_cpu_per_placed_match_ms: Option<f64>,
+    /// The hub's CPU over the window, per room tick of play (split run only).
+    hub_cpu_per_room_tick_ms: Option<f64>,
+    protocol_errors: u64,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Report {
+    pinned_to_one_core: bool,
+    rooms: usize,
+    players: usize,
+    all_in_one: Run,
+    room_server: Run,
+    /// Room-server CPU per room tick over all-in-one's, minus 1 (the split's cost, or gain).
+    split_cost: f64,
+}
+
+pub async fn run(args: FleetArgs) -> Result<()> {
+    let players = args.rooms * args.timing.players;
+    let max_rooms = (args.rooms + 8).to_string();
+    let common = ["--match-seconds", "3600", "--lobby-capacity", "100000"];
+
+    eprintln!("all in one process: {} rooms of {}…", args.rooms, args.timing.players);
+    let (dir, url) = ServerProcess::prepare()?;
+    let tokens = seed(&url, "fleetone", players).await?;
+    let extra: Vec<&str> = common.iter().copied().chain(["--max-rooms", &max_rooms]).collect();
+    let server = ServerProcess::start_on(dir, url, &extra, args.timing.server_workers).await?;
+    let pinned = server.pinned();
+    let all_in_one = play(&args, &server.base, &tokens, &server, None).await?;
+    server.stop()?;
+    eprintln!("all in one: {}", serde_json::to_string(&all_in_one)?);
+
+    eprintln!("hub and room server: the same rooms on a room server…");
+    let (dir, url) = ServerProcess::prepare()?;
+    let tokens = seed(&url, "fleetsplit", players).await?;
+    let token = {
+        let db = crate::db::open(&url).await?;
+        let token = crate::fleet::tokens::create(&db, "bench", false).await?;
+        db.close().await;
+        token
+    };
+    let extra: Vec<&str> = common.iter().copied().chain(["--local-rooms", "off"]).collect();
+    // The hub on core 1, beside the bots: the rooms' core is the room server's alone.
+    let hub_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let mut hub_args: Vec<String> =
+        ["serve", "--listen", &hub_addr.to_string(), "--database-url", &url].iter().map(|a| (*a).to_owned()).collect();
+    hub_args.extend([
+        "--static-dir".to_owned(),
+        dir.path().display().to_string(),
+        "--log".to_owned(),
+        "warn".to_owned(),
+    ]);
+    hub_args.extend(["--max-connections", "100000"].map(str::to_owned));
+    hub_args.extend(extra.iter().map(|a| (*a).to_owned()));
+    let hub = ServerProcess::spawn(dir, url, hub_addr, &hub_args, "1", 1).await?;
+    let (rs_dir, rs_url) = ServerProcess::prepare()?;
+    let rs_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let rs_args: Vec<String> = [
+        "room-server",
+        "--hub",
+        &hub.base,
+        "--token",
+        &token,
+        "--listen",
+        &rs_addr.to_string(),
+        "--public-url",
+        &format!("http://{rs_addr}"),
+        "--capacity",
+        &max_rooms,
+        "--log",
+        "warn",
+        "--data-dir",
+        &rs_dir.path().display().to_string(),
+    ]
+    .iter()
+    .map(|a| (*a).to_owned())
+    .collect();
+    let workers = args.timing.server_workers.max(1);
+    let room_server =
+        ServerProcess::spawn(rs_dir, rs_url, rs_addr, &rs_args, &format!("0-{}", workers - 1), workers).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await; // registered (heartbeat)
+    let split = play(&args, &hub.base, &tokens, &room_server, Some(&hub)).await?;
+    room_server.stop()?;
+    hub.stop()?;
+    eprintln!("room server: {}", serde_json::to_string(&split)?);
+
+    let report = Report {
+        pinned_to_one_core: pinned,
+        rooms: args.rooms,
+        players,
+        split_cost: split.rooms_cpu_per_room_tick_ms / all_in_one.rooms_cpu_per_room_tick_ms.max(1e-9) - 1.0,
+        all_in_one,
+        room_server: split,
+    };
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    write_json(args.timing.json.as_ref(), &report)
+}
+
+async fn seed(url: &str, prefix: &str, players: usize) -> Result<Vec<String>> {
+    let db = crate::db::open(url).await?;
+    let tokens = crate::accounts::seed_for_bench(&db, prefix, players, PASSWORD, Duration::from_hours(24)).await?;
+    db.close().await;
+    Ok(tokens)
+}
+
+/// Seats every bot, then measures one window of play on `rooms` (and `hub`, when apart).
+async fn play(
+    args: &FleetArgs,
+    base: &str,
+    tokens: &[String],
+    rooms: &ServerProcess,
+    hub: Option<&ServerProcess>,
+) -> Result<Run> {
+    let players = tokens.len();
+    let live = Arc::new(Live::default());
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let hub_cpu0 = hub.map(ServerProcess::cpu).transpose()?;
+    let started = Instant::now();
+    let bots = start_bots(base, tokens, Transport::Ws, &live, &stop).await;
+    wait_until_playing(&live, players).await?;
+    let seating = started.elapsed().as_secs_f64();
+    let hub_seating_cpu = match (hub, hub_cpu0) {
+        (Some(hub), Some(cpu0)) => Some(hub.cpu()?.saturating_sub(cpu0)),
+        _ => None,
+    };
+    tokio::time::sleep(Duration::from_secs(args.timing.warmup)).await;
+    let (cpu0, hub_window0, t0) = (rooms.cpu()?, hub.map(ServerProcess::cpu).transpose()?, Instant::now());
+    tokio::time::sleep(Duration::from_secs(args.timing.window)).await;
+    let seconds = t0.elapsed().as_secs_f64();
+    let cpu = rooms.cpu()?.saturating_sub(cpu0).as_secs_f64();
+    let room_ticks = args.rooms as f64 * TICK_HZ * seconds;
+    let hub_window = match (hub, hub_window0) {
+        (Some(hub), Some(cpu0)) => Some(hub.cpu()?.saturating_sub(cpu0).as_secs_f64()),
+        _ => None,
+    };
+    stop.notify_waiters();
+    let mut tally = Tally::default();
+    for bot in bots {
+        if let Ok(t) = bot.await {
+            tally.seats_claimed.extend(t.seats_claimed);
+            tally.errors.extend(t.errors);
+        }
+    }
+    let per_tick = cpu * 1000.0 / room_ticks;
+    Ok(Run {
+        seating_seconds: seating,
+        matches_placed_per_second: args.rooms as f64 / seating,
+        match_found_to_seat: Percentiles::of(tally.seats_claimed),
+        rooms_cpu_per_room_tick_ms: per_tick,
+        players_per_core_at_30hz: args.timing.players as f64 * 1000.0 / (per_tick.max(1e-9) * TICK_HZ),
+        hub_cpu_per_placed_match_ms: hub_seating_cpu.map(|c| c.as_secs_f64() * 1000.0 / args.rooms as f64),
+        hub_cpu_per_room_tick_ms: hub_window.map(|c| c * 1000.0 / room_ticks),
+        protocol_errors: tally.errors.len() as u64,
+    })
+}
