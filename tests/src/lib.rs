@@ -64,19 +64,10 @@ impl Server {
             .kill_on_drop(true)
             .spawn()
             .expect("the server starts");
-        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-        let addr = tokio::time::timeout(STEP, async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(addr) = line.split("addr=").nth(1).filter(|_| line.contains("serving")) {
-                    return addr.trim().to_owned();
-                }
-            }
-            panic!("the server exited before serving");
+        let addr = wait_for_line(&mut child, "the server serving", |line| {
+            line.split("addr=").nth(1).filter(|_| line.contains("serving")).map(|a| a.trim().to_owned())
         })
-        .await
-        .expect("the server starts within the step timeout");
-        // Keep draining the log so that the server never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        .await;
         let scheme = if extra.contains(&"--tls-cert") { "https" } else { "http" };
         Self { base: format!("{scheme}://{addr}"), child, dir, certs: None }
     }
@@ -123,18 +114,10 @@ impl Server {
             .kill_on_drop(true)
             .spawn()
             .expect("the room server starts");
-        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-        tokio::time::timeout(STEP, async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains("registered with the hub") {
-                    return;
-                }
-            }
-            panic!("the room server exited before registering");
+        wait_for_line(&mut child, "the room server registered", |line| {
+            line.contains("registered with the hub").then_some(())
         })
-        .await
-        .expect("the room server registers within the step timeout");
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        .await;
         RoomServer { _child: child, _dir: dir }
     }
 
@@ -145,6 +128,24 @@ impl Server {
         }
         let _ = tokio::time::timeout(STEP, self.child.wait()).await;
     }
+}
+
+/// Reads `child`'s standard output until `pick` finds what it looks for in a line (within
+/// [`STEP`]), then keeps draining it so that the child never blocks on a full pipe.
+async fn wait_for_line<T>(child: &mut Child, what: &str, pick: impl Fn(&str) -> Option<T>) -> T {
+    let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+    let found = tokio::time::timeout(STEP, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(found) = pick(&line) {
+                return found;
+            }
+        }
+        panic!("the process exited before {what}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no sign of {what} within the step timeout"));
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    found
 }
 
 /// A `rallypoint room-server` process, killed when dropped.
@@ -170,18 +171,8 @@ impl Driver {
             .kill_on_drop(true)
             .spawn()
             .expect("chromedriver starts");
-        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-        tokio::time::timeout(STEP, async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains("started successfully") {
-                    return;
-                }
-            }
-            panic!("chromedriver exited before it was ready");
-        })
-        .await
-        .expect("chromedriver is ready within the step timeout");
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        wait_for_line(&mut child, "chromedriver ready", |line| line.contains("started successfully").then_some(()))
+            .await;
         Self { url: format!("http://127.0.0.1:{port}"), _child: child }
     }
 
