@@ -240,22 +240,31 @@ fn dist() -> Result<()> {
     Ok(())
 }
 
-/// The fuzz targets in `fuzz/fuzz_targets/` (one per decoder in `rallypoint_server::fuzzing`).
-const FUZZ_TARGETS: [&str; 6] = ["hub_message", "room_frame", "ticket", "sdp_offer", "ice_candidate", "form"];
+/// The fuzz targets: the files in `fuzz/fuzz_targets/` (one per decoder in
+/// `rallypoint_server::fuzzing`).
+fn fuzz_targets() -> Result<Vec<String>> {
+    let mut targets: Vec<String> = std::fs::read_dir("fuzz/fuzz_targets")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".rs").map(str::to_owned))
+        .collect();
+    targets.sort();
+    Ok(targets)
+}
 
 /// Runs libFuzzer on each target for a while, growing its committed corpus in
 /// `fuzz/corpus/<target>/`; a crash stops the run and leaves the input in `fuzz/artifacts/`.
 fn fuzz(args: &[String]) -> Result<()> {
     let seconds: u64 = args.first().and_then(|a| a.parse().ok()).unwrap_or(60);
-    let named: Vec<&str> = args.iter().skip_while(|a| a.parse::<u64>().is_ok()).map(String::as_str).collect();
+    let named: Vec<String> = args.iter().skip_while(|a| a.parse::<u64>().is_ok()).cloned().collect();
+    let all = fuzz_targets()?;
     for t in &named {
-        if !FUZZ_TARGETS.contains(t) {
-            bail!("no fuzz target {t:?}; the targets are {}", FUZZ_TARGETS.join(", "));
+        if !all.contains(t) {
+            bail!("no fuzz target {t:?}; the targets are {}", all.join(", "));
         }
     }
-    let targets = if named.is_empty() { FUZZ_TARGETS.to_vec() } else { named };
+    let targets = if named.is_empty() { all } else { named };
     tools::ensure_cargo_fuzz()?;
-    for target in targets {
+    for target in &targets {
+        let target = target.as_str();
         step(&format!("Fuzzing {target} for {seconds} s"));
         let corpus = format!("fuzz/corpus/{target}");
         std::fs::create_dir_all(&corpus)?;
@@ -276,7 +285,9 @@ fn fuzz(args: &[String]) -> Result<()> {
 
 fn bench(args: &[String]) -> Result<()> {
     let Some(what) = args.first() else {
-        bail!("which benchmark? `cargo xtask bench hub`, `bench rooms`, `bench webrtc`, `bench reconnect` or `bench fleet`")
+        bail!(
+            "which benchmark? `cargo xtask bench hub`, `bench rooms`, `bench webrtc`, `bench reconnect` or `bench fleet`"
+        )
     };
     let bin = build_server(true)?;
     step(&format!("Benchmark: {what} (server on core 0, load generators on core 1)"));
