@@ -10,10 +10,10 @@ use reqwest::StatusCode;
 use reqwest::cookie::CookieStore as _;
 use shared::hub::{ChatLine, ClientMsg, PROTOCOL_VERSION, ServerMsg, UserSummary};
 use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use url::Url;
 
 mod data_channel;
@@ -200,7 +200,8 @@ pub fn page_message(page: &str) -> String {
         .unwrap_or_default()
 }
 
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// Plain TCP only: the native client speaks to servers over `ws://` (tests, bots, benchmarks).
+type Socket = WebSocketStream<TcpStream>;
 
 /// Opens a WebSocket (over `stream` when given, to choose the local address) with small
 /// buffers, as a benchmark holding thousands of them needs.
@@ -209,12 +210,22 @@ async fn connect(
     stream: Option<TcpStream>,
 ) -> Result<Socket, ClientError> {
     let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
-    let (socket, _) = match stream {
-        Some(stream) => {
-            tokio_tungstenite::client_async_with_config(request, MaybeTlsStream::Plain(stream), Some(config)).await?
+    let stream = match stream {
+        Some(stream) => stream,
+        None => {
+            let uri = request.uri();
+            let host = uri.host().ok_or_else(|| ClientError::Url(uri.to_string()))?;
+            if uri.scheme_str() != Some("ws") {
+                return Err(ClientError::Url(format!("{uri} (the native client speaks ws:// only)")));
+            }
+            let stream = TcpStream::connect((host.trim_matches(['[', ']']), uri.port_u16().unwrap_or(80)))
+                .await
+                .map_err(|e| ClientError::Ws(tungstenite::Error::Io(e)))?;
+            stream.set_nodelay(true).map_err(|e| ClientError::Ws(tungstenite::Error::Io(e)))?;
+            stream
         }
-        None => tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?,
     };
+    let (socket, _) = tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await?;
     Ok(socket)
 }
 
@@ -361,10 +372,7 @@ impl Hub {
 
     /// The TCP stream under the WebSocket (tests use it to play a peer that stops answering).
     pub fn into_tcp(self) -> Option<TcpStream> {
-        match self.socket.into_inner() {
-            MaybeTlsStream::Plain(stream) => Some(stream),
-            _ => None,
-        }
+        Some(self.socket.into_inner())
     }
 
     /// Closes the connection politely.

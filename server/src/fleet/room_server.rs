@@ -41,6 +41,11 @@ pub struct RoomServerArgs {
     #[arg(long, env = "RALLYPOINT_HUB", value_name = "URL")]
     pub hub: String,
 
+    /// PEM certificates to trust for an https hub besides the system's (a private CA, or a
+    /// hub's self-signed certificate).
+    #[arg(long, env = "RALLYPOINT_HUB_CA", value_name = "FILE")]
+    pub hub_ca: Option<PathBuf>,
+
     /// This server's token, from `rallypoint room-token create` on the hub's host.
     #[arg(long, env = "RALLYPOINT_ROOM_SERVER_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     pub token: String,
@@ -81,6 +86,8 @@ pub struct RoomServerArgs {
 /// The checked settings.
 struct Settings {
     control: tungstenite::handshake::client::Request,
+    /// TLS to an https hub.
+    tls: Option<tokio_tungstenite::Connector>,
     /// The hub's origin: what browsers' `Origin` is, unless the hub names its site's.
     hub_origin: String,
     public_url: String,
@@ -90,9 +97,7 @@ struct Settings {
 fn check(args: &RoomServerArgs) -> anyhow::Result<Settings> {
     let hub = url::Url::parse(&args.hub).ok().filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
     let Some(hub) = hub else { bail!("--hub {:?} must be the hub's http(s):// address", args.hub) };
-    if hub.scheme() == "https" {
-        bail!("--hub: this build reaches the hub over plain http only (put the hub's internal http address here)");
-    }
+    let tls = if hub.scheme() == "https" { Some(tls_to_hub(args.hub_ca.as_deref())?) } else { None };
     let public = url::Url::parse(&args.public_url)
         .ok()
         .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some() && u.path() == "/");
@@ -106,16 +111,43 @@ fn check(args: &RoomServerArgs) -> anyhow::Result<Settings> {
         bail!("--token must be the token `rallypoint room-token create` printed");
     }
     let mut control = hub.join(control::PATH)?;
-    let _ = control.set_scheme("ws");
+    let _ = control.set_scheme(if tls.is_some() { "wss" } else { "ws" });
     let mut request = control.as_str().into_client_request()?;
     let bearer = format!("Bearer {}", args.token).parse().context("--token has characters a header cannot carry")?;
     request.headers_mut().insert(header::AUTHORIZATION, bearer);
     Ok(Settings {
         control: request,
+        tls,
         hub_origin: hub.origin().ascii_serialization(),
         public_url: public.origin().ascii_serialization(),
         capacity: args.capacity,
     })
+}
+
+/// TLS for the control connection: the system's roots and `--hub-ca`'s certificates.
+fn tls_to_hub(extra: Option<&std::path::Path>) -> anyhow::Result<tokio_tungstenite::Connector> {
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = extra {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+            .with_context(|| format!("--hub-ca {}: cannot read PEM certificates", path.display()))?;
+        if certs.is_empty() {
+            bail!("--hub-ca {}: no certificate in it", path.display());
+        }
+        for cert in certs {
+            roots.add(cert).with_context(|| format!("--hub-ca {}: not a usable certificate", path.display()))?;
+        }
+    }
+    if roots.is_empty() {
+        bail!("no trusted certificates for an https hub: install ca-certificates, or pass --hub-ca");
+    }
+    let config = tokio_rustls::rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    Ok(tokio_tungstenite::Connector::Rustls(Arc::new(config)))
 }
 
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -131,14 +163,16 @@ struct Welcome {
 /// Connects and registers; `Err` with a sentence for the operator.
 async fn register(settings: &Settings, free: u32, running: Vec<Running>) -> Result<(Socket, Welcome), String> {
     let config = tungstenite::protocol::WebSocketConfig::default().max_message_size(Some(control::MAX_MESSAGE));
-    let (mut socket, _) = tokio_tungstenite::connect_async_with_config(settings.control.clone(), Some(config), true)
-        .await
-        .map_err(|e| match e {
-            tungstenite::Error::Http(r) if r.status() == 401 => {
-                "the hub refused this token (wrong or revoked)".to_owned()
-            }
-            e => format!("cannot reach the hub: {e}"),
-        })?;
+    let request = settings.control.clone();
+    let (mut socket, _) =
+        tokio_tungstenite::connect_async_tls_with_config(request, Some(config), true, settings.tls.clone())
+            .await
+            .map_err(|e| match e {
+                tungstenite::Error::Http(r) if r.status() == 401 => {
+                    "the hub refused this token (wrong or revoked)".to_owned()
+                }
+                e => format!("cannot reach the hub: {e}"),
+            })?;
     let register = FromServer::Register {
         control_version: CONTROL_VERSION,
         room_protocol: shared::room::ROOM_PROTOCOL_VERSION,

@@ -257,3 +257,27 @@ async fn sigterm_drains_a_room_server_its_match_finishes_then_it_exits_cleanly()
     assert!(c.hub.match_found(Duration::from_secs(1)).await.is_err(), "nothing was placed on a draining server");
     assert_eq!(count(&server, "SELECT COUNT(*) FROM matches").await, 1);
 }
+
+#[tokio::test]
+async fn a_room_server_reaches_an_https_hub_trusting_its_certificate() {
+    let certs = tempfile::tempdir().unwrap();
+    let key = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let (cert, key_file) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    std::fs::write(&cert, key.cert.pem()).unwrap();
+    std::fs::write(&key_file, key.signing_key.serialize_pem()).unwrap();
+    let tls = rallypoint_server::tls::load(&cert, &key_file).unwrap();
+    let server = TestServer::start_with(|c| c.tls = Some(tls)).await;
+    let hub = format!("https://{}", server.running.addr);
+    let token = tokens::create(&server.running.app.db, "tls-1", false).await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    // Not trusting the hub's certificate: one clear line, and no registration.
+    let mut cmd = RoomServer::command(&hub, &token, data.path());
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("cannot reach the hub"), "{stderr}");
+    // Trusting it with --hub-ca: registered.
+    let mut cmd = RoomServer::command(&hub, &token, data.path());
+    cmd.arg("--hub-ca").arg(&cert).stderr(Stdio::null());
+    let _rs = RoomServer { child: cmd.spawn().unwrap() };
+    room_servers(&server, 1).await;
+}
