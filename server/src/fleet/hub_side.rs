@@ -62,7 +62,11 @@ async fn send(socket: &mut WebSocket, msg: &FromHub) -> bool {
 async fn recv(socket: &mut WebSocket) -> Result<Option<FromServer>, (u16, String)> {
     loop {
         return match socket.recv().await {
-            None | Some(Err(_) | Ok(Message::Close(_))) => Ok(None),
+            None | Some(Ok(Message::Close(_))) => Ok(None),
+            Some(Err(e)) => match crate::transport::ws::read_error_code(e) {
+                Some(code) => Err((code, "message too big".into())),
+                None => Ok(None),
+            },
             Some(Ok(Message::Text(text))) => serde_json::from_str(text.as_str())
                 .map(Some)
                 .map_err(|e| (close::POLICY, format!("unreadable control message: {e}"))),

@@ -281,3 +281,54 @@ async fn a_room_server_reaches_an_https_hub_trusting_its_certificate() {
     let _rs = RoomServer { child: cmd.spawn().unwrap() };
     room_servers(&server, 1).await;
 }
+
+/// The control connection, spoken by hand: a registration of another version, garbage, and an
+/// oversized message each get a clean close with a reason; none of them registers anything.
+#[tokio::test]
+async fn the_control_connection_refuses_other_versions_and_bad_messages_with_a_reason() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use rallypoint_server::fleet::control::{self, FromServer};
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest as _};
+    let server = TestServer::start_with(quick).await;
+    let token = tokens::create(&server.running.app.db, "manual", false).await.unwrap();
+    let connect = || async {
+        let url = format!("ws://{}{}", server.running.addr, control::PATH);
+        let mut request = url.into_client_request().unwrap();
+        request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        tokio_tungstenite::connect_async(request).await.unwrap().0
+    };
+    let register = |control_version, public_url: &str| FromServer::Register {
+        control_version,
+        room_protocol: shared::room::ROOM_PROTOCOL_VERSION,
+        public_url: public_url.into(),
+        free: 1,
+        running: Vec::new(),
+    };
+    let cases: Vec<(Message, u16, &str)> = vec![
+        (Message::text(register(99, "http://127.0.0.1:9").to_json()), control::close::VERSION, "same release"),
+        (Message::text(register(control::CONTROL_VERSION, "javascript:alert(1)").to_json()), 1008, "public URL"),
+        (Message::text("{\"type\":\"load\",\"free\":1,\"draining\":false}"), 1008, "registration"),
+        (Message::text("not json"), 1008, "unreadable"),
+        (Message::binary(vec![1, 2, 3]), 1008, "JSON text"),
+        (Message::text("x".repeat(control::MAX_MESSAGE + 1)), 1009, "too big"),
+    ];
+    for (msg, code, reason) in cases {
+        let mut socket = connect().await;
+        let _ = socket.send(msg).await;
+        let close = loop {
+            match tokio::time::timeout(WAIT, socket.next()).await.unwrap() {
+                Some(Ok(Message::Close(frame))) => break frame,
+                Some(Ok(_)) => {}
+                _ => break None,
+            }
+        };
+        let frame = close.unwrap_or_else(|| panic!("a close frame for {code} {reason:?}"));
+        assert_eq!(u16::from(frame.code), code, "{frame:?}");
+        assert!(frame.reason.contains(reason), "{frame:?}");
+    }
+    assert_eq!(server.running.app.hub.stats().await.unwrap().room_servers, 0);
+    // Without a token, or with another, the upgrade itself is refused.
+    let url = format!("ws://{}{}", server.running.addr, control::PATH);
+    let refused = tokio_tungstenite::connect_async(url).await;
+    assert!(matches!(refused, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 401));
+}
