@@ -23,6 +23,9 @@ pub enum DbError {
     Query(#[from] sqlx::Error),
 }
 
+/// How long a write waits for the database's write lock.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Opens (creating when missing) the database at `url` and applies pending migrations.
 pub async fn open(url: &str) -> Result<Db, DbError> {
     let open_err = |source| DbError::Open { url: url.to_owned(), source };
@@ -34,14 +37,16 @@ pub async fn open(url: &str) -> Result<Db, DbError> {
         // durable even across a power cut, not only a crash: results are never lost once acked.
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Full)
-        .busy_timeout(Duration::from_secs(5));
+        // A writer waits its turn this long. Under heavy disk load (fsyncs of seconds each, seen
+        // in the soak beside a build) 5 s was not enough and writes failed as "database is locked".
+        .busy_timeout(BUSY_TIMEOUT);
     if let Some(folder) = options.get_filename().parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(folder)
             .map_err(|source| DbError::Folder { path: folder.display().to_string(), source })?;
     }
     let pool = SqlitePoolOptions::new()
         .max_connections(8)
-        .acquire_timeout(Duration::from_secs(5))
+        .acquire_timeout(Duration::from_secs(10))
         .connect_with(options)
         .await
         .map_err(open_err)?;

@@ -274,6 +274,9 @@ fn result_id(msg: &FromServer) -> Option<String> {
     }
 }
 
+/// How often results the hub has not acknowledged are sent again.
+const RESEND_EVERY: Duration = Duration::from_secs(10);
+
 /// The control side of a running room server.
 struct Server<'a> {
     settings: &'a Settings,
@@ -315,6 +318,9 @@ impl Server<'_> {
     ) {
         tokio::pin!(shutdown);
         let mut heartbeat = tokio::time::interval(control::HEARTBEAT);
+        // Results the hub has not acknowledged (it could not write them yet) go again.
+        let mut again = tokio::time::interval(RESEND_EVERY);
+        again.reset();
         let mut retry_wait = Duration::from_millis(250);
         let mut retry_at = Instant::now();
         let mut resend = true;
@@ -378,6 +384,7 @@ impl Server<'_> {
                         }
                     }
                 }
+                _ = again.tick(), if connected && !outbox.is_empty() => resend = true,
                 _ = heartbeat.tick(), if connected => {
                     let load = FromServer::Load { free: self.free(), draining: self.draining.is_some() };
                     self.send(&mut socket, &load).await;

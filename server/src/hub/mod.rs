@@ -1070,11 +1070,11 @@ impl State {
                 let db = self.db.clone();
                 tokio::spawn(async move {
                     let label = room.to_string();
-                    match results::record(&db, &label, mode, &players, &outcome, results::Source::LOCAL).await {
-                        Ok(changes) => {
-                            let _ = reply.send(changes);
-                        }
-                        Err(e) => tracing::error!(%room, error = %e, "could not record the match"),
+                    let source = results::Source::LOCAL;
+                    if let Some(changes) =
+                        results::record_patiently(&db, &label, mode, &players, &outcome, source).await
+                    {
+                        let _ = reply.send(changes);
                     }
                 });
             }

@@ -145,6 +145,35 @@ pub async fn record(
         .collect())
 }
 
+/// How many times a result is tried before it is given up (about ten minutes of retries).
+const RECORD_ATTEMPTS: u32 = 130;
+
+/// [`record`], tried again while the database is busy or unreachable (a result held only in
+/// memory must not be lost to a moment of load): waits double from 100 ms to 5 s between
+/// attempts. `None` only after every attempt failed, which is logged as an error.
+pub async fn record_patiently(
+    db: &Db,
+    room: &str,
+    mode: &str,
+    players: &[Seated],
+    outcome: &Outcome,
+    source: Source<'_>,
+) -> Option<Vec<RatingChange>> {
+    let mut wait = std::time::Duration::from_millis(100);
+    for attempt in 1..=RECORD_ATTEMPTS {
+        match record(db, room, mode, players, outcome, source).await {
+            Ok(changes) => return Some(changes),
+            Err(e) if attempt < RECORD_ATTEMPTS => {
+                tracing::warn!(room, attempt, error = %e, "could not record the match yet; trying again");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => tracing::error!(room, error = %e, "could not record the match: given up"),
+        }
+    }
+    None
+}
+
 /// Glicko-2 over one rating period in which each player met every other once.
 fn new_ratings(before: &[Glicko2Rating], ranks: &[u8]) -> Vec<Glicko2Rating> {
     let config = Glicko2Config::new();
