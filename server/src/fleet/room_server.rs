@@ -523,7 +523,10 @@ async fn room_socket(State(door): State<Arc<Door>>, headers: HeaderMap, upgrade:
         return (StatusCode::FORBIDDEN, "rooms here are for the site's pages only\n").into_response();
     }
     let (rooms, rtc, limits) = (door.rooms.clone(), door.rtc.clone(), Arc::clone(&door.limits));
+    // As the hub's own door: small buffers (a room frame is small), written at once.
     upgrade
+        .read_buffer_size(1024)
+        .write_buffer_size(0)
         .max_message_size(shared::room::MAX_TO_ROOM_BYTES)
         .max_frame_size(shared::room::MAX_TO_ROOM_BYTES)
         .on_upgrade(move |socket| crate::transport::ws::serve(socket, rooms, rtc, None, limits))
