@@ -300,6 +300,10 @@ pub struct HistoryRow {
     /// Players who shared this place (1: nobody else).
     pub tied: i64,
     pub opponents: Option<String>,
+    /// Unofficial: played on a community server (no rating changed).
+    pub official: bool,
+    /// The room server it was played on, if not the hub's own rooms.
+    pub server: Option<String>,
 }
 
 /// A page of a player's matches, newest first; `per_page + 1` rows are read to tell whether a
@@ -311,7 +315,8 @@ pub async fn history(db: &Db, user_id: i64, page: u32, per_page: u32) -> Result<
                 (SELECT COUNT(*) FROM match_players x WHERE x.match_id = m.id) AS players,
                 (SELECT COUNT(*) FROM match_players x WHERE x.match_id = m.id AND x.rank = mp.rank) AS tied,
                 (SELECT group_concat(u.username, ', ') FROM match_players x JOIN users u ON u.id = x.user_id
-                  WHERE x.match_id = m.id AND x.user_id != mp.user_id) AS opponents
+                  WHERE x.match_id = m.id AND x.user_id != mp.user_id) AS opponents,
+                m.official, m.server
          FROM match_players mp JOIN matches m ON m.id = mp.match_id
          WHERE mp.user_id = ? ORDER BY m.id DESC LIMIT ? OFFSET ?",
     )

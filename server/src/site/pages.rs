@@ -145,7 +145,10 @@ impl ProfilePage {
                 let delta = (h.rating_after - h.rating_before).round() as i64;
                 HistoryLine {
                     when: datetime(h.ended_at),
-                    mode: mode_title(modes, &h.mode),
+                    mode: match (&h.server, h.official) {
+                        (Some(server), false) => format!("{} · unofficial ({server})", mode_title(modes, &h.mode)),
+                        _ => mode_title(modes, &h.mode),
+                    },
                     place: if h.tied > 1 {
                         format!("{} of {} (tied with {})", ordinal(h.rank), h.players, h.tied - 1)
                     } else {
@@ -154,7 +157,13 @@ impl ProfilePage {
                     score: h.score,
                     against: h.opponents.clone().unwrap_or_default(),
                     rating: format!("{}", h.rating_after.round() as i64),
-                    change: if delta >= 0 { format!("+{delta}") } else { delta.to_string() },
+                    change: if !h.official {
+                        "unrated".to_owned()
+                    } else if delta >= 0 {
+                        format!("+{delta}")
+                    } else {
+                        delta.to_string()
+                    },
                     won: h.rank == 1 && h.tied == 1,
                 }
             })

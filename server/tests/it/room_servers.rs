@@ -164,6 +164,9 @@ async fn a_community_servers_results_are_history_only() {
     assert!(ratings.iter().all(|r| r.after == r.before), "no rating changes: {ratings:?}");
     assert_eq!(count(&server, "SELECT COUNT(*) FROM matches WHERE server = 'eu-1' AND official = 0").await, 1);
     assert_eq!(count(&server, "SELECT COUNT(*) FROM ratings").await, 0);
+    // The history says so.
+    let page = a.client.http().get(format!("{}/u/club_a", server.base)).send().await.unwrap().text().await.unwrap();
+    assert!(page.contains("· unofficial (eu-1)") && page.contains("unrated"), "{page}");
 }
 
 #[tokio::test]
