@@ -182,7 +182,7 @@ impl Lobby {
     }
 
     /// Enters a match: the lobby hides and the game view takes its place.
-    fn enter_match(self: &Rc<Self>, ticket: String, room: String, url: Option<String>) {
+    fn enter_match(self: &Rc<Self>, ticket: String, room: String, url: Option<&str>) {
         let ice_servers = {
             let mut state = self.state.borrow_mut();
             state.queued = None;
@@ -297,7 +297,7 @@ impl Lobby {
                 self.state.borrow_mut().queued = None;
                 self.show_queue();
             }
-            ServerMsg::MatchFound { ticket, room, url, .. } => self.enter_match(ticket, room, url),
+            ServerMsg::MatchFound { ticket, room, url, .. } => self.enter_match(ticket, room, url.as_deref()),
             ServerMsg::MatchAborted { message } => {
                 crate::game::stop();
                 self.panels.set_hidden(false);

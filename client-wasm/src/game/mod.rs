@@ -139,7 +139,7 @@ impl View {
 pub fn start(
     ticket: String,
     room: String,
-    url: Option<String>,
+    url: Option<&str>,
     ice_servers: Vec<shared::hub::IceServer>,
     on_exit: impl Fn(Option<String>) + 'static,
 ) -> Result<(), JsValue> {
@@ -171,7 +171,7 @@ pub fn start(
         on_exit: Rc::new(on_exit),
     }));
     MATCH.with(|slot| *slot.borrow_mut() = Some(Rc::clone(&m)));
-    let link = RoomLink::open(url.as_deref(), |event| with_match(|m| m.on_link(event)))?;
+    let link = RoomLink::open(url, |event| with_match(|m| m.on_link(event)))?;
     m.borrow_mut().link = Some(link);
     install_listeners_once()?;
     animate();
