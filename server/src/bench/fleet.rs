@@ -187,7 +187,7 @@ async fn play(
     Ok(Run {
         seating_seconds: seating,
         matches_placed_per_second: args.rooms as f64 / seating,
-        match_found_to_seat: Percentiles::of(tally.seats_claimed),
+        match_found_to_seat: Percentiles::of(&tally.seats_claimed),
         rooms_cpu_per_room_tick_ms: per_tick,
         players_per_core_at_30hz: args.timing.players as f64 * 1000.0 / (per_tick.max(1e-9) * TICK_HZ),
         hub_cpu_per_placed_match_ms: hub_seating_cpu.map(|c| c.as_secs_f64() * 1000.0 / args.rooms as f64),

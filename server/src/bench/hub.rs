@@ -159,13 +159,13 @@ pub async fn run(args: HubArgs) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let latencies = std::mem::take(&mut *shared.latencies.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
     report.chat_deliveries = latencies.len();
-    report.chat_fanout = Percentiles::of(latencies);
+    report.chat_fanout = Percentiles::of(&latencies);
     eprintln!("chat fan-out: {} deliveries, {}", report.chat_deliveries, report.chat_fanout);
 
     // 3. Ping round trips, quiet then during a login storm.
     let probe_tokens = &tokens[args.connections..];
     let quiet = probe_pings(&server, probe_tokens, Duration::from_secs(args.storm_seconds), None).await?;
-    report.ping_quiet = Percentiles::of(quiet);
+    report.ping_quiet = Percentiles::of(&quiet);
     eprintln!("ping, quiet: {}", report.ping_quiet);
     let storm = Storm {
         base: server.base.clone(),
@@ -178,7 +178,7 @@ pub async fn run(args: HubArgs) -> Result<()> {
         probe_pings(&server, probe_tokens, Duration::from_secs(args.storm_seconds), Some(Duration::from_secs(1))),
         storm.run(Duration::from_secs(args.storm_seconds)),
     );
-    report.ping_during_storm = Percentiles::of(pings?);
+    report.ping_during_storm = Percentiles::of(&pings?);
     report.storm_logins = logins;
     report.storm_failures = failures;
     report.logins_per_second = logins as f64 / elapsed.as_secs_f64();

@@ -90,7 +90,7 @@ pub fn clock(args: &ClockArgs) -> Percentiles {
         }
         late.push(std::time::Instant::now().saturating_duration_since(due));
     }
-    Percentiles::of(late)
+    Percentiles::of(&late)
 }
 
 /// A `rallypoint serve` child process with its own database.
@@ -294,17 +294,16 @@ pub struct Percentiles {
     pub max_ms: f64,
 }
 
+/// The `q` quantile (0 to 1) of `sorted`, the nearest sample; 0 for none.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    sorted.get(((sorted.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0.0)
+}
+
 impl Percentiles {
-    pub fn of(mut samples: Vec<Duration>) -> Self {
-        if samples.is_empty() {
-            return Self::default();
-        }
-        samples.sort_unstable();
-        let at = |q: f64| {
-            let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
-            samples[i].as_secs_f64() * 1000.0
-        };
-        Self { count: samples.len(), p50_ms: at(0.50), p99_ms: at(0.99), max_ms: at(1.0) }
+    pub fn of(samples: &[Duration]) -> Self {
+        let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+        ms.sort_by(f64::total_cmp);
+        Self { count: ms.len(), p50_ms: quantile(&ms, 0.50), p99_ms: quantile(&ms, 0.99), max_ms: quantile(&ms, 1.0) }
     }
 }
 

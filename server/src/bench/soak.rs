@@ -72,6 +72,7 @@ pub async fn run(args: SoakArgs) -> Result<()> {
     let bots: Vec<_> = (1..=args.bots).map(|i| tokio::spawn(bot(relay.base(), i, deadline))).collect();
 
     let reference_at = Duration::from_secs(if args.minutes >= 20 { 600 } else { args.minutes * 30 });
+    let mut reference_minute: Option<f64> = None;
     let mut report = Report { minutes: args.minutes, bots: args.bots, ..Report::default() };
     let mut rng = Rng::new(7);
     let mut cut = tokio::time::interval(Duration::from_secs(args.cut_every.max(1)));
@@ -86,8 +87,8 @@ pub async fn run(args: SoakArgs) -> Result<()> {
                     open_files: std::fs::read_dir(format!("/proc/{}/fd", server.pid()))?.count() as u64,
                 };
                 eprintln!("{:5.1} min: {} KiB resident, {} files open", s.minute, s.rss_kib, s.open_files);
-                if report.reference.minute == 0.0 && started.elapsed() >= reference_at {
-                    report.reference.minute = s.minute;
+                if reference_minute.is_none() && started.elapsed() >= reference_at {
+                    reference_minute = Some(s.minute);
                 }
                 report.samples.push(s);
             }
@@ -114,7 +115,7 @@ pub async fn run(args: SoakArgs) -> Result<()> {
             open_files: window.iter().map(|s| s.open_files).sum::<u64>() / n,
         }
     };
-    report.reference = mean_before(report.reference.minute);
+    report.reference = mean_before(reference_minute.unwrap_or(0.0));
     report.end = mean_before(report.samples.last().map_or(0.0, |s| s.minute));
     let growth = |end: u64, reference: u64| end as f64 / reference.max(1) as f64 - 1.0;
     report.rss_growth = growth(report.end.rss_kib, report.reference.rss_kib);

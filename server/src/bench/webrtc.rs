@@ -183,7 +183,7 @@ pub async fn run(args: WebrtcArgs) -> Result<()> {
         }
     }
     report.data_channels_opened = opens.len();
-    let p = Percentiles::of(opens);
+    let p = Percentiles::of(&opens);
     (report.data_channel_open_p50_ms, report.data_channel_open_p99_ms) = (p.p50_ms, p.p99_ms);
     report.server_memory_per_peer_kib =
         report.server_rss_with_webrtc_rooms_kib.saturating_sub(report.server_rss_after_websocket_rooms_kib) as f64
@@ -236,7 +236,7 @@ async fn open_storm(
     }
     load.leave().await;
     let opened = opens.len();
-    let p = Percentiles::of(opens);
+    let p = Percentiles::of(&opens);
     Ok(Storm {
         peers: storm_tokens.len(),
         server_cpu_share_before: share,
