@@ -335,3 +335,34 @@ async fn the_control_connection_refuses_other_versions_and_bad_messages_with_a_r
     let refused = tokio_tungstenite::connect_async(url).await;
     assert!(matches!(refused, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 401));
 }
+
+#[tokio::test]
+async fn matches_spread_over_two_room_servers_by_free_rooms() {
+    let server = TestServer::start_with(|c| {
+        quick(c);
+        c.local_rooms = false;
+    })
+    .await;
+    let db = &server.running.app.db;
+    let (data_a, data_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let _a = RoomServer::start(&server.base, &tokens::create(db, "rs-a", false).await.unwrap(), data_a.path());
+    let _b = RoomServer::start(&server.base, &tokens::create(db, "rs-b", false).await.unwrap(), data_b.path());
+    room_servers(&server, 2).await;
+    // Two matches at once: the second goes where more rooms are free, the other server.
+    let mut urls = std::collections::BTreeSet::new();
+    let mut rooms = Vec::new();
+    for pair in 0..2 {
+        let (mut p, mut q) =
+            (player(&server, &format!("two_{pair}a")).await, player(&server, &format!("two_{pair}b")).await);
+        let (tp, tq) = matched(&mut p, &mut q).await;
+        assert_eq!(p.hub.room_url, q.hub.room_url, "a match runs in one place");
+        urls.insert(p.hub.room_url.clone().unwrap());
+        rooms.push((seat(&p, &tp).await.unwrap(), seat(&q, &tq).await.unwrap()));
+    }
+    for (mut rp, mut rq) in rooms {
+        let ((_, ratings, _), _) = tokio::join!(play_out(&mut rp), play_out(&mut rq));
+        assert_eq!(ratings.len(), 2);
+    }
+    assert_eq!(urls.len(), 2, "one match on each room server: {urls:?}");
+    assert_eq!(count(&server, "SELECT COUNT(DISTINCT server) FROM matches").await, 2);
+}
