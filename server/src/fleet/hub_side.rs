@@ -18,7 +18,7 @@ use tokio::time::timeout;
 use super::control::{self, CONTROL_VERSION, FromHub, FromServer, close};
 use super::tokens::{self, RoomServer};
 use crate::App;
-use crate::hub::results::{self, Source};
+use crate::hub::results::{self, Finished, Source};
 use crate::hub::{Hub, ServerUp};
 use crate::rooms::Seated;
 
@@ -253,7 +253,9 @@ async fn record(
     let source = Source { server: Some(&server.name), official: !server.community, match_id: Some(a.match_id) };
     let label = format!("{}/{}", server.name, a.match_id);
     let ratings =
-        results::record(&app.db, &label, mode.name, &players, outcome, source).await.map_err(Refused::Later)?;
+        results::record(&app.db, &Finished { room: &label, mode: mode.name, players: &players, outcome, source })
+            .await
+            .map_err(Refused::Later)?;
     tracing::info!(
         server = server.name,
         match_id = a.match_id,

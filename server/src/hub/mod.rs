@@ -1070,10 +1070,14 @@ impl State {
                 let db = self.db.clone();
                 tokio::spawn(async move {
                     let label = room.to_string();
-                    let source = results::Source::LOCAL;
-                    if let Some(changes) =
-                        results::record_patiently(&db, &label, mode, &players, &outcome, source).await
-                    {
+                    let finished = results::Finished {
+                        room: &label,
+                        mode,
+                        players: &players,
+                        outcome: &outcome,
+                        source: results::Source::LOCAL,
+                    };
+                    if let Some(changes) = results::record_patiently(&db, &finished).await {
                         let _ = reply.send(changes);
                     }
                 });

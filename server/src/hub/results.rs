@@ -41,17 +41,23 @@ impl Source<'_> {
     pub const LOCAL: Source<'static> = Source { server: None, official: true, match_id: None };
 }
 
+/// A finished match, as recorded.
+#[derive(Debug, Clone, Copy)]
+pub struct Finished<'a> {
+    /// The room's name, as pages and logs show it.
+    pub room: &'a str,
+    pub mode: &'a str,
+    /// By seat.
+    pub players: &'a [Seated],
+    pub outcome: &'a Outcome,
+    pub source: Source<'a>,
+}
+
 /// Records a finished match and returns each seat's rating change (none for an unofficial
 /// one). A result whose match id is recorded already is not counted again: the changes recorded
 /// then are returned.
-pub async fn record(
-    db: &Db,
-    room: &str,
-    mode: &str,
-    players: &[Seated],
-    outcome: &Outcome,
-    source: Source<'_>,
-) -> Result<Vec<RatingChange>, sqlx::Error> {
+pub async fn record(db: &Db, finished: &Finished<'_>) -> Result<Vec<RatingChange>, sqlx::Error> {
+    let Finished { room, mode, players, outcome, source } = *finished;
     let mut tx = crate::db::begin_write(db).await?;
     let key = source.match_id.map(|id| format!("{}/{id}", source.server.unwrap_or("")));
     if let Some(key) = &key {
@@ -151,17 +157,11 @@ const RECORD_ATTEMPTS: u32 = 130;
 /// [`record`], tried again while the database is busy or unreachable (a result held only in
 /// memory must not be lost to a moment of load): waits double from 100 ms to 5 s between
 /// attempts. `None` only after every attempt failed, which is logged as an error.
-pub async fn record_patiently(
-    db: &Db,
-    room: &str,
-    mode: &str,
-    players: &[Seated],
-    outcome: &Outcome,
-    source: Source<'_>,
-) -> Option<Vec<RatingChange>> {
+pub async fn record_patiently(db: &Db, finished: &Finished<'_>) -> Option<Vec<RatingChange>> {
+    let room = finished.room;
     let mut wait = std::time::Duration::from_millis(100);
     for attempt in 1..=RECORD_ATTEMPTS {
-        match record(db, room, mode, players, outcome, source).await {
+        match record(db, finished).await {
             Ok(changes) => return Some(changes),
             Err(e) if attempt < RECORD_ATTEMPTS => {
                 tracing::warn!(room, attempt, error = %e, "could not record the match yet; trying again");
@@ -235,8 +235,10 @@ mod tests {
         let outcome =
             Outcome { ranks: vec![1, 2], scores: vec![5, 3], reason: shared::game::EndReason::ScoreLimit, ticks: 9 };
         let official = Source { server: Some("eu-1"), official: true, match_id: Some(42) };
-        let first = record(&db, "eu-1/42", "duel", &players, &outcome, official).await.unwrap();
-        let again = record(&db, "eu-1/42", "duel", &players, &outcome, official).await.unwrap();
+        let finished =
+            Finished { room: "eu-1/42", mode: "duel", players: &players, outcome: &outcome, source: official };
+        let first = record(&db, &finished).await.unwrap();
+        let again = record(&db, &finished).await.unwrap();
         assert_eq!(first, again);
         assert!(first[0].after > first[0].before);
         let count = |sql: &'static str| {
@@ -246,7 +248,8 @@ mod tests {
         assert_eq!(count("SELECT COUNT(*) FROM matches").await, 1);
         assert_eq!(count("SELECT SUM(matches) FROM ratings").await, 2);
         let community = Source { server: Some("club"), official: false, match_id: Some(42) };
-        let unofficial = record(&db, "club/42", "duel", &players, &outcome, community).await.unwrap();
+        let finished = Finished { room: "club/42", source: community, ..finished };
+        let unofficial = record(&db, &finished).await.unwrap();
         assert!(unofficial.iter().all(|r| r.before == r.after), "{unofficial:?}");
         assert_eq!(count("SELECT COUNT(*) FROM matches WHERE official = 0").await, 1);
         assert_eq!(count("SELECT SUM(matches) FROM ratings").await, 2, "no rating touched");
@@ -273,9 +276,12 @@ mod tests {
         let writes = ids.chunks(2).enumerate().map(|(n, pair)| {
             let (db, outcome) = (db.clone(), outcome.clone());
             let players: Vec<Seated> = pair.iter().map(|&user_id| Seated { user_id, name: String::new() }).collect();
-            tokio::spawn(
-                async move { record(&db, &format!("r{n}-1"), "duel", &players, &outcome, Source::LOCAL).await },
-            )
+            tokio::spawn(async move {
+                let room = format!("r{n}-1");
+                let finished =
+                    Finished { room: &room, mode: "duel", players: &players, outcome: &outcome, source: Source::LOCAL };
+                record(&db, &finished).await
+            })
         });
         for w in writes.collect::<Vec<_>>() {
             w.await.unwrap().expect("every result is recorded");

@@ -449,7 +449,7 @@ async fn healthz_reports_the_database() {
 
 #[tokio::test]
 async fn a_tie_for_first_is_a_draw_on_the_leaderboard_and_in_the_history() {
-    use rallypoint_server::hub::results::{self, Source};
+    use rallypoint_server::hub::results::{self, Finished, Source};
     use rallypoint_server::rooms::Seated;
     use shared::game::{EndReason, Outcome};
     let server = TestServer::start().await;
@@ -465,9 +465,11 @@ async fn a_tie_for_first_is_a_draw_on_the_leaderboard_and_in_the_history() {
     let db = &server.running.app.db;
     let room = "r0-1";
     let drawn = Outcome { ranks: vec![1, 1], scores: vec![3, 3], reason: EndReason::TimeLimit, ticks: 900 };
-    results::record(db, room, "duel", &players[..2], &drawn, Source::LOCAL).await.unwrap();
+    let finished = Finished { room, mode: "duel", players: &players[..2], outcome: &drawn, source: Source::LOCAL };
+    results::record(db, &finished).await.unwrap();
     let won = Outcome { ranks: vec![1, 2], scores: vec![5, 1], reason: EndReason::ScoreLimit, ticks: 600 };
-    results::record(db, room, "duel", &[players[0].clone(), players[2].clone()], &won, Source::LOCAL).await.unwrap();
+    let pair = [players[0].clone(), players[2].clone()];
+    results::record(db, &Finished { players: &pair, outcome: &won, ..finished }).await.unwrap();
     let standing = |name: &'static str| async move {
         let user = accounts.user_by_name(name).await.unwrap().unwrap();
         let rows = results::standings_of(db, user.id).await.unwrap();
