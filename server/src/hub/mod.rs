@@ -876,11 +876,16 @@ impl State {
     fn server_up(&mut self, up: ServerUp) {
         let generation = GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let url: Arc<str> = Arc::from(up.url.as_str());
-        // Matches it plays already (the hub restarted, or the connection dropped a moment).
-        for running in &up.running {
-            let Some(a) = running.assignment.open(self.signer.verifier()).filter(|a| a.server == up.server) else {
-                continue;
-            };
+        // Matches it plays already (the hub restarted, or the connection dropped a moment);
+        // matches it no longer plays (ended or called off while it was away) free their players.
+        let assignments: Vec<_> = up
+            .running
+            .iter()
+            .filter_map(|r| Some((r, r.assignment.open(self.signer.verifier()).filter(|a| a.server == up.server)?)))
+            .collect();
+        let running: BTreeSet<u64> = assignments.iter().map(|(_, a)| a.match_id).collect();
+        self.playing.retain(|_, p| p.server != up.server || p.match_id.is_some_and(|id| running.contains(&id)));
+        for (running, a) in assignments {
             let Some(mode) = self.rooms.mode(&a.mode) else { continue };
             let room = RoomId { slot: running.slot, number: running.number };
             let names: Vec<String> = a.players.iter().map(|p| p.name.clone()).collect();
