@@ -237,20 +237,20 @@ pub fn report(bots: usize, tallies: Vec<Tally>) -> BotReport {
         r.errors.extend(t.errors.into_iter().take(5usize.saturating_sub(r.errors.len())));
         rtts.extend(t.rtts);
     }
-    let p = crate::bench::Percentiles::of(&rtts);
+    let p = crate::stats::Percentiles::of(&rtts);
     (r.rtt_p50_ms, r.rtt_p99_ms) = (p.p50_ms, p.p99_ms);
-    let p = crate::bench::Percentiles::of(&opens);
+    let p = crate::stats::Percentiles::of(&opens);
     (r.data_channel_open_p50_ms, r.data_channel_open_p99_ms) = (p.p50_ms, p.p99_ms);
     r.interp_dry_share = dry as f64 / r.interp_frames.max(1) as f64;
     delays.sort_by(f64::total_cmp);
-    let at = crate::bench::quantile;
+    let at = crate::stats::quantile;
     (r.interp_delay_p50_ticks, r.interp_delay_p99_ticks) = (at(&delays, 0.5), at(&delays, 0.99));
     r.corrections_per_minute = r.corrections as f64 / (playing.as_secs_f64() / 60.0).max(1e-9);
     let mut sizes: Vec<f64> = sizes.into_iter().map(|s| f64::from(s) / f64::from(TILE)).collect();
     sizes.sort_by(f64::total_cmp);
     (r.correction_p50_tiles, r.correction_p99_tiles) = (at(&sizes, 0.5), at(&sizes, 0.99));
     r.seats_regained = regained.len() as u64;
-    let p = crate::bench::Percentiles::of(&regained);
+    let p = crate::stats::Percentiles::of(&regained);
     (r.seat_regained_p50_ms, r.seat_regained_p99_ms) = (p.p50_ms, p.p99_ms);
     r
 }

@@ -5,66 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
-
-/// Rallypoint: a self-hosted multiplayer game server for the browser.
-#[derive(Debug, Parser)]
-#[command(name = "rallypoint", version, about, long_about = None)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Serve the site, the lobby hub and the game rooms.
-    Serve(ServeArgs),
-    /// Host rooms for a hub, as a separate process (official or community).
-    RoomServer(crate::fleet::room_server::RoomServerArgs),
-    /// Create, list and revoke the tokens room servers register with (run on the hub's host).
-    RoomToken(RoomTokenArgs),
-    /// Run native bots that sign in, queue and play against a server, then report.
-    Bots(crate::bots::BotsArgs),
-    /// Benchmarks, run by `cargo xtask bench` (not for production).
-    #[command(hide = true)]
-    Bench(crate::bench::BenchArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct RoomTokenArgs {
-    #[command(subcommand)]
-    pub action: RoomTokenAction,
-
-    /// The hub's database (as given to `rallypoint serve`).
-    #[arg(
-        long,
-        env = "RALLYPOINT_DATABASE_URL",
-        default_value = "sqlite://./data/rallypoint.db",
-        value_name = "URL",
-        global = true
-    )]
-    pub database_url: String,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum RoomTokenAction {
-    /// Create a room server's token and print it (only once: keep it).
-    Create {
-        /// The room server's name: lower-case letters, digits, '-', '_' and '.'.
-        #[arg(long)]
-        name: String,
-        /// A community server: its results go to history as unofficial and change no rating.
-        #[arg(long)]
-        community: bool,
-    },
-    /// List room servers, their kind and whether their token is revoked.
-    List,
-    /// Revoke a room server's token: it is refused from now on, and disconnected if connected.
-    Revoke {
-        /// The room server's name.
-        name: String,
-    },
-}
+use clap::Args;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -473,10 +414,10 @@ mod tests {
 
     #[test]
     fn every_flag_has_an_environment_variable() {
-        use clap::CommandFactory;
-        let cli = Cli::command();
-        let serve = cli.find_subcommand("serve").unwrap();
-        for arg in serve.get_arguments() {
+        let serve = <ServeArgs as clap::Args>::augment_args(clap::Command::new("serve"));
+        let room_server =
+            <crate::fleet::room_server::RoomServerArgs as clap::Args>::augment_args(clap::Command::new("room-server"));
+        for arg in serve.get_arguments().chain(room_server.get_arguments()) {
             if matches!(arg.get_id().as_str(), "help" | "version") {
                 continue;
             }

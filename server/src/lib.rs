@@ -16,6 +16,7 @@ mod random;
 mod rate;
 pub mod rooms;
 pub mod site;
+pub mod stats;
 pub mod tls;
 pub mod transport;
 

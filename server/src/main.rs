@@ -1,10 +1,70 @@
-//! `rallypoint`: parses the command line and runs the server. All logic lives in the library.
+//! `rallypoint`: the command line (every subcommand) and what each runs. All logic lives in the
+//! library; `config` validates `serve`'s flags.
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use rallypoint_server::config::{Cli, Command, Config, RoomTokenAction, RoomTokenArgs, ServeArgs};
+use clap::{Args, Parser, Subcommand};
+use rallypoint_server::config::{Config, ServeArgs};
 use rallypoint_server::fleet::room_server::RoomServerArgs;
+
+/// Rallypoint: a self-hosted multiplayer game server for the browser.
+#[derive(Debug, Parser)]
+#[command(name = "rallypoint", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the site, the lobby hub and the game rooms.
+    Serve(ServeArgs),
+    /// Host rooms for a hub, as a separate process (official or community).
+    RoomServer(RoomServerArgs),
+    /// Create, list and revoke the tokens room servers register with (run on the hub's host).
+    RoomToken(RoomTokenArgs),
+    /// Run native bots that sign in, queue and play against a server, then report.
+    Bots(rallypoint_server::bots::BotsArgs),
+    /// Benchmarks, run by `cargo xtask bench` (not for production).
+    #[command(hide = true)]
+    Bench(rallypoint_server::bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct RoomTokenArgs {
+    #[command(subcommand)]
+    action: RoomTokenAction,
+
+    /// The hub's database (as given to `rallypoint serve`).
+    #[arg(
+        long,
+        env = "RALLYPOINT_DATABASE_URL",
+        default_value = "sqlite://./data/rallypoint.db",
+        value_name = "URL",
+        global = true
+    )]
+    database_url: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum RoomTokenAction {
+    /// Create a room server's token and print it (only once: keep it).
+    Create {
+        /// The room server's name: lower-case letters, digits, '-', '_' and '.'.
+        #[arg(long)]
+        name: String,
+        /// A community server: its results go to history as unofficial and change no rating.
+        #[arg(long)]
+        community: bool,
+    },
+    /// List room servers, their kind and whether their token is revoked.
+    List,
+    /// Revoke a room server's token: it is refused from now on, and disconnected if connected.
+    Revoke {
+        /// The room server's name.
+        name: String,
+    },
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

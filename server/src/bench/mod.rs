@@ -11,6 +11,8 @@ mod rooms;
 mod soak;
 mod webrtc;
 
+pub use crate::stats::{Percentiles, quantile};
+
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -283,38 +285,6 @@ pub fn loopback_traffic() -> Result<(u64, u64)> {
 
 fn free_addr() -> Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-/// Percentiles of a set of samples.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
-pub struct Percentiles {
-    pub count: usize,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub max_ms: f64,
-}
-
-/// The `q` quantile (0 to 1) of `sorted`, the nearest sample; 0 for none.
-pub fn quantile(sorted: &[f64], q: f64) -> f64 {
-    sorted.get(((sorted.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0.0)
-}
-
-impl Percentiles {
-    pub fn of(samples: &[Duration]) -> Self {
-        let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
-        ms.sort_by(f64::total_cmp);
-        Self { count: ms.len(), p50_ms: quantile(&ms, 0.50), p99_ms: quantile(&ms, 0.99), max_ms: quantile(&ms, 1.0) }
-    }
-}
-
-impl std::fmt::Display for Percentiles {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (n = {})",
-            self.p50_ms, self.p99_ms, self.max_ms, self.count
-        )
-    }
 }
 
 /// Source addresses for client sockets: spread over 127.0.0.2–127.0.0.201 so that no one

@@ -2,15 +2,14 @@
 //!
 //! - [`tokens`]: `rallypoint room-token create/list/revoke`, and checking a token;
 //! - [`control`]: the control protocol between a room server and the hub;
-//! - [`hub_side`]: the hub's end of control connections (registration, results);
 //! - [`room_server`]: `rallypoint room-server`, the process itself;
 //! - [`outbox`]: results a room server keeps on disk until the hub acknowledges them.
 //!
-//! Only the hub touches the database. A room server learns the hub's public ticket key at
+//! The hub's end of control connections is `crate::hub::room_servers`. Only the hub touches
+//! the database. A room server learns the hub's public ticket key at
 //! registration and admits players by ticket alone.
 
 pub mod control;
-pub mod hub_side;
 pub mod outbox;
 pub mod room_server;
 pub mod tokens;

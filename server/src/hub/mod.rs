@@ -12,6 +12,7 @@
 mod chat_log;
 pub mod matchmaking;
 pub mod results;
+pub mod room_servers;
 pub mod socket;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};

@@ -61,7 +61,7 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/ws", get(hub_socket))
         .route("/room", get(room_socket))
-        .route(crate::fleet::control::PATH, get(crate::fleet::hub_side::socket))
+        .route(crate::fleet::control::PATH, get(crate::hub::room_servers::socket))
         .merge(pages)
         .layer(middleware::from_fn_with_state(Arc::clone(&app), security_headers))
         .with_state(app)

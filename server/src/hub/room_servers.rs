@@ -15,9 +15,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 
-use super::control::{self, CONTROL_VERSION, FromHub, FromServer, close};
-use super::tokens::{self, RoomServer};
 use crate::App;
+use crate::fleet::control::{self, CONTROL_VERSION, FromHub, FromServer, close};
+use crate::fleet::tokens::{self, RoomServer};
 use crate::hub::results::{self, Finished, Source};
 use crate::hub::{Hub, ServerUp};
 use crate::rooms::Seated;
