@@ -7,6 +7,7 @@
 //! hub's state or the database, so rooms could later run in a process of their own.
 
 mod clock;
+pub mod core;
 pub mod link;
 mod room;
 pub mod ticket;

@@ -1,30 +1,27 @@
 //! One room task: takes a match from the pool, seats the players, ticks the game, reports the
 //! outcome, and goes back to the pool. A panic while playing ends that match only: the task
 //! reports it and takes the next match.
+//!
+//! The task is the shell around the match's sans-I/O [`Core`]: it owns the players'
+//! connections, the tick clock and the channel to the hub, passes time in, and carries out
+//! what the core answers ([`Out`]).
 
-use std::collections::{HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::FutureExt as _;
-use shared::delta::Views;
 use shared::game::{Game, Mode, Outcome};
-use shared::inputs::InputQueue;
-use shared::room::{FromRoomOf, MAX_INPUTS_PER_MESSAGE, ToRoom, close};
+use shared::room::close;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
 
 use super::clock::Clock;
+use super::core::{Core, Out};
 use super::link::Outgoing;
-use super::{Assignment, Claim, Link, LinkId, RoomCommand, RoomEvent, RoomId, Seated, Shared, TicketError, lock};
+use super::{Assignment, Claim, Link, LinkId, RoomCommand, RoomEvent, RoomId, Shared, TicketError, lock};
 
-/// Malformed frames tolerated from one connection before it is closed.
-const MALFORMED_STRIKES: u32 = 10;
-/// Ticks an input's stamp may differ from the server's tick (two seconds at 30 Hz).
-const TICK_SKEW_SECONDS: u32 = 2;
 /// Ticks a late room may run back to back before it skips ahead.
 const MAX_CATCH_UP: u64 = 3;
 /// Commands handled in one wake-up at most, so that a flood never delays a tick for long.
@@ -67,81 +64,40 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
     panic.downcast_ref::<&str>().copied().or_else(|| panic.downcast_ref::<String>().map(String::as_str)).unwrap_or("?")
 }
 
-struct Seat<G: Game> {
-    player: Seated,
-    link: Option<Link>,
-    claimed: bool,
-    released: bool,
-    away_since: Option<Instant>,
-    inputs: InputQueue<G::Input>,
-    applied: Vec<G::Input>,
-    /// Newest sequence number accepted from each message with new inputs, and when it came.
-    arrivals: VecDeque<(u32, Instant)>,
-    malformed: u32,
-    /// The views sent to this seat lately: bases for delta snapshots.
-    sent: Views<G::View>,
-    /// The newest tick whose view this seat's client holds (0: send whole views).
-    seen: u32,
-}
-
 struct Match<'a, G: Game> {
     room: RoomId,
     mode: &'static Mode,
-    game: G,
-    seats: Vec<Seat<G>>,
-    used_nonces: HashSet<u64>,
+    core: Core<G>,
+    /// Each seat's connection, while it has one.
+    links: Vec<Option<Link>>,
     shared: &'a Shared,
-    tick_hz: u16,
-    started: bool,
     /// Events for the hub, sent from the loop (which may await).
     events: Vec<RoomEvent>,
-    /// Reused for every frame encoded or decoded (bitcode would otherwise build its buffers
-    /// anew each time: a few allocations per message).
-    codec: bitcode::Buffer,
+    /// What the core answered, carried out after each call.
+    out: Vec<Out>,
     /// Unreliable frames for datagram paths, one batch per shard.
     outgoing: Outgoing,
 }
 
-type Frame<G> = FromRoomOf<G>;
-
 async fn play<G: Game>(a: Assignment, rx: &mut mpsc::Receiver<RoomCommand>, shared: &Shared) -> Flow {
     let config = &shared.config;
     let tick_hz = u64::from(a.setup.tick_hz.max(1));
-    let skew = TICK_SKEW_SECONDS * u32::from(a.setup.tick_hz);
+    let seats = a.players.len();
     let mut m = Match::<G> {
         room: a.room,
         mode: a.mode,
-        game: G::new(a.mode, &a.setup),
-        seats: a
-            .players
-            .into_iter()
-            .map(|player| Seat {
-                player,
-                link: None,
-                claimed: false,
-                released: false,
-                away_since: None,
-                inputs: InputQueue::new(skew),
-                applied: Vec::new(),
-                arrivals: VecDeque::new(),
-                malformed: 0,
-                sent: Views::default(),
-                seen: 0,
-            })
-            .collect(),
-        used_nonces: HashSet::new(),
+        core: Core::new(a.room, a.mode, &a.setup, a.players, config.seat_hold),
+        links: (0..seats).map(|_| None).collect(),
         shared,
-        tick_hz: a.setup.tick_hz,
-        started: false,
         events: Vec::new(),
-        codec: bitcode::Buffer::new(),
+        out: Vec::new(),
         outgoing: Outgoing::default(),
     };
-    tracing::info!(room = %m.room, mode = m.mode.name, players = m.seats.len(), "match starting");
+    tracing::info!(room = %m.room, mode = m.mode.name, players = seats, "match starting");
 
     // Wait for the players to take their seats.
     let claim_deadline = Instant::now() + config.claim_timeout;
-    while !m.seats.iter().all(|s| s.claimed) {
+    while !m.core.all_claimed() {
         tokio::select! {
             () = sleep_until(claim_deadline) => break,
             command = rx.recv() => match command {
@@ -151,16 +107,13 @@ async fn play<G: Game>(a: Assignment, rx: &mut mpsc::Receiver<RoomCommand>, shar
         }
         m.flush_events().await;
     }
-    for seat in 0..m.seats.len() {
-        if !m.seats[seat].claimed {
-            m.release(seat);
-        }
-    }
-    let present = m.seats.iter().filter(|s| !s.released).count();
+    m.core.start(&mut m.out);
+    m.carry_out();
+    let present = m.core.present();
     if present < usize::from(m.mode.min_players) {
         tracing::info!(room = %m.room, present, "match cancelled: too few players");
         m.close_all(close::MATCH_OVER, "not enough players");
-        let users = m.seats.iter().map(|s| s.player.user_id).collect();
+        let users = m.core.players().iter().map(|p| p.user_id).collect();
         m.events.push(RoomEvent::Cancelled { room: m.room, users });
         m.flush_events().await;
         return Flow::Next;
@@ -172,13 +125,12 @@ async fn play<G: Game>(a: Assignment, rx: &mut mpsc::Receiver<RoomCommand>, shar
         Err(e) => {
             tracing::error!(room = %m.room, error = %e, "cannot create the tick clock");
             m.close_all(close::ROOM_FAILED, "the match could not start");
-            let users = m.seats.iter().map(|s| s.player.user_id).collect();
+            let users = m.core.players().iter().map(|p| p.user_id).collect();
             m.events.push(RoomEvent::Crashed { room: m.room, users });
             m.flush_events().await;
             return Flow::Next;
         }
     };
-    m.started = true;
     let start = Instant::now();
     let mut n: u64 = 1;
     let outcome = loop {
@@ -197,7 +149,7 @@ async fn play<G: Game>(a: Assignment, rx: &mut mpsc::Receiver<RoomCommand>, shar
                     metrics::counter!("rallypoint_room_ticks_skipped_total").increment(behind - n);
                     n = behind;
                 }
-                if let Some(outcome) = m.game.outcome() {
+                if let Some(outcome) = m.core.outcome() {
                     break outcome;
                 }
             }
@@ -226,11 +178,17 @@ impl<G: Game> Match<'_, G> {
     fn handle(&mut self, command: RoomCommand) {
         match command {
             RoomCommand::Claim(claim) => self.claim(claim),
-            RoomCommand::Frame { link, frame } => self.frame(link, &frame),
+            RoomCommand::Frame { link, frame } => {
+                if let Some(seat) = self.seat_of(link) {
+                    self.core.frame(seat, &frame, Instant::now().into_std(), &mut self.out);
+                    self.carry_out();
+                    self.count_refusals();
+                }
+            }
             RoomCommand::Closed { link } => {
                 if let Some(seat) = self.seat_of(link) {
-                    self.seats[seat].link = None;
-                    self.seats[seat].away_since = Some(Instant::now());
+                    self.links[seat] = None;
+                    self.core.disconnected(seat, Instant::now().into_std());
                 }
             }
             RoomCommand::Start(_) | RoomCommand::Shutdown => {}
@@ -238,178 +196,88 @@ impl<G: Game> Match<'_, G> {
     }
 
     fn seat_of(&self, link: LinkId) -> Option<usize> {
-        self.seats.iter().position(|s| s.link.as_ref().is_some_and(|l| l.id == link))
+        self.links.iter().position(|l| l.as_ref().is_some_and(|l| l.id == link))
     }
 
     fn claim(&mut self, Claim { ticket, link, reply }: Claim) {
-        let seat = usize::from(ticket.seat);
-        let verdict = if ticket.room != self.room {
-            Err(if ticket.room.slot == self.room.slot { TicketError::Over } else { TicketError::Foreign })
-        } else if self.seats.get(seat).is_none_or(|s| s.player.user_id != ticket.user_id) {
-            Err(TicketError::Foreign)
-        } else if self.seats[seat].released {
-            Err(TicketError::Over)
-        } else if !self.used_nonces.insert(ticket.nonce) {
-            Err(TicketError::Used)
-        } else {
-            Ok(())
+        let (seat, joined) = match self.core.claim(&ticket) {
+            Ok(claimed) => claimed,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
         };
-        if verdict.is_err() {
-            let _ = reply.send(verdict);
-            return;
-        }
-        let joined = Frame::<G>::Joined {
-            seat: ticket.seat,
-            players: self.seats.iter().map(|s| s.player.name.clone()).collect(),
-            mode: self.mode.name.to_owned(),
-            tick_hz: self.tick_hz,
-            tick: self.game.tick(),
-            rules: self.game.rules(),
-        };
-        if !link.reliable(Bytes::from(joined.encode())) {
+        if !link.reliable(joined) {
+            self.core.disconnected(seat, Instant::now().into_std());
             let _ = reply.send(Err(TicketError::Over));
             return;
         }
-        let s = &mut self.seats[seat];
-        if let Some(old) = s.link.replace(link) {
+        if let Some(old) = self.links[seat].replace(link) {
             old.close(close::REPLACED, "the seat was taken by another connection");
         }
-        if !s.claimed {
-            s.claimed = true;
-            self.game.set_present(ticket.seat, true);
-        }
-        s.away_since = None;
-        // A new connection holds no view yet.
-        s.seen = 0;
         tracing::debug!(room = %self.room, seat, user = ticket.user_id, "seat claimed");
         let _ = reply.send(Ok(()));
     }
 
-    fn frame(&mut self, link: LinkId, frame: &[u8]) {
-        let Some(seat) = self.seat_of(link) else { return };
-        let decoded = self.codec.decode::<ToRoom<G::Input>>(frame).ok().filter(|msg| match msg {
-            ToRoom::Inputs { inputs, .. } => inputs.len() <= MAX_INPUTS_PER_MESSAGE,
-            _ => true,
-        });
-        let Some(msg) = decoded else {
-            self.shared.stats.frames_malformed.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("rallypoint_room_frames_malformed_total").increment(1);
-            let s = &mut self.seats[seat];
-            s.malformed += 1;
-            if s.malformed >= MALFORMED_STRIKES
-                && let Some(link) = s.link.take()
-            {
-                link.close(close::POLICY, "too many malformed messages");
-                s.away_since = Some(Instant::now());
-            }
-            return;
-        };
-        match msg {
-            ToRoom::Inputs { first_seq, tick, seen, inputs } => {
-                if !self.started {
-                    return;
-                }
-                let server_tick = self.game.tick();
-                let s = &mut self.seats[seat];
-                // Inputs may arrive out of order; a tick not played yet is a lie and ignored.
-                if seen <= server_tick {
-                    s.seen = s.seen.max(seen);
-                }
-                let before = (s.inputs.stats.accepted, s.inputs.stats.dropped_far + s.inputs.stats.dropped_flood);
-                s.inputs.offer(first_seq, tick, server_tick, &inputs);
-                let after = (s.inputs.stats.accepted, s.inputs.stats.dropped_far + s.inputs.stats.dropped_flood);
-                if after.0 > before.0 {
-                    let newest = first_seq.saturating_add(inputs.len() as u32 - 1);
-                    s.arrivals.push_back((newest, Instant::now()));
-                    if s.arrivals.len() > 64 {
-                        s.arrivals.pop_front();
+    /// Carries out what the core answered.
+    fn carry_out(&mut self) {
+        let mut unreliable = false;
+        for out in self.out.drain(..) {
+            match out {
+                Out::Send { seat, bytes, reliable } => {
+                    let Some(link) = &self.links[seat] else { continue };
+                    if reliable {
+                        link.reliable(bytes);
+                    } else {
+                        unreliable = true;
+                        if !self.outgoing.unreliable(link, bytes) {
+                            self.shared.stats.snapshots_dropped.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
-                if after.1 > before.1 {
-                    self.shared.stats.inputs_dropped.fetch_add(after.1 - before.1, Ordering::Relaxed);
-                    metrics::counter!("rallypoint_room_inputs_dropped_total").increment(after.1 - before.1);
+                Out::Close { seat, code, reason } => {
+                    if let Some(link) = self.links[seat].take() {
+                        link.close(code, reason);
+                    }
                 }
+                Out::Released { user_id } => self.events.push(RoomEvent::SeatReleased { room: self.room, user_id }),
             }
-            ToRoom::Ping { id } => {
-                if let Some(link) = &self.seats[seat].link {
-                    self.outgoing.unreliable(link, Bytes::from(Frame::<G>::Pong { id }.encode()));
-                    self.outgoing.flush(self.shared.datagrams.as_ref());
-                }
-            }
-            ToRoom::Leave => self.release(seat),
+        }
+        if unreliable {
+            self.outgoing.flush(self.shared.datagrams.as_ref());
+        }
+    }
+
+    /// Adds what the core refused since the last look to the counters.
+    fn count_refusals(&mut self) {
+        let r = std::mem::take(&mut self.core.refusals);
+        if r.frames_malformed > 0 {
+            self.shared.stats.frames_malformed.fetch_add(r.frames_malformed, Ordering::Relaxed);
+            metrics::counter!("rallypoint_room_frames_malformed_total").increment(r.frames_malformed);
+        }
+        if r.inputs_dropped > 0 {
+            self.shared.stats.inputs_dropped.fetch_add(r.inputs_dropped, Ordering::Relaxed);
+            metrics::counter!("rallypoint_room_inputs_dropped_total").increment(r.inputs_dropped);
         }
     }
 
     fn tick(&mut self, due: Instant) {
         let begun = Instant::now();
         metrics::histogram!("rallypoint_room_tick_lateness_seconds").record(begun.saturating_duration_since(due));
-        for s in &mut self.seats {
-            s.inputs.take(&mut s.applied);
+        let report = self.core.tick(begun.into_std(), &mut self.out);
+        self.carry_out();
+        let sent = std::time::Instant::now();
+        let stats = &self.shared.stats;
+        let (sent_bytes, whole_bytes) = (report.bytes.0 as u64, report.bytes.1 as u64);
+        stats.snapshot_bytes.fetch_add(sent_bytes, Ordering::Relaxed);
+        stats.snapshot_whole_bytes.fetch_add(whole_bytes, Ordering::Relaxed);
+        metrics::counter!("rallypoint_room_snapshot_bytes_total").increment(sent_bytes);
+        metrics::counter!("rallypoint_room_snapshot_whole_bytes_total").increment(whole_bytes);
+        for arrived in report.acked_arrivals {
+            metrics::histogram!("rallypoint_room_input_to_snapshot_seconds").record(sent - arrived);
         }
-        let inputs: Vec<&[G::Input]> = self.seats.iter().map(|s| s.applied.as_slice()).collect();
-        self.game.step(&inputs);
-        let tick = self.game.tick();
-        let (mut sent_bytes, mut whole_bytes) = (0, 0);
-        for (i, s) in self.seats.iter_mut().enumerate() {
-            if let Some(link) = &s.link {
-                let ack = s.inputs.ack();
-                let frame = Frame::<G>::Snapshot { tick, ack, view: self.game.view(i as u8) };
-                let mut bytes = Bytes::copy_from_slice(self.codec.encode(&frame));
-                whole_bytes += bytes.len();
-                let Frame::<G>::Snapshot { view, .. } = frame else { unreachable!("built above") };
-                // The change since the newest view the client holds, when that is smaller.
-                if let Some((back, base)) = s.sent.base(s.seen, tick) {
-                    let delta = Frame::<G>::Delta { tick, ack, back, delta: G::diff(base, &view, u32::from(back)) };
-                    let encoded = self.codec.encode(&delta);
-                    if encoded.len() < bytes.len() {
-                        bytes = Bytes::copy_from_slice(encoded);
-                    }
-                }
-                sent_bytes += bytes.len();
-                s.sent.insert(tick, view);
-                if !self.outgoing.unreliable(link, bytes) {
-                    self.shared.stats.snapshots_dropped.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-        self.shared.stats.snapshot_bytes.fetch_add(sent_bytes as u64, Ordering::Relaxed);
-        self.shared.stats.snapshot_whole_bytes.fetch_add(whole_bytes as u64, Ordering::Relaxed);
-        metrics::counter!("rallypoint_room_snapshot_bytes_total").increment(sent_bytes as u64);
-        metrics::counter!("rallypoint_room_snapshot_whole_bytes_total").increment(whole_bytes as u64);
-        self.outgoing.flush(self.shared.datagrams.as_ref());
-        let sent = Instant::now();
-        for s in &mut self.seats {
-            let ack = s.inputs.ack();
-            while s.arrivals.front().is_some_and(|(seq, _)| *seq <= ack) {
-                if let Some((_, arrived)) = s.arrivals.pop_front() {
-                    metrics::histogram!("rallypoint_room_input_to_snapshot_seconds").record(sent - arrived);
-                }
-            }
-        }
-        let hold = self.shared.config.seat_hold;
-        for seat in 0..self.seats.len() {
-            let s = &self.seats[seat];
-            if !s.released && s.away_since.is_some_and(|t| sent.duration_since(t) >= hold) {
-                self.release(seat);
-            }
-        }
-        self.shared.stats.ticks.fetch_add(1, Ordering::Relaxed);
-        metrics::histogram!("rallypoint_room_tick_seconds").record(sent - begun);
-    }
-
-    /// The player leaves for good: their seat is given up and the hub hears of it.
-    fn release(&mut self, seat: usize) {
-        let s = &mut self.seats[seat];
-        if s.released {
-            return;
-        }
-        s.released = true;
-        if let Some(link) = s.link.take() {
-            link.close(close::LEFT, "you left the match");
-        }
-        let user_id = s.player.user_id;
-        self.game.set_present(seat as u8, false);
-        self.events.push(RoomEvent::SeatReleased { room: self.room, user_id });
+        stats.ticks.fetch_add(1, Ordering::Relaxed);
+        metrics::histogram!("rallypoint_room_tick_seconds").record(sent - begun.into_std());
     }
 
     async fn flush_events(&mut self) {
@@ -419,10 +287,8 @@ impl<G: Game> Match<'_, G> {
     }
 
     fn close_all(&mut self, code: u16, reason: &'static str) {
-        for s in &mut self.seats {
-            if let Some(link) = s.link.take() {
-                link.close(code, reason);
-            }
+        for link in self.links.iter_mut().filter_map(Option::take) {
+            link.close(code, reason);
         }
     }
 
@@ -435,7 +301,7 @@ impl<G: Game> Match<'_, G> {
     async fn finish(mut self, outcome: Outcome) {
         self.flush_events().await;
         let (reply, recorded) = oneshot::channel();
-        let players = self.seats.iter().map(|s| s.player.clone()).collect();
+        let players = self.core.players();
         let finished =
             RoomEvent::Finished { room: self.room, mode: self.mode.name, players, outcome: outcome.clone(), reply };
         let _ = self.shared.events.send(finished).await;
@@ -448,12 +314,10 @@ impl<G: Game> Match<'_, G> {
         };
         self.shared.stats.matches_finished.fetch_add(1, Ordering::Relaxed);
         tracing::info!(room = %self.room, reason = outcome.reason.as_str(), ticks = outcome.ticks, "match over");
-        let ended = Bytes::from(Frame::<G>::Ended { outcome, ratings }.encode());
-        for s in &mut self.seats {
-            if let Some(link) = s.link.take() {
-                link.reliable(ended.clone());
-                link.close(close::MATCH_OVER, "match over");
-            }
+        let ended = Core::<G>::ended(outcome, ratings);
+        for link in self.links.iter_mut().filter_map(Option::take) {
+            link.reliable(ended.clone());
+            link.close(close::MATCH_OVER, "match over");
         }
     }
 }
