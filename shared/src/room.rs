@@ -28,6 +28,17 @@ pub const DATA_CHANNEL_LABEL: &str = "rallypoint-unreliable";
 /// How long a client waits for the data channel to open before it plays over the WebSocket.
 pub const DATA_CHANNEL_OPEN_TIMEOUT_MS: u32 = 3000;
 
+/// The WebSocket origin of a room server's public URL: `https://r1.example.com:9000` gives
+/// `wss://r1.example.com:9000` (and `http://` gives `ws://`).
+pub fn socket_origin(server_url: &str) -> String {
+    server_url.trim_end_matches('/').replacen("http", "ws", 1)
+}
+
+/// Where players open the room WebSocket of the room server at `server_url`.
+pub fn room_socket_url(server_url: &str) -> String {
+    format!("{}/room", socket_origin(server_url))
+}
+
 /// Close codes of a room connection.
 pub mod close {
     /// Malformed messages, or too many of them.
@@ -239,6 +250,12 @@ mod tests {
         ] {
             assert_eq!(Down::decode(&msg.encode()).unwrap(), msg);
         }
+    }
+
+    #[test]
+    fn a_room_servers_socket_is_its_url_over_websocket() {
+        assert_eq!(socket_origin("https://r1.example.com:9000/"), "wss://r1.example.com:9000");
+        assert_eq!(room_socket_url("http://127.0.0.1:9000"), "ws://127.0.0.1:9000/room");
     }
 
     #[test]

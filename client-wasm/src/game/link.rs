@@ -66,7 +66,7 @@ impl RoomLink {
     /// every event goes to `on_event`.
     pub fn open(url: Option<&str>, on_event: impl Fn(LinkEvent) + 'static) -> Result<Self, JsValue> {
         let target = match url {
-            Some(url) => format!("{}/room", url.trim_end_matches('/').replacen("http", "ws", 1)),
+            Some(url) => shared::room::room_socket_url(url),
             None => dom::socket_url("/room")?,
         };
         let socket = WebSocket::new(&target)?;

@@ -596,8 +596,7 @@ impl<G: shared::game::Game> Room<G> {
 /// The upgrade request for `/room` on the room server at `url`: no cookie (another site's
 /// server sees only the ticket).
 pub fn remote_room_request(url: &str) -> Result<tungstenite::handshake::client::Request, ClientError> {
-    let target = format!("{}/room", url.trim_end_matches('/').replacen("http", "ws", 1));
-    Ok(target.as_str().into_client_request()?)
+    Ok(shared::room::room_socket_url(url).into_client_request()?)
 }
 
 /// Reads the next room frame and its size.

@@ -185,11 +185,6 @@ pub struct Hub {
     room_origins: Arc<std::sync::RwLock<BTreeSet<String>>>,
 }
 
-/// The WebSocket origin of a room server's public URL.
-fn socket_origin(url: &str) -> String {
-    url.trim_end_matches('/').replacen("http", "ws", 1)
-}
-
 /// The hub task has stopped (the server is shutting down).
 #[derive(Debug, thiserror::Error)]
 #[error("the hub has stopped")]
@@ -208,7 +203,8 @@ impl Hub {
     ) -> Result<(Self, tokio::task::JoinHandle<()>), sqlx::Error> {
         let signer = Arc::new(signer);
         let known = crate::fleet::tokens::known_urls(&db).await?;
-        let room_origins = Arc::new(std::sync::RwLock::new(known.iter().map(|u| socket_origin(u)).collect()));
+        let room_origins =
+            Arc::new(std::sync::RwLock::new(known.iter().map(|u| shared::room::socket_origin(u)).collect()));
         let recent = chat_log::recent(&db, CHAT_HISTORY_LEN).await?;
         let (log, log_task) = chat_log::ChatLog::start(db.clone());
         let (commands, rx) = mpsc::channel(4096);
@@ -263,7 +259,10 @@ impl Hub {
 
     /// Lets pages open WebSockets to a room server at `url`.
     pub fn add_room_origin(&self, url: &str) {
-        self.room_origins.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(socket_origin(url));
+        self.room_origins
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(shared::room::socket_origin(url));
     }
 
     /// The origins pages may open WebSockets to besides their own, separated by spaces.
