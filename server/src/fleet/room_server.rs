@@ -331,12 +331,11 @@ impl Server<'_> {
                     return;
                 }
             }
-            if resend && let Some(s) = &mut socket {
-                // Results not acknowledged: again, after every (re)registration.
-                for result in outbox.pending() {
-                    if s.send(Message::text(result.to_json())).await.is_err() {
-                        break;
-                    }
+            if resend {
+                // Results not acknowledged: again, after every (re)registration and now and then.
+                let pending: Vec<FromServer> = outbox.pending().cloned().collect();
+                for result in &pending {
+                    self.send(&mut socket, result).await;
                 }
                 resend = false;
             }

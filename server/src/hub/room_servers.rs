@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -21,6 +21,7 @@ use crate::fleet::tokens::{self, RoomServer};
 use crate::hub::results::{self, Finished, Source};
 use crate::hub::{Hub, ServerUp};
 use crate::rooms::Seated;
+use crate::transport::ws;
 
 /// How often a connected room server's token is checked again (a revoked one is dropped).
 const RECHECK_TOKEN: Duration = Duration::from_secs(5);
@@ -49,13 +50,11 @@ pub async fn socket(State(app): State<Arc<App>>, headers: HeaderMap, upgrade: We
         .on_upgrade(move |socket| serve(socket, app, server))
 }
 
-async fn close_with(mut socket: WebSocket, code: u16, reason: String) {
-    let frame = Message::Close(Some(CloseFrame { code, reason: reason.into() }));
-    let _ = timeout(Duration::from_secs(1), socket.send(frame)).await;
-}
+/// How long one message to a room server may take to write.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 async fn send(socket: &mut WebSocket, msg: &FromHub) -> bool {
-    matches!(timeout(Duration::from_secs(5), socket.send(Message::text(msg.to_json()))).await, Ok(Ok(())))
+    ws::write(socket, Message::text(msg.to_json()), WRITE_TIMEOUT).await
 }
 
 /// The next message, parsed; `Err` with a close frame for a breach, `Ok(None)` when gone.
@@ -63,7 +62,7 @@ async fn recv(socket: &mut WebSocket) -> Result<Option<FromServer>, (u16, String
     loop {
         return match socket.recv().await {
             None | Some(Ok(Message::Close(_))) => Ok(None),
-            Some(Err(e)) => match crate::transport::ws::read_error_code(e) {
+            Some(Err(e)) => match ws::read_error_code(e) {
                 Some(code) => Err((code, "message too big".into())),
                 None => Ok(None),
             },
@@ -108,14 +107,14 @@ async fn serve(mut socket: WebSocket, app: Arc<App>, server: RoomServer) {
     let hub = app.hub.clone();
     let first = match timeout(Duration::from_secs(10), recv(&mut socket)).await {
         Ok(Ok(Some(msg))) => msg,
-        Ok(Err((code, reason))) => return close_with(socket, code, reason).await,
+        Ok(Err((code, reason))) => return ws::close_with(socket, code, &reason).await,
         _ => return,
     };
     let (url, free, running) = match check_registration(&first) {
         Ok((url, free, running)) => (url, free, running.to_vec()),
         Err((code, reason)) => {
             tracing::warn!(server = server.name, "room server refused: {reason}");
-            return close_with(socket, code, reason).await;
+            return ws::close_with(socket, code, &reason).await;
         }
     };
     let Ok(id) = u32::try_from(server.id) else { return };
@@ -134,7 +133,7 @@ async fn serve(mut socket: WebSocket, app: Arc<App>, server: RoomServer) {
         reply,
     };
     if hub.server_up(up).await.is_err() {
-        return close_with(socket, 1001, "the hub is stopping".into()).await;
+        return ws::close_with(socket, 1001, "the hub is stopping").await;
     }
     let Ok(generation) = generation.await else { return };
     let config = &app.config.rooms;
@@ -153,7 +152,7 @@ async fn serve(mut socket: WebSocket, app: Arc<App>, server: RoomServer) {
     };
     hub.server_down(id, generation).await;
     if let Some((code, reason)) = end {
-        close_with(socket, code, reason).await;
+        ws::close_with(socket, code, &reason).await;
     }
 }
 
