@@ -860,16 +860,22 @@ impl State {
             expires_ms,
             nonce: u64::from_le_bytes(nonce),
         };
-        let room = match self.servers.get(&p.server) {
-            Some(r) if p.server != LOCAL_SERVER => format!("{}/{}", r.name, p.room),
-            _ => p.room.to_string(),
-        };
+        let room = self.room_name(p);
         ServerMsg::MatchFound {
             mode: p.mode.into(),
             room,
             ticket: self.signer.sign(&ticket),
             players: p.players.clone(),
             url: p.url.as_deref().map(str::to_owned),
+        }
+    }
+
+    /// A seat's room as clients name it (in `MatchFound` and WebRTC signaling): `r0-1` here,
+    /// `server/r0-1` on a room server.
+    fn room_name(&self, p: &Playing) -> String {
+        match self.servers.get(&p.server) {
+            Some(r) if p.server != LOCAL_SERVER => format!("{}/{}", r.name, p.room),
+            _ => p.room.to_string(),
         }
     }
 
@@ -1020,7 +1026,7 @@ impl State {
         let Some(user_id) = self.conns.get(&conn).map(|c| c.user_id) else { return };
         let seat = self.playing.get(&user_id).and_then(|p| {
             let remote = self.servers.get(&p.server)?;
-            let named = matches!(signal, RemoteSignal::Closed) || format!("{}/{}", remote.name, p.room) == room;
+            let named = matches!(signal, RemoteSignal::Closed) || self.room_name(p) == room;
             Some((remote.outbox.clone()?, p.room.to_string())).filter(|_| named)
         });
         let Some((outbox, local_room)) = seat else {
@@ -1046,9 +1052,8 @@ impl State {
             return;
         }
         let Some(p) = self.playing.get(&user_id).filter(|p| p.server == server) else { return };
-        let Some(remote) = self.servers.get(&server) else { return };
         let msg = match answer {
-            Ok(sdp) => ServerMsg::RtcAnswer { room: format!("{}/{}", remote.name, p.room), sdp },
+            Ok(sdp) => ServerMsg::RtcAnswer { room: self.room_name(p), sdp },
             Err(reason) => ServerMsg::Error { code: ErrorCode::Rtc, message: reason },
         };
         self.send_to(signaling, &msg);
