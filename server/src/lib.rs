@@ -2,9 +2,6 @@
 //! [`start`] with a port-0 listener.
 
 pub mod accounts;
-pub mod bench;
-pub mod bots;
-pub mod client;
 pub mod config;
 pub mod db;
 pub mod fleet;
@@ -16,7 +13,6 @@ mod random;
 mod rate;
 pub mod rooms;
 pub mod site;
-pub mod stats;
 pub mod tls;
 pub mod transport;
 

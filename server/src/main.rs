@@ -1,9 +1,12 @@
 //! `rallypoint`: the command line (every subcommand) and what each runs. All logic lives in the
-//! library; `config` validates `serve`'s flags.
+//! libraries: the server's (`config` validates `serve`'s flags) and, for `bots` and `bench`,
+//! the load tools' (`rallypoint_load`), which reach the server's database only through
+//! [`Backstage`] below.
 
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use futures_util::future::BoxFuture;
 use rallypoint_server::config::{Config, ServeArgs};
 use rallypoint_server::fleet::room_server::RoomServerArgs;
 
@@ -24,10 +27,10 @@ enum Command {
     /// Create, list and revoke the tokens room servers register with (run on the hub's host).
     RoomToken(RoomTokenArgs),
     /// Run native bots that sign in, queue and play against a server, then report.
-    Bots(rallypoint_server::bots::BotsArgs),
+    Bots(rallypoint_load::bots::BotsArgs),
     /// Benchmarks, run by `cargo xtask bench` (not for production).
     #[command(hide = true)]
-    Bench(rallypoint_server::bench::BenchArgs),
+    Bench(rallypoint_load::bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -70,7 +73,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(&args),
-        Command::Bench(args) => rallypoint_server::bench::run(args),
+        Command::Bench(args) => bench(args),
         Command::Bots(args) => bots(&args),
         Command::RoomServer(args) => room_server(&args),
         Command::RoomToken(args) => room_token(&args),
@@ -143,10 +146,10 @@ fn room_token(args: &RoomTokenArgs) -> anyhow::Result<()> {
 }
 
 /// Runs the bots and prints their report; any protocol error makes the exit status non-zero.
-fn bots(args: &rallypoint_server::bots::BotsArgs) -> anyhow::Result<()> {
+fn bots(args: &rallypoint_load::bots::BotsArgs) -> anyhow::Result<()> {
     args.check().map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let report = runtime.block_on(rallypoint_server::bots::run(args));
+    let report = runtime.block_on(rallypoint_load::bots::run(args));
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -169,6 +172,54 @@ fn bots(args: &rallypoint_server::bots::BotsArgs) -> anyhow::Result<()> {
         anyhow::bail!("{} protocol errors", report.protocol_errors);
     }
     Ok(())
+}
+
+fn bench(args: rallypoint_load::bench::BenchArgs) -> anyhow::Result<()> {
+    rallypoint_server::raise_fd_limit(Some(200_000));
+    rallypoint_load::bench::run(args, &Backstage)
+}
+
+/// What the benchmarks need from the server's database, done with the server library.
+struct Backstage;
+
+impl rallypoint_load::bench::Backstage for Backstage {
+    fn players<'a>(
+        &'a self,
+        database_url: &'a str,
+        prefix: &'a str,
+        count: usize,
+        password: &'a str,
+    ) -> BoxFuture<'a, anyhow::Result<Vec<String>>> {
+        Box::pin(async move {
+            let db = rallypoint_server::db::open(database_url).await?;
+            let ttl = std::time::Duration::from_hours(24);
+            let tokens = rallypoint_server::accounts::seed_for_bench(&db, prefix, count, password, ttl).await;
+            db.close().await;
+            Ok(tokens?)
+        })
+    }
+
+    fn room_token<'a>(&'a self, database_url: &'a str, name: &'a str) -> BoxFuture<'a, anyhow::Result<String>> {
+        Box::pin(async move {
+            let db = rallypoint_server::db::open(database_url).await?;
+            let token = rallypoint_server::fleet::tokens::create(&db, name, false).await;
+            db.close().await;
+            Ok(token?)
+        })
+    }
+
+    fn results<'a>(&'a self, database_url: &'a str) -> BoxFuture<'a, anyhow::Result<i64>> {
+        Box::pin(async move {
+            let db = rallypoint_server::db::open(database_url).await?;
+            let count = rallypoint_server::hub::results::count_players_results(&db).await;
+            db.close().await;
+            Ok(count?)
+        })
+    }
+
+    fn client_js(&self) -> &'static str {
+        rallypoint_server::config::CLIENT_JS
+    }
 }
 
 /// The WebRTC stack's crates log every state change of every peer at `info`: they get `warn`

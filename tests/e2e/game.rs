@@ -277,7 +277,7 @@ async fn two_browsers_play_a_match_hosted_on_a_room_server_over_webrtc() {
 /// reload.
 #[tokio::test]
 async fn a_dropped_connection_comes_back_to_the_same_seat_without_a_reload() {
-    use rallypoint_server::bench::relay::{Kind, Relay};
+    use rallypoint_load::bench::relay::{Kind, Relay};
     let _one = crate::ONE_AT_A_TIME.lock().await;
     let server = Server::start_with(&["--match-seconds", "60"]).await;
     let addr = server.base.trim_start_matches("http://").parse().unwrap();

@@ -151,6 +151,12 @@ pub async fn record(db: &Db, finished: &Finished<'_>) -> Result<Vec<RatingChange
         .collect())
 }
 
+/// How many players' results are recorded (two for a finished duel): what a soak checks
+/// against the results its bots were shown.
+pub async fn count_players_results(db: &Db) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT COUNT(*) FROM match_players").fetch_one(db).await
+}
+
 /// How many times a result is tried before it is given up (about ten minutes of retries).
 const RECORD_ATTEMPTS: u32 = 130;
 

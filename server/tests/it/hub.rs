@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
 
-use rallypoint_server::client::{ClientError, Hub};
+use rallypoint_load::client::{ClientError, Hub};
 use shared::hub::{ClientMsg, ErrorCode, MAX_CLIENT_MESSAGE_BYTES, ServerMsg, close};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -184,7 +184,7 @@ async fn a_crowd_arriving_at_once_is_announced_in_a_few_batches() {
     let server = TestServer::start().await;
     let mut watcher = server.user("watcher").await.hub().await.unwrap();
     let clients: Vec<_> = futures_util::future::join_all((0..100).map(|i| server.user_named(i))).await;
-    let hubs: Vec<Hub> = futures_util::future::join_all(clients.iter().map(rallypoint_server::client::Client::hub))
+    let hubs: Vec<Hub> = futures_util::future::join_all(clients.iter().map(rallypoint_load::client::Client::hub))
         .await
         .into_iter()
         .map(Result::unwrap)

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rallypoint_server::client::{ClientError, Room};
+use rallypoint_load::client::{ClientError, Room};
 use rallypoint_server::fleet::tokens;
 use shared::arena::Arena;
 use shared::hub::ClientMsg;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use rallypoint_server::client::{Client, ClientError, FromRoom, Hub, Room};
+use rallypoint_load::client::{Client, ClientError, FromRoom, Hub, Room};
 use rallypoint_server::config::Config;
 use shared::arena::{Arena, ArenaInput, ArenaRules, ArenaView};
 use shared::game::{Game, MatchSetup, Mode, Outcome, Seat};
@@ -449,18 +449,18 @@ async fn a_panic_in_one_room_ends_that_room_only() {
 #[tokio::test]
 async fn bots_sign_up_queue_play_and_report() {
     let server = TestServer::start_with(quick).await;
-    let args = rallypoint_server::bots::BotsArgs {
+    let args = rallypoint_load::bots::BotsArgs {
         server: server.base.clone(),
         count: 4,
         duration: 6,
         mode: "duel".into(),
         json: true,
         name_prefix: "robo".into(),
-        transport: rallypoint_server::bots::Transport::Ws,
+        transport: rallypoint_load::bots::Transport::Ws,
         password: "robot password".into(),
-        network: rallypoint_server::bots::NetworkArgs::default(),
+        network: rallypoint_load::bots::NetworkArgs::default(),
     };
-    let report = rallypoint_server::bots::run(&args).await;
+    let report = rallypoint_load::bots::run(&args).await;
     assert_eq!(report.protocol_errors, 0, "{:?}", report.errors);
     assert!(report.matches_completed >= 4, "two 2-second duels each: {report:?}");
     assert!(report.inputs_sent > 100 && report.snapshots_received > 100, "{report:?}");
@@ -471,8 +471,8 @@ async fn bots_sign_up_queue_play_and_report() {
 
 /// Bots play duels through a relay that cuts their room connections mid-match: each comes back
 /// through the hub, gets a fresh ticket and takes its seat back (the browser does the same).
-async fn cut_room_connections_are_taken_back(transport: rallypoint_server::bots::Transport) {
-    use rallypoint_server::bench::relay::{Kind, Relay};
+async fn cut_room_connections_are_taken_back(transport: rallypoint_load::bots::Transport) {
+    use rallypoint_load::bench::relay::{Kind, Relay};
     let server = TestServer::start_with(|c| c.rooms.time_limit_secs = Some(30)).await;
     let relay = Relay::start(server.running.addr).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
@@ -482,9 +482,9 @@ async fn cut_room_connections_are_taken_back(transport: rallypoint_server::bots:
             tokio::spawn(async move {
                 let client = Client::new(&base).unwrap();
                 client.register(&format!("cut{i}"), crate::support::PASSWORD).await.unwrap();
-                let mut tally = rallypoint_server::bots::Tally::default();
-                let conditions = rallypoint_server::client::Conditions::default();
-                rallypoint_server::bots::play(&client, "duel", transport, conditions, deadline, i, &mut tally).await;
+                let mut tally = rallypoint_load::bots::Tally::default();
+                let conditions = rallypoint_load::client::Conditions::default();
+                rallypoint_load::bots::play(&client, "duel", transport, conditions, deadline, i, &mut tally).await;
                 tally
             })
         })
@@ -505,7 +505,7 @@ async fn cut_room_connections_are_taken_back(transport: rallypoint_server::bots:
     for bot in bots {
         tallies.push(bot.await.unwrap());
     }
-    let report = rallypoint_server::bots::report(4, tallies);
+    let report = rallypoint_load::bots::report(4, tallies);
     assert_eq!(report.protocol_errors, 0, "{:?}", report.errors);
     assert!(cuts >= 10 && report.room_connections_lost >= cuts / 2, "{cuts} cuts: {report:?}");
     // Every cut ends back in the seat, unless that match ended meanwhile (rare in 12 s).
@@ -515,10 +515,10 @@ async fn cut_room_connections_are_taken_back(transport: rallypoint_server::bots:
 
 #[tokio::test]
 async fn players_cut_off_mid_match_take_their_seat_back_over_the_websocket() {
-    cut_room_connections_are_taken_back(rallypoint_server::bots::Transport::Ws).await;
+    cut_room_connections_are_taken_back(rallypoint_load::bots::Transport::Ws).await;
 }
 
 #[tokio::test]
 async fn players_cut_off_mid_match_take_their_seat_back_over_webrtc() {
-    cut_room_connections_are_taken_back(rallypoint_server::bots::Transport::Webrtc).await;
+    cut_room_connections_are_taken_back(rallypoint_load::bots::Transport::Webrtc).await;
 }

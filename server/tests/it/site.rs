@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use rallypoint_server::client::{ClientError, page_message};
+use rallypoint_load::client::{ClientError, page_message};
 use reqwest::StatusCode;
 use reqwest::header::{LOCATION, RETRY_AFTER, SET_COOKIE};
 

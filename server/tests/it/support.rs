@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use rallypoint_server::client::Client;
+use rallypoint_load::client::Client;
 use rallypoint_server::config::{Config, Limits};
 use rallypoint_server::{Running, start_game};
 use shared::arena::Arena;
@@ -109,8 +109,8 @@ fn test_limits() -> Limits {
 pub const SECOND: Duration = Duration::from_secs(1);
 
 /// Waits until the hub closes the connection, which must be with `code`.
-pub async fn expect_close(hub: &mut rallypoint_server::client::Hub, code: u16) {
-    use rallypoint_server::client::ClientError;
+pub async fn expect_close(hub: &mut rallypoint_load::client::Hub, code: u16) {
+    use rallypoint_load::client::ClientError;
     match hub.recv_until(Duration::from_secs(10), |_| None::<()>).await {
         Err(ClientError::Closed { code: got, .. }) => assert_eq!(got, code),
         other => panic!("expected close {code}, got {other:?}"),

@@ -4,8 +4,8 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use rallypoint_server::bots::{BotReport, BotsArgs, NetworkArgs, Transport};
-use rallypoint_server::client::{Client, Conditions, FromRoom, Hub, Room};
+use rallypoint_load::bots::{BotReport, BotsArgs, NetworkArgs, Transport};
+use rallypoint_load::client::{Client, Conditions, FromRoom, Hub, Room};
 use rallypoint_server::config::Config;
 use shared::arena::{Arena, ArenaInput};
 use shared::hub::{ClientMsg, ErrorCode, ServerMsg};
@@ -127,7 +127,7 @@ async fn two_webrtc_bots(server: &TestServer, name_prefix: &str, network: Networ
         password: "robot password".into(),
         network,
     };
-    rallypoint_server::bots::run(&args).await
+    rallypoint_load::bots::run(&args).await
 }
 
 #[tokio::test]

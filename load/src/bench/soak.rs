@@ -14,7 +14,7 @@ use shared::game::Rng;
 use tokio::time::Instant;
 
 use super::relay::{Kind, Relay};
-use super::{ServerProcess, write_json};
+use super::{Backstage, ServerProcess, write_json};
 use crate::bots::{Tally, Transport};
 use crate::client::{Client, Conditions};
 
@@ -63,8 +63,8 @@ struct Report {
     samples: Vec<Sample>,
 }
 
-pub async fn run(args: SoakArgs) -> Result<()> {
-    let (dir, url) = ServerProcess::prepare()?;
+pub async fn run(args: SoakArgs, backstage: &dyn Backstage) -> Result<()> {
+    let (dir, url) = ServerProcess::prepare(backstage)?;
     let server = ServerProcess::start_on(dir, url.clone(), &["--match-seconds", "30"], 1).await?;
     let relay = Relay::start(server.addr).await?;
     let started = Instant::now();
@@ -121,9 +121,7 @@ pub async fn run(args: SoakArgs) -> Result<()> {
     report.rss_growth = growth(report.end.rss_kib, report.reference.rss_kib);
     report.open_files_growth = growth(report.end.open_files, report.reference.open_files);
     // Every result a player was shown is in the database (each duel has two players).
-    let db = crate::db::open(&url).await?;
-    report.results_in_database = sqlx::query_scalar("SELECT COUNT(*) FROM match_players").fetch_one(&db).await?;
-    db.close().await;
+    report.results_in_database = backstage.results(&url).await?;
     server.stop()?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     write_json(args.json.as_ref(), &report)?;

@@ -18,7 +18,7 @@ use tokio::net::TcpSocket;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
-use super::{Percentiles, ServerProcess, Storm, client_source, write_json};
+use super::{Backstage, Percentiles, ServerProcess, Storm, client_source, write_json};
 use crate::client::Hub;
 
 #[derive(Debug, Args)]
@@ -87,18 +87,13 @@ struct Shared {
     lost: AtomicUsize,
 }
 
-pub async fn run(args: HubArgs) -> Result<()> {
+pub async fn run(args: HubArgs, backstage: &dyn Backstage) -> Result<()> {
     let mut report = Report { connections_requested: args.connections, ..Report::default() };
     let users = args.connections + args.probes;
 
     eprintln!("seeding {users} users with sessions…");
-    let (dir, url) = ServerProcess::prepare()?;
-    let tokens = {
-        let db = crate::db::open(&url).await?;
-        let tokens = crate::accounts::seed_for_bench(&db, PREFIX, users, PASSWORD, Duration::from_hours(24)).await?;
-        db.close().await;
-        tokens
-    };
+    let (dir, url) = ServerProcess::prepare(backstage)?;
+    let tokens = backstage.players(&url, PREFIX, users, PASSWORD).await?;
     let lobby = args.chat_users.to_string();
     let server = ServerProcess::start(dir, url, &["--lobby-capacity", &lobby]).await?;
     report.pinned_to_one_core = server.pinned();

@@ -13,7 +13,7 @@ use clap::Args;
 use serde::Serialize;
 
 use super::rooms::{PASSWORD, TICK_HZ, Timing, start_bots, wait_until_playing};
-use super::{Percentiles, ServerProcess, write_json};
+use super::{Backstage, Percentiles, ServerProcess, write_json};
 use crate::bots::{Live, Tally, Transport};
 
 #[derive(Debug, Args)]
@@ -57,14 +57,14 @@ struct Report {
     split_cost: f64,
 }
 
-pub async fn run(args: FleetArgs) -> Result<()> {
+pub async fn run(args: FleetArgs, backstage: &dyn Backstage) -> Result<()> {
     let players = args.rooms * args.timing.players;
     let max_rooms = (args.rooms + 8).to_string();
     let common = ["--match-seconds", "3600", "--lobby-capacity", "100000"];
 
     eprintln!("all in one process: {} rooms of {}…", args.rooms, args.timing.players);
-    let (dir, url) = ServerProcess::prepare()?;
-    let tokens = seed(&url, "fleetone", players).await?;
+    let (dir, url) = ServerProcess::prepare(backstage)?;
+    let tokens = backstage.players(&url, "fleetone", players, PASSWORD).await?;
     let extra: Vec<&str> = common.iter().copied().chain(["--max-rooms", &max_rooms]).collect();
     let server = ServerProcess::start_on(dir, url, &extra, args.timing.server_workers).await?;
     let pinned = server.pinned();
@@ -73,14 +73,9 @@ pub async fn run(args: FleetArgs) -> Result<()> {
     eprintln!("all in one: {}", serde_json::to_string(&all_in_one)?);
 
     eprintln!("hub and room server: the same rooms on a room server…");
-    let (dir, url) = ServerProcess::prepare()?;
-    let tokens = seed(&url, "fleetsplit", players).await?;
-    let token = {
-        let db = crate::db::open(&url).await?;
-        let token = crate::fleet::tokens::create(&db, "bench", false).await?;
-        db.close().await;
-        token
-    };
+    let (dir, url) = ServerProcess::prepare(backstage)?;
+    let tokens = backstage.players(&url, "fleetsplit", players, PASSWORD).await?;
+    let token = backstage.room_token(&url, "bench").await?;
     let extra: Vec<&str> = common.iter().copied().chain(["--local-rooms", "off"]).collect();
     // The hub on core 1, beside the bots: the rooms' core is the room server's alone.
     let hub_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
@@ -95,7 +90,7 @@ pub async fn run(args: FleetArgs) -> Result<()> {
     hub_args.extend(["--max-connections", "100000"].map(str::to_owned));
     hub_args.extend(extra.iter().map(|a| (*a).to_owned()));
     let hub = ServerProcess::spawn(dir, url, hub_addr, &hub_args, "1", 1).await?;
-    let (rs_dir, rs_url) = ServerProcess::prepare()?;
+    let (rs_dir, rs_url) = ServerProcess::prepare(backstage)?;
     let rs_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let rs_args: Vec<String> = [
         "room-server",
@@ -136,13 +131,6 @@ pub async fn run(args: FleetArgs) -> Result<()> {
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     write_json(args.timing.json.as_ref(), &report)
-}
-
-async fn seed(url: &str, prefix: &str, players: usize) -> Result<Vec<String>> {
-    let db = crate::db::open(url).await?;
-    let tokens = crate::accounts::seed_for_bench(&db, prefix, players, PASSWORD, Duration::from_hours(24)).await?;
-    db.close().await;
-    Ok(tokens)
 }
 
 /// Seats every bot, then measures one window of play on `rooms` (and `hub`, when apart).

@@ -16,7 +16,7 @@ use clap::Args;
 use serde::Serialize;
 
 use super::rooms::{Scrape, Timing, Window, measure, start_bots, wait_until_playing};
-use super::{Percentiles, ServerProcess, write_json};
+use super::{Backstage, Percentiles, ServerProcess, write_json};
 use crate::bots::{Live, Tally, Transport};
 
 #[derive(Debug, Args)]
@@ -111,19 +111,14 @@ impl Crowd {
     }
 }
 
-pub async fn run(args: WebrtcArgs) -> Result<()> {
+pub async fn run(args: WebrtcArgs, backstage: &dyn Backstage) -> Result<()> {
     let per_room = args.timing.players;
     let players = args.rooms * per_room;
     let (storm, load) = (args.storm_rooms * per_room, args.load_rooms * per_room);
     let users = 2 * players + storm + load + per_room;
     eprintln!("seeding {users} users…");
-    let (dir, url) = ServerProcess::prepare()?;
-    let tokens = {
-        let db = crate::db::open(&url).await?;
-        let tokens = crate::accounts::seed_for_bench(&db, PREFIX, users, PASSWORD, Duration::from_hours(24)).await?;
-        db.close().await;
-        tokens
-    };
+    let (dir, url) = ServerProcess::prepare(backstage)?;
+    let tokens = backstage.players(&url, PREFIX, users, PASSWORD).await?;
     let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let rooms_needed = 2 * args.rooms + args.storm_rooms + args.load_rooms + 8;
     let (metrics, max_rooms) = (metrics_addr.to_string(), rooms_needed.to_string());

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Serialize;
 
-use super::{ServerProcess, Storm, write_json};
+use super::{Backstage, ServerProcess, Storm, write_json};
 use crate::bots::{Live, Tally, Transport, play_match_counted};
 use crate::client::Client;
 use shared::hub::ClientMsg;
@@ -103,16 +103,11 @@ struct Report {
     protocol_errors: u64,
 }
 
-pub async fn run(args: RoomsArgs) -> Result<()> {
+pub async fn run(args: RoomsArgs, backstage: &dyn Backstage) -> Result<()> {
     let players = args.rooms * args.timing.players;
     eprintln!("seeding {players} users…");
-    let (dir, url) = ServerProcess::prepare()?;
-    let tokens = {
-        let db = crate::db::open(&url).await?;
-        let tokens = crate::accounts::seed_for_bench(&db, PREFIX, players, PASSWORD, Duration::from_hours(24)).await?;
-        db.close().await;
-        tokens
-    };
+    let (dir, url) = ServerProcess::prepare(backstage)?;
+    let tokens = backstage.players(&url, PREFIX, players, PASSWORD).await?;
     let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let max_rooms = (args.rooms + 8).to_string();
     let metrics = metrics_addr.to_string();

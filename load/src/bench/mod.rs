@@ -13,6 +13,8 @@ mod webrtc;
 
 pub use crate::stats::{Percentiles, quantile};
 
+use futures_util::future::BoxFuture;
+
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -32,6 +34,8 @@ pub struct BenchArgs {
 enum Which {
     /// Idle connections and memory per connection, chat fan-out, logins under load.
     Hub(hub::HubArgs),
+    /// The same full rooms all in one process, then on a room server behind a hub: what the
+    /// split costs, and "match found" to every seat claimed on the room server.
     Fleet(fleet::FleetArgs),
     /// Full rooms of bots: CPU per tick, players per core, bytes per player, latencies.
     Rooms(rooms::RoomsArgs),
@@ -49,18 +53,38 @@ enum Which {
     Hold(hub::HoldArgs),
 }
 
-/// Runs the chosen benchmark.
-pub fn run(args: BenchArgs) -> Result<()> {
-    crate::raise_fd_limit(Some(200_000));
+/// What the benchmarks need done in a server's database, which only the server knows how to
+/// do: the `rallypoint` binary provides it from the server library, which this crate does not
+/// link (the load tools drive the server from outside, as players and operators do).
+pub trait Backstage: Send + Sync {
+    /// Creates the users `{prefix}0`, `{prefix}1`, … with `password` and a day-long session
+    /// each, and returns the sessions' tokens (the `session` cookie) in that order.
+    fn players<'a>(
+        &'a self,
+        database_url: &'a str,
+        prefix: &'a str,
+        count: usize,
+        password: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>>>;
+    /// Creates an official room server's token, named `name`, and returns it.
+    fn room_token<'a>(&'a self, database_url: &'a str, name: &'a str) -> BoxFuture<'a, Result<String>>;
+    /// How many players' results the database holds (two for a finished duel).
+    fn results<'a>(&'a self, database_url: &'a str) -> BoxFuture<'a, Result<i64>>;
+    /// The file that `--static-dir` must hold for the server to start.
+    fn client_js(&self) -> &'static str;
+}
+
+/// Runs the chosen benchmark (the caller raises the limit on open files first).
+pub fn run(args: BenchArgs, backstage: &dyn Backstage) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         match args.which {
-            Which::Hub(args) => hub::run(args).await,
-            Which::Fleet(args) => fleet::run(args).await,
-            Which::Rooms(args) => rooms::run(args).await,
-            Which::Webrtc(args) => webrtc::run(args).await,
-            Which::Reconnect(args) => reconnect::run(args).await,
-            Which::Soak(args) => soak::run(args).await,
+            Which::Hub(args) => hub::run(args, backstage).await,
+            Which::Fleet(args) => fleet::run(args, backstage).await,
+            Which::Rooms(args) => rooms::run(args, backstage).await,
+            Which::Webrtc(args) => webrtc::run(args, backstage).await,
+            Which::Reconnect(args) => reconnect::run(args, backstage).await,
+            Which::Soak(args) => soak::run(args, backstage).await,
             Which::Clock(args) => {
                 println!("{}", serde_json::to_string(&clock(&args))?);
                 Ok(())
@@ -107,9 +131,9 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     /// A folder for the server's database and static files, and the database URL.
-    pub fn prepare() -> Result<(tempfile::TempDir, String)> {
+    pub fn prepare(backstage: &dyn Backstage) -> Result<(tempfile::TempDir, String)> {
         let dir = tempfile::tempdir()?;
-        std::fs::write(dir.path().join(crate::config::CLIENT_JS), "")?;
+        std::fs::write(dir.path().join(backstage.client_js()), "")?;
         let url = format!("sqlite://{}", dir.path().join("bench.db").display());
         Ok((dir, url))
     }

@@ -12,7 +12,7 @@ use shared::game::Rng;
 use tokio::time::Instant;
 
 use super::relay::{Kind, Relay};
-use super::{ServerProcess, write_json};
+use super::{Backstage, ServerProcess, write_json};
 use crate::bots::{BotReport, Tally, Transport};
 use crate::client::{Client, Conditions};
 
@@ -46,8 +46,8 @@ struct Report {
     bots: BotReport,
 }
 
-pub async fn run(args: ReconnectArgs) -> Result<()> {
-    let (dir, url) = ServerProcess::prepare()?;
+pub async fn run(args: ReconnectArgs, backstage: &dyn Backstage) -> Result<()> {
+    let (dir, url) = ServerProcess::prepare(backstage)?;
     let server = ServerProcess::start(dir, url, &["--match-seconds", "60"]).await?;
     let report = measure(&args, server.addr).await?;
     println!("{}", serde_json::to_string_pretty(&report)?);
