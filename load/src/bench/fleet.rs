@@ -21,8 +21,31 @@ pub struct FleetArgs {
     /// Rooms to fill.
     #[arg(long, default_value_t = 32)]
     rooms: usize,
+    /// Duels queued at once on the split deployment, to measure how fast the hub places
+    /// matches on a room server when the queue is full (0 skips it).
+    #[arg(long, default_value_t = 256)]
+    burst: usize,
     #[command(flatten)]
     timing: Timing,
+}
+
+/// Every duel of a burst queued at the same instant, players already connected to the hub.
+#[derive(Debug, Default, Serialize)]
+struct Burst {
+    matches: usize,
+    /// From the burst's queueing to the last "match found".
+    all_found_seconds: f64,
+    /// From the burst's queueing to the last seat taken on the room server.
+    all_seated_seconds: f64,
+    /// Matches over `all_seated_seconds`: the placement rate with a full queue.
+    matches_placed_per_second: f64,
+    /// From queueing to "match found", per player.
+    queue_to_found: Percentiles,
+    /// From "match found" to the seat taken on the room server, per player.
+    match_found_to_seat: Percentiles,
+    /// The hub's CPU over the burst, per match (connections were open before).
+    hub_cpu_per_placed_match_ms: f64,
+    errors: Vec<String>,
 }
 
 /// One way of running the rooms.
@@ -53,6 +76,8 @@ struct Report {
     players: usize,
     all_in_one: Run,
     room_server: Run,
+    /// Placement with a full queue, on the split deployment.
+    burst: Burst,
     /// Room-server CPU per room tick over all-in-one's, minus 1 (the split's cost, or gain).
     split_cost: f64,
 }
@@ -103,7 +128,7 @@ pub async fn run(args: FleetArgs, backstage: &dyn Backstage) -> Result<()> {
         "--public-url",
         &format!("http://{rs_addr}"),
         "--capacity",
-        &max_rooms,
+        &(args.rooms + args.burst + 8).to_string(),
         "--log",
         "warn",
         "--data-dir",
@@ -117,6 +142,13 @@ pub async fn run(args: FleetArgs, backstage: &dyn Backstage) -> Result<()> {
         ServerProcess::spawn(rs_dir, rs_url, rs_addr, &rs_args, &format!("0-{}", workers - 1), workers).await?;
     tokio::time::sleep(Duration::from_millis(500)).await; // registered (heartbeat)
     let split = play(&args, &hub.base, &tokens, &room_server, Some(&hub)).await?;
+    let burst = if args.burst > 0 {
+        let burst_tokens = backstage.players(&hub.database_url, "fleetburst", 2 * args.burst, PASSWORD).await?;
+        burst(&hub, &burst_tokens).await?
+    } else {
+        Burst::default()
+    };
+    eprintln!("burst: {}", serde_json::to_string(&burst)?);
     room_server.stop()?;
     hub.stop()?;
     eprintln!("room server: {}", serde_json::to_string(&split)?);
@@ -128,6 +160,7 @@ pub async fn run(args: FleetArgs, backstage: &dyn Backstage) -> Result<()> {
         split_cost: split.rooms_cpu_per_room_tick_ms / all_in_one.rooms_cpu_per_room_tick_ms.max(1e-9) - 1.0,
         all_in_one,
         room_server: split,
+        burst,
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     write_json(args.timing.json.as_ref(), &report)
@@ -182,4 +215,50 @@ async fn play(
         hub_cpu_per_room_tick_ms: hub_window.map(|c| c * 1000.0 / room_ticks),
         protocol_errors: tally.errors.len() as u64,
     })
+}
+
+/// Connects every player of `tokens` to the hub, then queues them all for a duel at once and
+/// takes each seat on the room server as soon as the match is found.
+async fn burst(hub: &ServerProcess, tokens: &[String]) -> Result<Burst> {
+    let mut hubs = Vec::with_capacity(tokens.len());
+    for token in tokens {
+        let client = crate::client::Client::with_session(&hub.base, token)?;
+        let connection = client.hub().await?;
+        hubs.push((client, connection));
+    }
+    let cpu0 = hub.cpu()?;
+    let start = tokio::time::Instant::now();
+    let players = hubs.into_iter().map(|(client, mut connection)| {
+        tokio::spawn(async move {
+            connection.send(&shared::hub::ClientMsg::FindMatch { mode: "duel".into() }).await?;
+            let (_, ticket) = connection.match_found(Duration::from_secs(60)).await?;
+            let found = tokio::time::Instant::now();
+            let room = client.room_at::<shared::arena::Arena>(connection.room_url.as_deref(), &ticket).await?;
+            let seated = tokio::time::Instant::now();
+            drop((room, connection));
+            anyhow::Ok((found - start, seated - found, seated - start))
+        })
+    });
+    let mut report = Burst { matches: tokens.len() / 2, ..Burst::default() };
+    let (mut to_found, mut to_seat) = (Vec::new(), Vec::new());
+    let mut last = (Duration::ZERO, Duration::ZERO);
+    for player in futures_util::future::join_all(players).await {
+        match player {
+            Ok(Ok((found, seat, seated))) => {
+                to_found.push(found);
+                to_seat.push(seat);
+                last = (last.0.max(found), last.1.max(seated));
+            }
+            Ok(Err(e)) => report.errors.push(e.to_string()),
+            Err(e) => report.errors.push(e.to_string()),
+        }
+    }
+    let cpu = hub.cpu()?.saturating_sub(cpu0);
+    report.all_found_seconds = last.0.as_secs_f64();
+    report.all_seated_seconds = last.1.as_secs_f64();
+    report.matches_placed_per_second = report.matches as f64 / report.all_seated_seconds.max(1e-9);
+    report.queue_to_found = Percentiles::of(&to_found);
+    report.match_found_to_seat = Percentiles::of(&to_seat);
+    report.hub_cpu_per_placed_match_ms = cpu.as_secs_f64() * 1000.0 / report.matches.max(1) as f64;
+    Ok(report)
 }
