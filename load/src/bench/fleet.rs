@@ -231,7 +231,7 @@ async fn burst(hub: &ServerProcess, tokens: &[String]) -> Result<Burst> {
     let players = hubs.into_iter().map(|(client, mut connection)| {
         tokio::spawn(async move {
             connection.send(&shared::hub::ClientMsg::FindMatch { mode: "duel".into() }).await?;
-            let (_, ticket) = connection.match_found(Duration::from_secs(60)).await?;
+            let (_, ticket) = connection.match_found(Duration::from_mins(1)).await?;
             let found = tokio::time::Instant::now();
             let room = client.room_at::<shared::arena::Arena>(connection.room_url.as_deref(), &ticket).await?;
             let seated = tokio::time::Instant::now();
