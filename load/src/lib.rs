@@ -7,4 +7,5 @@
 pub mod bench;
 pub mod bots;
 pub mod client;
+pub mod services;
 pub mod stats;

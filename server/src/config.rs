@@ -248,7 +248,7 @@ impl Default for Limits {
 pub enum ConfigError {
     #[error("--public-url {0:?} is not an http(s) origin such as https://play.example.com")]
     PublicUrl(String),
-    #[error("--database-url {0:?} is not supported: use sqlite://PATH")]
+    #[error("--database-url {0:?} is not supported: use sqlite://PATH or postgres://USER:PASSWORD@HOST/DATABASE")]
     DatabaseUrl(String),
     #[error(
         "no built client in {0}: run `cargo xtask run` (or `cargo xtask dist`), or point --static-dir at a folder holding rallypoint-client.js"
@@ -283,7 +283,7 @@ impl Config {
             _ => None,
         };
         let secure_cookies = tls.is_some() || public_origin.as_deref().is_some_and(|o| o.starts_with("https://"));
-        if !args.database_url.starts_with("sqlite:") {
+        if crate::db::Backend::of_url(&args.database_url).is_none() {
             return Err(ConfigError::DatabaseUrl(args.database_url.clone()));
         }
         if args.max_connections == 0 {

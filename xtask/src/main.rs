@@ -178,6 +178,10 @@ fn test() -> Result<()> {
         .env("CHROMEDRIVER", tools::CHROMEDRIVER)
         .env("CHROMIUM", tools::CHROMIUM);
     sh(&mut cmd)?;
+    step("Running the server's integration tests again on PostgreSQL 15 (the unit tests ran on both)");
+    let mut cmd = cargo();
+    cmd.args(["test", "-p", "rallypoint-server", "--test", "it"]).env("RALLYPOINT_TEST_DATABASE", "postgres");
+    sh(&mut cmd)?;
     step("Replaying the recorded input log in WebAssembly (Node): the hash must equal the native one");
     let mut cmd = cargo();
     cmd.args(["test", "-p", "rallypoint-shared", "--target", "wasm32-unknown-unknown", "--test", "golden"])

@@ -1,6 +1,6 @@
 //! Installs what a fresh machine lacks, each once, saying what and why:
 //! the wasm32 target, Trunk 0.21, wasm-bindgen-cli at exactly Cargo.lock's version, and, for the
-//! browser tests, Debian's Chromium and ChromeDriver.
+//! browser tests, Debian's Chromium and ChromeDriver, and PostgreSQL 15 for the database tests.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -11,6 +11,8 @@ use crate::{sh, step};
 
 pub const CHROMIUM: &str = "/usr/bin/chromium";
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+/// Debian's PostgreSQL 15 server (the tests start their own on a free port, as `load::services`).
+const POSTGRES: &str = "/usr/lib/postgresql/15/bin/postgres";
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
 const TRUNK_SERIES: &str = "0.21";
 
@@ -18,7 +20,7 @@ const TRUNK_SERIES: &str = "0.21";
 pub enum Need {
     /// Enough to build the client.
     Build,
-    /// Also a browser for the end-to-end tests.
+    /// Also what the tests run against: a browser, Node and PostgreSQL.
     Browser,
 }
 
@@ -27,7 +29,7 @@ pub fn ensure(need: Need) -> Result<()> {
     ensure_trunk()?;
     ensure_wasm_bindgen()?;
     if need == Need::Browser {
-        ensure_chromium()?;
+        ensure_test_packages()?;
     }
     Ok(())
 }
@@ -142,11 +144,15 @@ fn ensure_wasm_bindgen() -> Result<()> {
     cargo_install(&["wasm-bindgen-cli", "--version", &format!("={want}")])
 }
 
-fn ensure_chromium() -> Result<()> {
+fn ensure_test_packages() -> Result<()> {
     let mut packages = Vec::new();
     if !(PathBuf::from(CHROMIUM).is_file() && PathBuf::from(CHROMEDRIVER).is_file()) {
         step("Installing Debian's chromium and chromium-driver (the end-to-end tests drive a real headless browser)");
         packages.extend(["chromium", "chromium-driver"]);
+    }
+    if !PathBuf::from(POSTGRES).is_file() {
+        step("Installing Debian's postgresql-15 (every database test runs on SQLite and on PostgreSQL)");
+        packages.push("postgresql-15");
     }
     if which("node").is_none() {
         step("Installing Debian's nodejs (the WebAssembly build of the simulation is tested under Node)");

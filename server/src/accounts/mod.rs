@@ -143,7 +143,7 @@ impl Accounts {
         let hash = self.hasher.hash(password.to_owned()).await?;
         let inserted = sqlx::query_scalar::<_, i64>(
             "INSERT INTO users (username, username_key, password_hash, created_at)
-             VALUES (?, ?, ?, ?) ON CONFLICT (username_key) DO NOTHING RETURNING id",
+             VALUES ($1, $2, $3, $4) ON CONFLICT (username_key) DO NOTHING RETURNING id",
         )
         .bind(username)
         .bind(&key)
@@ -186,7 +186,7 @@ impl Accounts {
 
     async fn find(&self, key: &str) -> Result<Option<(User, String)>, sqlx::Error> {
         let row = sqlx::query_as::<_, (i64, String, String)>(
-            "SELECT id, username, password_hash FROM users WHERE username_key = ?",
+            "SELECT id, username, password_hash FROM users WHERE username_key = $1",
         )
         .bind(key)
         .fetch_optional(&self.db)
@@ -203,7 +203,7 @@ impl Accounts {
         let token = crate::random::token();
         let key = SessionKey::of_token(&token);
         let now = unix_now();
-        sqlx::query("INSERT INTO sessions (token_hash, user_id, created_at, expires_at) VALUES (?, ?, ?, ?)")
+        sqlx::query("INSERT INTO sessions (token_hash, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
             .bind(&key.0[..])
             .bind(user.id)
             .bind(now)
@@ -221,7 +221,7 @@ impl Accounts {
         let key = SessionKey::of_token(token);
         let row = sqlx::query_as::<_, (i64, String)>(
             "SELECT u.id, u.username FROM sessions s JOIN users u ON u.id = s.user_id
-             WHERE s.token_hash = ? AND s.expires_at > ?",
+             WHERE s.token_hash = $1 AND s.expires_at > $2",
         )
         .bind(&key.0[..])
         .bind(unix_now())
@@ -232,14 +232,14 @@ impl Accounts {
 
     /// Ends one session.
     pub async fn end_session(&self, key: SessionKey) -> Result<(), sqlx::Error> {
-        sqlx::query("DELETE FROM sessions WHERE token_hash = ?").bind(&key.0[..]).execute(&self.db).await?;
+        sqlx::query("DELETE FROM sessions WHERE token_hash = $1").bind(&key.0[..]).execute(&self.db).await?;
         Ok(())
     }
 
     /// Ends every session of a user but `keep`; returns the keys ended.
     pub async fn end_other_sessions(&self, user_id: i64, keep: SessionKey) -> Result<Vec<SessionKey>, sqlx::Error> {
         let rows: Vec<Vec<u8>> =
-            sqlx::query_scalar("DELETE FROM sessions WHERE user_id = ? AND token_hash != ? RETURNING token_hash")
+            sqlx::query_scalar("DELETE FROM sessions WHERE user_id = $1 AND token_hash != $2 RETURNING token_hash")
                 .bind(user_id)
                 .bind(&keep.0[..])
                 .fetch_all(&self.db)
@@ -249,7 +249,7 @@ impl Accounts {
 
     /// Number of live sessions of a user.
     pub async fn session_count(&self, user_id: i64) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar("SELECT COUNT(*) FROM sessions WHERE user_id = ? AND expires_at > ?")
+        sqlx::query_scalar("SELECT COUNT(*) FROM sessions WHERE user_id = $1 AND expires_at > $2")
             .bind(user_id)
             .bind(unix_now())
             .fetch_one(&self.db)
@@ -258,12 +258,13 @@ impl Accounts {
 
     /// When the user registered, in Unix seconds.
     pub async fn created_at(&self, user_id: i64) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar("SELECT created_at FROM users WHERE id = ?").bind(user_id).fetch_one(&self.db).await
+        sqlx::query_scalar("SELECT created_at FROM users WHERE id = $1").bind(user_id).fetch_one(&self.db).await
     }
 
     /// Deletes expired sessions; returns how many.
     pub async fn purge_expired(&self) -> Result<u64, sqlx::Error> {
-        let done = sqlx::query("DELETE FROM sessions WHERE expires_at <= ?").bind(unix_now()).execute(&self.db).await?;
+        let done =
+            sqlx::query("DELETE FROM sessions WHERE expires_at <= $1").bind(unix_now()).execute(&self.db).await?;
         Ok(done.rows_affected())
     }
 }
@@ -285,7 +286,7 @@ pub async fn seed_for_bench(
     for i in 0..count {
         let name = format!("{prefix}{i}");
         let id: i64 = sqlx::query_scalar(
-            "INSERT INTO users (username, username_key, password_hash, created_at) VALUES (?, ?, ?, ?) RETURNING id",
+            "INSERT INTO users (username, username_key, password_hash, created_at) VALUES ($1, $2, $3, $4) RETURNING id",
         )
         .bind(&name)
         .bind(name.to_ascii_lowercase())
@@ -294,7 +295,7 @@ pub async fn seed_for_bench(
         .fetch_one(&mut *tx)
         .await?;
         let token = crate::random::token();
-        sqlx::query("INSERT INTO sessions (token_hash, user_id, created_at, expires_at) VALUES (?, ?, ?, ?)")
+        sqlx::query("INSERT INTO sessions (token_hash, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
             .bind(&SessionKey::of_token(&token).0[..])
             .bind(id)
             .bind(now)

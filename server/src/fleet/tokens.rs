@@ -56,7 +56,7 @@ pub async fn create(db: &Db, name: &str, community: bool) -> Result<String, Toke
     crate::random::fill(&mut secret);
     let token = format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(secret));
     let mut tx = crate::db::begin_write(db).await?;
-    let revoked: Option<Option<i64>> = sqlx::query_scalar("SELECT revoked_at FROM room_servers WHERE name = ?")
+    let revoked: Option<Option<i64>> = sqlx::query_scalar("SELECT revoked_at FROM room_servers WHERE name = $1")
         .bind(name)
         .fetch_optional(&mut *tx)
         .await?;
@@ -64,20 +64,20 @@ pub async fn create(db: &Db, name: &str, community: bool) -> Result<String, Toke
         Some(None) => return Err(TokenError::Exists(name.to_owned())),
         Some(Some(_)) => {
             sqlx::query(
-                "UPDATE room_servers SET token_hash = ?, community = ?, created_at = ?, revoked_at = NULL WHERE name = ?",
+                "UPDATE room_servers SET token_hash = $1, community = $2, created_at = $3, revoked_at = NULL WHERE name = $4",
             )
             .bind(&hash(&token)[..])
-            .bind(community)
+            .bind(i64::from(community))
             .bind(unix_now())
             .bind(name)
             .execute(&mut *tx)
             .await?;
         }
         None => {
-            sqlx::query("INSERT INTO room_servers (name, token_hash, community, created_at) VALUES (?, ?, ?, ?)")
+            sqlx::query("INSERT INTO room_servers (name, token_hash, community, created_at) VALUES ($1, $2, $3, $4)")
                 .bind(name)
                 .bind(&hash(&token)[..])
-                .bind(community)
+                .bind(i64::from(community))
                 .bind(unix_now())
                 .execute(&mut *tx)
                 .await?;
@@ -89,20 +89,26 @@ pub async fn create(db: &Db, name: &str, community: bool) -> Result<String, Toke
 
 /// Every room server ever given a token, by name.
 pub async fn list(db: &Db) -> Result<Vec<RoomServer>, TokenError> {
-    let rows: Vec<(i64, String, bool, i64, Option<i64>)> =
+    let rows: Vec<(i64, String, i64, i64, Option<i64>)> =
         sqlx::query_as("SELECT id, name, community, created_at, revoked_at FROM room_servers ORDER BY name")
             .fetch_all(db)
             .await?;
     Ok(rows
         .into_iter()
-        .map(|(id, name, community, created_at, revoked_at)| RoomServer { id, name, community, created_at, revoked_at })
+        .map(|(id, name, community, created_at, revoked_at)| RoomServer {
+            id,
+            name,
+            community: community != 0,
+            created_at,
+            revoked_at,
+        })
         .collect())
 }
 
 /// Revokes the token of `name`: that server is refused from now on (and dropped if connected,
 /// at its next heartbeat).
 pub async fn revoke(db: &Db, name: &str) -> Result<(), TokenError> {
-    let done = sqlx::query("UPDATE room_servers SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL")
+    let done = sqlx::query("UPDATE room_servers SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL")
         .bind(unix_now())
         .bind(name)
         .execute(db)
@@ -115,18 +121,24 @@ pub async fn authenticate(db: &Db, token: &str) -> Result<Option<RoomServer>, sq
     if !token.starts_with(PREFIX) || token.len() > 100 {
         return Ok(None);
     }
-    let row: Option<(i64, String, bool, i64)> = sqlx::query_as(
-        "SELECT id, name, community, created_at FROM room_servers WHERE token_hash = ? AND revoked_at IS NULL",
+    let row: Option<(i64, String, i64, i64)> = sqlx::query_as(
+        "SELECT id, name, community, created_at FROM room_servers WHERE token_hash = $1 AND revoked_at IS NULL",
     )
     .bind(&hash(token)[..])
     .fetch_optional(db)
     .await?;
-    Ok(row.map(|(id, name, community, created_at)| RoomServer { id, name, community, created_at, revoked_at: None }))
+    Ok(row.map(|(id, name, community, created_at)| RoomServer {
+        id,
+        name,
+        community: community != 0,
+        created_at,
+        revoked_at: None,
+    }))
 }
 
 /// Keeps where room server `id` says browsers reach it.
 pub async fn remember_url(db: &Db, id: i64, url: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE room_servers SET public_url = ? WHERE id = ?").bind(url).bind(id).execute(db).await?;
+    sqlx::query("UPDATE room_servers SET public_url = $1 WHERE id = $2").bind(url).bind(id).execute(db).await?;
     Ok(())
 }
 
@@ -139,7 +151,7 @@ pub async fn known_urls(db: &Db) -> Result<Vec<String>, sqlx::Error> {
 
 /// Whether room server `id` still holds a valid token.
 pub async fn is_active(db: &Db, id: i64) -> Result<bool, sqlx::Error> {
-    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM room_servers WHERE id = ? AND revoked_at IS NULL")
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM room_servers WHERE id = $1 AND revoked_at IS NULL")
         .bind(id)
         .fetch_one(db)
         .await?;
@@ -150,15 +162,14 @@ pub async fn is_active(db: &Db, id: i64) -> Result<bool, sqlx::Error> {
 mod tests {
     use super::*;
 
-    async fn db() -> (tempfile::TempDir, Db) {
-        let dir = tempfile::tempdir().unwrap();
-        let db = crate::db::open(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
-        (dir, db)
-    }
-
     #[tokio::test]
     async fn a_token_authenticates_its_server_until_revoked_and_only_its_hash_is_stored() {
-        let (_dir, db) = db().await;
+        for (_dir, db) in crate::db::testing::both().await {
+            a_token_authenticates_its_server_on(db).await;
+        }
+    }
+
+    async fn a_token_authenticates_its_server_on(db: Db) {
         let token = create(&db, "eu-1", false).await.unwrap();
         let community = create(&db, "friends", true).await.unwrap();
         assert_ne!(token, community);
@@ -187,7 +198,7 @@ mod tests {
 
     #[tokio::test]
     async fn bad_names_are_refused() {
-        let (_dir, db) = db().await;
+        let (_dir, db) = crate::db::testing::both().await.remove(0);
         for bad in ["", "EU", "a b", "é", &"a".repeat(33), "x/y"] {
             assert!(matches!(create(&db, bad, false).await, Err(TokenError::BadName)), "{bad:?}");
         }

@@ -49,7 +49,7 @@ async fn write(db: Db, mut rx: mpsc::Receiver<Record>) {
 async fn write_batch(db: &Db, batch: &[Record]) -> Result<(), sqlx::Error> {
     let mut tx = crate::db::begin_write(db).await?;
     for r in batch {
-        sqlx::query("INSERT INTO chat_messages (lobby, user_id, body, sent_at) VALUES (?, ?, ?, ?)")
+        sqlx::query("INSERT INTO chat_messages (lobby, user_id, body, sent_at) VALUES ($1, $2, $3, $4)")
             .bind(r.lobby as i64)
             .bind(r.user_id)
             .bind(&r.body)
@@ -65,7 +65,7 @@ const MAX_LOBBIES_RESTORED: i64 = 1000;
 
 /// The last `n` chat lines of each lobby, oldest first.
 pub async fn recent(db: &Db, n: usize) -> Result<Vec<(usize, Vec<ChatLine>)>, sqlx::Error> {
-    let lobbies: Vec<i64> = sqlx::query_scalar("SELECT DISTINCT lobby FROM chat_messages WHERE lobby < ?")
+    let lobbies: Vec<i64> = sqlx::query_scalar("SELECT DISTINCT lobby FROM chat_messages WHERE lobby < $1")
         .bind(MAX_LOBBIES_RESTORED)
         .fetch_all(db)
         .await?;
@@ -73,7 +73,7 @@ pub async fn recent(db: &Db, n: usize) -> Result<Vec<(usize, Vec<ChatLine>)>, sq
     for lobby in lobbies {
         let rows = sqlx::query_as::<_, (i64, String, String, i64)>(
             "SELECT u.id, u.username, c.body, c.sent_at FROM chat_messages c JOIN users u ON u.id = c.user_id
-             WHERE c.lobby = ? ORDER BY c.id DESC LIMIT ?",
+             WHERE c.lobby = $1 ORDER BY c.id DESC LIMIT $2",
         )
         .bind(lobby)
         .bind(n as i64)

@@ -17,7 +17,7 @@ pub const INITIAL_RATING: f64 = 1500.0;
 
 /// A user's rating in a mode (the initial rating when they have not played it).
 pub async fn rating(db: &Db, user_id: i64, mode: &str) -> Result<f64, sqlx::Error> {
-    let found: Option<f64> = sqlx::query_scalar("SELECT rating FROM ratings WHERE user_id = ? AND mode = ?")
+    let found: Option<f64> = sqlx::query_scalar("SELECT rating FROM ratings WHERE user_id = $1 AND mode = $2")
         .bind(user_id)
         .bind(mode)
         .fetch_optional(db)
@@ -61,11 +61,13 @@ pub async fn record(db: &Db, finished: &Finished<'_>) -> Result<Vec<RatingChange
     let mut tx = crate::db::begin_write(db).await?;
     let key = source.match_id.map(|id| format!("{}/{id}", source.server.unwrap_or("")));
     if let Some(key) = &key {
-        let stored: Option<i64> =
-            sqlx::query_scalar("SELECT id FROM matches WHERE match_key = ?").bind(key).fetch_optional(&mut *tx).await?;
+        let stored: Option<i64> = sqlx::query_scalar("SELECT id FROM matches WHERE match_key = $1")
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
         if let Some(match_id) = stored {
             let rows: Vec<(f64, f64)> = sqlx::query_as(
-                "SELECT rating_before, rating_after FROM match_players WHERE match_id = ? ORDER BY seat",
+                "SELECT rating_before, rating_after FROM match_players WHERE match_id = $1 ORDER BY seat",
             )
             .bind(match_id)
             .fetch_all(&mut *tx)
@@ -79,7 +81,7 @@ pub async fn record(db: &Db, finished: &Finished<'_>) -> Result<Vec<RatingChange
     let mut before = Vec::with_capacity(players.len());
     for p in players {
         let row: Option<(f64, f64, f64)> =
-            sqlx::query_as("SELECT rating, deviation, volatility FROM ratings WHERE user_id = ? AND mode = ?")
+            sqlx::query_as("SELECT rating, deviation, volatility FROM ratings WHERE user_id = $1 AND mode = $2")
                 .bind(p.user_id)
                 .bind(mode)
                 .fetch_optional(&mut *tx)
@@ -93,7 +95,7 @@ pub async fn record(db: &Db, finished: &Finished<'_>) -> Result<Vec<RatingChange
     let after = if source.official { new_ratings(&before, &outcome.ranks) } else { before.clone() };
     let match_id: i64 = sqlx::query_scalar(
         "INSERT INTO matches (mode, room, end_reason, ticks, ended_at, server, official, match_key)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
     )
     .bind(mode)
     .bind(room)
@@ -101,7 +103,7 @@ pub async fn record(db: &Db, finished: &Finished<'_>) -> Result<Vec<RatingChange
     .bind(i64::from(outcome.ticks))
     .bind(unix_now())
     .bind(source.server)
-    .bind(source.official)
+    .bind(i64::from(source.official))
     .bind(&key)
     .fetch_one(&mut *tx)
     .await?;
@@ -112,7 +114,7 @@ pub async fn record(db: &Db, finished: &Finished<'_>) -> Result<Vec<RatingChange
         let (won, drew) = (rank == 1 && firsts == 1, rank == 1 && firsts > 1);
         sqlx::query(
             "INSERT INTO match_players (match_id, user_id, seat, rank, score, rating_before, rating_after)
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(match_id)
         .bind(p.user_id)
@@ -128,10 +130,10 @@ pub async fn record(db: &Db, finished: &Finished<'_>) -> Result<Vec<RatingChange
         }
         sqlx::query(
             "INSERT INTO ratings (user_id, mode, rating, deviation, volatility, matches, wins, draws)
-             VALUES (?, ?, ?, ?, ?, 1, ?, ?)
+             VALUES ($1, $2, $3, $4, $5, 1, $6, $7)
              ON CONFLICT (user_id, mode) DO UPDATE SET rating = excluded.rating, deviation = excluded.deviation,
-               volatility = excluded.volatility, matches = matches + 1, wins = wins + excluded.wins,
-               draws = draws + excluded.draws",
+               volatility = excluded.volatility, matches = ratings.matches + 1,
+               wins = ratings.wins + excluded.wins, draws = ratings.draws + excluded.draws",
         )
         .bind(p.user_id)
         .bind(mode)
@@ -221,15 +223,21 @@ mod tests {
     /// result is history only.
     #[tokio::test]
     async fn a_result_sent_twice_counts_once_and_a_community_one_changes_no_rating() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = crate::db::open(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
+        for (_dir, db) in crate::db::testing::both().await {
+            a_result_sent_twice_counts_once_on(db).await;
+        }
+    }
+
+    async fn a_result_sent_twice_counts_once_on(db: Db) {
         for name in ["a", "b"] {
-            sqlx::query("INSERT INTO users (username, username_key, password_hash, created_at) VALUES (?, ?, 'x', 0)")
-                .bind(name)
-                .bind(name)
-                .execute(&db)
-                .await
-                .unwrap();
+            sqlx::query(
+                "INSERT INTO users (username, username_key, password_hash, created_at) VALUES ($1, $2, 'x', 0)",
+            )
+            .bind(name)
+            .bind(name)
+            .execute(&db)
+            .await
+            .unwrap();
         }
         let players: Vec<Seated> = sqlx::query_scalar("SELECT id FROM users ORDER BY id")
             .fetch_all(&db)
@@ -252,13 +260,13 @@ mod tests {
             async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&db).await.unwrap() }
         };
         assert_eq!(count("SELECT COUNT(*) FROM matches").await, 1);
-        assert_eq!(count("SELECT SUM(matches) FROM ratings").await, 2);
+        assert_eq!(count("SELECT CAST(SUM(matches) AS BIGINT) FROM ratings").await, 2);
         let community = Source { server: Some("club"), official: false, match_id: Some(42) };
         let finished = Finished { room: "club/42", source: community, ..finished };
         let unofficial = record(&db, &finished).await.unwrap();
         assert!(unofficial.iter().all(|r| r.before == r.after), "{unofficial:?}");
         assert_eq!(count("SELECT COUNT(*) FROM matches WHERE official = 0").await, 1);
-        assert_eq!(count("SELECT SUM(matches) FROM ratings").await, 2, "no rating touched");
+        assert_eq!(count("SELECT CAST(SUM(matches) AS BIGINT) FROM ratings").await, 2, "no rating touched");
     }
 
     /// Many rooms ending at once: each transaction reads ratings, then writes. Deferred
@@ -266,15 +274,21 @@ mod tests {
     /// result must be recorded.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn matches_ending_at_once_are_all_recorded() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = crate::db::open(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
+        for (_dir, db) in crate::db::testing::both().await {
+            matches_ending_at_once_are_all_recorded_on(db).await;
+        }
+    }
+
+    async fn matches_ending_at_once_are_all_recorded_on(db: Db) {
         for i in 0..64 {
-            sqlx::query("INSERT INTO users (username, username_key, password_hash, created_at) VALUES (?, ?, 'x', 0)")
-                .bind(format!("p{i}"))
-                .bind(format!("p{i}"))
-                .execute(&db)
-                .await
-                .unwrap();
+            sqlx::query(
+                "INSERT INTO users (username, username_key, password_hash, created_at) VALUES ($1, $2, 'x', 0)",
+            )
+            .bind(format!("p{i}"))
+            .bind(format!("p{i}"))
+            .execute(&db)
+            .await
+            .unwrap();
         }
         let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM users ORDER BY id").fetch_all(&db).await.unwrap();
         let outcome =
@@ -312,8 +326,8 @@ pub struct HistoryRow {
     /// Players who shared this place (1: nobody else).
     pub tied: i64,
     pub opponents: Option<String>,
-    /// Unofficial: played on a community server (no rating changed).
-    pub official: bool,
+    /// 0: unofficial, played on a community server (no rating changed).
+    pub official: i64,
     /// The room server it was played on, if not the hub's own rooms.
     pub server: Option<String>,
 }
@@ -321,22 +335,34 @@ pub struct HistoryRow {
 /// A page of a player's matches, newest first; `per_page + 1` rows are read to tell whether a
 /// next page exists.
 pub async fn history(db: &Db, user_id: i64, page: u32, per_page: u32) -> Result<Vec<HistoryRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT m.id AS match_id, m.mode, m.end_reason, m.ended_at, mp.rank, mp.score, mp.rating_before,
-                mp.rating_after,
-                (SELECT COUNT(*) FROM match_players x WHERE x.match_id = m.id) AS players,
-                (SELECT COUNT(*) FROM match_players x WHERE x.match_id = m.id AND x.rank = mp.rank) AS tied,
-                (SELECT group_concat(u.username, ', ') FROM match_players x JOIN users u ON u.id = x.user_id
-                  WHERE x.match_id = m.id AND x.user_id != mp.user_id) AS opponents,
-                m.official, m.server
-         FROM match_players mp JOIN matches m ON m.id = mp.match_id
-         WHERE mp.user_id = ? ORDER BY m.id DESC LIMIT ? OFFSET ?",
-    )
-    .bind(user_id)
-    .bind(i64::from(per_page) + 1)
-    .bind(i64::from(page.saturating_sub(1)) * i64::from(per_page))
-    .fetch_all(db)
-    .await
+    // The opponents' names joined into one column: SQLite's group_concat, PostgreSQL's string_agg.
+    macro_rules! history {
+        ($join:literal) => {
+            concat!(
+                "SELECT m.id AS match_id, m.mode, m.end_reason, m.ended_at, mp.rank, mp.score, mp.rating_before,
+                        mp.rating_after,
+                        (SELECT COUNT(*) FROM match_players x WHERE x.match_id = m.id) AS players,
+                        (SELECT COUNT(*) FROM match_players x WHERE x.match_id = m.id AND x.rank = mp.rank) AS tied,
+                        (SELECT ",
+                $join,
+                "(u.username, ', ') FROM match_players x JOIN users u ON u.id = x.user_id
+                          WHERE x.match_id = m.id AND x.user_id != mp.user_id) AS opponents,
+                        m.official, m.server
+                 FROM match_players mp JOIN matches m ON m.id = mp.match_id
+                 WHERE mp.user_id = $1 ORDER BY m.id DESC LIMIT $2 OFFSET $3"
+            )
+        };
+    }
+    let sql = match crate::db::Backend::of(db) {
+        crate::db::Backend::Sqlite => history!("group_concat"),
+        crate::db::Backend::Postgres => history!("string_agg"),
+    };
+    sqlx::query_as(sql)
+        .bind(user_id)
+        .bind(i64::from(per_page) + 1)
+        .bind(i64::from(page.saturating_sub(1)) * i64::from(per_page))
+        .fetch_all(db)
+        .await
 }
 
 /// A player's standing in one mode.
@@ -356,7 +382,7 @@ pub struct Standing {
 pub async fn standings_of(db: &Db, user_id: i64) -> Result<Vec<Standing>, sqlx::Error> {
     sqlx::query_as(
         "SELECT r.user_id, u.username, r.mode, r.rating, r.deviation, r.matches, r.wins, r.draws
-         FROM ratings r JOIN users u ON u.id = r.user_id WHERE r.user_id = ? ORDER BY r.mode",
+         FROM ratings r JOIN users u ON u.id = r.user_id WHERE r.user_id = $1 ORDER BY r.mode",
     )
     .bind(user_id)
     .fetch_all(db)
@@ -367,8 +393,8 @@ pub async fn standings_of(db: &Db, user_id: i64) -> Result<Vec<Standing>, sqlx::
 pub async fn leaderboard(db: &Db, mode: &str, page: u32, per_page: u32) -> Result<Vec<Standing>, sqlx::Error> {
     sqlx::query_as(
         "SELECT r.user_id, u.username, r.mode, r.rating, r.deviation, r.matches, r.wins, r.draws
-         FROM ratings r JOIN users u ON u.id = r.user_id WHERE r.mode = ?
-         ORDER BY r.rating DESC, r.matches DESC, u.username LIMIT ? OFFSET ?",
+         FROM ratings r JOIN users u ON u.id = r.user_id WHERE r.mode = $1
+         ORDER BY r.rating DESC, r.matches DESC, u.username LIMIT $2 OFFSET $3",
     )
     .bind(mode)
     .bind(i64::from(per_page) + 1)

@@ -53,6 +53,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/u/{name}", get(profile))
         .route("/leaderboard", get(leaderboard))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .nest_service("/static", static_files)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(Arc::clone(&app), refuse_cross_site_posts))
@@ -383,11 +384,18 @@ async fn end_other_sessions(
     Ok(Redirect::to("/account").into_response())
 }
 
-async fn healthz(State(app): AppState) -> Response {
+/// Liveness: the process serves requests (a load balancer or supervisor restarts it otherwise).
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Readiness: the instance can reach its database and will take players; a load balancer sends
+/// no one to an instance that answers 503 here, and takes it back when it answers 200 again.
+async fn readyz(State(app): AppState) -> Response {
     if crate::db::is_healthy(&app.db).await {
-        (StatusCode::OK, "ok\n").into_response()
+        (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n").into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: the database does not answer\n").into_response()
     }
 }
 

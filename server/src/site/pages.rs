@@ -145,7 +145,7 @@ impl ProfilePage {
                 let delta = (h.rating_after - h.rating_before).round() as i64;
                 HistoryLine {
                     when: datetime(h.ended_at),
-                    mode: match (&h.server, h.official) {
+                    mode: match (&h.server, h.official != 0) {
                         (Some(server), false) => format!("{} · unofficial ({server})", mode_title(modes, &h.mode)),
                         _ => mode_title(modes, &h.mode),
                     },
@@ -157,7 +157,7 @@ impl ProfilePage {
                     score: h.score,
                     against: h.opponents.clone().unwrap_or_default(),
                     rating: format!("{}", h.rating_after.round() as i64),
-                    change: if !h.official {
+                    change: if h.official == 0 {
                         "unrated".to_owned()
                     } else if delta >= 0 {
                         format!("+{delta}")

@@ -438,13 +438,17 @@ async fn a_busy_hashing_pool_answers_503_with_retry_after() {
 }
 
 #[tokio::test]
-async fn healthz_reports_the_database() {
+async fn healthz_says_alive_and_readyz_says_whether_the_database_answers() {
     let server = TestServer::start().await;
-    let response = reqwest::get(format!("{}/healthz", server.base)).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
+    let status = |path: &'static str| {
+        let base = server.base.clone();
+        async move { reqwest::get(format!("{base}{path}")).await.unwrap().status() }
+    };
+    assert_eq!(status("/healthz").await, StatusCode::OK);
+    assert_eq!(status("/readyz").await, StatusCode::OK);
     server.running.app.db.close().await;
-    let response = reqwest::get(format!("{}/healthz", server.base)).await.unwrap();
-    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(status("/healthz").await, StatusCode::OK, "alive: not a reason to restart it");
+    assert_eq!(status("/readyz").await, StatusCode::SERVICE_UNAVAILABLE, "but send no one to it");
 }
 
 #[tokio::test]

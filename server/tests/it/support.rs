@@ -10,6 +10,27 @@ use tokio::net::TcpListener;
 
 pub const PASSWORD: &str = "correct horse battery";
 
+/// The database of the test server whose folder is `dir`: SQLite in that folder, or, with
+/// `RALLYPOINT_TEST_DATABASE=postgres` (as `cargo xtask test` runs the database tests a second
+/// time), a PostgreSQL database made for it. Its URL is kept in the folder, so that a server
+/// restarted on the folder finds the same data.
+pub async fn database_url(dir: &std::path::Path) -> String {
+    let kept = dir.join("database-url");
+    if let Ok(url) = std::fs::read_to_string(&kept) {
+        return url;
+    }
+    let url = match std::env::var("RALLYPOINT_TEST_DATABASE").as_deref() {
+        Ok("postgres") => tokio::task::spawn_blocking(|| rallypoint_load::services::fresh_postgres_database("it"))
+            .await
+            .unwrap()
+            .expect("PostgreSQL 15 for the tests (cargo xtask test installs it)"),
+        Ok("sqlite") | Err(_) => format!("sqlite://{}", dir.join("rp.db").display()),
+        Ok(other) => panic!("RALLYPOINT_TEST_DATABASE={other:?}: use sqlite or postgres"),
+    };
+    std::fs::write(&kept, &url).unwrap();
+    url
+}
+
 /// A server on an ephemeral port with its own database folder.
 pub struct TestServer {
     pub running: Running,
@@ -69,7 +90,7 @@ impl TestServer {
         dir: tempfile::TempDir,
         adjust: impl FnOnce(&mut Config),
     ) -> Self {
-        let url = format!("sqlite://{}", dir.path().join("rp.db").display());
+        let url = database_url(dir.path()).await;
         let mut config = Config::new(url, dir.path());
         config.limits = test_limits();
         adjust(&mut config);
