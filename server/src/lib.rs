@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod config;
 pub mod db;
+pub mod dump;
 pub mod fleet;
 pub mod fuzzing;
 mod http;

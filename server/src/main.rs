@@ -26,6 +26,12 @@ enum Command {
     RoomServer(RoomServerArgs),
     /// Create, list and revoke the tokens room servers register with (run on the hub's host).
     RoomToken(RoomTokenArgs),
+    /// Apply the database schema (SQLite or PostgreSQL) and say which version it is at.
+    Migrate(DatabaseArgs),
+    /// Write every row of a deployment's database as JSON lines (to move it, e.g. to PostgreSQL).
+    Export(DumpArgs),
+    /// Read an export into an empty database (migrated first), all or nothing.
+    Import(DumpArgs),
     /// Run native bots that sign in, queue and play against a server, then report.
     Bots(rallypoint_load::bots::BotsArgs),
     /// Benchmarks, run by `cargo xtask bench` (not for production).
@@ -47,6 +53,22 @@ struct RoomTokenArgs {
         global = true
     )]
     database_url: String,
+}
+
+#[derive(Debug, Args)]
+struct DatabaseArgs {
+    /// The database (as given to `rallypoint serve`): sqlite://PATH or postgres://USER:PASSWORD@HOST/DATABASE.
+    #[arg(long, env = "RALLYPOINT_DATABASE_URL", default_value = "sqlite://./data/rallypoint.db", value_name = "URL")]
+    database_url: String,
+}
+
+#[derive(Debug, Args)]
+struct DumpArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// The dump file (default: standard output for export, standard input for import).
+    #[arg(long, value_name = "PATH")]
+    file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -77,6 +99,9 @@ fn main() -> ExitCode {
         Command::Bots(args) => bots(&args),
         Command::RoomServer(args) => room_server(&args),
         Command::RoomToken(args) => room_token(&args),
+        Command::Migrate(args) => migrate(&args),
+        Command::Export(args) => export(&args),
+        Command::Import(args) => import(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -143,6 +168,59 @@ fn room_token(args: &RoomTokenArgs) -> anyhow::Result<()> {
         db.close().await;
         anyhow::Ok(())
     })
+}
+
+fn migrate(args: &DatabaseArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let db = rallypoint_server::db::open(&args.database_url).await?;
+        let version: i64 = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations").fetch_one(&db).await?;
+        db.close().await;
+        println!("The database is at schema version {version}.");
+        Ok(())
+    })
+}
+
+fn export(args: &DumpArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        // Not `open`: an export changes nothing, not even the schema.
+        let db = rallypoint_server::db::connect(&args.database.database_url).await?;
+        let counts = match &args.file {
+            Some(path) => {
+                let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+                rallypoint_server::dump::export(&db, &mut out).await?
+            }
+            None => {
+                rallypoint_server::dump::export(&db, &mut std::io::BufWriter::new(std::io::stdout().lock())).await?
+            }
+        };
+        db.close().await;
+        eprintln!("Exported {}.", describe(&counts));
+        Ok(())
+    })
+}
+
+fn import(args: &DumpArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let db = rallypoint_server::db::open(&args.database.database_url).await?;
+        let counts = match &args.file {
+            Some(path) => {
+                let file =
+                    std::fs::File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+                rallypoint_server::dump::import(&db, std::io::BufReader::new(file)).await?
+            }
+            None => rallypoint_server::dump::import(&db, std::io::stdin().lock()).await?,
+        };
+        db.close().await;
+        eprintln!("Imported {}.", describe(&counts));
+        Ok(())
+    })
+}
+
+fn describe(counts: &[(&str, u64)]) -> String {
+    counts.iter().map(|(table, n)| format!("{n} {table}")).collect::<Vec<_>>().join(", ")
 }
 
 /// Runs the bots and prints their report; any protocol error makes the exit status non-zero.

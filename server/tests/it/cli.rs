@@ -216,3 +216,30 @@ fn bots_exit_non_zero_on_errors() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("1 protocol errors"), "{stdout}");
 }
+
+/// An operator moves a SQLite deployment to PostgreSQL: `migrate`, `export`, `import`, and the
+/// room servers' tokens (like everything else) are there; a second import is refused.
+#[test]
+fn a_deployment_moves_to_postgres_from_the_command_line() {
+    let dir = static_dir();
+    let sqlite = format!("sqlite://{}", dir.path().join("t.db").display());
+    let created = rallypoint(&["room-token", "create", "--name", "eu-1", "--database-url", &sqlite], dir.path());
+    assert!(created.status.success());
+    let postgres = rallypoint_load::services::fresh_postgres_database("cli").unwrap();
+    let migrated = rallypoint(&["migrate", "--database-url", &postgres], dir.path());
+    assert!(String::from_utf8_lossy(&migrated.stdout).contains("schema version 4"), "{migrated:?}");
+    let dump = dir.path().join("dump.jsonl");
+    let dump = dump.to_str().unwrap();
+    let exported = rallypoint(&["export", "--database-url", &sqlite, "--file", dump], dir.path());
+    assert!(String::from_utf8_lossy(&exported.stderr).contains("1 room_servers"), "{exported:?}");
+    let imported = rallypoint(&["import", "--database-url", &postgres, "--file", dump], dir.path());
+    assert!(String::from_utf8_lossy(&imported.stderr).contains("1 room_servers"), "{imported:?}");
+    let list = rallypoint(&["room-token", "list", "--database-url", &postgres], dir.path());
+    assert!(String::from_utf8_lossy(&list.stdout).contains("eu-1\tofficial\tactive"), "{list:?}");
+    let again = rallypoint(&["import", "--database-url", &postgres, "--file", dump], dir.path());
+    assert!(one_error_line(&again).contains("import only into an empty one"));
+    let missing = rallypoint(&["import", "--database-url", &postgres, "--file", "/nonexistent"], dir.path());
+    assert!(one_error_line(&missing).contains("cannot open /nonexistent"));
+    let unsupported = rallypoint(&["migrate", "--database-url", "mysql://x"], dir.path());
+    assert!(one_error_line(&unsupported).contains("use sqlite://PATH or postgres://"));
+}
