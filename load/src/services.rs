@@ -1,6 +1,7 @@
-//! Throwaway database servers for tests, benchmarks and `cargo xtask cluster`: a real
-//! PostgreSQL 15 from Debian (`postgresql-15`), started on a free port with its data in a
-//! temporary folder, gone when the process that started it ends.
+//! Throwaway servers for tests, benchmarks and `cargo xtask cluster`: a real PostgreSQL 15 and a
+//! real NATS server (with JetStream) from Debian (`postgresql-15`, `nats-server`), each started
+//! on a free port with its data in a temporary folder, gone when the process that started it
+//! ends.
 //!
 //! The server runs as the `postgres` user when this process is root (PostgreSQL refuses root),
 //! and dies with this process: it is started from a thread that lives as long as the process,
@@ -116,6 +117,80 @@ impl Postgres {
     }
 }
 
+/// Where Debian installs the NATS server.
+pub const NATS_SERVER: &str = "/usr/sbin/nats-server";
+
+/// A NATS server (JetStream on) of this process.
+#[derive(Debug)]
+pub struct Nats {
+    port: u16,
+    data: PathBuf,
+    pid: u32,
+}
+
+impl Nats {
+    /// Starts a NATS server on a free loopback port, its JetStream store in a fresh folder.
+    pub fn start() -> Result<Self> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        Self::start_on(port, None)
+    }
+
+    /// Starts a NATS server on `port` with the JetStream store in `data` (a fresh folder when
+    /// `None`): the same port and store as a server stopped before, to restart it.
+    pub fn start_on(port: u16, data: Option<PathBuf>) -> Result<Self> {
+        if !Path::new(NATS_SERVER).exists() {
+            bail!(
+                "the NATS server is not installed ({NATS_SERVER}): `apt-get install nats-server`, or run `cargo xtask test`, which installs it"
+            );
+        }
+        let root = std::env::temp_dir();
+        remove_stale(&root, "rallypoint-nats-");
+        let data = match data {
+            Some(data) => data,
+            None => root.join(format!("rallypoint-nats-{}-{}", std::process::id(), next_id())),
+        };
+        std::fs::create_dir_all(&data)?;
+        let mut nats = user_command(None, Path::new(NATS_SERVER));
+        nats.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(&data)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(data.with_extension("log"))?);
+        let pid = spawn_for_life(nats)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(data.with_extension("log")).unwrap_or_default();
+                bail!("the NATS server did not start within 10 s:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self { port, data, pid })
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Its JetStream store, to start it again on the same data.
+    pub fn data(&self) -> &Path {
+        &self.data
+    }
+
+    /// Stops it at once (SIGKILL), as a crash would.
+    pub fn kill(&self) {
+        let _ = Command::new("kill").args(["-s", "KILL", &self.pid.to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 /// One PostgreSQL server for the whole process (a test binary's tests each create their own
 /// database on it), started on first use.
 pub fn shared_postgres() -> Result<&'static Postgres> {
@@ -167,7 +242,7 @@ fn user_command(owner: Option<(u32, u32)>, program: &Path) -> Command {
 
 /// Spawns `cmd` from a thread that outlives every caller (it parks until the process ends), so
 /// that the child's parent-death signal comes only when the process goes.
-fn spawn_for_life(mut cmd: Command) -> Result<()> {
+fn spawn_for_life(mut cmd: Command) -> Result<u32> {
     let (tx, rx) = mpsc::channel::<std::io::Result<Child>>();
     std::thread::spawn(move || {
         let child = cmd.spawn();
@@ -179,8 +254,8 @@ fn spawn_for_life(mut cmd: Command) -> Result<()> {
             }
         }
     });
-    rx.recv().context("the spawning thread ended")?.context("cannot start the server")?;
-    Ok(())
+    let child = rx.recv().context("the spawning thread ended")?.context("cannot start the server")?;
+    Ok(child.id())
 }
 
 /// Removes `root/{prefix}{pid}-…` folders (and their logs) of processes that are gone.

@@ -14,9 +14,19 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
 
     /// Database to use. `sqlite://PATH` keeps everything in one file, created with its folder
-    /// when missing.
+    /// when missing; `postgres://USER:PASSWORD@HOST/DATABASE` is for several instances.
     #[arg(long, env = "RALLYPOINT_DATABASE_URL", default_value = "sqlite://./data/rallypoint.db", value_name = "URL")]
     pub database_url: String,
+
+    /// The NATS server that the instances of a cluster share (lobbies, chat, sessions), such as
+    /// `nats://nats.internal:4222`. Needs a PostgreSQL --database-url shared by every instance.
+    #[arg(long, env = "RALLYPOINT_NATS_URL", value_name = "URL")]
+    pub nats_url: Option<String>,
+
+    /// This instance's name in metrics (the `instance` label) and logs. Default: the host's
+    /// name and the --listen port.
+    #[arg(long, env = "RALLYPOINT_INSTANCE", value_name = "NAME")]
+    pub instance: Option<String>,
 
     /// Folder with the built client and stylesheets (the output of `cargo xtask dist` or Trunk).
     /// Default: `./static` when it exists, else `./web/dist`.
@@ -140,6 +150,10 @@ pub struct Config {
     pub webrtc: crate::transport::webrtc::RtcConfig,
     /// Whether matches run in this process (else only on room servers).
     pub local_rooms: bool,
+    /// The cluster's NATS server, when this is one instance of several.
+    pub nats_url: Option<String>,
+    /// This instance's name (metrics' `instance` label).
+    pub instance: String,
 }
 
 /// Sizes, rates and timeouts. The defaults are what production runs with.
@@ -254,6 +268,12 @@ pub enum ConfigError {
         "no built client in {0}: run `cargo xtask run` (or `cargo xtask dist`), or point --static-dir at a folder holding rallypoint-client.js"
     )]
     StaticDir(PathBuf),
+    #[error(
+        "--nats-url joins instances into a cluster, and a SQLite database belongs to one instance: give every instance the same --database-url postgres://…, or leave out --nats-url"
+    )]
+    NatsWithSqlite,
+    #[error("--nats-url {0:?} is not a NATS URL such as nats://nats.internal:4222")]
+    NatsUrl(String),
     #[error("--max-connections must be at least 1")]
     MaxConnections,
     #[error("--lobby-capacity must be at least 1")]
@@ -283,8 +303,17 @@ impl Config {
             _ => None,
         };
         let secure_cookies = tls.is_some() || public_origin.as_deref().is_some_and(|o| o.starts_with("https://"));
-        if crate::db::Backend::of_url(&args.database_url).is_none() {
+        let backend = crate::db::Backend::of_url(&args.database_url);
+        if backend.is_none() {
             return Err(ConfigError::DatabaseUrl(args.database_url.clone()));
+        }
+        if let Some(nats) = &args.nats_url {
+            if backend == Some(crate::db::Backend::Sqlite) {
+                return Err(ConfigError::NatsWithSqlite);
+            }
+            if !(nats.starts_with("nats://") || nats.starts_with("tls://")) {
+                return Err(ConfigError::NatsUrl(nats.clone()));
+            }
         }
         if args.max_connections == 0 {
             return Err(ConfigError::MaxConnections);
@@ -335,6 +364,8 @@ impl Config {
             },
             metrics_listen: args.metrics_listen,
             local_rooms: args.local_rooms,
+            nats_url: args.nats_url.clone(),
+            instance: args.instance.clone().unwrap_or_else(|| default_instance(args.listen.port())),
             webrtc: crate::transport::webrtc::RtcConfig {
                 listen: args.webrtc_listen,
                 public_ip: args.public_ip,
@@ -374,8 +405,17 @@ impl Config {
                 ..Default::default()
             },
             local_rooms: true,
+            nats_url: None,
+            instance: "test".to_owned(),
         }
     }
+}
+
+/// `HOSTNAME:PORT`, from the kernel's host name.
+fn default_instance(port: u16) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = host.trim();
+    format!("{}:{port}", if host.is_empty() { "localhost" } else { host })
 }
 
 /// More loops than this would be a typo: each is a socket and a task.

@@ -2,6 +2,7 @@
 //! [`start`] with a port-0 listener.
 
 pub mod accounts;
+pub mod bus;
 pub mod config;
 pub mod db;
 pub mod dump;
@@ -49,6 +50,8 @@ pub enum StartError {
     Chat(#[from] sqlx::Error),
     #[error(transparent)]
     WebRtc(#[from] transport::webrtc::RtcBindError),
+    #[error(transparent)]
+    Bus(#[from] bus::BusError),
 }
 
 /// A server running in this process.
@@ -84,7 +87,11 @@ pub async fn start_game<G: shared::game::Game>(listener: TcpListener, config: Co
     let tickets = (signer.verifier().clone(), rooms::LOCAL_SERVER);
     let rooms = rooms::Rooms::new::<G>(config.rooms.clone(), tickets, room_events, Arc::new(rtc.clone()));
     let local = (rooms, config.local_rooms);
-    let (hub, hub_task) = Hub::start(db.clone(), config.limits.clone(), local, rtc, signer, events).await?;
+    let bus = match &config.nats_url {
+        Some(url) => Some(bus::Bus::connect(url, &config.instance).await?),
+        None => None,
+    };
+    let (hub, hub_task) = Hub::start(db.clone(), config.limits.clone(), local, rtc, signer, events, bus).await?;
     if let Some(metrics) = config.metrics_listen {
         metrics_endpoint::serve(metrics)
             .await
@@ -107,6 +114,9 @@ pub async fn start_game<G: shared::game::Game>(listener: TcpListener, config: Co
             .await;
             purge.abort();
             let _ = hub_task.await;
+            if let Some(bus) = app.hub.bus() {
+                bus.close().await;
+            }
             app.db.close().await;
         })
     };

@@ -1,6 +1,7 @@
 //! Installs what a fresh machine lacks, each once, saying what and why:
 //! the wasm32 target, Trunk 0.21, wasm-bindgen-cli at exactly Cargo.lock's version, and, for the
-//! browser tests, Debian's Chromium and ChromeDriver, and PostgreSQL 15 for the database tests.
+//! browser tests, Debian's Chromium and ChromeDriver, and PostgreSQL 15 and the NATS server for the
+//! database and cluster tests.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -13,6 +14,8 @@ pub const CHROMIUM: &str = "/usr/bin/chromium";
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// Debian's PostgreSQL 15 server (the tests start their own on a free port, as `load::services`).
 const POSTGRES: &str = "/usr/lib/postgresql/15/bin/postgres";
+/// Debian's NATS server (the cluster tests start their own, as `load::services`).
+const NATS_SERVER: &str = "/usr/sbin/nats-server";
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
 const TRUNK_SERIES: &str = "0.21";
 
@@ -153,6 +156,10 @@ fn ensure_test_packages() -> Result<()> {
     if !PathBuf::from(POSTGRES).is_file() {
         step("Installing Debian's postgresql-15 (every database test runs on SQLite and on PostgreSQL)");
         packages.push("postgresql-15");
+    }
+    if !PathBuf::from(NATS_SERVER).is_file() {
+        step("Installing Debian's nats-server (the cluster tests run instances on a real NATS bus)");
+        packages.push("nats-server");
     }
     if which("node").is_none() {
         step("Installing Debian's nodejs (the WebAssembly build of the simulation is tested under Node)");

@@ -148,6 +148,19 @@ impl Client {
         self.jar.cookies(&self.base).and_then(|v| v.to_str().ok().map(str::to_owned))
     }
 
+    /// The session's token (the `rp_session` cookie), to carry the session to another address
+    /// of the same site (another instance of a cluster).
+    pub fn session_token(&self) -> Option<String> {
+        let cookies = self.cookie_header()?;
+        cookies.split("; ").find_map(|c| c.strip_prefix("rp_session=")).map(str::to_owned)
+    }
+
+    /// The same session, on the same site at another address.
+    pub fn at(&self, base: &str) -> Result<Self, ClientError> {
+        let token = self.session_token().ok_or_else(|| ClientError::Url("no session to carry".into()))?;
+        Self::with_session(base, &token)
+    }
+
     /// The hub's WebSocket URL.
     pub fn hub_url(&self) -> Url {
         let mut url = self.url("/ws");

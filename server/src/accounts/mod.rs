@@ -38,6 +38,27 @@ impl User {
 pub struct SessionKey([u8; 32]);
 
 impl SessionKey {
+    /// The key in hex, as the cluster's bus carries it.
+    pub fn to_hex(&self) -> String {
+        use std::fmt::Write as _;
+        self.0.iter().fold(String::with_capacity(64), |mut hex, b| {
+            let _ = write!(hex, "{b:02x}");
+            hex
+        })
+    }
+
+    /// A key from [`Self::to_hex`]'s form; `None` for anything else.
+    pub fn from_hex(hex: &str) -> Option<Self> {
+        if hex.len() != 64 || !hex.is_ascii() {
+            return None;
+        }
+        let mut key = [0u8; 32];
+        for (i, byte) in key.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Self(key))
+    }
+
     pub(crate) fn of_token(token: &str) -> Self {
         Self(Sha256::digest(token.as_bytes()).into())
     }

@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::accounts::SessionKey;
+use crate::bus::{Bus, InstanceId, Note};
 use crate::config::Limits;
 use crate::db::{Db, unix_now_ms};
 use crate::fleet::control::{self, Assignment, FromHub, FromServer, Player, Signed};
@@ -183,6 +184,7 @@ pub struct Hub {
     signer: Arc<TicketSigner>,
     /// WebSocket origins of room servers (`wss://host:port`), for the pages' CSP.
     room_origins: Arc<std::sync::RwLock<BTreeSet<String>>>,
+    bus: Option<Bus>,
 }
 
 /// The hub task has stopped (the server is shutting down).
@@ -193,6 +195,7 @@ pub struct HubGone;
 impl Hub {
     /// Loads recent chat and starts the hub and chat-log tasks. Room events arrive on `events`;
     /// tickets are signed with `signer`. Without `local_rooms`, every match goes to a room server.
+    /// With a `bus`, the lobbies are shared with the cluster's other instances.
     pub async fn start(
         db: Db,
         limits: Limits,
@@ -200,7 +203,9 @@ impl Hub {
         rtc: Rtc,
         signer: TicketSigner,
         events: mpsc::Receiver<RoomEvent>,
+        bus: Option<(Bus, mpsc::Receiver<Note>)>,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), sqlx::Error> {
+        let (bus, notes) = bus.unzip();
         let signer = Arc::new(signer);
         let known = crate::fleet::tokens::known_urls(&db).await?;
         let room_origins =
@@ -228,16 +233,18 @@ impl Hub {
             local_rooms,
             servers: BTreeMap::new(),
             placing: HashMap::new(),
+            bus: bus.clone(),
+            peers: HashMap::new(),
         };
         for (lobby, lines) in recent {
             state.lobby_mut(lobby).recent = lines.into();
         }
         let task = tokio::spawn(async move {
-            state.run(rx, events).await;
+            state.run(rx, events, notes).await;
             // The log flushes what it holds once every sender is gone.
             let _ = log_task.await;
         });
-        Ok((Self { commands, next_conn: Arc::default(), limits, db, rooms, rtc, signer, room_origins }, task))
+        Ok((Self { commands, next_conn: Arc::default(), limits, db, rooms, rtc, signer, room_origins, bus }, task))
     }
 
     pub fn rooms(&self) -> &Rooms {
@@ -250,6 +257,11 @@ impl Hub {
 
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// The cluster's bus, when this instance is one of several.
+    pub fn bus(&self) -> Option<&Bus> {
+        self.bus.as_ref()
     }
 
     /// The key that signs tickets and assignments.
@@ -377,11 +389,34 @@ struct Playing {
 
 #[derive(Default)]
 struct Lobby {
+    /// Users with a connection to this instance.
     members: BTreeSet<i64>,
+    /// Users in this lobby through other instances of the cluster, with how many instances.
+    remote: BTreeMap<i64, (UserSummary, u32)>,
     conns: BTreeSet<ConnId>,
     recent: VecDeque<ChatLine>,
     /// Presence changes not yet sent: the latest state of each user who came or went.
     pending: BTreeMap<i64, Option<UserSummary>>,
+    /// Changes of this instance's members not yet told to the other instances.
+    outgoing: BTreeMap<i64, Option<UserSummary>>,
+}
+
+impl Lobby {
+    /// Users in the lobby, on any instance.
+    fn size(&self) -> usize {
+        self.members.len() + self.remote.keys().filter(|id| !self.members.contains(id)).count()
+    }
+
+    fn is_visible(&self, user_id: i64) -> bool {
+        self.members.contains(&user_id) || self.remote.contains_key(&user_id)
+    }
+}
+
+/// Another instance of the cluster, as heard on the bus.
+struct Peer {
+    seen: Instant,
+    /// Its users, and the lobby each is in.
+    users: HashMap<i64, usize>,
 }
 
 struct State {
@@ -410,6 +445,10 @@ struct State {
     servers: BTreeMap<u32, Remote>,
     /// Matches sent to a room server that has not said yet where they run.
     placing: HashMap<u64, Placing>,
+    /// The cluster's bus, when there are other instances (`--nats-url`).
+    bus: Option<Bus>,
+    /// The other instances heard on the bus.
+    peers: HashMap<InstanceId, Peer>,
 }
 
 /// How long a room server whose control connection ended may take to come back before its
@@ -440,11 +479,23 @@ struct Placing {
 static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl State {
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>, mut events: mpsc::Receiver<RoomEvent>) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        mut events: mpsc::Receiver<RoomEvent>,
+        mut notes: Option<mpsc::Receiver<Note>>,
+    ) {
         let mut flush_at: Option<Instant> = None;
         let mut matchmaking = tokio::time::interval(MATCHMAKING_EVERY);
         matchmaking.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut peer_check = tokio::time::interval(crate::bus::HEARTBEAT);
         loop {
+            let note = async {
+                match notes.as_mut() {
+                    Some(notes) => notes.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             let flush = async {
                 match flush_at {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -459,6 +510,8 @@ impl State {
                     }
                 }
                 Some(event) = events.recv() => self.room_event(event),
+                Some(note) = note => self.on_note(note),
+                _ = peer_check.tick(), if self.bus.is_some() => self.expire_peers(),
                 () = flush => {
                     self.flush_presence();
                     flush_at = None;
@@ -469,7 +522,7 @@ impl State {
                 }
             }
             self.drop_slow();
-            if flush_at.is_none() && self.lobbies.iter().any(|l| !l.pending.is_empty()) {
+            if flush_at.is_none() && self.lobbies.iter().any(|l| !l.pending.is_empty() || !l.outgoing.is_empty()) {
                 flush_at = Some(Instant::now() + PRESENCE_FLUSH);
             }
         }
@@ -484,11 +537,11 @@ impl State {
             Command::Leave { conn } => self.leave(conn),
             Command::Chat { conn, text } => self.chat(conn, text),
             Command::EndSessions { sessions } => {
-                for session in sessions {
-                    for conn in self.by_session.get(&session).cloned().unwrap_or_default() {
-                        self.close(conn, Closing::SessionEnded);
-                    }
+                if let Some(bus) = &self.bus {
+                    let hex = sessions.iter().map(SessionKey::to_hex).collect();
+                    bus.publish(Note::EndSessions { from: bus.id(), sessions: hex });
                 }
+                self.end_sessions(&sessions);
             }
             Command::FindMatch { conn, mode, rating } => self.find_match(conn, mode, rating),
             Command::CancelMatch { conn } => self.cancel_match(conn),
@@ -519,6 +572,9 @@ impl State {
             Command::ServerLost { server, generation } => self.server_lost(server, generation),
             Command::RemoteRtc { conn, room, signal } => self.remote_rtc(conn, &room, signal),
             Command::Shutdown => {
+                if let Some(bus) = &self.bus {
+                    bus.publish(Note::Gone { from: bus.id() });
+                }
                 let conns: Vec<ConnId> = self.conns.keys().copied().collect();
                 for conn in conns {
                     self.close(conn, Closing::GoingAway);
@@ -548,10 +604,146 @@ impl State {
         &mut self.lobbies[index]
     }
 
-    /// The lobby for a user arriving: the first with room.
-    fn lobby_with_room(&self) -> usize {
+    /// The lobby for a user arriving: the one they are in through another instance, else the
+    /// first with room (counting every instance's users).
+    fn lobby_with_room(&self, user_id: i64) -> usize {
+        if let Some(lobby) = self.lobbies.iter().position(|l| l.remote.contains_key(&user_id)) {
+            return lobby;
+        }
         let capacity = self.limits.lobby_capacity.max(1);
-        self.lobbies.iter().position(|l| l.members.len() < capacity).unwrap_or(self.lobbies.len())
+        self.lobbies.iter().position(|l| l.size() < capacity).unwrap_or(self.lobbies.len())
+    }
+
+    fn end_sessions(&mut self, sessions: &[SessionKey]) {
+        for session in sessions {
+            for conn in self.by_session.get(session).cloned().unwrap_or_default() {
+                self.close(conn, Closing::SessionEnded);
+            }
+        }
+    }
+
+    /// What another instance said.
+    fn on_note(&mut self, note: Note) {
+        let from = note.from();
+        let known = self.peers.contains_key(&from);
+        let peer = self.peers.entry(from).or_insert_with(|| Peer { seen: Instant::now(), users: HashMap::new() });
+        peer.seen = Instant::now();
+        if !known {
+            tracing::info!(instance = format!("{from:016x}"), "another instance is on the bus");
+            if let Some(bus) = &self.bus {
+                // It may not know us either (it just arrived, or we were cut apart).
+                bus.publish(Note::Hello { from: bus.id() });
+            }
+        }
+        match note {
+            Note::Alive { .. } => {}
+            Note::Hello { .. } => self.publish_everyone(),
+            Note::Presence { lobby, joined, left, .. } => {
+                let lobby = lobby as usize;
+                if lobby > self.lobbies.len() + 1024 {
+                    return;
+                }
+                for user in joined {
+                    self.remote_join(from, lobby, user);
+                }
+                for user_id in left {
+                    self.remote_leave(from, user_id);
+                }
+            }
+            Note::Chat { lobby, line, .. } => {
+                let lobby = lobby as usize;
+                if lobby < self.lobbies.len() {
+                    self.remember_line(lobby, line.clone());
+                    self.broadcast(lobby, &ServerMsg::Chat(line));
+                }
+            }
+            Note::EndSessions { sessions, .. } => {
+                let sessions: Vec<SessionKey> = sessions.iter().filter_map(|h| SessionKey::from_hex(h)).collect();
+                self.end_sessions(&sessions);
+            }
+            Note::Gone { .. } => self.peer_gone(from),
+        }
+    }
+
+    /// A user of instance `from` is in `lobby`.
+    fn remote_join(&mut self, from: InstanceId, lobby: usize, user: UserSummary) {
+        let Some(peer) = self.peers.get_mut(&from) else { return };
+        match peer.users.insert(user.id, lobby) {
+            Some(was) if was == lobby => return,
+            Some(was) => self.remote_leave_lobby(was, user.id),
+            None => {}
+        }
+        let l = self.lobby_mut(lobby);
+        let visible = l.is_visible(user.id);
+        let entry = l.remote.entry(user.id).or_insert_with(|| (user.clone(), 0));
+        entry.1 += 1;
+        if !visible {
+            l.pending.insert(user.id, Some(user));
+        }
+    }
+
+    /// A user of instance `from` left.
+    fn remote_leave(&mut self, from: InstanceId, user_id: i64) {
+        if let Some(lobby) = self.peers.get_mut(&from).and_then(|p| p.users.remove(&user_id)) {
+            self.remote_leave_lobby(lobby, user_id);
+        }
+    }
+
+    fn remote_leave_lobby(&mut self, lobby: usize, user_id: i64) {
+        let l = self.lobby_mut(lobby);
+        if let Some(entry) = l.remote.get_mut(&user_id) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                l.remote.remove(&user_id);
+                if !l.members.contains(&user_id) {
+                    l.pending.insert(user_id, None);
+                }
+            }
+        }
+    }
+
+    /// Instance `from` stopped, or went silent: its users leave.
+    fn peer_gone(&mut self, from: InstanceId) {
+        if let Some(peer) = self.peers.remove(&from) {
+            tracing::info!(instance = format!("{from:016x}"), users = peer.users.len(), "an instance left the bus");
+            for (user_id, lobby) in peer.users {
+                self.remote_leave_lobby(lobby, user_id);
+            }
+        }
+    }
+
+    fn expire_peers(&mut self) {
+        let now = Instant::now();
+        let silent: Vec<InstanceId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.seen) > crate::bus::PEER_TIMEOUT)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in silent {
+            self.peer_gone(id);
+        }
+    }
+
+    /// Tells the other instances every user of this one, lobby by lobby.
+    fn publish_everyone(&self) {
+        let Some(bus) = &self.bus else { return };
+        for (lobby, l) in self.lobbies.iter().enumerate() {
+            let members: Vec<UserSummary> =
+                l.members.iter().filter_map(|id| self.users.get(id).map(|o| o.user.clone())).collect();
+            for chunk in members.chunks(PRESENCE_CHUNK) {
+                let joined = chunk.to_vec();
+                bus.publish(Note::Presence { from: bus.id(), lobby: lobby as u32, joined, left: Vec::new() });
+            }
+        }
+    }
+
+    fn remember_line(&mut self, lobby: usize, line: ChatLine) {
+        let recent = &mut self.lobbies[lobby].recent;
+        if recent.len() == CHAT_HISTORY_LEN {
+            recent.pop_front();
+        }
+        recent.push_back(line);
     }
 
     fn join(
@@ -566,12 +758,18 @@ impl State {
         let lobby = if let Some(online) = self.users.get(&user_id) {
             online.lobby
         } else {
-            let lobby = self.lobby_with_room();
+            let lobby = self.lobby_with_room(user_id);
             let chat = TokenBucket::new(self.limits.chat_per_second, self.limits.chat_burst, Instant::now());
             self.users.insert(user_id, Online { user: user.clone(), lobby, conns: Vec::new(), chat });
+            let clustered = self.bus.is_some();
             let l = self.lobby_mut(lobby);
+            if !l.is_visible(user_id) {
+                l.pending.insert(user_id, Some(user.clone()));
+            }
             l.members.insert(user_id);
-            l.pending.insert(user_id, Some(user.clone()));
+            if clustered {
+                l.outgoing.insert(user_id, Some(user.clone()));
+            }
             lobby
         };
         if let Some(online) = self.users.get_mut(&user_id) {
@@ -582,8 +780,9 @@ impl State {
         self.lobby_mut(lobby).conns.insert(conn);
 
         let l = &self.lobbies[lobby];
-        let members: Vec<UserSummary> =
+        let mut members: Vec<UserSummary> =
             l.members.iter().filter_map(|id| self.users.get(id).map(|o| o.user.clone())).collect();
+        members.extend(l.remote.iter().filter(|(id, _)| !l.members.contains(id)).map(|(_, (u, _))| u.clone()));
         let welcome_msg = ServerMsg::Welcome {
             version: PROTOCOL_VERSION,
             me: user,
@@ -623,18 +822,47 @@ impl State {
         };
         online.conns.retain(|&x| x != conn);
         let (lobby, last) = (online.lobby, online.conns.is_empty());
+        let clustered = self.bus.is_some();
         let l = &mut self.lobbies[lobby];
         l.conns.remove(&conn);
         if last {
             self.users.remove(&c.user_id);
             l.members.remove(&c.user_id);
-            l.pending.insert(c.user_id, None);
+            if !l.remote.contains_key(&c.user_id) {
+                l.pending.insert(c.user_id, None);
+            }
+            if clustered {
+                l.outgoing.insert(c.user_id, None);
+            }
         }
     }
 
-    /// Sends each lobby's pending presence changes to its members, in chunks.
+    /// Sends each lobby's pending presence changes to its members, in chunks, and this
+    /// instance's own changes to the other instances.
     fn flush_presence(&mut self) {
         for lobby in 0..self.lobbies.len() {
+            let outgoing = std::mem::take(&mut self.lobbies[lobby].outgoing);
+            if let Some(bus) = self.bus.as_ref().filter(|_| !outgoing.is_empty()) {
+                let (joined, left): (Vec<_>, Vec<_>) = outgoing.into_iter().partition(|(_, u)| u.is_some());
+                let joined: Vec<UserSummary> = joined.into_iter().filter_map(|(_, u)| u).collect();
+                let left: Vec<i64> = left.into_iter().map(|(id, _)| id).collect();
+                for chunk in joined.chunks(PRESENCE_CHUNK) {
+                    bus.publish(Note::Presence {
+                        from: bus.id(),
+                        lobby: lobby as u32,
+                        joined: chunk.to_vec(),
+                        left: vec![],
+                    });
+                }
+                for chunk in left.chunks(PRESENCE_CHUNK) {
+                    bus.publish(Note::Presence {
+                        from: bus.id(),
+                        lobby: lobby as u32,
+                        joined: vec![],
+                        left: chunk.to_vec(),
+                    });
+                }
+            }
             let pending = std::mem::take(&mut self.lobbies[lobby].pending);
             if pending.is_empty() {
                 continue;
@@ -676,11 +904,10 @@ impl State {
             self.send_to(conn, &msg);
             return;
         }
-        let recent = &mut self.lobbies[lobby].recent;
-        if recent.len() == CHAT_HISTORY_LEN {
-            recent.pop_front();
+        self.remember_line(lobby, line.clone());
+        if let Some(bus) = &self.bus {
+            bus.publish(Note::Chat { from: bus.id(), lobby: lobby as u32, line: line.clone() });
         }
-        recent.push_back(line.clone());
         self.broadcast(lobby, &ServerMsg::Chat(line));
     }
 

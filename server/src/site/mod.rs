@@ -392,10 +392,12 @@ async fn healthz() -> &'static str {
 /// Readiness: the instance can reach its database and will take players; a load balancer sends
 /// no one to an instance that answers 503 here, and takes it back when it answers 200 again.
 async fn readyz(State(app): AppState) -> Response {
-    if crate::db::is_healthy(&app.db).await {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
+    if !crate::db::is_healthy(&app.db).await {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready: the database does not answer\n").into_response()
+    } else if app.hub.bus().is_some_and(|bus| !bus.is_connected()) {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: NATS is not connected\n").into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
     }
 }
 

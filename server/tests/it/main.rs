@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod cli;
+mod cluster;
 mod fuzz_corpus;
 mod hub;
 mod room_servers;

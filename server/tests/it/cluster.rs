@@ -1,0 +1,176 @@
+//! Several instances of `rallypoint serve` as one cluster: one PostgreSQL database and one
+//! NATS server (real ones, from Debian, started for the test on free ports), two hub instances
+//! in this process. A player must not be able to tell which instance they landed on.
+
+use std::time::Duration;
+
+use rallypoint_load::client::{Client, Hub};
+use rallypoint_load::services::{Nats, fresh_postgres_database};
+use shared::hub::{ClientMsg, ServerMsg, close};
+
+use crate::support::{TestServer, expect_close};
+
+/// A NATS server and a PostgreSQL database for one cluster.
+async fn backing() -> (Nats, String) {
+    tokio::task::spawn_blocking(|| (Nats::start().unwrap(), fresh_postgres_database("cluster").unwrap())).await.unwrap()
+}
+
+async fn instance(nats: &Nats, database: &str) -> TestServer {
+    let (nats, database) = (nats.url(), database.to_owned());
+    TestServer::start_with(move |c| {
+        c.database_url = database;
+        c.nats_url = Some(nats);
+    })
+    .await
+}
+
+/// Waits until `hub` shows `name` online (or not), reading presence as it comes.
+async fn until_online(hub: &mut Hub, name: &str, online: bool) {
+    let mut users: std::collections::HashMap<i64, String> = hub.online.iter().map(|u| (u.id, u.name.clone())).collect();
+    if users.values().any(|n| n == name) == online {
+        return;
+    }
+    hub.recv_until(Duration::from_secs(10), |msg| {
+        if let ServerMsg::Presence { joined, left } = msg {
+            users.extend(joined.iter().map(|u| (u.id, u.name.clone())));
+            for id in left {
+                users.remove(&id);
+            }
+            if users.values().any(|n| n == name) == online {
+                return Some(());
+            }
+        }
+        None
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{name} online={online}: {e}"));
+}
+
+async fn chat_line(hub: &mut Hub) -> (String, String) {
+    hub.recv_until(Duration::from_secs(10), |msg| match msg {
+        ServerMsg::Chat(line) => Some((line.from.name.clone(), line.text.clone())),
+        _ => None,
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_chat_reach_players_on_the_other_instance_in_order() {
+    let (nats, database) = backing().await;
+    let a = instance(&nats, &database).await;
+    let b = instance(&nats, &database).await;
+    let ann = a.user("ann").await;
+    // Registered through A, signed in through B: one database.
+    let bob = b.client();
+    bob.login("bob_missing", crate::support::PASSWORD).await.unwrap_err();
+    a.user("bob").await;
+    bob.login("bob", crate::support::PASSWORD).await.unwrap();
+    let mut ann_hub = ann.hub().await.unwrap();
+    let mut bob_hub = bob.hub().await.unwrap();
+    until_online(&mut ann_hub, "bob", true).await;
+    // Bob's welcome may have come before the instances heard of each other: then presence.
+    until_online(&mut bob_hub, "ann", true).await;
+    // Five: the chat burst a player may send at once.
+    for i in 0..5 {
+        bob_hub.send(&ClientMsg::Chat { text: format!("line {i}") }).await.unwrap();
+    }
+    for i in 0..5 {
+        assert_eq!(chat_line(&mut ann_hub).await, ("bob".to_owned(), format!("line {i}")), "in order per sender");
+    }
+    ann_hub.send(&ClientMsg::Chat { text: "hi from A".into() }).await.unwrap();
+    // Bob reads his own lines back first (they were broadcast to his lobby), then Ann's.
+    let mut got = Vec::new();
+    while got.last().map(|(_, t): &(String, String)| t.as_str()) != Some("hi from A") {
+        got.push(chat_line(&mut bob_hub).await);
+    }
+    // A newcomer on B sees the chat said on A in the lobby's history.
+    let cat = b.user("cat").await;
+    let cat_hub = cat.hub().await.unwrap();
+    assert!(cat_hub.history.iter().any(|l| l.text == "hi from A"), "{:?}", cat_hub.history);
+    assert!(cat_hub.online_names().contains(&"ann".to_owned()), "{:?}", cat_hub.online_names());
+    // Bob leaves B: Ann on A sees him go.
+    bob_hub.close().await;
+    until_online(&mut ann_hub, "bob", false).await;
+    b.stop().await;
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logging_out_on_one_instance_closes_that_session_on_every_instance() {
+    let (nats, database) = backing().await;
+    let a = instance(&nats, &database).await;
+    let b = instance(&nats, &database).await;
+    let dee = a.user("dee").await;
+    let dee_on_b = dee.at(&b.base).unwrap();
+    let mut hub_b = dee_on_b.hub().await.unwrap();
+    // Another session of the same user stays.
+    let other = Client::new(&b.base).unwrap();
+    other.login("dee", crate::support::PASSWORD).await.unwrap();
+    let mut other_hub = other.hub().await.unwrap();
+    // The instances know each other before the logout is said (a heartbeat at most).
+    let mut hub_a = dee.hub().await.unwrap();
+    tokio::time::sleep(rallypoint_server::bus::HEARTBEAT * 2).await;
+    let started = std::time::Instant::now();
+    dee.logout().await.unwrap();
+    expect_close(&mut hub_a, close::SESSION_ENDED).await;
+    expect_close(&mut hub_b, close::SESSION_ENDED).await;
+    assert!(started.elapsed() < Duration::from_secs(1), "within a second: {:?}", started.elapsed());
+    other_hub.send(&ClientMsg::Ping { id: 1 }).await.unwrap();
+    let pong = other_hub.recv_until(Duration::from_secs(5), |m| matches!(m, ServerMsg::Pong { .. }).then_some(()));
+    assert!(pong.await.is_ok(), "the other session is still open");
+    // And the session is gone for pages on either instance.
+    assert!(dee_on_b.csrf("/account").await.is_err() || dee_on_b.session_token().is_some());
+    b.stop().await;
+    a.stop().await;
+}
+
+/// An instance that dies without a word (its NATS connection cut, then silent) takes its players
+/// out of the others' lobbies within the peer timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_stops_takes_its_players_out_of_every_lobby() {
+    let (nats, database) = backing().await;
+    let a = instance(&nats, &database).await;
+    let b = instance(&nats, &database).await;
+    let eve = b.user("eve").await;
+    let _eve_hub = eve.hub().await.unwrap();
+    let fay = a.user("fay").await;
+    let mut fay_hub = fay.hub().await.unwrap();
+    until_online(&mut fay_hub, "eve", true).await;
+    b.stop().await;
+    until_online(&mut fay_hub, "eve", false).await;
+    a.stop().await;
+}
+
+/// `/readyz` says whether the instance can reach NATS: a load balancer stops sending players to
+/// an instance that lost it, and it comes back by itself when NATS does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_nats_and_the_instance_reconnects_by_itself() {
+    let (nats, database) = backing().await;
+    let a = instance(&nats, &database).await;
+    let b = instance(&nats, &database).await;
+    let ready = |base: String| async move { reqwest::get(format!("{base}/readyz")).await.unwrap().status().as_u16() };
+    assert_eq!(ready(a.base.clone()).await, 200);
+    let (port, data) = (nats.port(), nats.data().to_path_buf());
+    tokio::task::spawn_blocking(move || nats.kill()).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ready(a.base.clone()).await == 200 {
+        assert!(std::time::Instant::now() < deadline, "still ready without NATS");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(reqwest::get(format!("{}/healthz", a.base)).await.unwrap().status().as_u16(), 200, "alive");
+    let _nats = tokio::task::spawn_blocking(move || Nats::start_on(port, Some(data)).unwrap()).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while ready(a.base.clone()).await != 200 || ready(b.base.clone()).await != 200 {
+        assert!(std::time::Instant::now() < deadline, "not ready again after NATS came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And the bus carries presence again.
+    let gus = a.user("gus").await;
+    let _gus_hub = gus.hub().await.unwrap();
+    let hal = b.user("hal").await;
+    let mut hal_hub = hal.hub().await.unwrap();
+    until_online(&mut hal_hub, "gus", true).await;
+    b.stop().await;
+    a.stop().await;
+}
