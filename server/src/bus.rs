@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 use shared::hub::{ChatLine, UserSummary};
 use tokio::sync::mpsc;
 
+use crate::accounts::throttle::{Shared, Throttle};
+
 /// The subject every instance publishes on and listens to.
 pub const SUBJECT: &str = "rallypoint.hub";
 /// How often an instance says it is alive.
@@ -48,6 +50,8 @@ pub enum Note {
     /// Sessions that ended (logged out, or ended from the account page): their sockets close
     /// everywhere. Each is the session's key (SHA-256 of its token) in hex.
     EndSessions { from: InstanceId, sessions: Vec<String> },
+    /// A change of `from`'s login throttle: every instance counts it.
+    Login { from: InstanceId, change: Shared },
     /// Stopping: its players are gone.
     Gone { from: InstanceId },
 }
@@ -60,6 +64,7 @@ impl Note {
             | Self::Presence { from, .. }
             | Self::Chat { from, .. }
             | Self::EndSessions { from, .. }
+            | Self::Login { from, .. }
             | Self::Gone { from } => *from,
         }
     }
@@ -91,8 +96,13 @@ impl std::fmt::Debug for Bus {
 impl Bus {
     /// Connects to NATS at `url` (retrying in the background while it is down: the instance
     /// serves, and says it is not ready, until it is up) and starts the writer and reader. Notes
-    /// from other instances arrive on the returned receiver.
-    pub async fn connect(url: &str, name: &str) -> Result<(Self, mpsc::Receiver<Note>), BusError> {
+    /// from other instances arrive on the returned receiver, but for their login counts, which
+    /// go straight to `throttle` (and this instance's go out).
+    pub async fn connect(
+        url: &str,
+        name: &str,
+        throttle: Arc<Throttle>,
+    ) -> Result<(Self, mpsc::Receiver<Note>), BusError> {
         let err = |source: Box<dyn std::error::Error + Send + Sync>| BusError { url: url.to_owned(), source };
         let client = async_nats::ConnectOptions::new()
             .name(name)
@@ -109,8 +119,10 @@ impl Bus {
         let (notes, inbox) = mpsc::channel(QUEUE);
         let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
         tokio::spawn(write(client.clone(), id, queue));
-        tokio::spawn(read(subscriber, id, notes, Arc::clone(&dropped)));
+        tokio::spawn(read(subscriber, id, notes, Arc::clone(&dropped), Arc::clone(&throttle)));
         let bus = Self { id, out, client, dropped };
+        let tell = bus.clone();
+        throttle.share(move |change| tell.publish(Note::Login { from: id, change }));
         bus.publish(Note::Hello { from: id });
         Ok((bus, inbox))
     }
@@ -178,11 +190,13 @@ async fn read(
     id: InstanceId,
     notes: mpsc::Sender<Note>,
     dropped: Arc<std::sync::atomic::AtomicU64>,
+    throttle: Arc<Throttle>,
 ) {
     use futures_util::StreamExt as _;
     while let Some(message) = subscriber.next().await {
         match decode(&message.payload) {
             Some(note) if note.from() == id => {}
+            Some(Note::Login { change, .. }) => throttle.apply(change, tokio::time::Instant::now()),
             Some(note) => {
                 if notes.send(note).await.is_err() {
                     return;
@@ -218,6 +232,7 @@ mod tests {
             Note::Presence { from: 3, lobby: 1, joined: vec![user.clone()], left: vec![9] },
             Note::Chat { from: 4, lobby: 0, line: ChatLine { from: user, text: "hi".into(), at_ms: 5 } },
             Note::EndSessions { from: 5, sessions: vec!["ab".repeat(32)] },
+            Note::Login { from: 7, change: Shared::Attempt { account: "ana".into(), address: [10, 0, 0, 1].into() } },
             Note::Gone { from: 6 },
         ] {
             let bytes = serde_json::to_vec(&note).unwrap();

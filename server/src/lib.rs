@@ -87,8 +87,9 @@ pub async fn start_game<G: shared::game::Game>(listener: TcpListener, config: Co
     let tickets = (signer.verifier().clone(), rooms::LOCAL_SERVER);
     let rooms = rooms::Rooms::new::<G>(config.rooms.clone(), tickets, room_events, Arc::new(rtc.clone()));
     let local = (rooms, config.local_rooms);
+    let accounts = Accounts::new(db.clone(), &config.limits);
     let bus = match &config.nats_url {
-        Some(url) => Some(bus::Bus::connect(url, &config.instance).await?),
+        Some(url) => Some(bus::Bus::connect(url, &config.instance, Arc::clone(accounts.throttle())).await?),
         None => None,
     };
     let (hub, hub_task) = Hub::start(db.clone(), config.limits.clone(), local, rtc, signer, events, bus).await?;
@@ -97,7 +98,6 @@ pub async fn start_game<G: shared::game::Game>(listener: TcpListener, config: Co
             .await
             .map_err(|e| db::DbError::Folder { path: format!("metrics listener {metrics}"), source: e })?;
     }
-    let accounts = Accounts::new(db.clone(), &config.limits);
     let sockets = site::caps::SocketCaps::new(config.socket_limits());
     let app = Arc::new(App { config, db, accounts, hub, sockets });
     let (stop, stopped) = oneshot::channel::<()>();

@@ -1,9 +1,10 @@
 //! Accounts: registration, login, sessions. Owns the `users` and `sessions` tables.
 
 mod password;
-mod throttle;
+pub mod throttle;
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -113,7 +114,7 @@ pub enum LoginError {
 pub struct Accounts {
     db: Db,
     hasher: Hasher,
-    throttle: Throttle,
+    throttle: Arc<Throttle>,
     registrations: throttle::Registrations,
     session_ttl: Duration,
 }
@@ -123,16 +124,21 @@ impl Accounts {
         Self {
             db,
             hasher: Hasher::start(limits.hash_threads, limits.hash_queue),
-            throttle: Throttle::new(throttle::Limits {
+            throttle: Arc::new(Throttle::new(throttle::Limits {
                 per_account_address: limits.login_failures_per_account_address,
                 per_address: limits.login_failures_per_address,
                 per_account: limits.login_failures_per_account,
                 account_pace: limits.login_account_pace,
                 window: limits.login_window,
-            }),
+            })),
             registrations: throttle::Registrations::new(limits.registrations_per_address),
             session_ttl: limits.session_ttl,
         }
+    }
+
+    /// The login throttle, to share its counts with the cluster's other instances.
+    pub fn throttle(&self) -> &Arc<Throttle> {
+        &self.throttle
     }
 
     /// Creates an account and a session for it.

@@ -12,6 +12,10 @@
 //! An attempt is counted when it starts, under one lock, and released if it succeeds (or fails
 //! for a reason that is not a wrong password). Guesses sent in parallel therefore use up the
 //! allowance as they arrive instead of all passing the check before any failure is recorded.
+//!
+//! In a cluster, each instance tells the others every count it makes ([`Shared`], over the
+//! bus), and counts theirs as its own: guesses spread over instances use up the same allowance
+//! (an attempt's note arrives in about a millisecond; its password check takes far longer).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -51,6 +55,22 @@ struct Window {
     next: Instant,
 }
 
+/// A change of one instance's counts, applied by the cluster's other instances.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "e", rename_all = "snake_case")]
+pub enum Shared {
+    /// An attempt on `account` from `address` started (and counts).
+    Attempt { account: String, address: IpAddr },
+    /// It did not count after all (it succeeded, or failed on our side).
+    Release { account: String, address: IpAddr },
+    /// `address` logged into `account`: exempt from its pace.
+    Known { account: String, address: IpAddr },
+}
+
+/// The longest account name a remote note may carry (usernames are shorter; anything longer is
+/// not a count an instance made).
+const MAX_SHARED_ACCOUNT: usize = 64;
+
 #[derive(Default)]
 struct State {
     counts: HashMap<Key, Window>,
@@ -72,6 +92,8 @@ impl State {
 pub struct Throttle {
     limits: Limits,
     state: Mutex<State>,
+    /// Tells the cluster's other instances (set once the bus is up).
+    share: std::sync::OnceLock<Box<dyn Fn(Shared) + Send + Sync>>,
 }
 
 /// An attempt in progress, counted against its keys. Settle it with [`Attempt::failed`] (a
@@ -92,25 +114,70 @@ impl Attempt<'_> {
 
     pub fn succeeded(mut self, now: Instant) {
         self.settled = true;
-        let mut state = self.throttle.lock();
-        state.release(&self.account, self.address);
-        prune(&mut state.known, MAX_KEYS, |&at| at + KNOWN_FOR > now);
-        state.known.insert((self.account.clone(), self.address), now);
+        let (account, address) = (self.account.clone(), self.address);
+        {
+            let mut state = self.throttle.lock();
+            state.release(&account, address);
+            prune(&mut state.known, MAX_KEYS, |&at| at + KNOWN_FOR > now);
+            state.known.insert((account.clone(), address), now);
+        }
+        self.throttle.tell(Shared::Release { account: account.clone(), address });
+        self.throttle.tell(Shared::Known { account, address });
     }
 }
 
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
         if !self.settled {
-            let mut state = self.throttle.lock();
-            state.release(&self.account, self.address);
+            self.throttle.lock().release(&self.account, self.address);
+            self.throttle.tell(Shared::Release { account: self.account.clone(), address: self.address });
         }
     }
 }
 
 impl Throttle {
     pub fn new(limits: Limits) -> Self {
-        Self { limits, state: Mutex::new(State::default()) }
+        Self { limits, state: Mutex::new(State::default()), share: std::sync::OnceLock::new() }
+    }
+
+    /// From now on, every count is also handed to `tell` (for the cluster's other instances).
+    pub fn share(&self, tell: impl Fn(Shared) + Send + Sync + 'static) {
+        let _ = self.share.set(Box::new(tell));
+    }
+
+    fn tell(&self, change: Shared) {
+        if let Some(tell) = self.share.get() {
+            tell(change);
+        }
+    }
+
+    /// Applies another instance's count as if it were made here.
+    pub fn apply(&self, change: Shared, now: Instant) {
+        match change {
+            Shared::Attempt { account, address } if account.len() <= MAX_SHARED_ACCOUNT => {
+                let address = prefix(address);
+                let limits = &self.limits;
+                let mut state = self.lock();
+                prune(&mut state.counts, MAX_KEYS - 3, |w| w.start + limits.window > now);
+                for key in [Key::Pair(account.clone(), address), Key::Address(address), Key::Account(account)] {
+                    let fresh = Window { start: now, attempts: 0, next: now };
+                    let mut w =
+                        state.counts.get(&key).copied().filter(|w| w.start + limits.window > now).unwrap_or(fresh);
+                    if matches!(key, Key::Account(_)) && w.attempts >= limits.per_account {
+                        w.next = now + limits.account_pace;
+                    }
+                    w.attempts += 1;
+                    state.counts.insert(key, w);
+                }
+            }
+            Shared::Release { account, address } => self.lock().release(&account, prefix(address)),
+            Shared::Known { account, address } if account.len() <= MAX_SHARED_ACCOUNT => {
+                let mut state = self.lock();
+                prune(&mut state.known, MAX_KEYS, |&at| at + KNOWN_FOR > now);
+                state.known.insert((account, prefix(address)), now);
+            }
+            Shared::Attempt { .. } | Shared::Known { .. } => {}
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -147,6 +214,8 @@ impl Throttle {
             w.attempts += 1;
             state.counts.insert(key, w);
         }
+        drop(state);
+        self.tell(Shared::Attempt { account: account.to_owned(), address });
         Ok(Attempt { throttle: self, account: account.to_owned(), address, settled: false })
     }
 }

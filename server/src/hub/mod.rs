@@ -636,7 +636,8 @@ impl State {
             }
         }
         match note {
-            Note::Alive { .. } => {}
+            // Login counts go to the throttle before the hub (see `bus`).
+            Note::Alive { .. } | Note::Login { .. } => {}
             Note::Hello { .. } => self.publish_everyone(),
             Note::Presence { lobby, joined, left, .. } => {
                 let lobby = lobby as usize;

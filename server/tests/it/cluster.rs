@@ -174,3 +174,31 @@ async fn readyz_follows_nats_and_the_instance_reconnects_by_itself() {
     b.stop().await;
     a.stop().await;
 }
+
+/// Guesses spread over two instances use up one allowance: the throttle counts across the
+/// cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_count_across_instances() {
+    let (nats, database) = backing().await;
+    let (nats_url, db) = (nats.url(), database.clone());
+    let strict = move |c: &mut rallypoint_server::config::Config| {
+        c.database_url = db.clone();
+        c.nats_url = Some(nats_url.clone());
+        c.limits.login_failures_per_account_address = 4;
+    };
+    let a = TestServer::start_with(strict.clone()).await;
+    let b = TestServer::start_with(strict).await;
+    a.user("ivy").await;
+    // The instances know each other (a heartbeat at most).
+    tokio::time::sleep(rallypoint_server::bus::HEARTBEAT * 2).await;
+    for (i, server) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let err = server.client().login("ivy", "wrong password").await.unwrap_err();
+        assert!(!err.to_string().contains("Too many"), "guess {i} should be checked: {err}");
+    }
+    for server in [&a, &b] {
+        let err = server.client().login("ivy", crate::support::PASSWORD).await.unwrap_err();
+        assert!(err.to_string().contains("Too many"), "locked on every instance: {err}");
+    }
+    b.stop().await;
+    a.stop().await;
+}
