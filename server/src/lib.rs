@@ -10,7 +10,7 @@ pub mod fleet;
 pub mod fuzzing;
 mod http;
 pub mod hub;
-mod metrics_endpoint;
+pub mod metrics_endpoint;
 mod random;
 mod rate;
 pub mod rooms;
@@ -94,7 +94,7 @@ pub async fn start_game<G: shared::game::Game>(listener: TcpListener, config: Co
     };
     let (hub, hub_task) = Hub::start(db.clone(), config.limits.clone(), local, rtc, signer, events, bus).await?;
     if let Some(metrics) = config.metrics_listen {
-        metrics_endpoint::serve(metrics)
+        metrics_endpoint::serve(metrics, &config.instance)
             .await
             .map_err(|e| db::DbError::Folder { path: format!("metrics listener {metrics}"), source: e })?;
     }

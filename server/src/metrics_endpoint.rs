@@ -9,8 +9,9 @@ use axum::Router;
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// The process-wide recorder (a process has one; tests start several servers).
-fn handle() -> Option<PrometheusHandle> {
+/// The process-wide recorder (a process has one; tests start several servers), every series
+/// labelled with `instance` (the first name given: a process is one instance).
+fn handle(instance: &str) -> Option<PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
@@ -18,6 +19,7 @@ fn handle() -> Option<PrometheusHandle> {
             // instances. Bounds around what matters: a tick is 33 ms at 30 Hz.
             let ms = |v: &[f64]| v.iter().map(|m| m / 1000.0).collect::<Vec<f64>>();
             let handle = PrometheusBuilder::new()
+                .add_global_label("instance", instance)
                 .set_buckets_for_metric(
                     Matcher::Full("rallypoint_room_tick_seconds".into()),
                     &ms(&[0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0]),
@@ -55,10 +57,10 @@ fn handle() -> Option<PrometheusHandle> {
         .clone()
 }
 
-/// Starts serving metrics on `addr`.
-pub async fn serve(addr: SocketAddr) -> std::io::Result<()> {
+/// Starts serving metrics on `addr`, labelled with `instance`.
+pub async fn serve(addr: SocketAddr, instance: &str) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    let Some(handle) = handle() else { return Ok(()) };
+    let Some(handle) = handle(instance) else { return Ok(()) };
     let app = Router::new().route("/metrics", get(move || std::future::ready(handle.render())));
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;

@@ -188,8 +188,10 @@ impl Accounts {
     pub async fn login(&self, username: &str, password: &str, client: IpAddr) -> Result<NewSession, LoginError> {
         let key = username.to_ascii_lowercase();
         let now = tokio::time::Instant::now();
-        let attempt =
-            self.throttle.begin(&key, client, now).map_err(|retry_after| LoginError::Throttled { retry_after })?;
+        let attempt = self.throttle.begin(&key, client, now).map_err(|retry_after| {
+            metrics::counter!("rallypoint_logins_total", "result" => "throttled").increment(1);
+            LoginError::Throttled { retry_after }
+        })?;
         // Overlong input is never hashed; it fails like any wrong password.
         let plausible = valid_username(username) && password.chars().count() <= *PASSWORD_CHARS.end();
         let found = if plausible { self.find(&key).await? } else { None };
@@ -202,10 +204,12 @@ impl Accounts {
             Some(user) if ok => {
                 let session = self.start_session(user).await?;
                 attempt.succeeded(now);
+                metrics::counter!("rallypoint_logins_total", "result" => "ok").increment(1);
                 Ok(session)
             }
             _ => {
                 attempt.failed();
+                metrics::counter!("rallypoint_logins_total", "result" => "wrong").increment(1);
                 Err(LoginError::Wrong)
             }
         }

@@ -70,6 +70,11 @@ pub struct RoomServerArgs {
     #[arg(long, env = "RALLYPOINT_DRAIN_TIMEOUT", default_value_t = 600, value_name = "SECONDS")]
     pub drain_timeout: u64,
 
+    /// Serve Prometheus metrics at `/metrics` on this address (off by default; keep it private),
+    /// labelled with `instance` = its --public-url.
+    #[arg(long, env = "RALLYPOINT_METRICS_LISTEN", value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// UDP address and port for WebRTC peers. Default: the address and port of --listen.
     #[arg(long, env = "RALLYPOINT_WEBRTC_LISTEN", value_name = "ADDR:PORT")]
     pub webrtc_listen: Option<SocketAddr>,
@@ -218,6 +223,11 @@ pub async fn run(args: &RoomServerArgs, shutdown: impl Future<Output = ()> + Sen
     let (socket, welcome) =
         register(&settings, settings.capacity as u32, Vec::new()).await.map_err(|e| anyhow::anyhow!(e))?;
     tracing::info!(server = welcome.server, hub = %settings.hub_origin, "registered with the hub");
+    if let Some(addr) = args.metrics_listen {
+        crate::metrics_endpoint::serve(addr, &args.public_url)
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr} (choose another with --metrics-listen)"))?;
+    }
     let rtc_config = RtcConfig { listen: args.webrtc_listen, public_ip: args.public_ip, ..RtcConfig::default() };
     let rtc = Rtc::bind(rtc_config, args.listen)?;
     let (events_tx, events) = mpsc::channel(1024);

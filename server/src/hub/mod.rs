@@ -489,6 +489,7 @@ impl State {
         let mut matchmaking = tokio::time::interval(MATCHMAKING_EVERY);
         matchmaking.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut peer_check = tokio::time::interval(crate::bus::HEARTBEAT);
+        let mut gauges = tokio::time::interval(Duration::from_secs(1));
         loop {
             let note = async {
                 match notes.as_mut() {
@@ -512,6 +513,7 @@ impl State {
                 Some(event) = events.recv() => self.room_event(event),
                 Some(note) = note => self.on_note(note),
                 _ = peer_check.tick(), if self.bus.is_some() => self.expire_peers(),
+                _ = gauges.tick() => self.update_gauges(),
                 () = flush => {
                     self.flush_presence();
                     flush_at = None;
@@ -619,6 +621,20 @@ impl State {
             for conn in self.by_session.get(session).cloned().unwrap_or_default() {
                 self.close(conn, Closing::SessionEnded);
             }
+        }
+    }
+
+    /// What an operator watches, once a second: players and connections on this instance,
+    /// queued and playing, the cluster's other instances.
+    fn update_gauges(&self) {
+        metrics::gauge!("rallypoint_players_online").set(self.users.len() as f64);
+        metrics::gauge!("rallypoint_hub_connections").set(self.conns.len() as f64);
+        metrics::gauge!("rallypoint_players_queued").set(self.queued.len() as f64);
+        metrics::gauge!("rallypoint_players_in_matches").set(self.playing.len() as f64);
+        metrics::gauge!("rallypoint_rooms_running").set(self.rooms.running() as f64);
+        if let Some(bus) = &self.bus {
+            metrics::gauge!("rallypoint_bus_peers").set(self.peers.len() as f64);
+            metrics::gauge!("rallypoint_bus_connected").set(if bus.is_connected() { 1.0 } else { 0.0 });
         }
     }
 

@@ -258,6 +258,13 @@ impl Rooms {
         if theirs && ticket.server == shared.server { Ok(ticket) } else { Err(TicketError::Foreign) }
     }
 
+    /// How many rooms play a match now.
+    pub fn running(&self) -> usize {
+        let shared = &self.0.shared;
+        let slots = self.0.slots.read().unwrap_or_else(std::sync::PoisonError::into_inner).len();
+        slots.saturating_sub(lock(&shared.idle).len())
+    }
+
     /// How many rooms could start a match now.
     pub fn free(&self) -> usize {
         let shared = &self.0.shared;

@@ -489,3 +489,37 @@ async fn a_tie_for_first_is_a_draw_on_the_leaderboard_and_in_the_history() {
     assert!(page.contains("1st of 2 (tied with 1)"), "{page}");
     assert!(!page.contains("class=\"won\""), "a draw is not shown as won");
 }
+
+/// `/metrics` on its own listener, every series labelled with the instance's name, with what an
+/// operator watches. (The only test here that serves metrics: a process has one recorder.)
+#[tokio::test]
+async fn metrics_carry_the_instance_label_and_what_an_operator_watches() {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let server = TestServer::start_with(move |c| {
+        c.metrics_listen = Some(addr);
+        c.instance = "hub-7".into();
+    })
+    .await;
+    let ann = server.user("metric_ann").await;
+    let _hub = ann.hub().await.unwrap();
+    let _ = server.client().login("metric_ann", "wrong password").await;
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap();
+        if text.contains("rallypoint_players_online{instance=\"hub-7\"} 1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for series in [
+        "rallypoint_players_online{instance=\"hub-7\"} 1",
+        "rallypoint_hub_connections{instance=\"hub-7\"} 1",
+        "rallypoint_rooms_running{instance=\"hub-7\"}",
+        "rallypoint_logins_total{instance=\"hub-7\",result=\"wrong\"} 1",
+    ] {
+        assert!(text.contains(series), "{series} in\n{text}");
+    }
+    // Not on the public port.
+    let public = reqwest::get(format!("{}/metrics", server.base)).await.unwrap();
+    assert_eq!(public.status(), StatusCode::NOT_FOUND);
+}
