@@ -20,6 +20,7 @@ use shared::hub::{ChatLine, UserSummary};
 use tokio::sync::mpsc;
 
 use crate::accounts::throttle::{Shared, Throttle};
+use crate::fleet::control::{FromHub, FromServer, Signed};
 
 /// The subject every instance publishes on and listens to.
 pub const SUBJECT: &str = "rallypoint.hub";
@@ -52,6 +53,23 @@ pub enum Note {
     EndSessions { from: InstanceId, sessions: Vec<String> },
     /// A change of `from`'s login throttle: every instance counts it.
     Login { from: InstanceId, change: Shared },
+    /// A player of `from` (on its hub connection `conn`) waits for a match of `mode`.
+    Queue { from: InstanceId, mode: String, user: UserSummary, conn: u64, rating: f64, waited_ms: u64 },
+    /// That player waits no more (cancelled, left, or matched).
+    Unqueue { from: InstanceId, user_id: i64 },
+    /// The matcher (`from`) sent a match to room server `server`: every instance's players in
+    /// it wait for the server's `Started`, and the instance holding the server sends `start`.
+    Place { from: InstanceId, server: u32, match_id: u64, mode: String, players: Vec<UserSummary>, start: Signed },
+    /// Room server `server`, held by `from` (its control connection is there), as it is now.
+    ServerState { from: InstanceId, server: u32, name: String, url: String, free: u32, draining: bool, up: bool },
+    /// What room server `server`, held by `from`, said.
+    FromServer { from: InstanceId, server: u32, msg: FromServer },
+    /// For room server `server`, held by `holder`, to pass on.
+    ToServer { from: InstanceId, holder: InstanceId, server: u32, msg: FromHub },
+    /// Room server `server`'s match `match_id` is over and recorded.
+    ServerFinished { from: InstanceId, server: u32, match_id: u64 },
+    /// Room server `server` did not come back: its matches are called off.
+    ServerLost { from: InstanceId, server: u32 },
     /// Stopping: its players are gone.
     Gone { from: InstanceId },
 }
@@ -65,6 +83,14 @@ impl Note {
             | Self::Chat { from, .. }
             | Self::EndSessions { from, .. }
             | Self::Login { from, .. }
+            | Self::Queue { from, .. }
+            | Self::Unqueue { from, .. }
+            | Self::Place { from, .. }
+            | Self::ServerState { from, .. }
+            | Self::FromServer { from, .. }
+            | Self::ToServer { from, .. }
+            | Self::ServerFinished { from, .. }
+            | Self::ServerLost { from, .. }
             | Self::Gone { from } => *from,
         }
     }
@@ -233,6 +259,28 @@ mod tests {
             Note::Chat { from: 4, lobby: 0, line: ChatLine { from: user, text: "hi".into(), at_ms: 5 } },
             Note::EndSessions { from: 5, sessions: vec!["ab".repeat(32)] },
             Note::Login { from: 7, change: Shared::Attempt { account: "ana".into(), address: [10, 0, 0, 1].into() } },
+            Note::Queue {
+                from: 8,
+                mode: "duel".into(),
+                user: UserSummary { id: 1, name: "b".into() },
+                conn: 3,
+                rating: 1500.0,
+                waited_ms: 9,
+            },
+            Note::Unqueue { from: 9, user_id: 1 },
+            Note::FromServer { from: 1, server: 2, msg: FromServer::Full { match_id: 3 } },
+            Note::ToServer { from: 1, holder: 2, server: 3, msg: FromHub::RtcClosed { signaling: 4 } },
+            Note::ServerState {
+                from: 1,
+                server: 2,
+                name: "eu-1".into(),
+                url: "https://r".into(),
+                free: 3,
+                draining: false,
+                up: true,
+            },
+            Note::ServerFinished { from: 1, server: 2, match_id: 3 },
+            Note::ServerLost { from: 1, server: 2 },
             Note::Gone { from: 6 },
         ] {
             let bytes = serde_json::to_vec(&note).unwrap();

@@ -28,6 +28,8 @@ pub struct Waiting {
     pub name: String,
     /// The connection that asked, which gets the ticket.
     pub conn: ConnId,
+    /// The instance of the cluster the player is on; `None`: this one.
+    pub instance: Option<crate::bus::InstanceId>,
     pub rating: f64,
     pub since: Instant,
 }
@@ -97,7 +99,7 @@ mod tests {
     const FFA: Mode = Mode { name: "ffa", title: "FFA", min_players: 2, max_players: 4 };
 
     fn waiting(id: i64, rating: f64, since: Instant) -> Waiting {
-        Waiting { user_id: id, name: format!("p{id}"), conn: id as u64, rating, since }
+        Waiting { user_id: id, name: format!("p{id}"), conn: id as u64, instance: None, rating, since }
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! once costs one message per client per batch rather than one per arrival.
 
 mod chat_log;
+mod lease;
 pub mod matchmaking;
 pub mod results;
 pub mod room_servers;
@@ -128,6 +129,8 @@ enum Command {
         server: u32,
         generation: u64,
     },
+    /// This instance holds the cluster's matcher lease (or lost it).
+    Leader(bool),
     /// WebRTC signaling for a seat on a room server, relayed there.
     RemoteRtc {
         conn: ConnId,
@@ -233,18 +236,28 @@ impl Hub {
             local_rooms,
             servers: BTreeMap::new(),
             placing: HashMap::new(),
+            leader: bus.is_none(),
+            room_origins: Arc::clone(&room_origins),
             bus: bus.clone(),
             peers: HashMap::new(),
         };
         for (lobby, lines) in recent {
             state.lobby_mut(lobby).recent = lines.into();
         }
+        if bus.is_some() && crate::db::Backend::of(&db) == crate::db::Backend::Postgres {
+            tokio::spawn(lease::run(db.connect_options().database_url.to_string(), commands.clone()));
+        }
         let task = tokio::spawn(async move {
             state.run(rx, events, notes).await;
             // The log flushes what it holds once every sender is gone.
             let _ = log_task.await;
         });
-        Ok((Self { commands, next_conn: Arc::default(), limits, db, rooms, rtc, signer, room_origins, bus }, task))
+        // Connection ids are unique across the cluster (a room server answers signaling by
+        // connection id to every instance): random high bits, then a count.
+        let mut high = [0u8; 4];
+        crate::random::fill(&mut high);
+        let next_conn = Arc::new(std::sync::atomic::AtomicU64::new(u64::from(u32::from_le_bytes(high) >> 8) << 32));
+        Ok((Self { commands, next_conn, limits, db, rooms, rtc, signer, room_origins, bus }, task))
     }
 
     pub fn rooms(&self) -> &Rooms {
@@ -449,6 +462,10 @@ struct State {
     bus: Option<Bus>,
     /// The other instances heard on the bus.
     peers: HashMap<InstanceId, Peer>,
+    /// Whether this instance forms matches: always alone, the lease holder in a cluster.
+    leader: bool,
+    /// Room servers' WebSocket origins, for the pages' CSP (shared with [`Hub`]).
+    room_origins: Arc<std::sync::RwLock<BTreeSet<String>>>,
 }
 
 /// How long a room server whose control connection ended may take to come back before its
@@ -463,15 +480,28 @@ struct Remote {
     url: Arc<str>,
     free: u32,
     draining: bool,
-    /// `None` while its connection is down (within the grace).
+    /// `None` while its connection is down (within the grace), or held by another instance.
     outbox: Option<mpsc::Sender<FromHub>>,
+    /// The instance of the cluster that holds its control connection, when not this one (and
+    /// it is up).
+    via: Option<InstanceId>,
     generation: u64,
+}
+
+impl Remote {
+    /// Whether matches can be sent to it (through this instance or another).
+    fn is_up(&self) -> bool {
+        self.outbox.is_some() || self.via.is_some()
+    }
 }
 
 /// A match sent to a room server, waiting for [`FromServer::Started`].
 struct Placing {
     server: u32,
     mode: &'static Mode,
+    /// Every player of the match, in seat order (on any instance).
+    seats: Vec<UserSummary>,
+    /// This instance's players among them.
     players: Vec<Waiting>,
     since: Instant,
 }
@@ -562,12 +592,20 @@ impl State {
             Command::FromServer { server, generation, msg } => self.on_server_message(server, generation, &msg),
             Command::ServerFinished { server, match_id } => {
                 self.playing.retain(|_, p| !(p.server == server && p.match_id == Some(match_id)));
+                self.tell_cluster(|from| Note::ServerFinished { from, server, match_id });
+            }
+            Command::Leader(leader) => {
+                self.leader = leader;
+                if leader {
+                    self.match_all();
+                }
             }
             Command::ServerDown { server, generation } => {
                 if let Some(r) = self.servers.get_mut(&server).filter(|r| r.generation == generation) {
                     tracing::warn!(server = r.name, "room server disconnected");
                     r.outbox = None;
                     r.free = 0;
+                    self.publish_server(server);
                 }
                 self.update_server_metrics();
             }
@@ -679,6 +717,155 @@ impl State {
                 self.end_sessions(&sessions);
             }
             Note::Gone { .. } => self.peer_gone(from),
+            Note::Queue { mode, user, conn, rating, waited_ms, .. } => {
+                let Some(mode) = self.rooms.mode(&mode) else { return };
+                if self.queued.contains_key(&user.id) || self.playing.contains_key(&user.id) {
+                    return;
+                }
+                let now = Instant::now();
+                let since = now.checked_sub(Duration::from_millis(waited_ms.min(3_600_000))).unwrap_or(now);
+                self.queued.insert(user.id, mode.name);
+                let waiting = Waiting { user_id: user.id, name: user.name, conn, instance: Some(from), rating, since };
+                self.queues.entry(mode.name).or_default().push(waiting);
+                self.match_mode(mode);
+            }
+            Note::Unqueue { user_id, .. } => self.unqueue_remote(|w| w.user_id == user_id && w.instance == Some(from)),
+            Note::Place { server, match_id, mode, players, start, .. } => {
+                if let Some(mode) = self.rooms.mode(&mode) {
+                    self.on_place(server, match_id, mode, &players, start, Vec::new());
+                }
+            }
+            Note::ServerState { server, name, url, free, draining, up, .. } => {
+                self.server_state(from, server, name, &url, free, draining, up);
+            }
+            Note::FromServer { server, msg, .. } => {
+                if self.servers.get(&server).is_some_and(|r| r.outbox.is_none()) {
+                    self.on_server_message(server, 0, &msg);
+                }
+            }
+            Note::ToServer { holder, server, msg, .. } => {
+                let mine = self.bus.as_ref().is_some_and(|b| b.id() == holder);
+                if let Some(outbox) = self.servers.get(&server).and_then(|r| r.outbox.as_ref()).filter(|_| mine) {
+                    let _ = outbox.try_send(msg);
+                }
+            }
+            Note::ServerFinished { server, match_id, .. } => {
+                self.playing.retain(|_, p| !(p.server == server && p.match_id == Some(match_id)));
+            }
+            Note::ServerLost { server, .. } => {
+                if self.servers.get(&server).is_some_and(|r| !r.is_up()) {
+                    self.call_off(server);
+                }
+            }
+        }
+    }
+
+    /// Publishes the note `make` builds from this instance's id, when in a cluster.
+    fn tell_cluster(&self, make: impl FnOnce(InstanceId) -> Note) {
+        if let Some(bus) = &self.bus {
+            bus.publish(make(bus.id()));
+        }
+    }
+
+    /// Tells the cluster that a player of this instance waits.
+    fn announce_queued(&self, mode: &'static Mode, w: &Waiting) {
+        self.tell_cluster(|from| Note::Queue {
+            from,
+            mode: mode.name.to_owned(),
+            user: UserSummary { id: w.user_id, name: w.name.clone() },
+            conn: w.conn,
+            rating: w.rating,
+            waited_ms: Instant::now().saturating_duration_since(w.since).as_millis() as u64,
+        });
+    }
+
+    /// Takes the queue entries of other instances that `which` picks out of the queues.
+    fn unqueue_remote(&mut self, which: impl Fn(&Waiting) -> bool) {
+        for queue in self.queues.values_mut() {
+            queue.retain(|w| {
+                let gone = w.instance.is_some() && which(w);
+                if gone {
+                    self.queued.remove(&w.user_id);
+                }
+                !gone
+            });
+        }
+    }
+
+    /// Tells the cluster how room server `server`, held here, is now.
+    fn publish_server(&self, server: u32) {
+        let Some(r) = self.servers.get(&server).filter(|r| r.via.is_none()) else { return };
+        let (name, url, free, draining, up) =
+            (r.name.clone(), r.url.to_string(), r.free, r.draining, r.outbox.is_some());
+        self.tell_cluster(|from| Note::ServerState { from, server, name, url, free, draining, up });
+    }
+
+    /// Another instance says how a room server it holds is.
+    #[allow(clippy::too_many_arguments)]
+    fn server_state(
+        &mut self,
+        from: InstanceId,
+        server: u32,
+        name: String,
+        url: &str,
+        free: u32,
+        draining: bool,
+        up: bool,
+    ) {
+        if self.servers.get(&server).is_some_and(|r| r.outbox.is_some()) {
+            return; // held here: this instance knows best
+        }
+        if up {
+            self.room_origins
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(shared::room::socket_origin(url));
+        }
+        let via = up.then_some(from);
+        let free = if up { free } else { 0 };
+        self.servers
+            .insert(server, Remote { name, url: Arc::from(url), free, draining, outbox: None, via, generation: 0 });
+    }
+
+    /// A match went to room server `server`: this instance's players in it (`own`, and those
+    /// still in its queue) wait for the server's answer; the instance holding the server sends
+    /// it `start`; everyone else's entries leave the queues.
+    fn on_place(
+        &mut self,
+        server: u32,
+        match_id: u64,
+        mode: &'static Mode,
+        seats: &[UserSummary],
+        start: Signed,
+        mut own: Vec<Waiting>,
+    ) {
+        if let Some(queue) = self.queues.get_mut(mode.name) {
+            queue.retain(|w| {
+                if !seats.iter().any(|u| u.id == w.user_id) {
+                    return true;
+                }
+                if w.instance.is_none() {
+                    own.push(w.clone());
+                }
+                false
+            });
+        }
+        for u in seats {
+            if !own.iter().any(|w| w.user_id == u.id) {
+                self.queued.remove(&u.id);
+            }
+        }
+        if !own.is_empty() {
+            let seats = seats.to_vec();
+            self.placing.insert(match_id, Placing { server, mode, seats, players: own, since: Instant::now() });
+        }
+        if let Some(remote) = self.servers.get_mut(&server) {
+            remote.free = remote.free.saturating_sub(1);
+            if let Some(outbox) = &remote.outbox
+                && outbox.try_send(FromHub::Start { assignment: start }).is_err()
+            {
+                tracing::warn!(server = remote.name, "could not send a match to a room server");
+            }
         }
     }
 
@@ -723,6 +910,12 @@ impl State {
     fn peer_gone(&mut self, from: InstanceId) {
         if let Some(peer) = self.peers.remove(&from) {
             tracing::info!(instance = format!("{from:016x}"), users = peer.users.len(), "an instance left the bus");
+            self.unqueue_remote(|w| w.instance == Some(from));
+            // Its room servers are out of placement until they register with an instance.
+            for r in self.servers.values_mut().filter(|r| r.via == Some(from)) {
+                r.via = None;
+                r.free = 0;
+            }
             for (user_id, lobby) in peer.users {
                 self.remote_leave_lobby(lobby, user_id);
             }
@@ -742,9 +935,21 @@ impl State {
         }
     }
 
-    /// Tells the other instances every user of this one, lobby by lobby.
+    /// Tells the other instances every user of this one, lobby by lobby, who of them waits for
+    /// a match, and the room servers held here.
     fn publish_everyone(&self) {
         let Some(bus) = &self.bus else { return };
+        for (mode, queue) in &self.queues {
+            let Some(mode) = self.rooms.mode(mode) else { continue };
+            for w in queue.iter().filter(|w| w.instance.is_none()) {
+                self.announce_queued(mode, w);
+            }
+        }
+        for (&server, r) in &self.servers {
+            if r.outbox.is_some() {
+                self.publish_server(server);
+            }
+        }
         for (lobby, l) in self.lobbies.iter().enumerate() {
             let members: Vec<UserSummary> =
                 l.members.iter().filter_map(|id| self.users.get(id).map(|o| o.user.clone())).collect();
@@ -944,13 +1149,10 @@ impl State {
             return;
         }
         self.queued.insert(user.id, mode.name);
-        self.queues.entry(mode.name).or_default().push(Waiting {
-            user_id: user.id,
-            name: user.name,
-            conn,
-            rating,
-            since: Instant::now(),
-        });
+        let waiting =
+            Waiting { user_id: user.id, name: user.name, conn, instance: None, rating, since: Instant::now() };
+        self.announce_queued(mode, &waiting);
+        self.queues.entry(mode.name).or_default().push(waiting);
         self.send_to(conn, &ServerMsg::Queued { mode: mode.name.into(), waited_ms: 0 });
         self.match_mode(mode);
     }
@@ -967,9 +1169,11 @@ impl State {
     /// Takes the entry that `conn` queued out of its queue; whether there was one.
     fn unqueue_conn(&mut self, conn: ConnId) -> bool {
         for queue in self.queues.values_mut() {
-            if let Some(i) = queue.iter().position(|w| w.conn == conn) {
+            if let Some(i) = queue.iter().position(|w| w.conn == conn && w.instance.is_none()) {
                 let w = queue.remove(i);
                 self.queued.remove(&w.user_id);
+                let user_id = w.user_id;
+                self.tell_cluster(|from| Note::Unqueue { from, user_id });
                 return true;
             }
         }
@@ -985,13 +1189,19 @@ impl State {
     /// Starts every match the queue of `mode` allows now, each where most rooms are free: in
     /// this process, or on the room server with the most free rooms.
     fn match_mode(&mut self, mode: &'static Mode) {
+        if !self.leader {
+            return; // another instance of the cluster forms matches
+        }
         let Some(queue) = self.queues.get_mut(mode.name) else { return };
         let matches = matchmaking::form_matches(queue, mode, Instant::now());
         for (i, players) in matches.iter().enumerate() {
             let mut seed = [0u8; 8];
             crate::random::fill(&mut seed);
             let seed = u64::from_le_bytes(seed);
-            let placed = match self.place() {
+            // Players on other instances reach rooms only on room servers (a hub's own room
+            // socket is behind the load balancer, on whichever instance).
+            let all_here = players.iter().all(|w| w.instance.is_none());
+            let placed = match self.place(all_here) {
                 Some(LOCAL_SERVER) => self.start_local(mode, players, seed),
                 Some(server) => self.start_remote(server, mode, players, seed),
                 None => false,
@@ -1006,13 +1216,13 @@ impl State {
     }
 
     /// Where the next match goes: the place with the most free rooms (this process first on
-    /// a tie), or nowhere.
-    fn place(&self) -> Option<u32> {
-        let local = if self.local_rooms { self.rooms.free() } else { 0 };
+    /// a tie, when it may take the match), or nowhere.
+    fn place(&self, here_too: bool) -> Option<u32> {
+        let local = if self.local_rooms && here_too { self.rooms.free() } else { 0 };
         let remote = self
             .servers
             .iter()
-            .filter(|(_, r)| r.outbox.is_some() && !r.draining)
+            .filter(|(_, r)| r.is_up() && !r.draining)
             .map(|(&id, r)| (r.free as usize, id))
             .max_by_key(|&(free, id)| (free, std::cmp::Reverse(id)));
         match remote {
@@ -1025,7 +1235,13 @@ impl State {
     fn start_local(&mut self, mode: &'static Mode, players: &[Waiting], seed: u64) -> bool {
         let seated = players.iter().map(|w| Seated { user_id: w.user_id, name: w.name.clone() }).collect();
         let Ok(room) = self.rooms.launch(mode, seated, seed) else { return false };
-        self.seat_players(mode, players, LOCAL_SERVER, room, None);
+        for w in players {
+            let user_id = w.user_id;
+            self.tell_cluster(|from| Note::Unqueue { from, user_id });
+        }
+        let seats: Vec<UserSummary> =
+            players.iter().map(|w| UserSummary { id: w.user_id, name: w.name.clone() }).collect();
+        self.seat_players(mode, &seats, players, LOCAL_SERVER, room, None);
         tracing::debug!(%room, mode = mode.name, players = players.len(), "match made");
         true
     }
@@ -1033,8 +1249,10 @@ impl State {
     /// Sends the match to a room server; its players wait for [`FromServer::Started`] (they
     /// stay marked as queued meanwhile, so that nobody queues twice).
     fn start_remote(&mut self, server: u32, mode: &'static Mode, players: &[Waiting], seed: u64) -> bool {
-        let Some(remote) = self.servers.get_mut(&server) else { return false };
-        let Some(outbox) = &remote.outbox else { return false };
+        let Some(remote) = self.servers.get(&server).filter(|r| r.is_up()) else { return false };
+        if remote.outbox.as_ref().is_some_and(|o| o.capacity() == 0) {
+            return false;
+        }
         let mut id = [0u8; 8];
         crate::random::fill(&mut id);
         let match_id = u64::from_le_bytes(id) >> 11; // exact in a JavaScript number, for readers of the JSON
@@ -1045,38 +1263,52 @@ impl State {
             players: players.iter().map(|w| Player { user_id: w.user_id, name: w.name.clone() }).collect(),
             seed,
         };
-        if outbox.try_send(FromHub::Start { assignment: Signed::new(&assignment, &self.signer) }).is_err() {
-            return false;
+        let start = Signed::new(&assignment, &self.signer);
+        let seats: Vec<UserSummary> =
+            players.iter().map(|w| UserSummary { id: w.user_id, name: w.name.clone() }).collect();
+        let own: Vec<Waiting> = players.iter().filter(|w| w.instance.is_none()).cloned().collect();
+        if remote.via.is_some() || players.iter().any(|w| w.instance.is_some()) {
+            let (mode_name, seats, start) = (mode.name.to_owned(), seats.clone(), start.clone());
+            self.tell_cluster(|from| Note::Place { from, server, match_id, mode: mode_name, players: seats, start });
         }
-        remote.free = remote.free.saturating_sub(1);
-        self.placing.insert(match_id, Placing { server, mode, players: players.to_vec(), since: Instant::now() });
+        self.on_place(server, match_id, mode, &seats, start, own);
         true
     }
 
     /// Puts waiting players back at the front of their queue, in order (those still connected).
     fn requeue(&mut self, mode: &'static Mode, players: Vec<Waiting>) {
-        let queue = self.queues.entry(mode.name).or_default();
+        let mut back = Vec::new();
         for waiting in players.into_iter().rev() {
-            if self.conns.contains_key(&waiting.conn) {
+            if waiting.instance.is_some() || self.conns.contains_key(&waiting.conn) {
                 self.queued.insert(waiting.user_id, mode.name);
-                queue.insert(0, waiting);
+                back.push(waiting);
             } else {
                 self.queued.remove(&waiting.user_id);
             }
         }
+        for w in back.iter().filter(|w| w.instance.is_none()) {
+            self.announce_queued(mode, w);
+        }
+        let queue = self.queues.entry(mode.name).or_default();
+        for waiting in back {
+            queue.insert(0, waiting);
+        }
     }
 
+    /// Seats this instance's players (`own`) of a match whose seats are `seats`, in order.
     fn seat_players(
         &mut self,
         mode: &'static Mode,
-        players: &[Waiting],
+        seats: &[UserSummary],
+        own: &[Waiting],
         server: u32,
         room: RoomId,
         remote: Option<&(u64, Arc<str>)>,
     ) {
-        let names: Vec<String> = players.iter().map(|w| w.name.clone()).collect();
-        for (seat, w) in players.iter().enumerate() {
+        let names: Vec<String> = seats.iter().map(|u| u.name.clone()).collect();
+        for w in own {
             self.queued.remove(&w.user_id);
+            let Some(seat) = seats.iter().position(|u| u.id == w.user_id) else { continue };
             let p = Playing {
                 server,
                 room,
@@ -1159,14 +1391,29 @@ impl State {
         // A second registration of the same server replaces the first (whose outbox closes).
         self.servers.insert(
             up.server,
-            Remote { name: up.name, url, free: up.free, draining: false, outbox: Some(up.outbox), generation },
+            Remote {
+                name: up.name,
+                url,
+                free: up.free,
+                draining: false,
+                outbox: Some(up.outbox),
+                via: None,
+                generation,
+            },
         );
         let _ = up.reply.send(generation);
+        self.publish_server(up.server);
         self.update_server_metrics();
     }
 
     fn on_server_message(&mut self, server: u32, generation: u64, msg: &FromServer) {
         let Some(remote) = self.servers.get_mut(&server).filter(|r| r.generation == generation) else { return };
+        if remote.outbox.is_some() && !matches!(msg, FromServer::Register { .. } | FromServer::Finished { .. }) {
+            // Held here: the other instances' players in its matches hear it too.
+            let msg = msg.clone();
+            self.tell_cluster(|from| Note::FromServer { from, server, msg });
+        }
+        let Some(remote) = self.servers.get_mut(&server) else { return };
         match *msg {
             FromServer::Load { free, draining } => {
                 remote.free = free;
@@ -1179,7 +1426,7 @@ impl State {
                 let url = Arc::clone(&remote.url);
                 let room = RoomId { slot, number };
                 tracing::debug!(server = remote.name, %room, mode = placing.mode.name, "match placed");
-                self.seat_players(placing.mode, &placing.players, server, room, Some(&(match_id, url)));
+                self.seat_players(placing.mode, &placing.seats, &placing.players, server, room, Some(&(match_id, url)));
             }
             FromServer::Full { match_id } => {
                 if let Some(placing) = self.placing.remove(&match_id).filter(|p| p.server == server) {
@@ -1220,6 +1467,12 @@ impl State {
             return; // it registered again
         }
         tracing::warn!(server = remote.name, "room server lost: its matches are called off");
+        self.tell_cluster(|from| Note::ServerLost { from, server });
+        self.call_off(server);
+    }
+
+    /// Room server `server` is gone: its matches (those of this instance's players) end.
+    fn call_off(&mut self, server: u32) {
         let placing: Vec<u64> = self.placing.iter().filter(|(_, p)| p.server == server).map(|(&id, _)| id).collect();
         for id in placing {
             if let Some(p) = self.placing.remove(&id) {
@@ -1269,11 +1522,11 @@ impl State {
     fn remote_rtc(&mut self, conn: ConnId, room: &str, signal: RemoteSignal) {
         let Some(user_id) = self.conns.get(&conn).map(|c| c.user_id) else { return };
         let seat = self.playing.get(&user_id).and_then(|p| {
-            let remote = self.servers.get(&p.server)?;
+            let remote = self.servers.get(&p.server).filter(|r| r.is_up())?;
             let named = matches!(signal, RemoteSignal::Closed) || self.room_name(p) == room;
-            Some((remote.outbox.clone()?, p.room.to_string())).filter(|_| named)
+            Some((p.server, remote.outbox.clone(), remote.via, p.room.to_string())).filter(|_| named)
         });
-        let Some((outbox, local_room)) = seat else {
+        let Some((server, outbox, via, local_room)) = seat else {
             if !matches!(signal, RemoteSignal::Closed) {
                 let msg = ServerMsg::Error { code: ErrorCode::Rtc, message: "no seat in that room".into() };
                 self.send_to(conn, &msg);
@@ -1287,7 +1540,13 @@ impl State {
             }
             RemoteSignal::Closed => FromHub::RtcClosed { signaling: conn },
         };
-        let _ = outbox.try_send(msg);
+        match (outbox, via) {
+            (Some(outbox), _) => {
+                let _ = outbox.try_send(msg);
+            }
+            (None, Some(holder)) => self.tell_cluster(|from| Note::ToServer { from, holder, server, msg }),
+            (None, None) => {}
+        }
     }
 
     /// A room server's answer to a browser's signaling, for the connection that signaled.

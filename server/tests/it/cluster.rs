@@ -202,3 +202,83 @@ async fn failed_logins_count_across_instances() {
     b.stop().await;
     a.stop().await;
 }
+
+async fn hub_instance(nats: &Nats, database: &str) -> TestServer {
+    let (nats, database) = (nats.url(), database.to_owned());
+    TestServer::start_with(move |c| {
+        crate::rooms::quick(c);
+        c.database_url = database;
+        c.nats_url = Some(nats);
+        c.local_rooms = false;
+    })
+    .await
+}
+
+/// Two players who landed on two instances queue; the one matcher of the cluster puts them in
+/// one room on a room server that registered with the other instance, where they play over
+/// WebRTC (signaled through their own instances) and the result is recorded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn players_on_two_instances_meet_in_one_room_on_a_room_server_any_instance_holds() {
+    use crate::room_servers::{RoomServer, matched_in, seat};
+    let (nats, database) = backing().await;
+    let a = hub_instance(&nats, &database).await;
+    let b = hub_instance(&nats, &database).await;
+    let token = rallypoint_server::fleet::tokens::create(&a.running.app.db, "eu-1", false).await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let _rs = RoomServer::start(&b.base, &token, data.path());
+    let mut ann = crate::rooms::player(&a, "cl_ann").await;
+    let mut bob = crate::rooms::player(&b, "cl_bob").await;
+    let ((room_a, ta), (room_b, tb)) = matched_in(&mut ann, &mut bob).await;
+    assert_eq!(room_a, room_b, "one room");
+    assert!(room_a.starts_with("eu-1/"), "{room_a}");
+    let mut ra = seat(&ann, &ta).await.unwrap();
+    let mut rb = seat(&bob, &tb).await.unwrap();
+    // Ann signals through instance A; the room server's control connection is on B.
+    ra.open_data_channel(&mut ann.hub, &room_a, Duration::from_secs(10)).await.unwrap();
+    let ((oa, ratings, _), (ob, _, _)) = tokio::join!(crate::rooms::play_out(&mut ra), crate::rooms::play_out(&mut rb));
+    assert_eq!(oa, ob);
+    assert_eq!(ratings.len(), 2, "recorded, with the rating changes");
+    assert_eq!(crate::rooms::count(&a, "SELECT COUNT(*) FROM matches WHERE server = 'eu-1'").await, 1);
+    // Both are free again, on both instances.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for server in [&a, &b] {
+        while server.running.app.hub.stats().await.unwrap().playing != 0 {
+            assert!(std::time::Instant::now() < deadline, "a player stayed in the finished match");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    b.stop().await;
+    a.stop().await;
+}
+
+/// The instance holding the matcher lease goes: another takes it over within 5 s, and the
+/// queue, which every instance keeps, is not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_matcher_goes_another_instance_takes_over_with_the_queue() {
+    use crate::room_servers::RoomServer;
+    let (nats, database) = backing().await;
+    let a = hub_instance(&nats, &database).await;
+    // A holds the lease (it started first, alone).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let b = hub_instance(&nats, &database).await;
+    let c = hub_instance(&nats, &database).await;
+    let token = rallypoint_server::fleet::tokens::create(&b.running.app.db, "eu-2", false).await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let _rs = RoomServer::start(&c.base, &token, data.path());
+    let mut kim = crate::rooms::player(&b, "cl_kim").await;
+    let mut lou = crate::rooms::player(&c, "cl_lou").await;
+    // Kim queues first, alone; then the matcher dies.
+    kim.hub.send(&ClientMsg::FindMatch { mode: "duel".into() }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped = std::time::Instant::now();
+    a.stop().await;
+    // Lou queues on another instance: B or C takes the lease and matches them.
+    lou.hub.send(&ClientMsg::FindMatch { mode: "duel".into() }).await.unwrap();
+    let (found_kim, found_lou) =
+        tokio::join!(kim.hub.match_found(Duration::from_secs(10)), lou.hub.match_found(Duration::from_secs(10)));
+    let ((room_kim, _), (room_lou, _)) = (found_kim.unwrap(), found_lou.unwrap());
+    assert_eq!(room_kim, room_lou);
+    assert!(stopped.elapsed() < Duration::from_secs(5), "taken over in {:?}", stopped.elapsed());
+    c.stop().await;
+    b.stop().await;
+}

@@ -18,7 +18,7 @@ use crate::support::TestServer;
 const WAIT: Duration = Duration::from_secs(10);
 
 /// A `rallypoint room-server` process, killed when dropped.
-struct RoomServer {
+pub(crate) struct RoomServer {
     child: Child,
 }
 
@@ -39,7 +39,7 @@ impl RoomServer {
         cmd
     }
 
-    fn start(hub: &str, token: &str, data: &Path) -> Self {
+    pub(crate) fn start(hub: &str, token: &str, data: &Path) -> Self {
         let child = Self::command(hub, token, data).stderr(Stdio::null()).spawn().unwrap();
         Self { child }
     }
@@ -104,7 +104,7 @@ async fn matched(a: &mut Player, b: &mut Player) -> (String, String) {
 }
 
 /// Like [`matched`], with the room's name (for WebRTC signaling) beside each ticket.
-async fn matched_in(a: &mut Player, b: &mut Player) -> ((String, String), (String, String)) {
+pub(crate) async fn matched_in(a: &mut Player, b: &mut Player) -> ((String, String), (String, String)) {
     for p in [&mut *a, &mut *b] {
         p.hub.send(&ClientMsg::FindMatch { mode: "duel".into() }).await.unwrap();
     }
@@ -112,7 +112,7 @@ async fn matched_in(a: &mut Player, b: &mut Player) -> ((String, String), (Strin
     (ta.unwrap(), tb.unwrap())
 }
 
-async fn seat(p: &Player, ticket: &str) -> Result<Room<Arena>, ClientError> {
+pub(crate) async fn seat(p: &Player, ticket: &str) -> Result<Room<Arena>, ClientError> {
     p.client.room_at::<Arena>(p.hub.room_url.as_deref(), ticket).await
 }
 
