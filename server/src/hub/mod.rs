@@ -855,10 +855,10 @@ impl State {
                 self.queued.remove(&u.id);
             }
         }
-        if !own.is_empty() {
-            let seats = seats.to_vec();
-            self.placing.insert(match_id, Placing { server, mode, seats, players: own, since: Instant::now() });
-        }
+        // Every instance learns the seats (a player whose instance goes comes back through
+        // another, which must know their seat); each answers for its own players.
+        let seats = seats.to_vec();
+        self.placing.insert(match_id, Placing { server, mode, seats, players: own, since: Instant::now() });
         if let Some(remote) = self.servers.get_mut(&server) {
             remote.free = remote.free.saturating_sub(1);
             if let Some(outbox) = &remote.outbox
@@ -1295,7 +1295,8 @@ impl State {
         }
     }
 
-    /// Seats this instance's players (`own`) of a match whose seats are `seats`, in order.
+    /// Keeps the seats of a match whose players are `seats`, in order, and tells this instance's
+    /// players among them (`own`) where to go.
     fn seat_players(
         &mut self,
         mode: &'static Mode,
@@ -1306,9 +1307,7 @@ impl State {
         remote: Option<&(u64, Arc<str>)>,
     ) {
         let names: Vec<String> = seats.iter().map(|u| u.name.clone()).collect();
-        for w in own {
-            self.queued.remove(&w.user_id);
-            let Some(seat) = seats.iter().position(|u| u.id == w.user_id) else { continue };
+        for (seat, user) in seats.iter().enumerate() {
             let p = Playing {
                 server,
                 room,
@@ -1318,9 +1317,12 @@ impl State {
                 mode: mode.name,
                 players: names.clone(),
             };
-            let found = self.match_found(w.user_id, &p);
-            self.playing.insert(w.user_id, p);
-            self.send_to(w.conn, &found);
+            if let Some(w) = own.iter().find(|w| w.user_id == user.id) {
+                self.queued.remove(&w.user_id);
+                let found = self.match_found(w.user_id, &p);
+                self.send_to(w.conn, &found);
+            }
+            self.playing.insert(user.id, p);
         }
     }
 

@@ -233,6 +233,12 @@ async fn players_on_two_instances_meet_in_one_room_on_a_room_server_any_instance
     assert!(room_a.starts_with("eu-1/"), "{room_a}");
     let mut ra = seat(&ann, &ta).await.unwrap();
     let mut rb = seat(&bob, &tb).await.unwrap();
+    // Bob's tab reloads and lands on the other instance: it knows his seat and sends him back.
+    let bob_on_a = bob.client.at(&a.base).unwrap();
+    let mut bob_hub_a = bob_on_a.hub().await.unwrap();
+    let (again, _) = bob_hub_a.match_found(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(again, room_a, "back to his seat through the other instance");
+    drop(bob_hub_a);
     // Ann signals through instance A; the room server's control connection is on B.
     ra.open_data_channel(&mut ann.hub, &room_a, Duration::from_secs(10)).await.unwrap();
     let ((oa, ratings, _), (ob, _, _)) = tokio::join!(crate::rooms::play_out(&mut ra), crate::rooms::play_out(&mut rb));
