@@ -20,6 +20,8 @@ usage: cargo xtask <command>
   bench webrtc     the same rooms over WebSocket and WebRTC (connect time, memory per peer, CPU, bytes)
   bench reconnect  bots whose room connections a relay cuts at random: how many take their seat back
   bench fleet      the same rooms all in one process, then on a room server: placement, seat time, split cost
+  bench cluster    two hubs on PostgreSQL and NATS against one: chat across, placement, CPU, logins
+  cluster          start a local cluster (PostgreSQL, NATS, two hubs behind Caddy, two room servers)
   soak [--minutes N] bots play, drop and return, sign out and in for N minutes (60): memory, files, results
   fuzz [SECS] [T…]  fuzz every decoder of network bytes (or targets T) for SECS seconds each (default 60)
   client           build only the wasm client into web/dist/
@@ -50,6 +52,7 @@ fn run() -> Result<()> {
             args.extend(rest);
             bench(&args)
         }
+        "cluster" => cluster(),
         "client" => {
             tools::ensure(tools::Need::Build)?;
             build_client()
@@ -287,12 +290,29 @@ fn fuzz(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Builds everything, then runs a local cluster until Ctrl-C.
+fn cluster() -> Result<()> {
+    tools::ensure(tools::Need::Build)?;
+    tools::ensure_cluster_packages(true)?;
+    build_client()?;
+    let bin = build_server(true)?;
+    step(
+        "Starting a local cluster: PostgreSQL, NATS, two hubs behind Caddy on http://127.0.0.1:8080, two room servers",
+    );
+    let mut cmd = Command::new(bin);
+    cmd.args(["bench", "local-cluster", "--static-dir", "web/dist"]);
+    sh(&mut cmd)
+}
+
 fn bench(args: &[String]) -> Result<()> {
     let Some(what) = args.first() else {
         bail!(
             "which benchmark? `cargo xtask bench hub`, `bench rooms`, `bench webrtc`, `bench reconnect` or `bench fleet`"
         )
     };
+    if what == "cluster" {
+        tools::ensure_cluster_packages(false)?;
+    }
     let bin = build_server(true)?;
     step(&format!("Benchmark: {what} (server on core 0, load generators on core 1)"));
     // The benchmark pins the server it starts to core 0; its own clients run on core 1.

@@ -147,6 +147,25 @@ fn ensure_wasm_bindgen() -> Result<()> {
     cargo_install(&["wasm-bindgen-cli", "--version", &format!("={want}")])
 }
 
+/// PostgreSQL and NATS (and Caddy, the load balancer of `cargo xtask cluster`).
+pub fn ensure_cluster_packages(caddy: bool) -> Result<()> {
+    let mut packages = Vec::new();
+    if !PathBuf::from(POSTGRES).is_file() {
+        packages.push("postgresql-15");
+    }
+    if !PathBuf::from(NATS_SERVER).is_file() {
+        packages.push("nats-server");
+    }
+    if caddy && !PathBuf::from("/usr/bin/caddy").is_file() {
+        packages.push("caddy");
+    }
+    if packages.is_empty() {
+        return Ok(());
+    }
+    step(&format!("Installing Debian's {} (the cluster's database, bus and load balancer)", packages.join(", ")));
+    apt_install(&packages)
+}
+
 fn ensure_test_packages() -> Result<()> {
     let mut packages = Vec::new();
     if !(PathBuf::from(CHROMIUM).is_file() && PathBuf::from(CHROMEDRIVER).is_file()) {
@@ -168,6 +187,10 @@ fn ensure_test_packages() -> Result<()> {
     if packages.is_empty() {
         return Ok(());
     }
+    apt_install(&packages)
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
     let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0"));
     let apt = |args: &[&str]| -> Command {
         let mut cmd = if root { Command::new("apt-get") } else { Command::new("sudo") };
@@ -178,7 +201,7 @@ fn ensure_test_packages() -> Result<()> {
         cmd
     };
     sh(&mut apt(&["update", "-q"]))?;
-    sh(apt(&["install", "-y", "-q", "--no-install-recommends"]).args(&packages))
+    sh(apt(&["install", "-y", "-q", "--no-install-recommends"]).args(packages))
         .with_context(|| format!("could not install {}; install these Debian packages by hand", packages.join(" ")))?;
     Ok(())
 }

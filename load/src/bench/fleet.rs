@@ -31,14 +31,14 @@ pub struct FleetArgs {
 
 /// Every duel of a burst queued at the same instant, players already connected to the hub.
 #[derive(Debug, Default, Serialize)]
-struct Burst {
+pub(super) struct Burst {
     matches: usize,
     /// From the burst's queueing to the last "match found".
     all_found_seconds: f64,
     /// From the burst's queueing to the last seat taken on the room server.
     all_seated_seconds: f64,
     /// Matches over `all_seated_seconds`: the placement rate with a full queue.
-    matches_placed_per_second: f64,
+    pub(super) matches_placed_per_second: f64,
     /// From queueing to "match found", per player.
     queue_to_found: Percentiles,
     /// From "match found" to the seat taken on the room server, per player.
@@ -144,7 +144,7 @@ pub async fn run(args: FleetArgs, backstage: &dyn Backstage) -> Result<()> {
     let split = play(&args, &hub.base, &tokens, &room_server, Some(&hub)).await?;
     let burst = if args.burst > 0 {
         let burst_tokens = backstage.players(&hub.database_url, "fleetburst", 2 * args.burst, PASSWORD).await?;
-        burst(&hub, &burst_tokens).await?
+        burst(&[&hub], &burst_tokens).await?
     } else {
         Burst::default()
     };
@@ -217,18 +217,19 @@ async fn play(
     })
 }
 
-/// Connects every player of `tokens` to the hub, then queues them all for a duel at once and
-/// takes each seat on the room server as soon as the match is found.
-async fn burst(hub: &ServerProcess, tokens: &[String]) -> Result<Burst> {
-    let mut hubs = Vec::with_capacity(tokens.len());
-    for token in tokens {
-        let client = crate::client::Client::with_session(&hub.base, token)?;
+/// Connects every player of `tokens` to a hub of `hubs` (in turn), then queues them all for a
+/// duel at once and takes each seat on the room server as soon as the match is found.
+pub(super) async fn burst(hubs: &[&ServerProcess], tokens: &[String]) -> Result<Burst> {
+    let mut players = Vec::with_capacity(tokens.len());
+    for (i, token) in tokens.iter().enumerate() {
+        let client = crate::client::Client::with_session(&hubs[i % hubs.len()].base, token)?;
         let connection = client.hub().await?;
-        hubs.push((client, connection));
+        players.push((client, connection));
     }
-    let cpu0 = hub.cpu()?;
+    let cpu = |hubs: &[&ServerProcess]| -> Result<Duration> { hubs.iter().map(|h| h.cpu()).sum() };
+    let cpu0 = cpu(hubs)?;
     let start = tokio::time::Instant::now();
-    let players = hubs.into_iter().map(|(client, mut connection)| {
+    let players = players.into_iter().map(|(client, mut connection)| {
         tokio::spawn(async move {
             connection.send(&shared::hub::ClientMsg::FindMatch { mode: "duel".into() }).await?;
             let (_, ticket) = connection.match_found(Duration::from_mins(1)).await?;
@@ -253,12 +254,12 @@ async fn burst(hub: &ServerProcess, tokens: &[String]) -> Result<Burst> {
             Err(e) => report.errors.push(e.to_string()),
         }
     }
-    let cpu = hub.cpu()?.saturating_sub(cpu0);
+    let spent = cpu(hubs)?.saturating_sub(cpu0);
     report.all_found_seconds = last.0.as_secs_f64();
     report.all_seated_seconds = last.1.as_secs_f64();
     report.matches_placed_per_second = report.matches as f64 / report.all_seated_seconds.max(1e-9);
     report.queue_to_found = Percentiles::of(&to_found);
     report.match_found_to_seat = Percentiles::of(&to_seat);
-    report.hub_cpu_per_placed_match_ms = cpu.as_secs_f64() * 1000.0 / report.matches.max(1) as f64;
+    report.hub_cpu_per_placed_match_ms = spent.as_secs_f64() * 1000.0 / report.matches.max(1) as f64;
     Ok(report)
 }

@@ -3,6 +3,7 @@
 //! drives it over loopback with native clients from this process, then prints a report.
 //! Bounded: every phase has a fixed size and duration, and the run stops by itself.
 
+mod cluster;
 mod fleet;
 mod hub;
 mod reconnect;
@@ -46,6 +47,12 @@ enum Which {
     /// Bots joining, playing, dropping and coming back, signing out and in, for a long time:
     /// memory and open files must stay flat, and no result may be lost.
     Soak(soak::SoakArgs),
+    /// Two hubs on PostgreSQL and NATS against one: chat across instances, placement with the
+    /// queue spread over both, CPU per hub connection, logins per second on each database.
+    Cluster(cluster::ClusterArgs),
+    /// Starts a local cluster to try by hand (`cargo xtask cluster`): PostgreSQL, NATS, two
+    /// hubs behind Caddy, two room servers.
+    LocalCluster(cluster::LocalClusterArgs),
     /// Measures how late plain timed sleeps wake up on this core: the floor under room ticks.
     Clock(ClockArgs),
     /// Holds idle hub connections for `bench hub` (a second process: each process here may
@@ -85,6 +92,8 @@ pub fn run(args: BenchArgs, backstage: &dyn Backstage) -> Result<()> {
             Which::Webrtc(args) => webrtc::run(args, backstage).await,
             Which::Reconnect(args) => reconnect::run(args, backstage).await,
             Which::Soak(args) => soak::run(args, backstage).await,
+            Which::Cluster(args) => cluster::run(args, backstage).await,
+            Which::LocalCluster(args) => cluster::local(args, backstage).await,
             Which::Clock(args) => {
                 println!("{}", serde_json::to_string(&clock(&args))?);
                 Ok(())

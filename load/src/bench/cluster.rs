@@ -1,0 +1,376 @@
+//! A local cluster (`cargo xtask cluster`: PostgreSQL, NATS, two hubs, two room servers and
+//! Caddy in front, for trying and testing by hand), and `rallypoint bench cluster`, which
+//! measures what the cluster costs against one instance in the same run:
+//! 1. chat delivery (presence and chat go the same way) to players on the sender's instance and
+//!    to players on the other one, p50/p99;
+//! 2. matches placed per second with the queue spread over two instances (one room server);
+//! 3. the hubs' CPU per hub connection opened, alone and in the cluster (what the bus adds);
+//! 4. logins per second with PostgreSQL against SQLite.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde::Serialize;
+use shared::hub::{ClientMsg, ServerMsg};
+
+use super::{Backstage, Percentiles, ServerProcess, Storm, write_json};
+use crate::client::{Client, Hub};
+use crate::services::{Nats, Postgres};
+
+const PASSWORD: &str = "bench password 123";
+
+/// One `rallypoint serve` of a cluster, on the shared PostgreSQL and NATS.
+async fn hub(backstage: &dyn Backstage, database: &str, nats: Option<&str>, extra: &[String]) -> Result<ServerProcess> {
+    let (dir, _) = ServerProcess::prepare(backstage)?;
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let mut args: Vec<String> =
+        ["serve", "--listen", &addr.to_string(), "--database-url", database].iter().map(|a| (*a).to_owned()).collect();
+    if let Some(nats) = nats {
+        args.extend(["--nats-url".to_owned(), nats.to_owned()]);
+    }
+    if !extra.iter().any(|a| a == "--static-dir") {
+        args.extend(["--static-dir".to_owned(), dir.path().display().to_string()]);
+    }
+    args.extend(["--log", "warn", "--max-connections", "100000", "--local-rooms", "off"].map(str::to_owned));
+    args.extend(extra.iter().cloned());
+    let cores = format!("0-{}", std::thread::available_parallelism().map_or(1, usize::from) - 1);
+    ServerProcess::spawn(dir, database.to_owned(), addr, &args, &cores, 1).await
+}
+
+/// A `rallypoint room-server` registered through `hub_url`.
+async fn room_server(backstage: &dyn Backstage, hub_url: &str, token: &str, capacity: usize) -> Result<ServerProcess> {
+    let (dir, url) = ServerProcess::prepare(backstage)?;
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let args: Vec<String> = [
+        "room-server",
+        "--hub",
+        hub_url,
+        "--token",
+        token,
+        "--listen",
+        &addr.to_string(),
+        "--public-url",
+        &format!("http://{addr}"),
+        "--capacity",
+        &capacity.to_string(),
+        "--log",
+        "warn",
+        "--data-dir",
+        &dir.path().display().to_string(),
+    ]
+    .iter()
+    .map(|a| (*a).to_owned())
+    .collect();
+    let cores = format!("0-{}", std::thread::available_parallelism().map_or(1, usize::from) - 1);
+    ServerProcess::spawn(dir, url, addr, &args, &cores, 1).await
+}
+
+#[derive(Debug, Args)]
+pub struct LocalClusterArgs {
+    /// Where the load balancer listens (the URL to open).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// The built client (as for `rallypoint serve`).
+    #[arg(long, default_value = "web/dist")]
+    static_dir: PathBuf,
+}
+
+/// Starts PostgreSQL, NATS, two hubs, Caddy in front of them and two room servers registered
+/// through it, prints the URL, and runs until Ctrl-C.
+pub async fn local(args: LocalClusterArgs, backstage: &dyn Backstage) -> Result<()> {
+    let caddy_bin = PathBuf::from("/usr/bin/caddy");
+    if !caddy_bin.exists() {
+        bail!("Caddy is not installed (/usr/bin/caddy): `cargo xtask cluster` installs Debian's caddy");
+    }
+    eprintln!("starting PostgreSQL and NATS…");
+    let (pg, nats) = tokio::task::spawn_blocking(|| anyhow::Ok((Postgres::start(true)?, Nats::start()?))).await??;
+    let database = pg.create_database("rallypoint")?;
+    let public = format!("http://127.0.0.1:{}", args.port);
+    let static_dir = std::fs::canonicalize(&args.static_dir)
+        .with_context(|| format!("no built client in {}: run `cargo xtask client`", args.static_dir.display()))?;
+    let mut hubs = Vec::new();
+    for n in 1..=2 {
+        eprintln!("starting hub-{n}…");
+        let extra: Vec<String> = [
+            "--public-url",
+            &public,
+            "--trust-forwarded-for",
+            "--instance",
+            &format!("hub-{n}"),
+            "--static-dir",
+            &static_dir.display().to_string(),
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+        hubs.push(hub(backstage, &database, Some(&nats.url()), &extra).await?);
+    }
+    let caddy = Caddy::start(&caddy_bin, args.port, &hubs)?;
+    let mut rooms = Vec::new();
+    for n in 1..=2 {
+        eprintln!("starting room server room-{n}…");
+        let token = backstage.room_token(&database, &format!("room-{n}")).await?;
+        rooms.push(room_server(backstage, &public, &token, 50).await?);
+    }
+    println!("Rallypoint cluster: open {public} (two tabs, two accounts, Play).");
+    println!("  hubs: {}  (behind Caddy, round robin, health check /readyz)", bases(&hubs));
+    println!("  room servers: {}", bases(&rooms));
+    println!("  PostgreSQL: {database}   NATS: {}", nats.url());
+    println!("Ctrl-C stops everything.");
+    tokio::signal::ctrl_c().await?;
+    eprintln!("stopping…");
+    for server in rooms.into_iter().chain(hubs) {
+        let _ = server.stop();
+    }
+    drop(caddy);
+    Ok(())
+}
+
+fn bases(servers: &[ServerProcess]) -> String {
+    servers.iter().map(|s| s.base.as_str()).collect::<Vec<_>>().join(" ")
+}
+
+/// Caddy as the load balancer, killed when dropped.
+struct Caddy {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Caddy {
+    fn start(bin: &std::path::Path, port: u16, hubs: &[ServerProcess]) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let upstreams: Vec<String> = hubs.iter().map(|h| h.addr.to_string()).collect();
+        let config = format!(
+            "{{\n\tadmin off\n\tauto_https off\n\tpersist_config off\n}}\nhttp://127.0.0.1:{port} {{\n\treverse_proxy {} {{\n\t\tlb_policy round_robin\n\t\thealth_uri /readyz\n\t\thealth_interval 1s\n\t}}\n}}\n",
+            upstreams.join(" ")
+        );
+        let file = dir.path().join("Caddyfile");
+        std::fs::write(&file, config)?;
+        let child = Command::new(bin)
+            .args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(&file)
+            .env("XDG_DATA_HOME", dir.path())
+            .env("XDG_CONFIG_HOME", dir.path())
+            .env("HOME", dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("caddy.log"))?)
+            .spawn()
+            .context("cannot start Caddy")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(dir.path().join("caddy.log")).unwrap_or_default();
+                bail!("Caddy did not listen on {port} within 10 s:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Self { child, _dir: dir })
+    }
+}
+
+impl Drop for Caddy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// Players listening on each instance during the chat phase.
+    #[arg(long, default_value_t = 200)]
+    listeners: usize,
+    /// Chat lines sent (by as many players, a few per second each).
+    #[arg(long, default_value_t = 200)]
+    lines: usize,
+    /// Duels queued at once, their players spread over both instances.
+    #[arg(long, default_value_t = 256)]
+    burst: usize,
+    /// Hub connections opened to measure their CPU, alone and in the cluster.
+    #[arg(long, default_value_t = 2000)]
+    connections: usize,
+    /// Seconds of each login storm.
+    #[arg(long, default_value_t = 10)]
+    storm_seconds: u64,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Report {
+    /// Chat lines from a player on instance A, to players on A (as with one instance).
+    chat_same_instance: Percentiles,
+    /// The same lines, to players on instance B (through NATS).
+    chat_other_instance: Percentiles,
+    chat_lines_lost: u64,
+    /// Duels queued at once, players alternating between the two instances.
+    burst: super::fleet::Burst,
+    /// A hub's CPU per hub connection opened (sign-in, welcome, presence), alone.
+    hub_cpu_per_connection_alone_ms: f64,
+    /// The same in a cluster of two (the bus's share on top).
+    hub_cpu_per_connection_clustered_ms: f64,
+    logins_per_second_sqlite: f64,
+    logins_per_second_postgres: f64,
+}
+
+pub async fn run(args: ClusterArgs, backstage: &dyn Backstage) -> Result<()> {
+    let mut report = Report::default();
+    let (pg, nats) = tokio::task::spawn_blocking(|| anyhow::Ok((Postgres::start(true)?, Nats::start()?))).await??;
+
+    eprintln!("cluster of two: chat across instances…");
+    let database = pg.create_database("cluster_chat")?;
+    let a = hub(backstage, &database, Some(&nats.url()), &[]).await?;
+    let b = hub(backstage, &database, Some(&nats.url()), &[]).await?;
+    let tokens = backstage.players(&database, "chat", 2 * args.listeners + args.lines, PASSWORD).await?;
+    chat(&args, &a, &b, &tokens, &mut report).await?;
+    a.stop()?;
+    b.stop()?;
+
+    eprintln!("cluster of two: a burst of {} duels over both instances…", args.burst);
+    let database = pg.create_database("cluster_burst")?;
+    let a = hub(backstage, &database, Some(&nats.url()), &[]).await?;
+    let b = hub(backstage, &database, Some(&nats.url()), &[]).await?;
+    let token = backstage.room_token(&database, "bench").await?;
+    let rooms = room_server(backstage, &a.base, &token, args.burst + 8).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await; // registered, and a matcher elected
+    let tokens = backstage.players(&database, "burst", 2 * args.burst, PASSWORD).await?;
+    report.burst = super::fleet::burst(&[&a, &b], &tokens).await?;
+    rooms.stop()?;
+    a.stop()?;
+    b.stop()?;
+
+    eprintln!("hub CPU per connection, alone then clustered…");
+    let database = pg.create_database("cluster_alone")?;
+    let alone = hub(backstage, &database, None, &[]).await?;
+    report.hub_cpu_per_connection_alone_ms = connection_cpu(backstage, &alone, &[&alone], args.connections).await?;
+    alone.stop()?;
+    let database = pg.create_database("cluster_conns")?;
+    let a = hub(backstage, &database, Some(&nats.url()), &[]).await?;
+    let b = hub(backstage, &database, Some(&nats.url()), &[]).await?;
+    report.hub_cpu_per_connection_clustered_ms = connection_cpu(backstage, &a, &[&a, &b], args.connections).await?;
+    a.stop()?;
+    b.stop()?;
+
+    eprintln!("logins per second, SQLite then PostgreSQL…");
+    let (dir, sqlite) = ServerProcess::prepare(backstage)?;
+    backstage.players(&sqlite, "storm", 64, PASSWORD).await?;
+    let server = ServerProcess::start(dir, sqlite, &[]).await?;
+    report.logins_per_second_sqlite = storm(&server, args.storm_seconds).await;
+    server.stop()?;
+    let database = pg.create_database("cluster_logins")?;
+    backstage.players(&database, "storm", 64, PASSWORD).await?;
+    let (dir, _) = ServerProcess::prepare(backstage)?;
+    let server = ServerProcess::start(dir, database, &[]).await?;
+    report.logins_per_second_postgres = storm(&server, args.storm_seconds).await;
+    server.stop()?;
+
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    write_json(args.json.as_ref(), &report)
+}
+
+/// Listeners on both instances, senders on A; every line's time from send to each receipt.
+async fn chat(
+    args: &ClusterArgs,
+    a: &ServerProcess,
+    b: &ServerProcess,
+    tokens: &[String],
+    report: &mut Report,
+) -> Result<()> {
+    let (listen_a, rest) = tokens.split_at(args.listeners);
+    let (listen_b, senders) = rest.split_at(args.listeners);
+    let sent: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
+    let mut listeners = Vec::new();
+    for (base, group, same) in [(&a.base, listen_a, true), (&b.base, listen_b, false)] {
+        for token in group {
+            let hub = Client::with_session(base, token)?.hub().await?;
+            listeners.push((same, hub));
+        }
+    }
+    let mut sending = Vec::new();
+    for token in senders {
+        sending.push(Client::with_session(&a.base, token)?.hub().await?);
+    }
+    // Everyone hears of everyone before the clock starts.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let expected = senders.len();
+    let receivers = listeners.into_iter().map(|(same, mut hub)| {
+        let sent = Arc::clone(&sent);
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while got.len() < expected && tokio::time::Instant::now() < deadline {
+                match tokio::time::timeout_at(deadline, hub.recv()).await {
+                    Ok(Ok(ServerMsg::Chat(line))) => {
+                        let at =
+                            sent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&line.text).copied();
+                        if let Some(at) = at {
+                            got.push(at.elapsed());
+                        }
+                    }
+                    Ok(Ok(_)) => {}
+                    _ => break,
+                }
+            }
+            (same, got)
+        })
+    });
+    let receivers: Vec<_> = receivers.collect();
+    // Paced: 50 lines a second, each sender once (within its chat allowance).
+    for (i, hub) in sending.iter_mut().enumerate() {
+        let text = format!("bench line {i}");
+        sent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(text.clone(), Instant::now());
+        hub.send(&ClientMsg::Chat { text }).await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (mut same, mut other) = (Vec::new(), Vec::new());
+    let mut lost = 0;
+    for r in futures_util::future::join_all(receivers).await {
+        let (is_same, got) = r?;
+        lost += (expected - got.len()) as u64;
+        if is_same { same.extend(got) } else { other.extend(got) }
+    }
+    report.chat_same_instance = Percentiles::of(&same);
+    report.chat_other_instance = Percentiles::of(&other);
+    report.chat_lines_lost = lost;
+    drop(sending);
+    Ok(())
+}
+
+/// `measured`'s CPU per hub connection, `n` connections opened to the hubs in turn.
+async fn connection_cpu(
+    backstage: &dyn Backstage,
+    measured: &ServerProcess,
+    hubs: &[&ServerProcess],
+    n: usize,
+) -> Result<f64> {
+    let tokens = backstage.players(&measured.database_url, "conn", n, PASSWORD).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cpu0 = measured.cpu()?;
+    let mut open: Vec<Hub> = Vec::with_capacity(n);
+    // Only `measured`'s own connections are counted; in a cluster, half land on the other hub
+    // and cost `measured` only the bus's share.
+    let mut mine = 0usize;
+    for (i, token) in tokens.iter().enumerate() {
+        let hub = hubs[i % hubs.len()];
+        if std::ptr::eq(hub, measured) {
+            mine += 1;
+        }
+        open.push(Client::with_session(&hub.base, token)?.hub().await?);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await; // presence flushed everywhere
+    let cpu = measured.cpu()?.saturating_sub(cpu0);
+    drop(open);
+    Ok(cpu.as_secs_f64() * 1000.0 / mine.max(1) as f64)
+}
+
+async fn storm(server: &ServerProcess, seconds: u64) -> f64 {
+    let storm = Storm { base: server.base.clone(), prefix: "storm", password: PASSWORD, users: 64, concurrency: 16 };
+    let (ok, _, took) = storm.run(Duration::from_secs(seconds)).await;
+    ok as f64 / took.as_secs_f64()
+}
