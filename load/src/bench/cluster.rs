@@ -145,7 +145,7 @@ impl Caddy {
         let dir = tempfile::tempdir()?;
         let upstreams: Vec<String> = hubs.iter().map(|h| h.addr.to_string()).collect();
         let config = format!(
-            "{{\n\tadmin off\n\tauto_https off\n\tpersist_config off\n}}\nhttp://127.0.0.1:{port} {{\n\treverse_proxy {} {{\n\t\tlb_policy round_robin\n\t\thealth_uri /readyz\n\t\thealth_interval 1s\n\t}}\n}}\n",
+            "{{\n\tadmin off\n\tauto_https off\n}}\nhttp://127.0.0.1:{port} {{\n\treverse_proxy {} {{\n\t\tlb_policy round_robin\n\t\thealth_uri /readyz\n\t\thealth_interval 1s\n\t}}\n}}\n",
             upstreams.join(" ")
         );
         let file = dir.path().join("Caddyfile");
