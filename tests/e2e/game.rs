@@ -11,7 +11,11 @@ use shared::arena::{TILE, is_wall};
 const PASSWORD: &str = "a long enough password";
 
 async fn register(browser: &Browser, server: &Server, name: &str) {
-    browser.goto(&server.url("/register")).await;
+    register_at(browser, &server.base, name).await;
+}
+
+async fn register_at(browser: &Browser, base: &str, name: &str) {
+    browser.goto(&format!("{base}/register")).await;
     browser.submit(&[("username", name), ("password", PASSWORD), ("password_confirm", PASSWORD)]).await;
     browser.wait_for_path("/play").await;
     browser.find("#status[data-state='online']").await;
@@ -269,6 +273,39 @@ async fn two_browsers_play_a_match_hosted_on_a_room_server_over_webrtc() {
     erin.close().await;
     frank.close().await;
     server.stop().await;
+}
+
+/// Through a load balancer in front of two hub instances (PostgreSQL, NATS, no sticky
+/// sessions; every request may land on either): two browsers register, see each other, are
+/// matched and play a match on a room server over WebRTC, and find it in their history.
+#[tokio::test]
+async fn two_browsers_play_through_a_load_balancer_in_front_of_two_hub_instances() {
+    let _one = crate::ONE_AT_A_TIME.lock().await;
+    let cluster = rallypoint_tests::Cluster::start().await;
+    let driver = Driver::start().await;
+    let (gina, hugo) = (driver.browser(&[]).await, driver.browser(&[]).await);
+    register_at(&gina, &cluster.base, "gina").await;
+    register_at(&hugo, &cluster.base, "hugo").await;
+    for b in [&gina, &hugo] {
+        find_duel(b).await;
+    }
+    for b in [&gina, &hugo] {
+        b.find("#game[data-state='playing']").await;
+        on_the_data_channel(b).await;
+    }
+    let before = position(&state(&hugo).await).unwrap();
+    key(&hugo, "KeyS", true).await;
+    hugo.wait_until("hugo moves", || async { position(&state(&hugo).await) != Some(before) }).await;
+    key(&hugo, "KeyS", false).await;
+    for b in [&gina, &hugo] {
+        b.find_within("#result:not([hidden])", Duration::from_secs(30)).await;
+    }
+    gina.goto(&cluster.url("/u/hugo")).await;
+    let row = gina.find_within("table.history tbody tr", Duration::from_secs(30)).await.text().await.unwrap();
+    assert!(row.contains("Duel"), "{row}");
+    gina.close().await;
+    hugo.close().await;
+    cluster.stop().await;
 }
 
 /// The network drops both players' connections mid-match (a relay between the browsers and the

@@ -133,8 +133,18 @@ impl Server {
 /// Reads `child`'s standard output until `pick` finds what it looks for in a line (within
 /// [`STEP`]), then keeps draining it so that the child never blocks on a full pipe.
 async fn wait_for_line<T>(child: &mut Child, what: &str, pick: impl Fn(&str) -> Option<T>) -> T {
+    wait_for_line_within(child, what, STEP, pick).await
+}
+
+/// [`wait_for_line`] with another limit than [`STEP`].
+async fn wait_for_line_within<T>(
+    child: &mut Child,
+    what: &str,
+    limit: Duration,
+    pick: impl Fn(&str) -> Option<T>,
+) -> T {
     let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-    let found = tokio::time::timeout(STEP, async {
+    let found = tokio::time::timeout(limit, async {
         while let Ok(Some(line)) = lines.next_line().await {
             if let Some(found) = pick(&line) {
                 return found;
@@ -143,7 +153,7 @@ async fn wait_for_line<T>(child: &mut Child, what: &str, pick: impl Fn(&str) -> 
         panic!("the process exited before {what}");
     })
     .await
-    .unwrap_or_else(|_| panic!("no sign of {what} within the step timeout"));
+    .unwrap_or_else(|_| panic!("no sign of {what} within {limit:?}"));
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     found
 }
@@ -152,6 +162,47 @@ async fn wait_for_line<T>(child: &mut Child, what: &str, pick: impl Fn(&str) -> 
 pub struct RoomServer {
     _child: Child,
     _dir: tempfile::TempDir,
+}
+
+/// A local cluster, as `cargo xtask cluster` starts it: PostgreSQL, NATS, two hubs behind Caddy
+/// (round robin, no sticky sessions) and two room servers registered through it.
+pub struct Cluster {
+    pub base: String,
+    child: Child,
+}
+
+impl Cluster {
+    pub async fn start() -> Self {
+        let bin = must_exist(env_path("RALLYPOINT_BIN", workspace().join("target/debug/rallypoint")), "the binary");
+        let static_dir =
+            must_exist(env_path("RALLYPOINT_STATIC_DIR", workspace().join("web/dist")), "the built client");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut child = Command::new(bin)
+            .args(["bench", "local-cluster", "--port", &port.to_string(), "--match-seconds", "12", "--static-dir"])
+            .arg(static_dir)
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the cluster starts");
+        // PostgreSQL's initdb, NATS, two hubs, Caddy, two room servers: longer than a step.
+        let base = wait_for_line_within(&mut child, "the cluster", Duration::from_mins(1), |line| {
+            line.strip_prefix("Rallypoint cluster: open ").and_then(|l| l.split_whitespace().next()).map(str::to_owned)
+        })
+        .await;
+        Self { base, child }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Stops every process of the cluster (SIGTERM) and waits.
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+    }
 }
 
 /// A chromedriver process; each [`Browser`] it opens is a separate Chromium with its own

@@ -16,6 +16,8 @@ pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const POSTGRES: &str = "/usr/lib/postgresql/15/bin/postgres";
 /// Debian's NATS server (the cluster tests start their own, as `load::services`).
 const NATS_SERVER: &str = "/usr/sbin/nats-server";
+/// Debian's Caddy, the load balancer of `cargo xtask cluster`.
+const CADDY: &str = "/usr/bin/caddy";
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
 const TRUNK_SERIES: &str = "0.21";
 
@@ -156,7 +158,7 @@ pub fn ensure_cluster_packages(caddy: bool) -> Result<()> {
     if !PathBuf::from(NATS_SERVER).is_file() {
         packages.push("nats-server");
     }
-    if caddy && !PathBuf::from("/usr/bin/caddy").is_file() {
+    if caddy && !PathBuf::from(CADDY).is_file() {
         packages.push("caddy");
     }
     if packages.is_empty() {
@@ -179,6 +181,10 @@ fn ensure_test_packages() -> Result<()> {
     if !PathBuf::from(NATS_SERVER).is_file() {
         step("Installing Debian's nats-server (the cluster tests run instances on a real NATS bus)");
         packages.push("nats-server");
+    }
+    if !PathBuf::from(CADDY).is_file() {
+        step("Installing Debian's caddy (a browser test plays through a load balancer in front of two hubs)");
+        packages.push("caddy");
     }
     if which("node").is_none() {
         step("Installing Debian's nodejs (the WebAssembly build of the simulation is tested under Node)");

@@ -77,6 +77,9 @@ pub struct LocalClusterArgs {
     /// The built client (as for `rallypoint serve`).
     #[arg(long, default_value = "web/dist")]
     static_dir: PathBuf,
+    /// Passed to the hubs (`rallypoint serve --match-seconds`): shorter matches, for tests.
+    #[arg(long)]
+    match_seconds: Option<u16>,
 }
 
 /// Starts PostgreSQL, NATS, two hubs, Caddy in front of them and two room servers registered
@@ -107,6 +110,10 @@ pub async fn local(args: LocalClusterArgs, backstage: &dyn Backstage) -> Result<
         .iter()
         .map(|a| (*a).to_owned())
         .collect();
+        let mut extra = extra;
+        if let Some(seconds) = args.match_seconds {
+            extra.extend(["--match-seconds".to_owned(), seconds.to_string()]);
+        }
         hubs.push(hub(backstage, &database, Some(&nats.url()), &extra).await?);
     }
     let caddy = Caddy::start(&caddy_bin, args.port, &hubs)?;
@@ -121,7 +128,11 @@ pub async fn local(args: LocalClusterArgs, backstage: &dyn Backstage) -> Result<
     println!("  room servers: {}", bases(&rooms));
     println!("  PostgreSQL: {database}   NATS: {}", nats.url());
     println!("Ctrl-C stops everything.");
-    tokio::signal::ctrl_c().await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
     eprintln!("stopping…");
     for server in rooms.into_iter().chain(hubs) {
         let _ = server.stop();
@@ -150,7 +161,9 @@ impl Caddy {
         );
         let file = dir.path().join("Caddyfile");
         std::fs::write(&file, config)?;
-        let child = Command::new(bin)
+        let child = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--"])
+            .arg(bin)
             .args(["run", "--adapter", "caddyfile", "--config"])
             .arg(&file)
             .env("XDG_DATA_HOME", dir.path())

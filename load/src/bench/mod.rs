@@ -191,7 +191,10 @@ impl ServerProcess {
         // RALLYPOINT_BENCH_WRAP runs the server under a profiler, e.g. "heaptrack" or "perf record".
         let wrap: Vec<String> =
             std::env::var("RALLYPOINT_BENCH_WRAP").unwrap_or_default().split_whitespace().map(String::from).collect();
-        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        // Killed with this process, however it ends (a parent-death signal: the spawning thread
+        // is a runtime worker, which lives as long as the benchmark).
+        let mut argv: Vec<std::ffi::OsString> =
+            vec!["setpriv".into(), "--pdeathsig".into(), "KILL".into(), "--".into()];
         if pinned {
             argv.extend(["taskset".into(), "-c".into(), cores.into()]);
         }
