@@ -253,26 +253,31 @@ async fn two_browsers_play_a_match_hosted_on_a_room_server_over_webrtc() {
     let frank = driver.browser(&[]).await;
     register(&erin, &server, "erin").await;
     register(&frank, &server, "frank").await;
-    for b in [&erin, &frank] {
-        find_duel(b).await;
-    }
-    for b in [&erin, &frank] {
-        b.find("#game[data-state='playing']").await;
-        on_the_data_channel(b).await;
-    }
-    let before = position(&state(&frank).await).unwrap();
-    key(&frank, "KeyS", true).await;
-    frank.wait_until("frank moves", || async { position(&state(&frank).await) != Some(before) }).await;
-    key(&frank, "KeyS", false).await;
-    for b in [&erin, &frank] {
-        b.find_within("#result:not([hidden])", Duration::from_secs(30)).await;
-    }
+    play_a_short_duel_over_webrtc(&erin, &frank).await;
     erin.goto(&server.url("/u/erin")).await;
     let row = erin.find("table.history tbody tr").await.text().await.unwrap();
     assert!(row.contains("Duel"), "{row}");
     erin.close().await;
     frank.close().await;
     server.stop().await;
+}
+
+/// Both queue for a duel, play it on a data channel (the second one moves), and see the result.
+async fn play_a_short_duel_over_webrtc(first: &Browser, second: &Browser) {
+    for b in [first, second] {
+        find_duel(b).await;
+    }
+    for b in [first, second] {
+        b.find("#game[data-state='playing']").await;
+        on_the_data_channel(b).await;
+    }
+    let before = position(&state(second).await).unwrap();
+    key(second, "KeyS", true).await;
+    second.wait_until("the second player moves", || async { position(&state(second).await) != Some(before) }).await;
+    key(second, "KeyS", false).await;
+    for b in [first, second] {
+        b.find_within("#result:not([hidden])", Duration::from_secs(30)).await;
+    }
 }
 
 /// Through a load balancer in front of two hub instances (PostgreSQL, NATS, no sticky
@@ -286,20 +291,7 @@ async fn two_browsers_play_through_a_load_balancer_in_front_of_two_hub_instances
     let (gina, hugo) = (driver.browser(&[]).await, driver.browser(&[]).await);
     register_at(&gina, &cluster.base, "gina").await;
     register_at(&hugo, &cluster.base, "hugo").await;
-    for b in [&gina, &hugo] {
-        find_duel(b).await;
-    }
-    for b in [&gina, &hugo] {
-        b.find("#game[data-state='playing']").await;
-        on_the_data_channel(b).await;
-    }
-    let before = position(&state(&hugo).await).unwrap();
-    key(&hugo, "KeyS", true).await;
-    hugo.wait_until("hugo moves", || async { position(&state(&hugo).await) != Some(before) }).await;
-    key(&hugo, "KeyS", false).await;
-    for b in [&gina, &hugo] {
-        b.find_within("#result:not([hidden])", Duration::from_secs(30)).await;
-    }
+    play_a_short_duel_over_webrtc(&gina, &hugo).await;
     gina.goto(&cluster.url("/u/hugo")).await;
     let row = gina.find_within("table.history tbody tr", Duration::from_secs(30)).await.text().await.unwrap();
     assert!(row.contains("Duel"), "{row}");
