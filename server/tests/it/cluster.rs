@@ -288,3 +288,95 @@ async fn when_the_matcher_goes_another_instance_takes_over_with_the_queue() {
     c.stop().await;
     b.stop().await;
 }
+
+/// A hub instance as a real process of the built binary, on the cluster's PostgreSQL and NATS.
+struct HubProcess {
+    child: std::process::Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl HubProcess {
+    async fn start(nats: &Nats, database: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(rallypoint_server::config::CLIENT_JS), "").unwrap();
+        let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_rallypoint"))
+            .args(["serve", "--listen", &addr.to_string(), "--database-url", database, "--nats-url", &nats.url()])
+            .args(["--local-rooms", "off", "--log", "warn", "--match-seconds", "8", "--static-dir"])
+            .arg(dir.path())
+            .env_clear()
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let base = format!("http://{addr}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while reqwest::get(format!("{base}/readyz")).await.map(|r| r.status().as_u16()).unwrap_or(0) != 200 {
+            assert!(std::time::Instant::now() < deadline, "the hub did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self { child, base, _dir: dir }
+    }
+}
+
+impl Drop for HubProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `kill -9` of the instance a player is on, mid-match (and of the matcher, if it was): the
+/// player comes back through the other instance, which sends them back to their seat; the
+/// match finishes and its result is recorded once. (Real processes: nothing says goodbye.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_killed_mid_match_its_player_takes_the_seat_back_through_the_other() {
+    use crate::room_servers::RoomServer;
+    let (nats, database) = backing().await;
+    let mut one = HubProcess::start(&nats, &database).await;
+    let two = HubProcess::start(&nats, &database).await;
+    let db = rallypoint_server::db::open(&database).await.unwrap();
+    let token = rallypoint_server::fleet::tokens::create(&db, "eu-9", false).await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let _rs = RoomServer::start(&two.base, &token, data.path());
+    let (ann, bob) = (Client::new(&one.base).unwrap(), Client::new(&two.base).unwrap());
+    ann.register("cl_kill_ann", crate::support::PASSWORD).await.unwrap();
+    bob.register("cl_kill_bob", crate::support::PASSWORD).await.unwrap();
+    let (mut ann_hub, mut bob_hub) = (ann.hub().await.unwrap(), bob.hub().await.unwrap());
+    for hub in [&mut ann_hub, &mut bob_hub] {
+        hub.send(&ClientMsg::FindMatch { mode: "duel".into() }).await.unwrap();
+    }
+    let (fa, fb) =
+        tokio::join!(ann_hub.match_found(Duration::from_secs(15)), bob_hub.match_found(Duration::from_secs(15)));
+    let ((room, ticket_a), (_, ticket_b)) = (fa.unwrap(), fb.unwrap());
+    let mut bob_room = bob.room_at::<shared::arena::Arena>(bob_hub.room_url.as_deref(), &ticket_b).await.unwrap();
+    let ann_room = ann.room_at::<shared::arena::Arena>(ann_hub.room_url.as_deref(), &ticket_a).await.unwrap();
+    drop(ann_room); // her tab goes with her instance
+    one.child.kill().unwrap();
+    let _ = one.child.wait();
+    // Her page reconnects through the load balancer: here, the other instance.
+    let ann_again = ann.at(&two.base).unwrap();
+    let mut hub = ann_again.hub().await.unwrap();
+    let (again, ticket) = hub.match_found(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(again, room, "the same seat");
+    let mut ann_room = ann_again.room_at::<shared::arena::Arena>(hub.room_url.as_deref(), &ticket).await.unwrap();
+    let ((oa, ratings, _), (ob, _, _)) =
+        tokio::join!(crate::rooms::play_out(&mut ann_room), crate::rooms::play_out(&mut bob_room));
+    assert_eq!(oa, ob);
+    assert_eq!(ratings.len(), 2, "recorded, with the rating changes");
+    let recorded: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM matches WHERE server = 'eu-9'").fetch_one(&db).await.unwrap();
+    assert_eq!(recorded, 1);
+    // The matcher is alive somewhere: a second match forms.
+    let (cat, dan) = (Client::new(&two.base).unwrap(), Client::new(&two.base).unwrap());
+    cat.register("cl_kill_cat", crate::support::PASSWORD).await.unwrap();
+    dan.register("cl_kill_dan", crate::support::PASSWORD).await.unwrap();
+    let (mut cat_hub, mut dan_hub) = (cat.hub().await.unwrap(), dan.hub().await.unwrap());
+    for hub in [&mut cat_hub, &mut dan_hub] {
+        hub.send(&ClientMsg::FindMatch { mode: "duel".into() }).await.unwrap();
+    }
+    let (fc, fd) =
+        tokio::join!(cat_hub.match_found(Duration::from_secs(10)), dan_hub.match_found(Duration::from_secs(10)));
+    assert_eq!(fc.unwrap().0, fd.unwrap().0, "matched after the matcher's instance was killed, if it was");
+    db.close().await;
+}
