@@ -311,7 +311,7 @@ impl HubProcess {
             .unwrap();
         let base = format!("http://{addr}");
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while reqwest::get(format!("{base}/readyz")).await.map(|r| r.status().as_u16()).unwrap_or(0) != 200 {
+        while reqwest::get(format!("{base}/readyz")).await.map_or(0, |r| r.status().as_u16()) != 200 {
             assert!(std::time::Instant::now() < deadline, "the hub did not start");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
