@@ -449,6 +449,11 @@ async fn healthz_says_alive_and_readyz_says_whether_the_database_answers() {
     server.running.app.db.close().await;
     assert_eq!(status("/healthz").await, StatusCode::OK, "alive: not a reason to restart it");
     assert_eq!(status("/readyz").await, StatusCode::SERVICE_UNAVAILABLE, "but send no one to it");
+    // A page that needs the database says it cannot be reached, and when to retry.
+    let page = reqwest::get(format!("{}/leaderboard", server.base)).await.unwrap();
+    assert_eq!(page.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(page.headers().contains_key(RETRY_AFTER));
+    assert!(page_message(&page.text().await.unwrap()).contains("database cannot be reached"));
 }
 
 #[tokio::test]
