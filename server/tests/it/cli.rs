@@ -243,3 +243,21 @@ fn a_deployment_moves_to_postgres_from_the_command_line() {
     let unsupported = rallypoint(&["migrate", "--database-url", "mysql://x"], dir.path());
     assert!(one_error_line(&unsupported).contains("use sqlite://PATH or postgres://"));
 }
+
+/// A cluster needs a shared database: NATS with SQLite is refused, as is a URL that is not NATS.
+#[test]
+fn a_cluster_on_sqlite_or_a_bad_nats_url_is_one_clear_line() {
+    let dir = static_dir();
+    let sqlite = format!("sqlite://{}", dir.path().join("rp.db").display());
+    let output = rallypoint(&["serve", "--database-url", &sqlite, "--nats-url", "nats://127.0.0.1:4222"], dir.path());
+    let line = one_error_line(&output);
+    assert!(line.contains("SQLite database belongs to one instance") && line.contains("postgres://"), "{line}");
+    let output = rallypoint(
+        &["serve", "--database-url", "postgres://u@127.0.0.1:1/x", "--nats-url", "http://127.0.0.1:4222"],
+        dir.path(),
+    );
+    assert!(one_error_line(&output).contains("is not a NATS URL"));
+    let help = rallypoint(&["serve", "--help"], dir.path());
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("RALLYPOINT_NATS_URL") && help.contains("RALLYPOINT_INSTANCE"), "{help}");
+}
