@@ -23,50 +23,26 @@ use crate::services::{Nats, Postgres};
 
 const PASSWORD: &str = "bench password 123";
 
-/// One `rallypoint serve` of a cluster, on the shared PostgreSQL and NATS.
+/// Every core of the machine, for `taskset`.
+fn all_cores() -> String {
+    format!("0-{}", std::thread::available_parallelism().map_or(1, usize::from) - 1)
+}
+
+/// One `rallypoint serve` of a cluster (rooms on room servers only), on the shared database
+/// and, given one, NATS.
 async fn hub(backstage: &dyn Backstage, database: &str, nats: Option<&str>, extra: &[String]) -> Result<ServerProcess> {
     let (dir, _) = ServerProcess::prepare(backstage)?;
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let mut args: Vec<String> =
-        ["serve", "--listen", &addr.to_string(), "--database-url", database].iter().map(|a| (*a).to_owned()).collect();
+    let mut flags = vec!["--local-rooms".to_owned(), "off".to_owned()];
     if let Some(nats) = nats {
-        args.extend(["--nats-url".to_owned(), nats.to_owned()]);
+        flags.extend(["--nats-url".to_owned(), nats.to_owned()]);
     }
-    if !extra.iter().any(|a| a == "--static-dir") {
-        args.extend(["--static-dir".to_owned(), dir.path().display().to_string()]);
-    }
-    args.extend(["--log", "warn", "--max-connections", "100000", "--local-rooms", "off"].map(str::to_owned));
-    args.extend(extra.iter().cloned());
-    let cores = format!("0-{}", std::thread::available_parallelism().map_or(1, usize::from) - 1);
-    ServerProcess::spawn(dir, database.to_owned(), addr, &args, &cores, 1).await
+    flags.extend(extra.iter().cloned());
+    ServerProcess::serve(dir, database.to_owned(), &flags, &all_cores(), 1).await
 }
 
 /// A `rallypoint room-server` registered through `hub_url`.
 async fn room_server(backstage: &dyn Backstage, hub_url: &str, token: &str, capacity: usize) -> Result<ServerProcess> {
-    let (dir, url) = ServerProcess::prepare(backstage)?;
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let args: Vec<String> = [
-        "room-server",
-        "--hub",
-        hub_url,
-        "--token",
-        token,
-        "--listen",
-        &addr.to_string(),
-        "--public-url",
-        &format!("http://{addr}"),
-        "--capacity",
-        &capacity.to_string(),
-        "--log",
-        "warn",
-        "--data-dir",
-        &dir.path().display().to_string(),
-    ]
-    .iter()
-    .map(|a| (*a).to_owned())
-    .collect();
-    let cores = format!("0-{}", std::thread::available_parallelism().map_or(1, usize::from) - 1);
-    ServerProcess::spawn(dir, url, addr, &args, &cores, 1).await
+    ServerProcess::room_server(backstage, (hub_url, token), capacity, &all_cores(), 1).await
 }
 
 #[derive(Debug, Args)]

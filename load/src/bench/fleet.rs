@@ -101,45 +101,13 @@ pub async fn run(args: FleetArgs, backstage: &dyn Backstage) -> Result<()> {
     let (dir, url) = ServerProcess::prepare(backstage)?;
     let tokens = backstage.players(&url, "fleetsplit", players, PASSWORD).await?;
     let token = backstage.room_token(&url, "bench").await?;
-    let extra: Vec<&str> = common.iter().copied().chain(["--local-rooms", "off"]).collect();
+    let extra: Vec<String> = common.iter().chain(&["--local-rooms", "off"]).map(|a| (*a).to_owned()).collect();
     // The hub on core 1, beside the bots: the rooms' core is the room server's alone.
-    let hub_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let mut hub_args: Vec<String> =
-        ["serve", "--listen", &hub_addr.to_string(), "--database-url", &url].iter().map(|a| (*a).to_owned()).collect();
-    hub_args.extend([
-        "--static-dir".to_owned(),
-        dir.path().display().to_string(),
-        "--log".to_owned(),
-        "warn".to_owned(),
-    ]);
-    hub_args.extend(["--max-connections", "100000"].map(str::to_owned));
-    hub_args.extend(extra.iter().map(|a| (*a).to_owned()));
-    let hub = ServerProcess::spawn(dir, url, hub_addr, &hub_args, "1", 1).await?;
-    let (rs_dir, rs_url) = ServerProcess::prepare(backstage)?;
-    let rs_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let rs_args: Vec<String> = [
-        "room-server",
-        "--hub",
-        &hub.base,
-        "--token",
-        &token,
-        "--listen",
-        &rs_addr.to_string(),
-        "--public-url",
-        &format!("http://{rs_addr}"),
-        "--capacity",
-        &(args.rooms + args.burst + 8).to_string(),
-        "--log",
-        "warn",
-        "--data-dir",
-        &rs_dir.path().display().to_string(),
-    ]
-    .iter()
-    .map(|a| (*a).to_owned())
-    .collect();
+    let hub = ServerProcess::serve(dir, url, &extra, "1", 1).await?;
     let workers = args.timing.server_workers.max(1);
-    let room_server =
-        ServerProcess::spawn(rs_dir, rs_url, rs_addr, &rs_args, &format!("0-{}", workers - 1), workers).await?;
+    let capacity = args.rooms + args.burst + 8;
+    let cores = format!("0-{}", workers - 1);
+    let room_server = ServerProcess::room_server(backstage, (&hub.base, &token), capacity, &cores, workers).await?;
     tokio::time::sleep(Duration::from_millis(500)).await; // registered (heartbeat)
     let split = play(&args, &hub.base, &tokens, &room_server, Some(&hub)).await?;
     let burst = if args.burst > 0 {

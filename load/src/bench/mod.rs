@@ -161,16 +161,65 @@ impl ServerProcess {
         extra: &[&str],
         workers: usize,
     ) -> Result<Self> {
-        let addr = free_addr()?;
         let workers = workers.max(1);
+        let extra: Vec<String> = extra.iter().map(|a| (*a).to_owned()).collect();
+        Self::serve(dir, database_url, &extra, &format!("0-{}", workers - 1), workers).await
+    }
+
+    /// `rallypoint serve` on `database_url` with `extra` flags, pinned to `cores` with
+    /// `workers` tokio workers; its static files are `dir`'s unless `extra` names a folder.
+    pub async fn serve(
+        dir: tempfile::TempDir,
+        database_url: String,
+        extra: &[String],
+        cores: &str,
+        workers: usize,
+    ) -> Result<Self> {
+        let addr = free_addr()?;
         let mut args: Vec<String> = ["serve", "--listen", &addr.to_string(), "--database-url", &database_url]
             .iter()
             .map(|a| (*a).to_owned())
             .collect();
-        args.extend(["--static-dir".to_owned(), dir.path().display().to_string()]);
+        if !extra.iter().any(|a| a == "--static-dir") {
+            args.extend(["--static-dir".to_owned(), dir.path().display().to_string()]);
+        }
         args.extend(["--max-connections", "100000", "--log", "warn"].map(str::to_owned));
-        args.extend(extra.iter().map(|a| (*a).to_owned()));
-        Self::spawn(dir, database_url, addr, &args, &format!("0-{}", workers - 1), workers).await
+        args.extend(extra.iter().cloned());
+        Self::spawn(dir, database_url, addr, &args, cores, workers).await
+    }
+
+    /// `rallypoint room-server` for `capacity` rooms, registered with the hub at `hub_url` under
+    /// `token`, pinned to `cores` with `workers` tokio workers; waits until it answers.
+    pub async fn room_server(
+        backstage: &dyn Backstage,
+        (hub_url, token): (&str, &str),
+        capacity: usize,
+        cores: &str,
+        workers: usize,
+    ) -> Result<Self> {
+        let (dir, url) = Self::prepare(backstage)?;
+        let addr = free_addr()?;
+        let args: Vec<String> = [
+            "room-server",
+            "--hub",
+            hub_url,
+            "--token",
+            token,
+            "--listen",
+            &addr.to_string(),
+            "--public-url",
+            &format!("http://{addr}"),
+            "--capacity",
+            &capacity.to_string(),
+            "--log",
+            "warn",
+            "--data-dir",
+            &dir.path().display().to_string(),
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+        Self::spawn(dir, url, addr, &args, cores, workers).await
     }
 
     /// Runs `rallypoint ARGS` (which must serve `/healthz` on `addr`) pinned to `cores` with
