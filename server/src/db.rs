@@ -102,6 +102,11 @@ pub async fn migrate(db: &Db) -> Result<(), DbError> {
     Ok(())
 }
 
+/// The schema version the database is at (its newest applied migration).
+pub async fn schema_version(db: &Db) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations").fetch_one(db).await
+}
+
 /// `url` with SQLite's `mode=rwc` (create when missing) unless it sets a mode, after creating
 /// the file's folder.
 fn sqlite_url(url: &str) -> Result<String, DbError> {

@@ -141,7 +141,7 @@ pub enum DumpError {
 
 /// Writes every row of `db` to `out`; returns how many rows per table.
 pub async fn export(db: &Db, out: &mut impl Write) -> Result<Vec<(&'static str, u64)>, DumpError> {
-    let schema: i64 = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations").fetch_one(db).await?;
+    let schema = crate::db::schema_version(db).await?;
     writeln!(out, "{}", json!({ "rallypoint_dump": FORMAT, "schema": schema }))?;
     let mut counts = Vec::new();
     for table in TABLES {

@@ -174,7 +174,7 @@ fn migrate(args: &DatabaseArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         let db = rallypoint_server::db::open(&args.database_url).await?;
-        let version: i64 = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations").fetch_one(&db).await?;
+        let version = rallypoint_server::db::schema_version(&db).await?;
         db.close().await;
         println!("The database is at schema version {version}.");
         Ok(())

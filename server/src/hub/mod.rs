@@ -569,10 +569,8 @@ impl State {
             Command::Leave { conn } => self.leave(conn),
             Command::Chat { conn, text } => self.chat(conn, text),
             Command::EndSessions { sessions } => {
-                if let Some(bus) = &self.bus {
-                    let hex = sessions.iter().map(SessionKey::to_hex).collect();
-                    bus.publish(Note::EndSessions { from: bus.id(), sessions: hex });
-                }
+                let hex = sessions.iter().map(SessionKey::to_hex).collect();
+                self.tell_cluster(|from| Note::EndSessions { from, sessions: hex });
                 self.end_sessions(&sessions);
             }
             Command::FindMatch { conn, mode, rating } => self.find_match(conn, mode, rating),
@@ -612,9 +610,7 @@ impl State {
             Command::ServerLost { server, generation } => self.server_lost(server, generation),
             Command::RemoteRtc { conn, room, signal } => self.remote_rtc(conn, &room, signal),
             Command::Shutdown => {
-                if let Some(bus) = &self.bus {
-                    bus.publish(Note::Gone { from: bus.id() });
-                }
+                self.tell_cluster(|from| Note::Gone { from });
                 let conns: Vec<ConnId> = self.conns.keys().copied().collect();
                 for conn in conns {
                     self.close(conn, Closing::GoingAway);
@@ -684,10 +680,8 @@ impl State {
         peer.seen = Instant::now();
         if !known {
             tracing::info!(instance = format!("{from:016x}"), "another instance is on the bus");
-            if let Some(bus) = &self.bus {
-                // It may not know us either (it just arrived, or we were cut apart).
-                bus.publish(Note::Hello { from: bus.id() });
-            }
+            // It may not know us either (it just arrived, or we were cut apart).
+            self.tell_cluster(|from| Note::Hello { from });
         }
         match note {
             // Login counts go to the throttle before the hub (see `bus`).
@@ -938,7 +932,9 @@ impl State {
     /// Tells the other instances every user of this one, lobby by lobby, who of them waits for
     /// a match, and the room servers held here.
     fn publish_everyone(&self) {
-        let Some(bus) = &self.bus else { return };
+        if self.bus.is_none() {
+            return;
+        }
         for (mode, queue) in &self.queues {
             let Some(mode) = self.rooms.mode(mode) else { continue };
             for w in queue.iter().filter(|w| w.instance.is_none()) {
@@ -950,13 +946,26 @@ impl State {
                 self.publish_server(server);
             }
         }
-        for (lobby, l) in self.lobbies.iter().enumerate() {
-            let members: Vec<UserSummary> =
-                l.members.iter().filter_map(|id| self.users.get(id).map(|o| o.user.clone())).collect();
-            for chunk in members.chunks(PRESENCE_CHUNK) {
-                let joined = chunk.to_vec();
-                bus.publish(Note::Presence { from: bus.id(), lobby: lobby as u32, joined, left: Vec::new() });
-            }
+        for lobby in 0..self.lobbies.len() {
+            self.publish_presence(lobby, &self.local_members(lobby), &[]);
+        }
+    }
+
+    /// This instance's members of `lobby`.
+    fn local_members(&self, lobby: usize) -> Vec<UserSummary> {
+        let members = &self.lobbies[lobby].members;
+        members.iter().filter_map(|id| self.users.get(id).map(|o| o.user.clone())).collect()
+    }
+
+    /// Tells the other instances who of this one's players came into `lobby` or left it, in
+    /// chunks.
+    fn publish_presence(&self, lobby: usize, joined: &[UserSummary], left: &[i64]) {
+        let lobby = lobby as u32;
+        for chunk in joined.chunks(PRESENCE_CHUNK) {
+            self.tell_cluster(|from| Note::Presence { from, lobby, joined: chunk.to_vec(), left: Vec::new() });
+        }
+        for chunk in left.chunks(PRESENCE_CHUNK) {
+            self.tell_cluster(|from| Note::Presence { from, lobby, joined: Vec::new(), left: chunk.to_vec() });
         }
     }
 
@@ -1001,9 +1010,8 @@ impl State {
         self.by_session.entry(session).or_default().push(conn);
         self.lobby_mut(lobby).conns.insert(conn);
 
+        let mut members = self.local_members(lobby);
         let l = &self.lobbies[lobby];
-        let mut members: Vec<UserSummary> =
-            l.members.iter().filter_map(|id| self.users.get(id).map(|o| o.user.clone())).collect();
         members.extend(l.remote.iter().filter(|(id, _)| !l.members.contains(id)).map(|(_, (u, _))| u.clone()));
         let welcome_msg = ServerMsg::Welcome {
             version: PROTOCOL_VERSION,
@@ -1064,34 +1072,15 @@ impl State {
     fn flush_presence(&mut self) {
         for lobby in 0..self.lobbies.len() {
             let outgoing = std::mem::take(&mut self.lobbies[lobby].outgoing);
-            if let Some(bus) = self.bus.as_ref().filter(|_| !outgoing.is_empty()) {
-                let (joined, left): (Vec<_>, Vec<_>) = outgoing.into_iter().partition(|(_, u)| u.is_some());
-                let joined: Vec<UserSummary> = joined.into_iter().filter_map(|(_, u)| u).collect();
-                let left: Vec<i64> = left.into_iter().map(|(id, _)| id).collect();
-                for chunk in joined.chunks(PRESENCE_CHUNK) {
-                    bus.publish(Note::Presence {
-                        from: bus.id(),
-                        lobby: lobby as u32,
-                        joined: chunk.to_vec(),
-                        left: vec![],
-                    });
-                }
-                for chunk in left.chunks(PRESENCE_CHUNK) {
-                    bus.publish(Note::Presence {
-                        from: bus.id(),
-                        lobby: lobby as u32,
-                        joined: vec![],
-                        left: chunk.to_vec(),
-                    });
-                }
+            if !outgoing.is_empty() {
+                let (joined, left) = split_changes(outgoing);
+                self.publish_presence(lobby, &joined, &left);
             }
             let pending = std::mem::take(&mut self.lobbies[lobby].pending);
             if pending.is_empty() {
                 continue;
             }
-            let (joined, left): (Vec<_>, Vec<_>) = pending.into_iter().partition(|(_, u)| u.is_some());
-            let joined: Vec<UserSummary> = joined.into_iter().filter_map(|(_, u)| u).collect();
-            let left: Vec<i64> = left.into_iter().map(|(id, _)| id).collect();
+            let (joined, left) = split_changes(pending);
             let chunks = joined.len().max(left.len()).div_ceil(PRESENCE_CHUNK);
             for i in 0..chunks {
                 let part = |len: usize| (i * PRESENCE_CHUNK).min(len)..((i + 1) * PRESENCE_CHUNK).min(len);
@@ -1127,9 +1116,8 @@ impl State {
             return;
         }
         self.remember_line(lobby, line.clone());
-        if let Some(bus) = &self.bus {
-            bus.publish(Note::Chat { from: bus.id(), lobby: lobby as u32, line: line.clone() });
-        }
+        let (lobby_id, said) = (lobby as u32, line.clone());
+        self.tell_cluster(|from| Note::Chat { from, lobby: lobby_id, line: said });
         self.broadcast(lobby, &ServerMsg::Chat(line));
     }
 
@@ -1239,8 +1227,7 @@ impl State {
             let user_id = w.user_id;
             self.tell_cluster(|from| Note::Unqueue { from, user_id });
         }
-        let seats: Vec<UserSummary> =
-            players.iter().map(|w| UserSummary { id: w.user_id, name: w.name.clone() }).collect();
+        let seats = seats_of(players);
         self.seat_players(mode, &seats, players, LOCAL_SERVER, room, None);
         tracing::debug!(%room, mode = mode.name, players = players.len(), "match made");
         true
@@ -1264,8 +1251,7 @@ impl State {
             seed,
         };
         let start = Signed::new(&assignment, &self.signer);
-        let seats: Vec<UserSummary> =
-            players.iter().map(|w| UserSummary { id: w.user_id, name: w.name.clone() }).collect();
+        let seats = seats_of(players);
         let own: Vec<Waiting> = players.iter().filter(|w| w.instance.is_none()).cloned().collect();
         if remote.via.is_some() || players.iter().any(|w| w.instance.is_some()) {
             let (mode_name, seats, start) = (mode.name.to_owned(), seats.clone(), start.clone());
@@ -1649,6 +1635,18 @@ impl State {
         }
         self.leave(conn);
     }
+}
+
+/// The seats of a match formed of `players`, in order.
+fn seats_of(players: &[Waiting]) -> Vec<UserSummary> {
+    players.iter().map(|w| UserSummary { id: w.user_id, name: w.name.clone() }).collect()
+}
+
+/// Presence changes (each user's latest state: `Some` came, `None` left) as who came and who
+/// left.
+fn split_changes(changes: BTreeMap<i64, Option<UserSummary>>) -> (Vec<UserSummary>, Vec<i64>) {
+    let (joined, left): (Vec<_>, Vec<_>) = changes.into_iter().partition(|(_, u)| u.is_some());
+    (joined.into_iter().filter_map(|(_, u)| u).collect(), left.into_iter().map(|(id, _)| id).collect())
 }
 
 #[cfg(test)]
