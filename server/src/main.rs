@@ -188,7 +188,9 @@ fn export(args: &DumpArgs) -> anyhow::Result<()> {
         let db = rallypoint_server::db::connect(&args.database.database_url).await?;
         let counts = match &args.file {
             Some(path) => {
-                let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+                let file =
+                    std::fs::File::create(path).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+                let mut out = std::io::BufWriter::new(file);
                 rallypoint_server::dump::export(&db, &mut out).await?
             }
             None => {

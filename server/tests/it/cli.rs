@@ -238,6 +238,8 @@ fn a_deployment_moves_to_postgres_from_the_command_line() {
     assert!(String::from_utf8_lossy(&list.stdout).contains("eu-1\tofficial\tactive"), "{list:?}");
     let again = rallypoint(&["import", "--database-url", &postgres, "--file", dump], dir.path());
     assert!(one_error_line(&again).contains("import only into an empty one"));
+    let unwritable = rallypoint(&["export", "--database-url", &sqlite, "--file", "/proc/x/dump"], dir.path());
+    assert!(one_error_line(&unwritable).contains("cannot write /proc/x/dump"));
     let missing = rallypoint(&["import", "--database-url", &postgres, "--file", "/nonexistent"], dir.path());
     assert!(one_error_line(&missing).contains("cannot open /nonexistent"));
     let unsupported = rallypoint(&["migrate", "--database-url", "mysql://x"], dir.path());
