@@ -110,7 +110,6 @@ pub struct Bus {
     id: InstanceId,
     out: mpsc::Sender<Note>,
     client: async_nats::Client,
-    dropped: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -143,10 +142,9 @@ impl Bus {
         let id = u64::from_le_bytes(id);
         let (out, queue) = mpsc::channel(QUEUE);
         let (notes, inbox) = mpsc::channel(QUEUE);
-        let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
         tokio::spawn(write(client.clone(), id, queue));
-        tokio::spawn(read(subscriber, id, notes, Arc::clone(&dropped), Arc::clone(&throttle)));
-        let bus = Self { id, out, client, dropped };
+        tokio::spawn(read(subscriber, id, notes, Arc::clone(&throttle)));
+        let bus = Self { id, out, client };
         let tell = bus.clone();
         throttle.share(move |change| tell.publish(Note::Login { from: id, change }));
         bus.publish(Note::Hello { from: id });
@@ -157,10 +155,10 @@ impl Bus {
         self.id
     }
 
-    /// Queues `note` for the other instances; a full queue drops it (counted).
+    /// Queues `note` for the other instances; a full queue drops it (counted in
+    /// `rallypoint_bus_dropped_total`).
     pub fn publish(&self, note: Note) {
         if self.out.try_send(note).is_err() {
-            self.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             metrics::counter!("rallypoint_bus_dropped_total").increment(1);
         }
     }
@@ -168,11 +166,6 @@ impl Bus {
     /// Whether NATS is connected now.
     pub fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
-    }
-
-    /// Notes dropped so far: a full queue out, or a note in that did not parse.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Says goodbye and waits (a second at most) until what is queued is sent.
@@ -215,7 +208,6 @@ async fn read(
     mut subscriber: async_nats::Subscriber,
     id: InstanceId,
     notes: mpsc::Sender<Note>,
-    dropped: Arc<std::sync::atomic::AtomicU64>,
     throttle: Arc<Throttle>,
 ) {
     use futures_util::StreamExt as _;
@@ -229,7 +221,6 @@ async fn read(
                 }
             }
             None => {
-                dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 metrics::counter!("rallypoint_bus_dropped_total").increment(1);
                 tracing::warn!(bytes = message.payload.len(), "dropped a bus note that does not parse");
             }

@@ -610,7 +610,6 @@ impl State {
             Command::ServerLost { server, generation } => self.server_lost(server, generation),
             Command::RemoteRtc { conn, room, signal } => self.remote_rtc(conn, &room, signal),
             Command::Shutdown => {
-                self.tell_cluster(|from| Note::Gone { from });
                 let conns: Vec<ConnId> = self.conns.keys().copied().collect();
                 for conn in conns {
                     self.close(conn, Closing::GoingAway);
