@@ -79,6 +79,32 @@ struct State {
 }
 
 impl State {
+    /// The keys of an attempt on `account` from `address` and their windows now (expired ones
+    /// start afresh), after pruning expired windows when the map is full.
+    fn windows(&mut self, account: &str, address: IpAddr, now: Instant, window: Duration) -> ([Key; 3], [Window; 3]) {
+        prune(&mut self.counts, MAX_KEYS - 3, |w| w.start + window > now);
+        let keys = [Key::Pair(account.to_owned(), address), Key::Address(address), Key::Account(account.to_owned())];
+        let windows = keys.each_ref().map(|key| {
+            let fresh = Window { start: now, attempts: 0, next: now };
+            self.counts.get(key).copied().filter(|w| w.start + window > now).unwrap_or(fresh)
+        });
+        (keys, windows)
+    }
+
+    /// Counts one attempt in each window.
+    fn count(&mut self, keys: [Key; 3], windows: [Window; 3]) {
+        for (key, mut w) in keys.into_iter().zip(windows) {
+            w.attempts += 1;
+            self.counts.insert(key, w);
+        }
+    }
+
+    /// `address` logged into `account` at `now`.
+    fn know(&mut self, account: String, address: IpAddr, now: Instant) {
+        prune(&mut self.known, MAX_KEYS, |&at| at + KNOWN_FOR > now);
+        self.known.insert((account, address), now);
+    }
+
     /// Gives back an attempt's count on each key (the account's pace stays as it was).
     fn release(&mut self, account: &str, address: IpAddr) {
         for key in [Key::Pair(account.to_owned(), address), Key::Address(address), Key::Account(account.to_owned())] {
@@ -118,8 +144,7 @@ impl Attempt<'_> {
         {
             let mut state = self.throttle.lock();
             state.release(&account, address);
-            prune(&mut state.known, MAX_KEYS, |&at| at + KNOWN_FOR > now);
-            state.known.insert((account.clone(), address), now);
+            state.know(account.clone(), address, now);
         }
         self.throttle.tell(Shared::Release { account: account.clone(), address });
         self.throttle.tell(Shared::Known { account, address });
@@ -155,26 +180,17 @@ impl Throttle {
     pub fn apply(&self, change: Shared, now: Instant) {
         match change {
             Shared::Attempt { account, address } if account.len() <= MAX_SHARED_ACCOUNT => {
-                let address = prefix(address);
                 let limits = &self.limits;
                 let mut state = self.lock();
-                prune(&mut state.counts, MAX_KEYS - 3, |w| w.start + limits.window > now);
-                for key in [Key::Pair(account.clone(), address), Key::Address(address), Key::Account(account)] {
-                    let fresh = Window { start: now, attempts: 0, next: now };
-                    let mut w =
-                        state.counts.get(&key).copied().filter(|w| w.start + limits.window > now).unwrap_or(fresh);
-                    if matches!(key, Key::Account(_)) && w.attempts >= limits.per_account {
-                        w.next = now + limits.account_pace;
-                    }
-                    w.attempts += 1;
-                    state.counts.insert(key, w);
+                let (keys, [pair, addr, mut acc]) = state.windows(&account, prefix(address), now, limits.window);
+                if acc.attempts >= limits.per_account {
+                    acc.next = now + limits.account_pace;
                 }
+                state.count(keys, [pair, addr, acc]);
             }
             Shared::Release { account, address } => self.lock().release(&account, prefix(address)),
             Shared::Known { account, address } if account.len() <= MAX_SHARED_ACCOUNT => {
-                let mut state = self.lock();
-                prune(&mut state.known, MAX_KEYS, |&at| at + KNOWN_FOR > now);
-                state.known.insert((account, prefix(address)), now);
+                self.lock().know(account, prefix(address), now);
             }
             Shared::Attempt { .. } | Shared::Known { .. } => {}
         }
@@ -190,12 +206,7 @@ impl Throttle {
         let limits = &self.limits;
         let mut state = self.lock();
         let window = limits.window;
-        prune(&mut state.counts, MAX_KEYS - 3, |w| w.start + window > now);
-        let keys = [Key::Pair(account.to_owned(), address), Key::Address(address), Key::Account(account.to_owned())];
-        let [pair, addr, acc] = keys.each_ref().map(|key| {
-            let fresh = Window { start: now, attempts: 0, next: now };
-            state.counts.get(key).copied().filter(|w| w.start + window > now).unwrap_or(fresh)
-        });
+        let (keys, [pair, addr, acc]) = state.windows(account, address, now, window);
         let lock_wait = |w: Window, limit: u32| (w.attempts >= limit).then(|| w.start + window - now);
         let known = state.known.get(&(account.to_owned(), address)).is_some_and(|&at| at + KNOWN_FOR > now);
         let paced = acc.attempts >= limits.per_account && !known;
@@ -210,10 +221,7 @@ impl Throttle {
         }
         // Counted now; given back by `Attempt` unless it turns out to be a wrong password.
         let acc = Window { next: if paced { now + limits.account_pace } else { acc.next }, ..acc };
-        for (key, mut w) in keys.into_iter().zip([pair, addr, acc]) {
-            w.attempts += 1;
-            state.counts.insert(key, w);
-        }
+        state.count(keys, [pair, addr, acc]);
         drop(state);
         self.tell(Shared::Attempt { account: account.to_owned(), address });
         Ok(Attempt { throttle: self, account: account.to_owned(), address, settled: false })
