@@ -149,22 +149,37 @@ fn ensure_wasm_bindgen() -> Result<()> {
     cargo_install(&["wasm-bindgen-cli", "--version", &format!("={want}")])
 }
 
+/// A Debian package the tests or the cluster need: the file that shows it is installed, and
+/// why it is needed.
+struct Package {
+    file: &'static str,
+    name: &'static str,
+    why: &'static str,
+}
+
+const POSTGRES_15: Package =
+    Package { file: POSTGRES, name: "postgresql-15", why: "every database test runs on SQLite and on PostgreSQL" };
+const NATS: Package =
+    Package { file: NATS_SERVER, name: "nats-server", why: "the cluster tests run instances on a real NATS bus" };
+const CADDY_LB: Package =
+    Package { file: CADDY, name: "caddy", why: "a browser test plays through a load balancer in front of two hubs" };
+
+/// The names of those of `packages` that are missing, each announced with why it is needed.
+fn missing(packages: &[&Package]) -> Vec<&'static str> {
+    let missing: Vec<&Package> = packages.iter().copied().filter(|p| !PathBuf::from(p.file).is_file()).collect();
+    for p in &missing {
+        step(&format!("Installing Debian's {} ({})", p.name, p.why));
+    }
+    missing.iter().map(|p| p.name).collect()
+}
+
 /// PostgreSQL and NATS (and Caddy, the load balancer of `cargo xtask cluster`).
 pub fn ensure_cluster_packages(caddy: bool) -> Result<()> {
-    let mut packages = Vec::new();
-    if !PathBuf::from(POSTGRES).is_file() {
-        packages.push("postgresql-15");
-    }
-    if !PathBuf::from(NATS_SERVER).is_file() {
-        packages.push("nats-server");
-    }
-    if caddy && !PathBuf::from(CADDY).is_file() {
-        packages.push("caddy");
-    }
+    let wanted: &[&Package] = if caddy { &[&POSTGRES_15, &NATS, &CADDY_LB] } else { &[&POSTGRES_15, &NATS] };
+    let packages = missing(wanted);
     if packages.is_empty() {
         return Ok(());
     }
-    step(&format!("Installing Debian's {} (the cluster's database, bus and load balancer)", packages.join(", ")));
     apt_install(&packages)
 }
 
@@ -174,18 +189,7 @@ fn ensure_test_packages() -> Result<()> {
         step("Installing Debian's chromium and chromium-driver (the end-to-end tests drive a real headless browser)");
         packages.extend(["chromium", "chromium-driver"]);
     }
-    if !PathBuf::from(POSTGRES).is_file() {
-        step("Installing Debian's postgresql-15 (every database test runs on SQLite and on PostgreSQL)");
-        packages.push("postgresql-15");
-    }
-    if !PathBuf::from(NATS_SERVER).is_file() {
-        step("Installing Debian's nats-server (the cluster tests run instances on a real NATS bus)");
-        packages.push("nats-server");
-    }
-    if !PathBuf::from(CADDY).is_file() {
-        step("Installing Debian's caddy (a browser test plays through a load balancer in front of two hubs)");
-        packages.push("caddy");
-    }
+    packages.extend(missing(&[&POSTGRES_15, &NATS, &CADDY_LB]));
     if which("node").is_none() {
         step("Installing Debian's nodejs (the WebAssembly build of the simulation is tested under Node)");
         packages.push("nodejs");
