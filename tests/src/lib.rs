@@ -31,6 +31,16 @@ fn must_exist(path: PathBuf, what: &str) -> PathBuf {
     path
 }
 
+/// The `rallypoint` binary under test (`RALLYPOINT_BIN`).
+fn binary() -> PathBuf {
+    must_exist(env_path("RALLYPOINT_BIN", workspace().join("target/debug/rallypoint")), "the server binary")
+}
+
+/// The built client (`RALLYPOINT_STATIC_DIR`).
+fn built_client() -> PathBuf {
+    must_exist(env_path("RALLYPOINT_STATIC_DIR", workspace().join("web/dist")), "the built client")
+}
+
 /// A `rallypoint serve` process with a fresh database.
 pub struct Server {
     pub base: String,
@@ -48,10 +58,8 @@ impl Server {
 
     /// Starts the server with extra flags.
     pub async fn start_with(extra: &[&str]) -> Self {
-        let bin =
-            must_exist(env_path("RALLYPOINT_BIN", workspace().join("target/debug/rallypoint")), "the server binary");
-        let static_dir =
-            must_exist(env_path("RALLYPOINT_STATIC_DIR", workspace().join("web/dist")), "the built client");
+        let bin = binary();
+        let static_dir = built_client();
         let dir = tempfile::tempdir().expect("a temporary folder");
         let db = format!("sqlite://{}", dir.path().join("rp.db").display());
         let mut child = Command::new(bin)
@@ -94,7 +102,7 @@ impl Server {
     /// Starts a `rallypoint room-server` registered with this server, under a fresh token
     /// (`rallypoint room-token create` on this server's database); returns once registered.
     pub async fn room_server(&self, name: &str) -> RoomServer {
-        let bin = must_exist(env_path("RALLYPOINT_BIN", workspace().join("target/debug/rallypoint")), "the binary");
+        let bin = binary();
         let db = format!("sqlite://{}", self.dir.path().join("rp.db").display());
         let created = Command::new(&bin)
             .args(["room-token", "create", "--name", name, "--database-url", &db])
@@ -173,9 +181,8 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start() -> Self {
-        let bin = must_exist(env_path("RALLYPOINT_BIN", workspace().join("target/debug/rallypoint")), "the binary");
-        let static_dir =
-            must_exist(env_path("RALLYPOINT_STATIC_DIR", workspace().join("web/dist")), "the built client");
+        let bin = binary();
+        let static_dir = built_client();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let mut child = Command::new(bin)
             .args(["bench", "local-cluster", "--port", &port.to_string(), "--match-seconds", "12", "--static-dir"])
