@@ -336,6 +336,9 @@ async fn a_dropped_connection_comes_back_to_the_same_seat_without_a_reload() {
     .await;
     for b in [&erin, &frank] {
         b.find("#status[data-state='online']").await;
+        // The hub hands the page a fresh ticket for its seat: it rejoins and shows "waiting" for
+        // the moment until the next snapshot, then plays on (seen once reading the state at once).
+        b.find("#game[data-state='playing']").await;
         assert_eq!(state(b).await["state"], "playing");
     }
 
