@@ -46,6 +46,13 @@ pub enum Note {
     Hello { from: InstanceId },
     /// Players of `from` who came into lobby `lobby` (0-based) or left it.
     Presence { from: InstanceId, lobby: u32, joined: Vec<UserSummary>, left: Vec<i64> },
+    /// A player arriving at `from` (on its hub connection `conn`) needs a place in a lobby: the
+    /// instance holding the matcher lease answers with [`Note::Admit`].
+    Seek { from: InstanceId, conn: u64, user: UserSummary },
+    /// The lease holder (`from`) gave that player a place in lobby `lobby` (0-based), for
+    /// instance `to`. Every instance counts the place as taken until the player shows up in
+    /// `to`'s presence, so that no lobby grows past its bound across the cluster.
+    Admit { from: InstanceId, to: InstanceId, conn: u64, user: UserSummary, lobby: u32 },
     /// A line said in lobby `lobby` by a player of `from` (already stored by `from`).
     Chat { from: InstanceId, lobby: u32, line: ChatLine },
     /// Sessions that ended (logged out, or ended from the account page): their sockets close
@@ -80,6 +87,8 @@ impl Note {
             Self::Alive { from }
             | Self::Hello { from }
             | Self::Presence { from, .. }
+            | Self::Seek { from, .. }
+            | Self::Admit { from, .. }
             | Self::Chat { from, .. }
             | Self::EndSessions { from, .. }
             | Self::Login { from, .. }
@@ -247,6 +256,8 @@ mod tests {
             Note::Alive { from: 1 },
             Note::Hello { from: 2 },
             Note::Presence { from: 3, lobby: 1, joined: vec![user.clone()], left: vec![9] },
+            Note::Seek { from: 3, conn: 4, user: user.clone() },
+            Note::Admit { from: 3, to: 5, conn: 4, user: user.clone(), lobby: 2 },
             Note::Chat { from: 4, lobby: 0, line: ChatLine { from: user, text: "hi".into(), at_ms: 5 } },
             Note::EndSessions { from: 5, sessions: vec!["ab".repeat(32)] },
             Note::Login { from: 7, change: Shared::Attempt { account: "ana".into(), address: [10, 0, 0, 1].into() } },

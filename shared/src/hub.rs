@@ -27,6 +27,8 @@ pub const PRESENCE_CHUNK: usize = 16;
 pub mod close {
     /// The server is shutting down or restarting; reconnect later.
     pub const GOING_AWAY: u16 = 1001;
+    /// The server cannot take the connection now (no lobby place could be had); reconnect later.
+    pub const TRY_AGAIN: u16 = 1013;
     /// Too many malformed messages, or the first message was not `hello`.
     pub const POLICY: u16 = 1008;
     /// A message was larger than [`super::MAX_CLIENT_MESSAGE_BYTES`].

@@ -1,4 +1,4 @@
-//! The cluster's matcher lease: exactly one instance forms matches. It is a PostgreSQL
+//! The cluster's matcher lease: exactly one instance forms matches and gives lobby places. It is a PostgreSQL
 //! session-level advisory lock, held on a connection of its own: when the instance holding it
 //! dies, its connection closes and PostgreSQL lets the lock go at once; the others try for it
 //! every [`TRY_EVERY`], so one takes over within that (the queue is not lost: every instance

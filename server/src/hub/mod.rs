@@ -44,6 +44,14 @@ pub type ConnId = u64;
 /// How often presence changes are sent out, at most.
 pub const PRESENCE_FLUSH: Duration = Duration::from_millis(100);
 
+/// In a cluster, how long a player arriving waits for the lease holder to give them a lobby
+/// place (asking again every [`crate::bus::HEARTBEAT`]) before being told to come back later.
+pub const JOIN_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a place the lease holder gave counts as taken before its player shows up in the
+/// presence of their instance (or never does: they left meanwhile).
+const ADMIT_HOLD: Duration = Duration::from_secs(3);
+
 /// How often the queues are looked at for matches (besides whenever someone joins one).
 pub const MATCHMAKING_EVERY: Duration = Duration::from_millis(250);
 
@@ -82,8 +90,9 @@ enum Command {
         session: SessionKey,
         user: UserSummary,
         outbox: mpsc::Sender<Outbound>,
-        /// The welcome, the lobby's presence list and its recent chat, in order.
-        welcome: oneshot::Sender<Vec<Utf8Bytes>>,
+        /// The welcome, the lobby's presence list and its recent chat, in order; `None` when
+        /// no lobby place could be had (a cluster without a lease holder for [`JOIN_WAIT`]).
+        welcome: oneshot::Sender<Option<Vec<Utf8Bytes>>>,
     },
     Leave {
         conn: ConnId,
@@ -237,6 +246,8 @@ impl Hub {
             servers: BTreeMap::new(),
             placing: HashMap::new(),
             leader: bus.is_none(),
+            joining: HashMap::new(),
+            admitted: HashMap::new(),
             room_origins: Arc::clone(&room_origins),
             bus: bus.clone(),
             peers: HashMap::new(),
@@ -462,8 +473,14 @@ struct State {
     bus: Option<Bus>,
     /// The other instances heard on the bus.
     peers: HashMap<InstanceId, Peer>,
-    /// Whether this instance forms matches: always alone, the lease holder in a cluster.
+    /// Whether this instance forms matches and gives lobby places: always alone, the lease
+    /// holder in a cluster.
     leader: bool,
+    /// Players arriving here who wait for the lease holder to give them a lobby place.
+    joining: HashMap<ConnId, Joining>,
+    /// Lobby places the lease holder gave, by user, not yet seen in anyone's presence: with
+    /// the members, what a lobby's bound counts.
+    admitted: HashMap<i64, (usize, Instant)>,
     /// Room servers' WebSocket origins, for the pages' CSP (shared with [`Hub`]).
     room_origins: Arc<std::sync::RwLock<BTreeSet<String>>>,
 }
@@ -493,6 +510,16 @@ impl Remote {
     fn is_up(&self) -> bool {
         self.outbox.is_some() || self.via.is_some()
     }
+}
+
+/// A player waiting for a lobby place (see [`Note::Seek`]).
+struct Joining {
+    session: SessionKey,
+    user: UserSummary,
+    outbox: mpsc::Sender<Outbound>,
+    welcome: oneshot::Sender<Option<Vec<Utf8Bytes>>>,
+    since: Instant,
+    asked: Instant,
 }
 
 /// A match sent to a room server, waiting for [`FromServer::Started`].
@@ -542,7 +569,10 @@ impl State {
                 }
                 Some(event) = events.recv() => self.room_event(event),
                 Some(note) = note => self.on_note(note),
-                _ = peer_check.tick(), if self.bus.is_some() => self.expire_peers(),
+                _ = peer_check.tick(), if self.bus.is_some() => {
+                    self.expire_peers();
+                    self.expire_joins();
+                }
                 _ = gauges.tick() => self.update_gauges(),
                 () = flush => {
                     self.flush_presence();
@@ -595,6 +625,14 @@ impl State {
             Command::Leader(leader) => {
                 self.leader = leader;
                 if leader {
+                    let waiting: Vec<ConnId> = self.joining.keys().copied().collect();
+                    for conn in waiting {
+                        if let Some(j) = self.joining.remove(&conn)
+                            && let Some(lobby) = self.place_for(conn, &j.user)
+                        {
+                            self.enter(conn, j.session, j.user, j.outbox, j.welcome, lobby);
+                        }
+                    }
                     self.match_all();
                 }
             }
@@ -639,17 +677,85 @@ impl State {
         &mut self.lobbies[index]
     }
 
-    /// The lobby for a user arriving: the one they are in through another instance, else the
-    /// first with room (counting every instance's users).
+    /// The lobby for a user arriving: the one they are in already (here, through another
+    /// instance, or by a place just given), else the first with room, counting every
+    /// instance's users and the places given but not yet taken.
     fn lobby_with_room(&self, user_id: i64) -> usize {
+        if let Some(online) = self.users.get(&user_id) {
+            return online.lobby;
+        }
+        if let Some(&(lobby, _)) = self.admitted.get(&user_id) {
+            return lobby;
+        }
         if let Some(lobby) = self.lobbies.iter().position(|l| l.remote.contains_key(&user_id)) {
             return lobby;
         }
+        // Places given, by lobby (one nobody is in yet included), of users not seen there yet.
+        let mut given = vec![0usize; self.lobbies.len()];
+        for (user, &(lobby, _)) in &self.admitted {
+            if !self.lobbies.get(lobby).is_some_and(|l| l.is_visible(*user)) {
+                if given.len() <= lobby {
+                    given.resize(lobby + 1, 0);
+                }
+                given[lobby] += 1;
+            }
+        }
         let capacity = self.limits.lobby_capacity.max(1);
-        self.lobbies.iter().position(|l| l.size() < capacity).unwrap_or(self.lobbies.len())
+        let size = |i: usize| self.lobbies.get(i).map_or(0, Lobby::size) + given.get(i).copied().unwrap_or(0);
+        // Past the last lobby known or given, every one is empty.
+        (0..=self.lobbies.len().max(given.len())).find(|&i| size(i) < capacity).unwrap_or_default()
+    }
+
+    /// A lobby place for `user`, arriving on this instance's connection `conn`, when this
+    /// instance may give it: alone, as the lease holder (telling the cluster), or when the user
+    /// is already in a lobby. `None`: the lease holder is asked ([`Note::Seek`]).
+    fn place_for(&mut self, conn: ConnId, user: &UserSummary) -> Option<usize> {
+        let Some(bus) = &self.bus else { return Some(self.lobby_with_room(user.id)) };
+        let already = self.users.contains_key(&user.id) || self.lobbies.iter().any(|l| l.remote.contains_key(&user.id));
+        if already {
+            return Some(self.lobby_with_room(user.id));
+        }
+        if !self.leader {
+            bus.publish(Note::Seek { from: bus.id(), conn, user: user.clone() });
+            return None;
+        }
+        let to = bus.id();
+        Some(self.admit(to, conn, user.clone()))
+    }
+
+    /// As the lease holder, gives `user` (of instance `to`) a lobby place and tells everyone.
+    fn admit(&mut self, to: InstanceId, conn: ConnId, user: UserSummary) -> usize {
+        let lobby = self.lobby_with_room(user.id);
+        self.admitted.insert(user.id, (lobby, Instant::now()));
+        let lobby_id = lobby as u32;
+        self.tell_cluster(|from| Note::Admit { from, to, conn, user, lobby: lobby_id });
+        lobby
+    }
+
+    /// Asks the lease holder again for players still waiting for a place, gives up on those
+    /// who waited [`JOIN_WAIT`], and forgets places given that nobody took.
+    fn expire_joins(&mut self) {
+        let now = Instant::now();
+        self.admitted.retain(|_, (_, at)| now.duration_since(*at) < ADMIT_HOLD);
+        let Some(bus) = &self.bus else { return };
+        let late: Vec<ConnId> =
+            self.joining.iter().filter(|(_, j)| now.duration_since(j.since) >= JOIN_WAIT).map(|(c, _)| *c).collect();
+        for conn in late {
+            if let Some(j) = self.joining.remove(&conn) {
+                tracing::warn!(user = j.user.id, "no lobby place given in time (is any instance holding the lease?)");
+                let _ = j.welcome.send(None);
+            }
+        }
+        for (&conn, j) in &mut self.joining {
+            if now.duration_since(j.asked) >= crate::bus::HEARTBEAT {
+                j.asked = now;
+                bus.publish(Note::Seek { from: bus.id(), conn, user: j.user.clone() });
+            }
+        }
     }
 
     fn end_sessions(&mut self, sessions: &[SessionKey]) {
+        self.joining.retain(|_, j| !sessions.contains(&j.session));
         for session in sessions {
             for conn in self.by_session.get(session).cloned().unwrap_or_default() {
                 self.close(conn, Closing::SessionEnded);
@@ -696,6 +802,22 @@ impl State {
                 }
                 for user_id in left {
                     self.remote_leave(from, user_id);
+                }
+            }
+            Note::Seek { conn, user, .. } => {
+                if self.leader {
+                    self.admit(from, conn, user);
+                }
+            }
+            Note::Admit { to, conn, user, lobby, .. } => {
+                let lobby = lobby as usize;
+                if lobby > self.lobbies.len() + 1024 {
+                    return;
+                }
+                self.admitted.insert(user.id, (lobby, Instant::now()));
+                let mine = self.bus.as_ref().is_some_and(|b| b.id() == to);
+                if let Some(j) = self.joining.remove(&conn).filter(|_| mine) {
+                    self.enter(conn, j.session, j.user, j.outbox, j.welcome, lobby);
                 }
             }
             Note::Chat { lobby, line, .. } => {
@@ -865,6 +987,7 @@ impl State {
     /// A user of instance `from` is in `lobby`.
     fn remote_join(&mut self, from: InstanceId, lobby: usize, user: UserSummary) {
         let Some(peer) = self.peers.get_mut(&from) else { return };
+        self.admitted.remove(&user.id);
         match peer.users.insert(user.id, lobby) {
             Some(was) if was == lobby => return,
             Some(was) => self.remote_leave_lobby(was, user.id),
@@ -976,19 +1099,41 @@ impl State {
         recent.push_back(line);
     }
 
+    /// A player arrives: in the lobby this instance may choose, or once the lease holder gave a
+    /// place.
     fn join(
         &mut self,
         conn: ConnId,
         session: SessionKey,
         user: UserSummary,
         outbox: mpsc::Sender<Outbound>,
-        welcome: oneshot::Sender<Vec<Utf8Bytes>>,
+        welcome: oneshot::Sender<Option<Vec<Utf8Bytes>>>,
+    ) {
+        match self.place_for(conn, &user) {
+            Some(lobby) => self.enter(conn, session, user, outbox, welcome, lobby),
+            None => {
+                let now = Instant::now();
+                self.joining.insert(conn, Joining { session, user, outbox, welcome, since: now, asked: now });
+            }
+        }
+    }
+
+    /// Puts a player's connection in `lobby` (or the lobby the user is in already) and sends the
+    /// welcome.
+    fn enter(
+        &mut self,
+        conn: ConnId,
+        session: SessionKey,
+        user: UserSummary,
+        outbox: mpsc::Sender<Outbound>,
+        welcome: oneshot::Sender<Option<Vec<Utf8Bytes>>>,
+        lobby: usize,
     ) {
         let user_id = user.id;
+        self.admitted.remove(&user_id);
         let lobby = if let Some(online) = self.users.get(&user_id) {
             online.lobby
         } else {
-            let lobby = self.lobby_with_room(user_id);
             let chat = TokenBucket::new(self.limits.chat_per_second, self.limits.chat_burst, Instant::now());
             self.users.insert(user_id, Online { user: user.clone(), lobby, conns: Vec::new(), chat });
             let clustered = self.bus.is_some();
@@ -1029,7 +1174,7 @@ impl State {
         if let Some(p) = self.playing.get(&user_id) {
             frames.push(self.match_found(user_id, p).to_json().into());
         }
-        if welcome.send(frames).is_err() {
+        if welcome.send(Some(frames)).is_err() {
             // The connection ended while joining.
             self.leave(conn);
         }

@@ -99,7 +99,9 @@ impl<'a> Connection<'a> {
         hub.send(join).await.map_err(|_| gone)?;
         // Written here rather than through the outbox: it may be many frames, and the outbox is
         // sized for what arrives while a client is connected.
-        for frame in welcome_rx.await.map_err(|_| gone)? {
+        let frames = welcome_rx.await.map_err(|_| gone)?;
+        let frames = frames.ok_or(End::Close(close::TRY_AGAIN, "no place in a lobby could be had: try again"))?;
+        for frame in frames {
             if let Step::Stop(end) = self.write_frame(Message::Text(frame)).await {
                 return Err(end);
             }

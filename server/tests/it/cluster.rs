@@ -125,6 +125,82 @@ async fn logging_out_on_one_instance_closes_that_session_on_every_instance() {
     a.stop().await;
 }
 
+/// Twelve players arrive at once, half on each instance, with lobbies of three: one instance
+/// alone gives the places (the lease holder), so no lobby takes more than three, and the four
+/// lobbies fill in order. Each instance choosing by what it had heard would put six in the
+/// first: the other's arrivals reach it only with the next presence batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lobbies_keep_their_bound_when_players_arrive_at_once_on_every_instance() {
+    let (nats, database) = backing().await;
+    let sized = |nats: &Nats| {
+        let (nats, database) = (nats.url(), database.clone());
+        TestServer::start_with(move |c| {
+            c.database_url = database;
+            c.nats_url = Some(nats);
+            c.limits.lobby_capacity = 3;
+        })
+    };
+    let a = sized(&nats).await;
+    let b = sized(&nats).await;
+    let day = Duration::from_hours(24);
+    let tokens =
+        rallypoint_server::accounts::seed_for_bench(&a.running.app.db, "crowd", 12, "unused", day).await.unwrap();
+    let clients: Vec<Client> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Client::with_session(if i % 2 == 0 { &a.base } else { &b.base }, t).unwrap())
+        .collect();
+    let hubs: Vec<Hub> =
+        futures_util::future::join_all(clients.iter().map(Client::hub)).await.into_iter().map(Result::unwrap).collect();
+    let lobby = |hub: &Hub| match hub.welcome {
+        ServerMsg::Welcome { lobby, .. } => lobby,
+        _ => unreachable!(),
+    };
+    let mut sizes = std::collections::BTreeMap::new();
+    for hub in &hubs {
+        *sizes.entry(lobby(hub)).or_insert(0) += 1;
+    }
+    assert_eq!(sizes, (1..=4).map(|l| (l, 3)).collect(), "lobby → players");
+    // A second tab of a player in a full lobby, on the other instance, joins them there.
+    let again = Client::with_session(&b.base, &tokens[0]).unwrap().hub().await.unwrap();
+    assert_eq!(lobby(&again), lobby(&hubs[0]), "same lobby");
+    b.stop().await;
+    a.stop().await;
+}
+
+/// With nobody holding the lease (here, the test holds its lock), nobody gives lobby places:
+/// a player arriving is told to come back later (1013) after [`JOIN_WAIT`], instead of
+/// waiting forever or overfilling a lobby; once the lock is free, an instance takes the lease
+/// and the player gets in.
+///
+/// [`JOIN_WAIT`]: rallypoint_server::hub::JOIN_WAIT
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_lease_holder_arrivals_are_told_to_come_back_then_get_in() {
+    use sqlx::Connection as _;
+    let (nats, database) = backing().await;
+    sqlx::any::install_default_drivers();
+    let mut holder = sqlx::AnyConnection::connect(&database).await.unwrap();
+    // `hub::lease`'s key ("rp-match").
+    let won: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(0x7270_2d6d_6174_6368_i64)
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+    assert!(won);
+    let a = instance(&nats, &database).await;
+    let gus = a.user("gus").await;
+    let started = std::time::Instant::now();
+    match gus.hub().await {
+        Err(rallypoint_load::client::ClientError::Closed { code, .. }) => assert_eq!(code, close::TRY_AGAIN),
+        other => panic!("expected close 1013, got {:?}", other.map(|h| h.welcome)),
+    }
+    assert!(started.elapsed() >= rallypoint_server::hub::JOIN_WAIT, "{:?}", started.elapsed());
+    holder.close().await.unwrap();
+    let hub = gus.hub().await.unwrap();
+    assert!(matches!(hub.welcome, ServerMsg::Welcome { lobby: 1, .. }));
+    a.stop().await;
+}
+
 /// An instance that dies without a word (its NATS connection cut, then silent) takes its players
 /// out of the others' lobbies within the peer timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
