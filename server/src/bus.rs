@@ -172,6 +172,11 @@ impl Bus {
         }
     }
 
+    /// The NATS client, for what else travels on NATS (room servers' control sessions).
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.client
+    }
+
     /// Whether NATS is connected now.
     pub fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected

@@ -13,8 +13,9 @@ use crate::rooms::TicketSigner;
 pub type Target = fn(&[u8]);
 
 /// Every target, by name (the folder names under `fuzz/corpus/`).
-pub const TARGETS: [(&str, Target); 6] = [
+pub const TARGETS: [(&str, Target); 7] = [
     ("hub_message", hub_message),
+    ("control_message", control_message),
     ("room_frame", room_frame),
     ("ticket", ticket),
     ("sdp_offer", sdp_offer),
@@ -28,6 +29,18 @@ pub fn hub_message(data: &[u8]) {
         let _ = ClientMsg::from_json(text);
         let _ = serde_json::from_str::<ServerMsg>(text);
     }
+}
+
+/// What travels between hub and room servers and between hub instances (JSON): room servers'
+/// control messages both ways, a registration over NATS (read before any token is checked) and
+/// its envelope, and the cluster bus's notes.
+pub fn control_message(data: &[u8]) {
+    use crate::fleet::control::{FromHub, FromServer, nats};
+    let _ = serde_json::from_slice::<FromServer>(data);
+    let _ = serde_json::from_slice::<FromHub>(data);
+    let _ = serde_json::from_slice::<nats::Registration>(data);
+    let _ = serde_json::from_slice::<nats::Down>(data);
+    let _ = crate::bus::decode(data);
 }
 
 /// Room frames (bitcode), over the WebSocket or a data channel: the join request and inputs the
@@ -101,8 +114,21 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         nonce: 7,
     });
     let inputs = ToRoom::Inputs { first_seq: 1, tick: 10, seen: 9, inputs: vec![ArenaInput::default(); 3] };
+    let register = crate::fleet::control::FromServer::Register {
+        control_version: crate::fleet::control::CONTROL_VERSION,
+        room_protocol: ROOM_PROTOCOL_VERSION,
+        public_url: "https://r1.example.com:9000".into(),
+        free: 100,
+        running: Vec::new(),
+    };
+    let registration = crate::fleet::control::nats::Registration { token: "rpt_x".into(), session: 7, register };
+    let note =
+        crate::bus::Note::Seek { from: 1, conn: 2, user: shared::hub::UserSummary { id: 3, name: "ann".into() } };
     vec![
         ("hub_message", json(&ClientMsg::Hello { version: PROTOCOL_VERSION })),
+        ("control_message", serde_json::to_vec(&registration).unwrap_or_default()),
+        ("control_message", crate::fleet::control::nats::Down::Beat.to_json()),
+        ("control_message", serde_json::to_vec(&note).unwrap_or_default()),
         ("hub_message", json(&ClientMsg::Chat { text: "gl hf \u{1F44B}".into() })),
         ("hub_message", json(&ClientMsg::FindMatch { mode: "duel".into() })),
         ("room_frame", JoinRequest { version: ROOM_PROTOCOL_VERSION, ticket: ticket.clone() }.encode()),

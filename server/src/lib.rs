@@ -106,6 +106,10 @@ pub async fn start_game<G: shared::game::Game>(listener: TcpListener, config: Co
         let app = Arc::clone(&app);
         tokio::spawn(async move {
             let purge = tokio::spawn(purge_sessions(Arc::clone(&app)));
+            let fleet = app
+                .hub
+                .bus()
+                .map(|bus| tokio::spawn(hub::room_servers::listen_nats(Arc::clone(&app), bus.nats().clone())));
             let (limit, header_timeout) = (app.config.max_connections, app.config.limits.http_header_timeout);
             http::serve(listener, router, limit, header_timeout, app.config.tls.clone(), async {
                 let _ = stopped.await;
@@ -113,6 +117,9 @@ pub async fn start_game<G: shared::game::Game>(listener: TcpListener, config: Co
             })
             .await;
             purge.abort();
+            if let Some(fleet) = fleet {
+                fleet.abort();
+            }
             let _ = hub_task.await;
             if let Some(bus) = app.hub.bus() {
                 bus.close().await;

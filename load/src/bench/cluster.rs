@@ -40,9 +40,15 @@ async fn hub(backstage: &dyn Backstage, database: &str, nats: Option<&str>, extr
     ServerProcess::serve(dir, database.to_owned(), &flags, &all_cores(), 1).await
 }
 
-/// A `rallypoint room-server` registered through `hub_url`.
-async fn room_server(backstage: &dyn Backstage, hub_url: &str, token: &str, capacity: usize) -> Result<ServerProcess> {
-    ServerProcess::room_server(backstage, (hub_url, token), capacity, &all_cores(), 1).await
+/// A `rallypoint room-server` registered through `hub_url`, or through `nats` when given
+/// (`hub_url` then names the site).
+async fn room_server(
+    backstage: &dyn Backstage,
+    (hub_url, nats): (&str, Option<&str>),
+    token: &str,
+    capacity: usize,
+) -> Result<ServerProcess> {
+    ServerProcess::room_server(backstage, (hub_url, token, nats), capacity, &all_cores(), 1).await
 }
 
 #[derive(Debug, Args)]
@@ -58,8 +64,8 @@ pub struct LocalClusterArgs {
     match_seconds: Option<u16>,
 }
 
-/// Starts PostgreSQL, NATS, two hubs, Caddy in front of them and two room servers registered
-/// through it, prints the URL, and runs until Ctrl-C.
+/// Starts PostgreSQL, NATS, two hubs, Caddy in front of them and two room servers (one
+/// registered through NATS, one through Caddy), prints the URL, and runs until Ctrl-C.
 pub async fn local(args: LocalClusterArgs, backstage: &dyn Backstage) -> Result<()> {
     let caddy_bin = PathBuf::from("/usr/bin/caddy");
     if !caddy_bin.exists() {
@@ -94,10 +100,15 @@ pub async fn local(args: LocalClusterArgs, backstage: &dyn Backstage) -> Result<
     }
     let caddy = Caddy::start(&caddy_bin, args.port, &hubs)?;
     let mut rooms = Vec::new();
-    for n in 1..=2 {
-        eprintln!("starting room server room-{n}…");
+    // The first registers through NATS (an operator's own server on the cluster's network), the
+    // second through the load balancer's WebSocket (as a community server would).
+    for (n, through) in [(1, Some(nats.url())), (2, None)] {
+        eprintln!(
+            "starting room server room-{n} (registering through {})…",
+            if through.is_some() { "NATS" } else { "Caddy" }
+        );
         let token = backstage.room_token(&database, &format!("room-{n}")).await?;
-        rooms.push(room_server(backstage, &public, &token, 50).await?);
+        rooms.push(room_server(backstage, (&public, through.as_deref()), &token, 50).await?);
     }
     println!("Rallypoint cluster: open {public} (two tabs, two accounts, Play).");
     println!("  hubs: {}  (behind Caddy, round robin, health check /readyz)", bases(&hubs));
@@ -226,7 +237,7 @@ pub async fn run(args: ClusterArgs, backstage: &dyn Backstage) -> Result<()> {
     let a = hub(backstage, &database, Some(&nats.url()), &[]).await?;
     let b = hub(backstage, &database, Some(&nats.url()), &[]).await?;
     let token = backstage.room_token(&database, "bench").await?;
-    let rooms = room_server(backstage, &a.base, &token, args.burst + 8).await?;
+    let rooms = room_server(backstage, (&a.base, None), &token, args.burst + 8).await?;
     tokio::time::sleep(Duration::from_secs(2)).await; // registered, and a matcher elected
     let tokens = backstage.players(&database, "burst", 2 * args.burst, PASSWORD).await?;
     report.burst = super::fleet::burst(&[&a, &b], &tokens).await?;

@@ -107,7 +107,8 @@ pub async fn run(args: FleetArgs, backstage: &dyn Backstage) -> Result<()> {
     let workers = args.timing.server_workers.max(1);
     let capacity = args.rooms + args.burst + 8;
     let cores = format!("0-{}", workers - 1);
-    let room_server = ServerProcess::room_server(backstage, (&hub.base, &token), capacity, &cores, workers).await?;
+    let room_server =
+        ServerProcess::room_server(backstage, (&hub.base, &token, None), capacity, &cores, workers).await?;
     tokio::time::sleep(Duration::from_millis(500)).await; // registered (heartbeat)
     let split = play(&args, &hub.base, &tokens, &room_server, Some(&hub)).await?;
     let burst = if args.burst > 0 {

@@ -192,14 +192,14 @@ impl ServerProcess {
     /// `token`, pinned to `cores` with `workers` tokio workers; waits until it answers.
     pub async fn room_server(
         backstage: &dyn Backstage,
-        (hub_url, token): (&str, &str),
+        (hub_url, token, nats): (&str, &str, Option<&str>),
         capacity: usize,
         cores: &str,
         workers: usize,
     ) -> Result<Self> {
         let (dir, url) = Self::prepare(backstage)?;
         let addr = free_addr()?;
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "room-server",
             "--hub",
             hub_url,
@@ -219,6 +219,9 @@ impl ServerProcess {
         .iter()
         .map(|a| (*a).to_owned())
         .collect();
+        if let Some(nats) = nats {
+            args.extend(["--nats-url".to_owned(), nats.to_owned()]);
+        }
         Self::spawn(dir, url, addr, &args, cores, workers).await
     }
 

@@ -166,6 +166,70 @@ impl FromServer {
     }
 }
 
+/// The control connection over the cluster's NATS (`rallypoint room-server --nats-url`), for an
+/// operator's own room servers on the cluster's network: no hub has to be reached through the
+/// load balancer, and whichever instance answers holds the server. The room server sends a
+/// [`nats::Registration`] as a request to [`nats::REGISTER`], which the instances share as a
+/// queue group (NATS hands it to one); the instance's answer is the welcome or a refusal. After
+/// it, the room server publishes its [`FromServer`]s on [`nats::up`] and reads [`nats::Down`]s on
+/// [`nats::down`] of its session (a random id it chose). Every message is bounded like a
+/// WebSocket frame. Each heartbeat is answered ([`nats::Down::Beat`]), so a room server whose
+/// instance died hears nothing for [`SILENCE`] and registers again, with another.
+pub mod nats {
+    use serde::{Deserialize, Serialize};
+
+    use super::{FromHub, FromServer};
+
+    /// Where registrations go.
+    pub const REGISTER: &str = "rallypoint.fleet.register";
+    /// The queue group every hub instance listens to [`REGISTER`] in.
+    pub const HUBS: &str = "rallypoint-hubs";
+
+    /// Where a session's room server publishes.
+    pub fn up(session: u64) -> String {
+        format!("rallypoint.fleet.{session:016x}.up")
+    }
+
+    /// Where the hub instance holding a session publishes.
+    pub fn down(session: u64) -> String {
+        format!("rallypoint.fleet.{session:016x}.down")
+    }
+
+    /// The registration request.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Registration {
+        /// The room server's token (as the WebSocket's bearer).
+        pub token: String,
+        /// Chosen at random by the room server for this registration.
+        pub session: u64,
+        /// [`FromServer::Register`].
+        pub register: FromServer,
+    }
+
+    /// From the hub instance to a room server.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(tag = "k", rename_all = "snake_case", deny_unknown_fields)]
+    pub enum Down {
+        Msg {
+            msg: FromHub,
+        },
+        /// The answer to a heartbeat.
+        Beat,
+        /// The session is over (what a WebSocket's close frame says).
+        Close {
+            code: u16,
+            reason: String,
+        },
+    }
+
+    impl Down {
+        pub fn to_json(&self) -> Vec<u8> {
+            serde_json::to_vec(self).expect("control messages serialize")
+        }
+    }
+}
+
 /// Close codes of a control connection.
 pub mod close {
     /// The room server speaks another version: run the same release as the hub.
@@ -174,6 +238,8 @@ pub mod close {
     pub const REVOKED: u16 = 4101;
     /// A malformed message, or a breach of the protocol.
     pub const POLICY: u16 = 1008;
+    /// A message over [`super::MAX_MESSAGE`].
+    pub const TOO_BIG: u16 = 1009;
     /// Another connection registered as the same server.
     pub const REPLACED: u16 = 4102;
     /// Nothing heard for [`super::SILENCE`].

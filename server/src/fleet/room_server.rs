@@ -1,5 +1,5 @@
 //! `rallypoint room-server`: a process that hosts rooms for a hub. It registers over a control
-//! connection, takes the matches the hub places on it, admits players at its own `/room` by
+//! connection (a WebSocket to the hub, or in a cluster a session over its NATS), takes the matches the hub places on it, admits players at its own `/room` by
 //! ticket alone (and only from the site's pages), and reports each result until the hub
 //! acknowledges it, keeping it on disk meanwhile. It keeps playing when it loses the hub and
 //! registers again when the hub is back. SIGTERM drains it: no new matches, the running ones
@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::{self, Message};
 
+use super::control::nats::{self, Down, Registration};
 use super::control::{self, CONTROL_VERSION, FromHub, FromServer, Running, Signed};
 use super::outbox::Outbox;
 use crate::config::Limits;
@@ -49,6 +50,13 @@ pub struct RoomServerArgs {
     /// This server's token, from `rallypoint room-token create` on the hub's host.
     #[arg(long, env = "RALLYPOINT_ROOM_SERVER_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     pub token: String,
+
+    /// Register through the cluster's NATS server (`nats://nats.internal:4222`) instead of a
+    /// WebSocket to --hub: any hub instance takes the registration, and another one when that
+    /// one goes. For the operator's own room servers on the cluster's network; --hub still
+    /// names the site.
+    #[arg(long, env = "RALLYPOINT_NATS_URL", value_name = "URL")]
+    pub nats_url: Option<String>,
 
     /// Address and port where players' room WebSockets arrive.
     #[arg(long, env = "RALLYPOINT_LISTEN", default_value = "127.0.0.1:9000", value_name = "ADDR:PORT")]
@@ -97,6 +105,8 @@ struct Settings {
     hub_origin: String,
     public_url: String,
     capacity: usize,
+    token: String,
+    nats_url: Option<String>,
 }
 
 fn check(args: &RoomServerArgs) -> anyhow::Result<Settings> {
@@ -115,6 +125,11 @@ fn check(args: &RoomServerArgs) -> anyhow::Result<Settings> {
     if args.token.is_empty() || args.token.len() > 100 || !args.token.is_ascii() {
         bail!("--token must be the token `rallypoint room-token create` printed");
     }
+    if let Some(url) = &args.nats_url
+        && (url.is_empty() || url.len() > control::MAX_URL || url.contains(char::is_whitespace))
+    {
+        bail!("--nats-url {url:?} must be the NATS server's address, such as nats://nats.internal:4222");
+    }
     let mut control = hub.join(control::PATH)?;
     let _ = control.set_scheme(if tls.is_some() { "wss" } else { "ws" });
     let mut request = control.as_str().into_client_request()?;
@@ -126,6 +141,8 @@ fn check(args: &RoomServerArgs) -> anyhow::Result<Settings> {
         hub_origin: hub.origin().ascii_serialization(),
         public_url: public.origin().ascii_serialization(),
         capacity: args.capacity,
+        token: args.token.clone(),
+        nats_url: args.nats_url.clone(),
     })
 }
 
@@ -165,8 +182,125 @@ struct Welcome {
     rooms: RoomConfig,
 }
 
+/// The control connection to the hub (one per process: its size does not matter).
+#[allow(clippy::large_enum_variant)]
+enum Control {
+    Ws(Socket),
+    Nats(NatsControl),
+}
+
+/// A control session over NATS (see [`control::nats`]).
+struct NatsControl {
+    client: async_nats::Client,
+    /// Where to publish.
+    up: String,
+    /// What the hub instance holding this session says.
+    down: async_nats::Subscriber,
+    /// When its instance counts as gone, unless heard from.
+    silent_at: Instant,
+}
+
+impl Control {
+    /// Sends `msg`; `false` when the connection is lost.
+    async fn send(&mut self, msg: &FromServer) -> bool {
+        match self {
+            Self::Ws(s) => {
+                let sent = tokio::time::timeout(Duration::from_secs(5), s.send(Message::text(msg.to_json()))).await;
+                matches!(sent, Ok(Ok(())))
+            }
+            Self::Nats(n) => n.client.publish(n.up.clone(), msg.to_json().into()).await.is_ok(),
+        }
+    }
+
+    /// The next message from the hub; `None` when the connection ended, went silent or broke
+    /// the protocol.
+    async fn next(&mut self) -> Option<FromHub> {
+        let n = match self {
+            Self::Ws(s) => return next_frame(s).await,
+            Self::Nats(n) => n,
+        };
+        loop {
+            let Ok(message) = tokio::time::timeout_at(n.silent_at, n.down.next()).await else {
+                tracing::warn!("the hub instance holding this server went silent");
+                return None;
+            };
+            let message = message?;
+            n.silent_at = Instant::now() + control::SILENCE;
+            let down = (message.payload.len() <= control::MAX_MESSAGE)
+                .then(|| serde_json::from_slice::<Down>(&message.payload).ok())
+                .flatten();
+            match down {
+                Some(Down::Msg { msg }) => return Some(msg),
+                Some(Down::Beat) => {}
+                Some(Down::Close { code, reason }) => {
+                    tracing::warn!(code, reason, "the hub closed the control session");
+                    return None;
+                }
+                None => {
+                    tracing::error!("unreadable message from the hub");
+                    return None;
+                }
+            }
+        }
+    }
+}
+
 /// Connects and registers; `Err` with a sentence for the operator.
-async fn register(settings: &Settings, free: u32, running: Vec<Running>) -> Result<(Socket, Welcome), String> {
+async fn register(
+    settings: &Settings,
+    nats: Option<&async_nats::Client>,
+    free: u32,
+    running: Vec<Running>,
+) -> Result<(Control, Welcome), String> {
+    let register = FromServer::Register {
+        control_version: CONTROL_VERSION,
+        room_protocol: shared::room::ROOM_PROTOCOL_VERSION,
+        public_url: settings.public_url.clone(),
+        free,
+        running,
+    };
+    let (control, welcome) = match nats {
+        Some(client) => register_nats(settings, client, register).await?,
+        None => register_ws(settings, register).await?,
+    };
+    welcome_of(settings, welcome).map(|welcome| (control, welcome))
+}
+
+/// Registers over NATS: a request that one hub instance answers.
+async fn register_nats(
+    settings: &Settings,
+    client: &async_nats::Client,
+    register: FromServer,
+) -> Result<(Control, Option<FromHub>), String> {
+    let mut session = [0u8; 8];
+    crate::random::fill(&mut session);
+    let session = u64::from_le_bytes(session);
+    let down = client.subscribe(nats::down(session)).await.map_err(|e| format!("cannot use NATS: {e}"))?;
+    let request = Registration { token: settings.token.clone(), session, register };
+    let request = serde_json::to_vec(&request).expect("a registration serializes");
+    let answer = tokio::time::timeout(Duration::from_secs(10), client.request(nats::REGISTER, request.into())).await;
+    let answer = match answer {
+        Err(_) => return Err("no hub instance answered the registration over NATS".into()),
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+            return Err(
+                "no hub instance listens on NATS (are the hubs started with --nats-url, on this NATS server?)".into()
+            );
+        }
+        Ok(Err(e)) => return Err(format!("cannot register over NATS: {e}")),
+        Ok(Ok(answer)) => answer,
+    };
+    let welcome = match serde_json::from_slice::<Down>(&answer.payload) {
+        Ok(Down::Msg { msg }) => Some(msg),
+        Ok(Down::Close { reason, .. }) => return Err(format!("the hub refused: {reason}")),
+        _ => None,
+    };
+    let up = nats::up(session);
+    let silent_at = Instant::now() + control::SILENCE;
+    Ok((Control::Nats(NatsControl { client: client.clone(), up, down, silent_at }), welcome))
+}
+
+/// Registers over a WebSocket to the hub.
+async fn register_ws(settings: &Settings, register: FromServer) -> Result<(Control, Option<FromHub>), String> {
     let config = tungstenite::protocol::WebSocketConfig::default().max_message_size(Some(control::MAX_MESSAGE));
     let request = settings.control.clone();
     let (mut socket, _) =
@@ -178,13 +312,6 @@ async fn register(settings: &Settings, free: u32, running: Vec<Running>) -> Resu
                 }
                 e => format!("cannot reach the hub: {e}"),
             })?;
-    let register = FromServer::Register {
-        control_version: CONTROL_VERSION,
-        room_protocol: shared::room::ROOM_PROTOCOL_VERSION,
-        public_url: settings.public_url.clone(),
-        free,
-        running,
-    };
     socket.send(Message::text(register.to_json())).await.map_err(|e| format!("the hub went away: {e}"))?;
     let answer = tokio::time::timeout(Duration::from_secs(10), socket.next()).await;
     let welcome = match answer {
@@ -192,6 +319,11 @@ async fn register(settings: &Settings, free: u32, running: Vec<Running>) -> Resu
         Ok(Some(Ok(Message::Close(Some(frame))))) => return Err(format!("the hub refused: {}", frame.reason)),
         _ => None,
     };
+    Ok((Control::Ws(socket), welcome))
+}
+
+/// What the hub's answer to a registration says.
+fn welcome_of(settings: &Settings, welcome: Option<FromHub>) -> Result<Welcome, String> {
     let Some(FromHub::Welcome { server, ticket_key, site_origin, tick_hz, time_limit_secs, ticket_ttl_ms }) = welcome
     else {
         return Err("the hub did not answer the registration".into());
@@ -208,7 +340,7 @@ async fn register(settings: &Settings, free: u32, running: Vec<Running>) -> Resu
         ..RoomConfig::default()
     };
     let site_origin = site_origin.unwrap_or_else(|| settings.hub_origin.clone());
-    Ok((socket, Welcome { server, key: TicketVerifier::from_bytes(key), site_origin, rooms }))
+    Ok(Welcome { server, key: TicketVerifier::from_bytes(key), site_origin, rooms })
 }
 
 /// Runs until drained after `shutdown` (SIGTERM).
@@ -219,10 +351,23 @@ pub async fn run(args: &RoomServerArgs, shutdown: impl Future<Output = ()> + Sen
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (choose another with --listen)", args.listen))?;
+    let nats = match &settings.nats_url {
+        Some(url) => Some(
+            async_nats::ConnectOptions::new()
+                .name(&args.public_url)
+                .connection_timeout(Duration::from_secs(5))
+                .connect(url.as_str())
+                .await
+                .with_context(|| format!("cannot reach NATS at {url}"))?,
+        ),
+        None => None,
+    };
     // The first registration: a hub that refuses the token or the version stops us here.
-    let (socket, welcome) =
-        register(&settings, settings.capacity as u32, Vec::new()).await.map_err(|e| anyhow::anyhow!(e))?;
-    tracing::info!(server = welcome.server, hub = %settings.hub_origin, "registered with the hub");
+    let (control, welcome) = register(&settings, nats.as_ref(), settings.capacity as u32, Vec::new())
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let through = if nats.is_some() { "NATS" } else { "WebSocket" };
+    tracing::info!(server = welcome.server, hub = %settings.hub_origin, through, "registered with the hub");
     if let Some(addr) = args.metrics_listen {
         crate::metrics_endpoint::serve(addr, &args.public_url)
             .await
@@ -255,6 +400,7 @@ pub async fn run(args: &RoomServerArgs, shutdown: impl Future<Output = ()> + Sen
     }));
     let mut server = Server {
         settings: &settings,
+        nats,
         rooms: rooms.clone(),
         rtc,
         key: welcome.key,
@@ -267,7 +413,7 @@ pub async fn run(args: &RoomServerArgs, shutdown: impl Future<Output = ()> + Sen
     for result in outbox.pending() {
         tracing::info!(result = ?result_id(result), "a result from before is still to be delivered");
     }
-    server.serve(Some(socket), events, &mut outbox, shutdown).await;
+    server.serve(Some(control), events, &mut outbox, shutdown).await;
     rooms.shutdown();
     let _ = stop_http.send(());
     let _ = http.await;
@@ -290,6 +436,8 @@ const RESEND_EVERY: Duration = Duration::from_secs(10);
 /// The control side of a running room server.
 struct Server<'a> {
     settings: &'a Settings,
+    /// The cluster's NATS, when registering through it.
+    nats: Option<async_nats::Client>,
     rooms: Rooms,
     rtc: Rtc,
     key: TicketVerifier,
@@ -321,7 +469,7 @@ impl Server<'_> {
 
     async fn serve(
         &mut self,
-        mut socket: Option<Socket>,
+        mut socket: Option<Control>,
         mut events: mpsc::Receiver<RoomEvent>,
         outbox: &mut Outbox,
         shutdown: impl Future<Output = ()>,
@@ -375,7 +523,7 @@ impl Server<'_> {
                     }
                 },
                 () = tokio::time::sleep_until(retry_at), if !connected => {
-                    match register(self.settings, self.free(), self.running()).await {
+                    match register(self.settings, self.nats.as_ref(), self.free(), self.running()).await {
                         Ok((s, welcome)) => {
                             if welcome.key != self.key || welcome.server != self.id {
                                 tracing::error!("the hub's key or this server's id changed: restart this room server");
@@ -402,13 +550,12 @@ impl Server<'_> {
         }
     }
 
-    async fn send(&self, socket: &mut Option<Socket>, msg: &FromServer) {
-        if let Some(s) = socket {
-            let sent = tokio::time::timeout(Duration::from_secs(5), s.send(Message::text(msg.to_json()))).await;
-            if !matches!(sent, Ok(Ok(()))) {
-                tracing::warn!("lost the hub while sending");
-                *socket = None;
-            }
+    async fn send(&self, socket: &mut Option<Control>, msg: &FromServer) {
+        if let Some(s) = socket
+            && !s.send(msg).await
+        {
+            tracing::warn!("lost the hub while sending");
+            *socket = None;
         }
     }
 
@@ -486,8 +633,12 @@ impl Server<'_> {
 }
 
 /// The next message from the hub; `None` when the connection ended or broke the protocol.
-async fn next(socket: &mut Option<Socket>) -> Option<FromHub> {
-    let s = socket.as_mut()?;
+async fn next(control: &mut Option<Control>) -> Option<FromHub> {
+    control.as_mut()?.next().await
+}
+
+/// The next message on the control WebSocket.
+async fn next_frame(s: &mut Socket) -> Option<FromHub> {
     loop {
         match tokio::time::timeout(control::SILENCE * 2, s.next()).await {
             Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str(text.as_str()) {

@@ -376,6 +376,11 @@ impl Hub {
         rx.await.map_err(|_| HubGone)
     }
 
+    /// Whether the hub task has stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.commands.is_closed()
+    }
+
     /// Closes every connection with [`close::GOING_AWAY`] and stops the hub.
     pub async fn shutdown(&self) {
         let _ = self.send(Command::Shutdown).await;

@@ -1,7 +1,8 @@
-//! The hub's end of room servers' control connections, at [`control::PATH`]: a bearer token
-//! checked before the upgrade, a registration checked for versions, then heartbeats, match
-//! answers and results. Results are recorded here (once per match id) and acknowledged; the
-//! hub's task hears of everything else.
+//! The hub's end of room servers' control connections: a WebSocket at [`control::PATH`] (a
+//! bearer token checked before the upgrade), or in a cluster a session over NATS
+//! ([`control::nats`]: the token in the registration request). Then the same for both: a
+//! registration checked for versions, heartbeats, match answers and results. Results are
+//! recorded here (once per match id) and acknowledged; the hub's task hears of everything else.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 
 use crate::App;
+use crate::fleet::control::nats::{self, Down, Registration};
 use crate::fleet::control::{self, CONTROL_VERSION, FromHub, FromServer, close};
 use crate::fleet::tokens::{self, RoomServer};
 use crate::hub::results::{self, Finished, Source};
@@ -47,7 +49,122 @@ pub async fn socket(State(app): State<Arc<App>>, headers: HeaderMap, upgrade: We
     upgrade
         .max_message_size(control::MAX_MESSAGE)
         .max_frame_size(control::MAX_MESSAGE)
-        .on_upgrade(move |socket| serve(socket, app, server))
+        .on_upgrade(move |socket| serve_socket(socket, app, server))
+}
+
+/// A control connection: a WebSocket, or a session over NATS.
+enum Link {
+    Ws(WebSocket),
+    Nats(NatsLink),
+}
+
+/// One room server's session over NATS.
+struct NatsLink {
+    client: async_nats::Client,
+    /// What the room server publishes.
+    up: async_nats::Subscriber,
+    /// Where to publish to it.
+    down: String,
+    /// Where the welcome goes: the registration request's reply subject.
+    reply: Option<async_nats::Subject>,
+}
+
+impl Link {
+    /// The next message, parsed; `Err` with a close frame for a breach, `Ok(None)` when gone.
+    async fn recv(&mut self) -> Result<Option<FromServer>, (u16, String)> {
+        match self {
+            Self::Ws(socket) => recv(socket).await,
+            Self::Nats(link) => link.recv().await,
+        }
+    }
+
+    async fn send(&mut self, msg: &FromHub) -> bool {
+        match self {
+            Self::Ws(socket) => send(socket, msg).await,
+            Self::Nats(link) => {
+                let to = link.reply.take().unwrap_or_else(|| link.down.clone().into());
+                link.client.publish(to, Down::Msg { msg: msg.clone() }.to_json().into()).await.is_ok()
+            }
+        }
+    }
+
+    async fn close(self, code: u16, reason: &str) {
+        match self {
+            Self::Ws(socket) => ws::close_with(socket, code, reason).await,
+            Self::Nats(link) => {
+                let to = link.reply.unwrap_or_else(|| link.down.into());
+                let _ = link.client.publish(to, Down::Close { code, reason: reason.to_owned() }.to_json().into()).await;
+            }
+        }
+    }
+}
+
+impl NatsLink {
+    /// Like [`recv`]; each heartbeat is answered, so that the room server knows this instance
+    /// is still there.
+    async fn recv(&mut self) -> Result<Option<FromServer>, (u16, String)> {
+        use futures_util::StreamExt as _;
+        let Some(message) = self.up.next().await else { return Ok(None) };
+        if message.payload.len() > control::MAX_MESSAGE {
+            return Err((close::TOO_BIG, "message too big".into()));
+        }
+        let msg: FromServer = serde_json::from_slice(&message.payload)
+            .map_err(|e| (close::POLICY, format!("unreadable control message: {e}")))?;
+        if matches!(msg, FromServer::Load { .. }) {
+            let _ = self.client.publish(self.down.clone(), Down::Beat.to_json().into()).await;
+        }
+        Ok(Some(msg))
+    }
+}
+
+/// Takes room servers' registrations over NATS (in the queue group every instance shares), a
+/// task per session, until aborted.
+pub async fn listen_nats(app: Arc<App>, client: async_nats::Client) {
+    use futures_util::StreamExt as _;
+    let mut requests = match client.queue_subscribe(nats::REGISTER, nats::HUBS.into()).await {
+        Ok(requests) => requests,
+        Err(e) => return tracing::error!(error = %e, "cannot take room servers' registrations over NATS"),
+    };
+    while let Some(request) = requests.next().await {
+        if let Some(reply) = request.reply {
+            tokio::spawn(serve_nats(Arc::clone(&app), client.clone(), request.payload, reply));
+        }
+    }
+}
+
+/// A registration over NATS: the token, then the session.
+async fn serve_nats(app: Arc<App>, client: async_nats::Client, payload: bytes::Bytes, reply: async_nats::Subject) {
+    let refuse = |code: u16, reason: &str| {
+        let answer = Down::Close { code, reason: reason.to_owned() }.to_json();
+        let (client, reply) = (client.clone(), reply.clone());
+        async move {
+            let _ = client.publish(reply, answer.into()).await;
+        }
+    };
+    let registration = (payload.len() <= control::MAX_MESSAGE)
+        .then(|| serde_json::from_slice::<Registration>(&payload).ok())
+        .flatten();
+    let Some(registration) = registration else {
+        tracing::warn!(bytes = payload.len(), "an unreadable room-server registration over NATS");
+        return refuse(close::POLICY, "unreadable registration").await;
+    };
+    let server = match tokens::authenticate(&app.db, &registration.token).await {
+        Ok(Some(server)) => server,
+        Ok(None) => {
+            tracing::warn!("a room server presented an unknown or revoked token");
+            return refuse(close::REVOKED, "unknown or revoked room-server token").await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot check a room-server token");
+            return refuse(1011, "database unavailable").await;
+        }
+    };
+    let up = match client.subscribe(nats::up(registration.session)).await {
+        Ok(up) => up,
+        Err(e) => return tracing::warn!(error = %e, "cannot listen to a room server over NATS"),
+    };
+    let link = NatsLink { client: client.clone(), up, down: nats::down(registration.session), reply: Some(reply) };
+    serve(Link::Nats(link), app, server, registration.register).await;
 }
 
 /// How long one message to a room server may take to write.
@@ -103,18 +220,23 @@ fn check_registration(msg: &FromServer) -> Result<(String, u32, &[control::Runni
     Ok((origin, *free, running))
 }
 
-async fn serve(mut socket: WebSocket, app: Arc<App>, server: RoomServer) {
-    let hub = app.hub.clone();
+async fn serve_socket(mut socket: WebSocket, app: Arc<App>, server: RoomServer) {
     let first = match timeout(Duration::from_secs(10), recv(&mut socket)).await {
         Ok(Ok(Some(msg))) => msg,
         Ok(Err((code, reason))) => return ws::close_with(socket, code, &reason).await,
         _ => return,
     };
+    serve(Link::Ws(socket), app, server, first).await;
+}
+
+/// A room server's control session, from its registration (`first`) on.
+async fn serve(mut link: Link, app: Arc<App>, server: RoomServer, first: FromServer) {
+    let hub = app.hub.clone();
     let (url, free, running) = match check_registration(&first) {
         Ok((url, free, running)) => (url, free, running.to_vec()),
         Err((code, reason)) => {
             tracing::warn!(server = server.name, "room server refused: {reason}");
-            return ws::close_with(socket, code, &reason).await;
+            return link.close(code, &reason).await;
         }
     };
     let Ok(id) = u32::try_from(server.id) else { return };
@@ -133,7 +255,7 @@ async fn serve(mut socket: WebSocket, app: Arc<App>, server: RoomServer) {
         reply,
     };
     if hub.server_up(up).await.is_err() {
-        return ws::close_with(socket, 1001, "the hub is stopping").await;
+        return link.close(1001, "the hub is stopping").await;
     }
     let Ok(generation) = generation.await else { return };
     let config = &app.config.rooms;
@@ -145,19 +267,19 @@ async fn serve(mut socket: WebSocket, app: Arc<App>, server: RoomServer) {
         time_limit_secs: config.time_limit_secs,
         ticket_ttl_ms: config.ticket_ttl.as_millis() as u64,
     };
-    let end = if send(&mut socket, &welcome).await {
-        control_loop(&mut socket, &app, &server, id, generation, &mut outbox).await
+    let end = if link.send(&welcome).await {
+        control_loop(&mut link, &app, &server, id, generation, &mut outbox).await
     } else {
         None
     };
     hub.server_down(id, generation).await;
     if let Some((code, reason)) = end {
-        ws::close_with(socket, code, &reason).await;
+        link.close(code, &reason).await;
     }
 }
 
 async fn control_loop(
-    socket: &mut WebSocket,
+    link: &mut Link,
     app: &App,
     server: &RoomServer,
     id: u32,
@@ -167,15 +289,18 @@ async fn control_loop(
     let hub = &app.hub;
     let mut recheck = tokio::time::interval(RECHECK_TOKEN);
     recheck.reset();
+    // A deadline, not a timeout per read: what the hub sends meanwhile must not extend it.
+    let mut silent_at = tokio::time::Instant::now() + control::SILENCE;
     loop {
         tokio::select! {
-            msg = timeout(control::SILENCE, recv(socket)) => {
+            msg = tokio::time::timeout_at(silent_at, link.recv()) => {
                 let msg = match msg {
                     Err(_) => return Some((close::SILENT, "nothing heard for too long".into())),
                     Ok(Err(breach)) => return Some(breach),
                     Ok(Ok(None)) => return None,
                     Ok(Ok(Some(msg))) => msg,
                 };
+                silent_at = tokio::time::Instant::now() + control::SILENCE;
                 match msg {
                     FromServer::Register { .. } => return Some((close::POLICY, "registered twice".into())),
                     FromServer::Finished { assignment, outcome } => {
@@ -183,7 +308,7 @@ async fn control_loop(
                         match recorded {
                             Ok((match_id, ratings)) => {
                                 let _ = hub.server_finished(id, match_id).await;
-                                if !send(socket, &FromHub::Recorded { match_id, ratings }).await {
+                                if !link.send(&FromHub::Recorded { match_id, ratings }).await {
                                     return None;
                                 }
                             }
@@ -201,11 +326,12 @@ async fn control_loop(
             }
             out = outbox.recv() => match out {
                 Some(msg) => {
-                    if !send(socket, &msg).await {
+                    if !link.send(&msg).await {
                         return None;
                     }
                 }
-                // The hub let go of this registration: another connection replaced it.
+                // The hub let go of this registration: it stops, or another connection replaced it.
+                None if hub.is_stopped() => return Some((1001, "the hub is stopping".into())),
                 None => return Some((close::REPLACED, "another connection registered as this server".into())),
             },
             _ = recheck.tick() => {

@@ -163,6 +163,7 @@ fn room_server_help_explains_every_flag_and_bad_values_are_one_clear_line() {
         ("--public-ip", "RALLYPOINT_PUBLIC_IP"),
         ("--data-dir", "RALLYPOINT_DATA_DIR"),
         ("--drain-timeout", "RALLYPOINT_DRAIN_TIMEOUT"),
+        ("--nats-url", "RALLYPOINT_NATS_URL"),
     ] {
         assert!(help.contains(flag) && help.contains(var), "{flag} {var}");
     }
@@ -172,11 +173,31 @@ fn room_server_help_explains_every_flag_and_bad_values_are_one_clear_line() {
         (vec!["--hub", "ftp://x", "--public-url", "http://a:1"], "--hub"),
         (vec!["--hub", "http://127.0.0.1:1", "--public-url", "nope"], "--public-url"),
         (vec!["--hub", "http://127.0.0.1:1", "--public-url", "http://a:1", "--capacity", "0"], "--capacity"),
+        (vec!["--hub", "http://127.0.0.1:1", "--public-url", "http://a:1", "--nats-url", "nats://a b"], "--nats-url"),
     ] {
         let all: Vec<&str> = base.iter().copied().chain(args).collect();
         let line = one_error_line(&rallypoint(&all, dir.path()));
         assert!(line.contains(expected), "{line}");
     }
+    // A NATS server nobody runs: one line that says which.
+    let data = dir.path().join("rs").display().to_string();
+    let unreachable = [
+        "room-server",
+        "--token",
+        "rpt_x",
+        "--data-dir",
+        &data,
+        "--listen",
+        "127.0.0.1:0",
+        "--hub",
+        "http://127.0.0.1:1",
+        "--public-url",
+        "http://a:1",
+        "--nats-url",
+        "nats://127.0.0.1:1",
+    ];
+    let line = one_error_line(&rallypoint(&unreachable, dir.path()));
+    assert!(line.contains("cannot reach NATS at nats://127.0.0.1:1"), "{line}");
     let output = rallypoint(&["serve", "--local-rooms", "maybe"], dir.path());
     assert!(String::from_utf8_lossy(&output.stderr).contains("\"maybe\" is neither on nor off"));
     let help = rallypoint(&["serve", "--help"], dir.path());

@@ -333,6 +333,91 @@ async fn players_on_two_instances_meet_in_one_room_on_a_room_server_any_instance
     a.stop().await;
 }
 
+/// Waits until `server` holds `n` room servers' control sessions.
+async fn holds(server: &TestServer, n: usize, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    while server.running.app.hub.stats().await.unwrap().room_servers != n {
+        assert!(std::time::Instant::now() < deadline, "{} never held {n} room servers", server.base);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Two players meet on the room server and play a match out there.
+async fn play_a_match(one: &mut crate::rooms::Player, two: &mut crate::rooms::Player) {
+    use crate::room_servers::{matched_in, seat};
+    let ((room, t1), (_, t2)) = matched_in(one, two).await;
+    assert!(room.starts_with("eu-1/"), "{room}");
+    let (mut r1, mut r2) = (seat(one, &t1).await.unwrap(), seat(two, &t2).await.unwrap());
+    let ((o1, ratings, _), (o2, _, _)) = tokio::join!(crate::rooms::play_out(&mut r1), crate::rooms::play_out(&mut r2));
+    assert_eq!(o1, o2);
+    assert_eq!(ratings.len(), 2, "recorded, with the rating changes");
+}
+
+/// A room server that registers through NATS (no hub reached through the load balancer): the
+/// instance that answered holds it, players of both instances play on it, and when that
+/// instance stops, the room server registers again through NATS with the other, where the next
+/// match is placed. Each result is recorded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_server_registered_through_nats_moves_to_another_instance_when_its_own_goes() {
+    use crate::room_servers::RoomServer;
+    let (nats, database) = backing().await;
+    let a = hub_instance(&nats, &database).await;
+    let token = rallypoint_server::fleet::tokens::create(&a.running.app.db, "eu-1", false).await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let _rs = RoomServer::start_through_nats(&a.base, &nats.url(), &token, data.path());
+    // A alone listens: it answers the registration.
+    holds(&a, 1, Duration::from_secs(10)).await;
+    let b = hub_instance(&nats, &database).await;
+    let mut ann = crate::rooms::player(&a, "nr_ann").await;
+    let mut bob = crate::rooms::player(&b, "nr_bob").await;
+    play_a_match(&mut ann, &mut bob).await;
+    a.stop().await;
+    let moved = std::time::Instant::now();
+    holds(&b, 1, Duration::from_secs(10)).await;
+    let moved = moved.elapsed();
+    let mut cat = crate::rooms::player(&b, "nr_cat").await;
+    play_a_match(&mut cat, &mut bob).await;
+    assert_eq!(crate::rooms::count(&b, "SELECT COUNT(*) FROM matches WHERE server = 'eu-1'").await, 2);
+    assert!(moved < Duration::from_secs(5), "held by the other instance after {moved:?}");
+    b.stop().await;
+}
+
+/// What reaches the registration subject is checked like any client's message: garbage, an
+/// oversized request and an unknown token are refused with a reason, and nothing else changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_registrations_over_nats_are_refused_with_a_reason() {
+    use rallypoint_server::fleet::control::nats::{Down, REGISTER};
+    let (nats, database) = backing().await;
+    let a = hub_instance(&nats, &database).await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let register = serde_json::json!({
+        "type": "register", "control_version": rallypoint_server::fleet::control::CONTROL_VERSION,
+        "room_protocol": shared::room::ROOM_PROTOCOL_VERSION, "public_url": "http://127.0.0.1:9", "free": 1,
+        "running": []
+    });
+    let unknown = serde_json::json!({ "token": "rpt_nope", "session": 1, "register": register });
+    let malformed = serde_json::json!({ "token": "rpt_nope", "session": 1, "register": { "type": "load" } });
+    for (request, code) in [
+        (b"{".to_vec(), 1008),
+        (vec![b' '; 300 * 1024], 1008),
+        (malformed.to_string().into_bytes(), 1008),
+        (unknown.to_string().into_bytes(), 4101),
+    ] {
+        let answer = client.request(REGISTER, request.into()).await.unwrap();
+        match serde_json::from_slice::<Down>(&answer.payload).unwrap() {
+            Down::Close { code: got, reason } => assert_eq!(got, code, "{reason}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    // A real token with a registration that breaks the protocol is refused after the token.
+    let token = rallypoint_server::fleet::tokens::create(&a.running.app.db, "eu-9", false).await.unwrap();
+    let load_first = serde_json::json!({ "token": token, "session": 2, "register": { "type": "load", "free": 1, "draining": false } });
+    let answer = client.request(REGISTER, load_first.to_string().into()).await.unwrap();
+    assert!(matches!(serde_json::from_slice(&answer.payload).unwrap(), Down::Close { code: 1008, .. }));
+    assert_eq!(a.running.app.hub.stats().await.unwrap().room_servers, 0);
+    a.stop().await;
+}
+
 /// The instance holding the matcher lease goes: another takes it over within 5 s, and the
 /// queue, which every instance keeps, is not lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,6 +44,12 @@ impl RoomServer {
         Self { child }
     }
 
+    /// One that registers through the cluster's NATS at `nats` (`--hub` names the site).
+    pub(crate) fn start_through_nats(hub: &str, nats: &str, token: &str, data: &Path) -> Self {
+        let child = Self::command(hub, token, data).args(["--nats-url", nats]).stderr(Stdio::null()).spawn().unwrap();
+        Self { child }
+    }
+
     /// Waits for the process to end by itself; its exit status. (The hub runs on this test's
     /// thread: nothing here may block it.)
     async fn wait(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
