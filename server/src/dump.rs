@@ -137,6 +137,10 @@ pub enum DumpError {
     Bad { line: usize, what: String },
     #[error("the database already holds {rows} rows of {table}: import only into an empty one")]
     NotEmpty { table: &'static str, rows: i64 },
+    #[error(
+        "this is a dump of schema {dump}, and the database is at schema {database}: import it with the release that exported it (then upgrade), or export again with this one"
+    )]
+    Schema { dump: i64, database: i64 },
 }
 
 /// Writes every row of `db` to `out`; returns how many rows per table.
@@ -186,6 +190,11 @@ pub async fn import(db: &Db, input: impl BufRead) -> Result<Vec<(&'static str, u
     let header: Value = serde_json::from_str(&header?).map_err(|e| bad(0, &e.to_string()))?;
     if header.get("rallypoint_dump").and_then(Value::as_u64) != Some(FORMAT) {
         return Err(bad(0, &format!("not a Rallypoint dump of format {FORMAT}")));
+    }
+    let database = crate::db::schema_version(db).await?;
+    let dump = header.get("schema").and_then(Value::as_i64).ok_or_else(|| bad(0, "no schema version"))?;
+    if dump != database {
+        return Err(DumpError::Schema { dump, database });
     }
     for (n, line) in lines {
         let line = line?;
@@ -332,10 +341,14 @@ mod tests {
     #[tokio::test]
     async fn a_bad_dump_is_refused_and_writes_nothing() {
         let (_dir, db) = crate::db::testing::both().await.remove(0);
-        let header = "{\"rallypoint_dump\":1,\"schema\":4}\n";
+        let schema = crate::db::schema_version(&db).await.unwrap();
+        let header = format!("{{\"rallypoint_dump\":1,\"schema\":{schema}}}\n");
+        let older = format!("dump of schema {}, and the database is at schema {schema}", schema - 1);
         for (dump, says) in [
             ("", "no header"),
             ("{\"rallypoint_dump\":9}\n", "format"),
+            ("{\"rallypoint_dump\":1}\n", "no schema version"),
+            (&format!("{{\"rallypoint_dump\":1,\"schema\":{}}}\n", schema - 1) as &str, &older as &str),
             (&format!("{header}{{\"t\":\"nope\",\"r\":[]}}\n") as &str, "unknown table"),
             (&format!("{header}{{\"t\":\"users\",\"r\":[1]}}\n"), "columns"),
             (&format!("{header}{{\"t\":\"users\",\"r\":[\"x\",\"a\",\"a\",\"h\",1]}}\n"), "users.id"),

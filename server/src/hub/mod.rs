@@ -493,6 +493,10 @@ struct State {
 /// How long a room server whose control connection ended may take to come back before its
 /// matches are called off (its players are told within [`control::SILENCE`] + this).
 pub const SERVER_GRACE: Duration = Duration::from_secs(2);
+/// How long a room server whose holding instance went may take to register with another before
+/// its matches are called off: its silence timeout, a retry, and room to spare (its matches play
+/// on meanwhile; called off too soon, their players would lose a seat that still exists).
+const ORPHAN_GRACE: Duration = Duration::from_secs(10);
 /// How long a room server may take to answer a match it was sent.
 const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -508,6 +512,10 @@ struct Remote {
     /// it is up).
     via: Option<InstanceId>,
     generation: u64,
+    /// Since when another instance's room server is up through no instance (its connection to
+    /// its holder ended, or its holder went): it should register again; after [`ORPHAN_GRACE`]
+    /// this instance calls its matches off even if its holder never said [`Note::ServerLost`].
+    down_since: Option<Instant>,
 }
 
 impl Remote {
@@ -943,8 +951,10 @@ impl State {
         }
         let via = up.then_some(from);
         let free = if up { free } else { 0 };
-        self.servers
-            .insert(server, Remote { name, url: Arc::from(url), free, draining, outbox: None, via, generation: 0 });
+        let url = Arc::from(url);
+        let down_since =
+            if up { None } else { self.servers.get(&server).and_then(|r| r.down_since).or(Some(Instant::now())) };
+        self.servers.insert(server, Remote { name, url, free, draining, outbox: None, via, generation: 0, down_since });
     }
 
     /// A match went to room server `server`: this instance's players in it (`own`, and those
@@ -1036,6 +1046,7 @@ impl State {
             for r in self.servers.values_mut().filter(|r| r.via == Some(from)) {
                 r.via = None;
                 r.free = 0;
+                r.down_since = Some(Instant::now());
             }
             for (user_id, lobby) in peer.users {
                 self.remote_leave_lobby(lobby, user_id);
@@ -1053,6 +1064,16 @@ impl State {
             .collect();
         for id in silent {
             self.peer_gone(id);
+        }
+        let orphans: Vec<u32> = self
+            .servers
+            .iter()
+            .filter(|(_, r)| !r.is_up() && r.down_since.is_some_and(|at| now.duration_since(at) > ORPHAN_GRACE))
+            .map(|(&id, _)| id)
+            .collect();
+        for server in orphans {
+            tracing::warn!(server, "a room server whose instance went never came back: its matches are called off");
+            self.call_off(server);
         }
     }
 
@@ -1536,6 +1557,7 @@ impl State {
                 outbox: Some(up.outbox),
                 via: None,
                 generation,
+                down_since: None,
             },
         );
         let _ = up.reply.send(generation);

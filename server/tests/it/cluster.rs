@@ -382,6 +382,38 @@ async fn a_room_server_registered_through_nats_moves_to_another_instance_when_it
     b.stop().await;
 }
 
+/// The instance holding a room server stops, and the room server dies with it: nobody can
+/// register it again, so after the grace the players of the other instance seated there are told
+/// and are back in the lobby, instead of keeping a seat in a match that no longer exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seats_on_a_room_server_gone_with_its_instance_are_called_off() {
+    use crate::room_servers::{RoomServer, matched_in, seat};
+    let (nats, database) = backing().await;
+    let a = hub_instance(&nats, &database).await;
+    let b = hub_instance(&nats, &database).await;
+    let token = rallypoint_server::fleet::tokens::create(&a.running.app.db, "eu-1", false).await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let rs = RoomServer::start(&a.base, &token, data.path());
+    holds(&a, 1, Duration::from_secs(10)).await;
+    let mut ann = crate::rooms::player(&b, "or_ann").await;
+    let mut bob = crate::rooms::player(&b, "or_bob").await;
+    let ((_, ta), (_, tb)) = matched_in(&mut ann, &mut bob).await;
+    let _seats = (seat(&ann, &ta).await.unwrap(), seat(&bob, &tb).await.unwrap());
+    drop(rs);
+    a.stop().await;
+    let message = ann
+        .hub
+        .recv_until(Duration::from_secs(20), |m| match m {
+            ServerMsg::MatchAborted { message } => Some(message),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    assert!(message.contains("went away"), "{message}");
+    assert_eq!(b.running.app.hub.stats().await.unwrap().playing, 0, "both free again");
+    b.stop().await;
+}
+
 /// What reaches the registration subject is checked like any client's message: garbage, an
 /// oversized request and an unknown token are refused with a reason, and nothing else changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
