@@ -143,6 +143,31 @@ pub fn start(
     ice_servers: Vec<shared::hub::IceServer>,
     on_exit: impl Fn(Option<String>) + 'static,
 ) -> Result<(), JsValue> {
+    // A fresh ticket for the room this page plays in already: the hub connection came back (a
+    // hub instance went) while the room's link stayed up (a link that drops stops the match).
+    // Keep playing; the ticket is for a later rejoin. The server closed the peer connection
+    // with the hub connection that signaled it: offer a new one over this one.
+    let same = MATCH.with(|slot| {
+        let current = slot.borrow();
+        let mut m = current.as_ref().map(|m| m.borrow_mut())?;
+        if m.room != room || m.ended {
+            return None;
+        }
+        m.ticket.clone_from(&ticket);
+        m.ice_servers.clone_from(&ice_servers);
+        if m.joined.is_some() {
+            let m = &mut *m;
+            if let Some(link) = &mut m.link
+                && let Err(e) = link.start_webrtc(&m.room, &m.ice_servers)
+            {
+                web_sys::console::warn_1(&e);
+            }
+        }
+        Some(())
+    });
+    if same.is_some() {
+        return Ok(());
+    }
     stop();
     let view = View::find().ok_or_else(|| JsValue::from_str("the page has no game view"))?;
     view.section.set_hidden(false);

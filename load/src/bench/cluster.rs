@@ -209,8 +209,16 @@ struct Report {
     /// The same lines, to players on instance B (through NATS).
     chat_other_instance: Percentiles,
     chat_lines_lost: u64,
-    /// Duels queued at once, players alternating between the two instances.
+    /// Opening a hub connection (upgrade, hello, welcome) at the instance that gives lobby places
+    /// (the lease holder, A), one after another.
+    hub_join_at_lease_holder: Percentiles,
+    /// The same at the other instance, which asks the holder for each place over NATS.
+    hub_join_at_other_instance: Percentiles,
+    /// Duels queued at once, players alternating between the two instances, on a room server
+    /// registered with A over a WebSocket.
     burst: super::fleet::Burst,
+    /// The same with the room server registered through NATS.
+    burst_room_server_through_nats: super::fleet::Burst,
     /// A hub's CPU per hub connection opened (sign-in, welcome, presence), alone.
     hub_cpu_per_connection_alone_ms: f64,
     /// The same in a cluster of two (the bus's share on top).
@@ -241,6 +249,19 @@ pub async fn run(args: ClusterArgs, backstage: &dyn Backstage) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await; // registered, and a matcher elected
     let tokens = backstage.players(&database, "burst", 2 * args.burst, PASSWORD).await?;
     report.burst = super::fleet::burst(&[&a, &b], &tokens).await?;
+    rooms.stop()?;
+    a.stop()?;
+    b.stop()?;
+
+    eprintln!("the same burst, the room server registered through NATS…");
+    let database = pg.create_database("cluster_burst_nats")?;
+    let a = hub(backstage, &database, Some(&nats.url()), &[]).await?;
+    let b = hub(backstage, &database, Some(&nats.url()), &[]).await?;
+    let token = backstage.room_token(&database, "bench").await?;
+    let rooms = room_server(backstage, (&a.base, Some(&nats.url())), &token, args.burst + 8).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let tokens = backstage.players(&database, "burst", 2 * args.burst, PASSWORD).await?;
+    report.burst_room_server_through_nats = super::fleet::burst(&[&a, &b], &tokens).await?;
     rooms.stop()?;
     a.stop()?;
     b.stop()?;
@@ -286,12 +307,20 @@ async fn chat(
     let (listen_b, senders) = rest.split_at(args.listeners);
     let sent: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
     let mut listeners = Vec::new();
+    // A started first, alone: it holds the lease (and gives lobby places).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (mut join_a, mut join_b) = (Vec::new(), Vec::new());
     for (base, group, same) in [(&a.base, listen_a, true), (&b.base, listen_b, false)] {
         for token in group {
-            let hub = Client::with_session(base, token)?.hub().await?;
+            let client = Client::with_session(base, token)?;
+            let started = Instant::now();
+            let hub = client.hub().await?;
+            if same { &mut join_a } else { &mut join_b }.push(started.elapsed());
             listeners.push((same, hub));
         }
     }
+    report.hub_join_at_lease_holder = Percentiles::of(&join_a);
+    report.hub_join_at_other_instance = Percentiles::of(&join_b);
     let mut sending = Vec::new();
     for token in senders {
         sending.push(Client::with_session(&a.base, token)?.hub().await?);
