@@ -82,17 +82,23 @@ impl Closing {
     }
 }
 
+/// A connection joining the hub.
+#[derive(Debug)]
+struct Arrival {
+    session: SessionKey,
+    user: UserSummary,
+    outbox: mpsc::Sender<Outbound>,
+    /// The welcome, the lobby's presence list and its recent chat, in order; `None` when no
+    /// lobby place could be had (a cluster without a lease holder for [`JOIN_WAIT`]).
+    welcome: oneshot::Sender<Option<Vec<Utf8Bytes>>>,
+}
+
 /// Requests to the hub task.
 #[derive(Debug)]
 enum Command {
     Join {
         conn: ConnId,
-        session: SessionKey,
-        user: UserSummary,
-        outbox: mpsc::Sender<Outbound>,
-        /// The welcome, the lobby's presence list and its recent chat, in order; `None` when
-        /// no lobby place could be had (a cluster without a lease holder for [`JOIN_WAIT`]).
-        welcome: oneshot::Sender<Option<Vec<Utf8Bytes>>>,
+        arrival: Arrival,
     },
     Leave {
         conn: ConnId,
@@ -527,10 +533,7 @@ impl Remote {
 
 /// A player waiting for a lobby place (see [`Note::Seek`]).
 struct Joining {
-    session: SessionKey,
-    user: UserSummary,
-    outbox: mpsc::Sender<Outbound>,
-    welcome: oneshot::Sender<Option<Vec<Utf8Bytes>>>,
+    arrival: Arrival,
     since: Instant,
     asked: Instant,
 }
@@ -606,9 +609,7 @@ impl State {
     /// Handles one command; `false` to stop.
     fn command(&mut self, command: Command) -> bool {
         match command {
-            Command::Join { conn, session, user, outbox, welcome } => {
-                self.join(conn, session, user, outbox, welcome);
-            }
+            Command::Join { conn, arrival } => self.join(conn, arrival),
             Command::Leave { conn } => self.leave(conn),
             Command::Chat { conn, text } => self.chat(conn, text),
             Command::EndSessions { sessions } => {
@@ -641,9 +642,9 @@ impl State {
                     let waiting: Vec<ConnId> = self.joining.keys().copied().collect();
                     for conn in waiting {
                         if let Some(j) = self.joining.remove(&conn)
-                            && let Some(lobby) = self.place_for(conn, &j.user)
+                            && let Some(lobby) = self.place_for(conn, &j.arrival.user)
                         {
-                            self.enter(conn, j.session, j.user, j.outbox, j.welcome, lobby);
+                            self.enter(conn, j.arrival, lobby);
                         }
                     }
                     self.match_all();
@@ -755,20 +756,23 @@ impl State {
             self.joining.iter().filter(|(_, j)| now.duration_since(j.since) >= JOIN_WAIT).map(|(c, _)| *c).collect();
         for conn in late {
             if let Some(j) = self.joining.remove(&conn) {
-                tracing::warn!(user = j.user.id, "no lobby place given in time (is any instance holding the lease?)");
-                let _ = j.welcome.send(None);
+                tracing::warn!(
+                    user = j.arrival.user.id,
+                    "no lobby place given in time (is any instance holding the lease?)"
+                );
+                let _ = j.arrival.welcome.send(None);
             }
         }
         for (&conn, j) in &mut self.joining {
             if now.duration_since(j.asked) >= crate::bus::HEARTBEAT {
                 j.asked = now;
-                bus.publish(Note::Seek { from: bus.id(), conn, user: j.user.clone() });
+                bus.publish(Note::Seek { from: bus.id(), conn, user: j.arrival.user.clone() });
             }
         }
     }
 
     fn end_sessions(&mut self, sessions: &[SessionKey]) {
-        self.joining.retain(|_, j| !sessions.contains(&j.session));
+        self.joining.retain(|_, j| !sessions.contains(&j.arrival.session));
         for session in sessions {
             for conn in self.by_session.get(session).cloned().unwrap_or_default() {
                 self.close(conn, Closing::SessionEnded);
@@ -830,7 +834,7 @@ impl State {
                 self.admitted.insert(user.id, (lobby, Instant::now()));
                 let mine = self.bus.as_ref().is_some_and(|b| b.id() == to);
                 if let Some(j) = self.joining.remove(&conn).filter(|_| mine) {
-                    self.enter(conn, j.session, j.user, j.outbox, j.welcome, lobby);
+                    self.enter(conn, j.arrival, lobby);
                 }
             }
             Note::Chat { lobby, line, .. } => {
@@ -1127,34 +1131,20 @@ impl State {
 
     /// A player arrives: in the lobby this instance may choose, or once the lease holder gave a
     /// place.
-    fn join(
-        &mut self,
-        conn: ConnId,
-        session: SessionKey,
-        user: UserSummary,
-        outbox: mpsc::Sender<Outbound>,
-        welcome: oneshot::Sender<Option<Vec<Utf8Bytes>>>,
-    ) {
-        match self.place_for(conn, &user) {
-            Some(lobby) => self.enter(conn, session, user, outbox, welcome, lobby),
+    fn join(&mut self, conn: ConnId, arrival: Arrival) {
+        match self.place_for(conn, &arrival.user) {
+            Some(lobby) => self.enter(conn, arrival, lobby),
             None => {
                 let now = Instant::now();
-                self.joining.insert(conn, Joining { session, user, outbox, welcome, since: now, asked: now });
+                self.joining.insert(conn, Joining { arrival, since: now, asked: now });
             }
         }
     }
 
     /// Puts a player's connection in `lobby` (or the lobby the user is in already) and sends the
     /// welcome.
-    fn enter(
-        &mut self,
-        conn: ConnId,
-        session: SessionKey,
-        user: UserSummary,
-        outbox: mpsc::Sender<Outbound>,
-        welcome: oneshot::Sender<Option<Vec<Utf8Bytes>>>,
-        lobby: usize,
-    ) {
+    fn enter(&mut self, conn: ConnId, arrival: Arrival, lobby: usize) {
+        let Arrival { session, user, outbox, welcome } = arrival;
         let user_id = user.id;
         self.admitted.remove(&user_id);
         let lobby = if let Some(online) = self.users.get(&user_id) {

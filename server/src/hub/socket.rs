@@ -6,7 +6,7 @@ use shared::hub::{ClientMsg, ErrorCode, MAX_CHAT_CHARS, PROTOCOL_VERSION, Server
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
 
-use super::{Command, ConnId, Hub, Outbound, RemoteSignal, results};
+use super::{Arrival, Command, ConnId, Hub, Outbound, RemoteSignal, results};
 use crate::accounts::Session;
 use crate::rate::TokenBucket;
 use crate::transport::webrtc::RtcError;
@@ -88,13 +88,9 @@ impl<'a> Connection<'a> {
         }
         let (outbox_tx, outbox) = mpsc::channel(self.limits.ws_outbox);
         let (welcome_tx, welcome_rx) = oneshot::channel();
-        let join = Command::Join {
-            conn,
-            session: session.key,
-            user: session.user.summary(),
-            outbox: outbox_tx,
-            welcome: welcome_tx,
-        };
+        let arrival =
+            Arrival { session: session.key, user: session.user.summary(), outbox: outbox_tx, welcome: welcome_tx };
+        let join = Command::Join { conn, arrival };
         let gone = End::Close(close::GOING_AWAY, "server shutting down");
         hub.send(join).await.map_err(|_| gone)?;
         // Written here rather than through the outbox: it may be many frames, and the outbox is
