@@ -576,3 +576,44 @@ async fn an_instance_killed_mid_match_its_player_takes_the_seat_back_through_the
     assert_eq!(fc.unwrap().0, fd.unwrap().0, "matched after the matcher's instance was killed");
     db.close().await;
 }
+
+/// `kill -9` of the instance holding a room server registered through NATS, mid-match: the room
+/// server hears no answer to its heartbeats, registers again through NATS with the other instance
+/// (nothing said goodbye), its match plays on, and the result is recorded once, with the rating
+/// changes shown to the players. (Real processes.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_server_whose_instance_is_killed_registers_again_through_nats_and_plays_on() {
+    use crate::room_servers::RoomServer;
+    let (nats, database) = backing().await;
+    let mut one = HubProcess::start(&nats, &database).await;
+    let db = rallypoint_server::db::open(&database).await.unwrap();
+    let token = rallypoint_server::fleet::tokens::create(&db, "eu-8", false).await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    // `one` alone listens for registrations (and takes the matcher lease).
+    let _rs = RoomServer::start_through_nats(&one.base, &nats.url(), &token, data.path());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let two = HubProcess::start(&nats, &database).await;
+    let (ann, bob) = (Client::new(&two.base).unwrap(), Client::new(&two.base).unwrap());
+    ann.register("nk_ann", crate::support::PASSWORD).await.unwrap();
+    bob.register("nk_bob", crate::support::PASSWORD).await.unwrap();
+    let (mut ann_hub, mut bob_hub) = (ann.hub().await.unwrap(), bob.hub().await.unwrap());
+    for hub in [&mut ann_hub, &mut bob_hub] {
+        hub.send(&ClientMsg::FindMatch { mode: "duel".into() }).await.unwrap();
+    }
+    let (fa, fb) =
+        tokio::join!(ann_hub.match_found(Duration::from_secs(15)), bob_hub.match_found(Duration::from_secs(15)));
+    let ((room, ticket_a), (_, ticket_b)) = (fa.unwrap(), fb.unwrap());
+    assert!(room.starts_with("eu-8/"), "{room}");
+    let mut ann_room = ann.room_at::<shared::arena::Arena>(ann_hub.room_url.as_deref(), &ticket_a).await.unwrap();
+    let mut bob_room = bob.room_at::<shared::arena::Arena>(bob_hub.room_url.as_deref(), &ticket_b).await.unwrap();
+    one.child.kill().unwrap();
+    let _ = one.child.wait();
+    let ((oa, ratings, _), (ob, _, _)) =
+        tokio::join!(crate::rooms::play_out(&mut ann_room), crate::rooms::play_out(&mut bob_room));
+    assert_eq!(oa, ob);
+    assert_eq!(ratings.len(), 2, "recorded through the other instance, with the rating changes");
+    let recorded: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM matches WHERE server = 'eu-8'").fetch_one(&db).await.unwrap();
+    assert_eq!(recorded, 1);
+    db.close().await;
+}
