@@ -67,8 +67,8 @@ pub enum Note {
     /// The matcher (`from`) sent a match to room server `server`: every instance's players in
     /// it wait for the server's `Started`, and the instance holding the server sends `start`.
     Place { from: InstanceId, server: u32, match_id: u64, mode: String, players: Vec<UserSummary>, start: Signed },
-    /// Room server `server`, held by `from` (its control connection is there), as it is now.
-    ServerState { from: InstanceId, server: u32, name: String, url: String, free: u32, draining: bool, up: bool },
+    /// A room server held by `from` (its control session is there), as it is now.
+    ServerState { from: InstanceId, state: ServerState },
     /// What room server `server`, held by `from`, said.
     FromServer { from: InstanceId, server: u32, msg: FromServer },
     /// For room server `server`, held by `holder`, to pass on.
@@ -103,6 +103,21 @@ impl Note {
             | Self::Gone { from } => *from,
         }
     }
+}
+
+/// A room server as its holding instance tells the others.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerState {
+    pub server: u32,
+    pub name: String,
+    pub url: String,
+    pub free: u32,
+    pub draining: bool,
+    pub up: bool,
+    /// When it registered with its holder (the room server's clock, Unix ms): a room server
+    /// holds one session at a time, so of two instances that claim it, the later registration
+    /// is the live one, and what the other says of it is stale.
+    pub registered_ms: i64,
 }
 
 /// The bus could not be reached.
@@ -279,12 +294,15 @@ mod tests {
             Note::ToServer { from: 1, holder: 2, server: 3, msg: FromHub::RtcClosed { signaling: 4 } },
             Note::ServerState {
                 from: 1,
-                server: 2,
-                name: "eu-1".into(),
-                url: "https://r".into(),
-                free: 3,
-                draining: false,
-                up: true,
+                state: ServerState {
+                    server: 2,
+                    name: "eu-1".into(),
+                    url: "https://r".into(),
+                    free: 3,
+                    draining: false,
+                    up: true,
+                    registered_ms: 4,
+                },
             },
             Note::ServerFinished { from: 1, server: 2, match_id: 3 },
             Note::ServerLost { from: 1, server: 2 },

@@ -120,6 +120,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         public_url: "https://r1.example.com:9000".into(),
         free: 100,
         running: Vec::new(),
+        registered_ms: 1,
     };
     let registration = crate::fleet::control::nats::Registration { token: "rpt_x".into(), session: 7, register };
     let note =

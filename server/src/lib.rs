@@ -113,13 +113,14 @@ pub async fn start_game<G: shared::game::Game>(listener: TcpListener, config: Co
             let (limit, header_timeout) = (app.config.max_connections, app.config.limits.http_header_timeout);
             http::serve(listener, router, limit, header_timeout, app.config.tls.clone(), async {
                 let _ = stopped.await;
+                // Room servers that register now go to another instance.
+                if let Some(fleet) = &fleet {
+                    fleet.abort();
+                }
                 app.hub.shutdown().await;
             })
             .await;
             purge.abort();
-            if let Some(fleet) = fleet {
-                fleet.abort();
-            }
             let _ = hub_task.await;
             if let Some(bus) = app.hub.bus() {
                 bus.close().await;

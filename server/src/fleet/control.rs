@@ -20,7 +20,7 @@ use crate::rooms::{Seated, TicketSigner, TicketVerifier};
 /// Where the hub takes control connections.
 pub const PATH: &str = "/room-servers";
 /// Version of this protocol; the room protocol version must match too.
-pub const CONTROL_VERSION: u32 = 1;
+pub const CONTROL_VERSION: u32 = 2;
 /// Largest control message either way.
 pub const MAX_MESSAGE: usize = 256 * 1024;
 /// How often a room server says how many rooms it has free.
@@ -104,6 +104,12 @@ pub enum FromServer {
         free: u32,
         /// Matches in flight (after a lost connection, or the hub's restart).
         running: Vec<Running>,
+        /// When this registration was made, on the room server's clock (Unix ms): of two
+        /// registrations of one server with two hub instances, the later is the live one.
+        /// (Defaulted so that an older room server's registration still parses and is refused
+        /// for its version.)
+        #[serde(default)]
+        registered_ms: i64,
     },
     /// Heartbeat: rooms free now; `draining` when the server takes no more matches.
     Load { free: u32, draining: bool },
@@ -173,8 +179,9 @@ impl FromServer {
 /// queue group (NATS hands it to one); the instance's answer is the welcome or a refusal. After
 /// it, the room server publishes its [`FromServer`]s on [`nats::up`] and reads [`nats::Down`]s on
 /// [`nats::down`] of its session (a random id it chose). Every message is bounded like a
-/// WebSocket frame. Each heartbeat is answered ([`nats::Down::Beat`]), so a room server whose
-/// instance died hears nothing for [`SILENCE`] and registers again, with another.
+/// WebSocket frame. The instance says it is there every [`nats::BEAT`] ([`nats::Down::Beat`],
+/// from a task of its own, so that a slow database write does not silence it), so a room
+/// server whose instance died hears nothing for [`SILENCE`] and registers again, with another.
 pub mod nats {
     use serde::{Deserialize, Serialize};
 
@@ -184,6 +191,10 @@ pub mod nats {
     pub const REGISTER: &str = "rallypoint.fleet.register";
     /// The queue group every hub instance listens to [`REGISTER`] in.
     pub const HUBS: &str = "rallypoint-hubs";
+    /// How long a room server waits for the answer to a registration before trying again.
+    pub const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+    /// How often the hub instance holding a session says it is there ([`Down::Beat`]).
+    pub const BEAT: std::time::Duration = super::HEARTBEAT;
 
     /// Where a session's room server publishes.
     pub fn up(session: u64) -> String {
@@ -214,7 +225,7 @@ pub mod nats {
         Msg {
             msg: FromHub,
         },
-        /// The answer to a heartbeat.
+        /// The holding instance is there.
         Beat,
         /// The session is over (what a WebSocket's close frame says).
         Close {

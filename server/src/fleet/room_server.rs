@@ -258,6 +258,7 @@ async fn register(
         public_url: settings.public_url.clone(),
         free,
         running,
+        registered_ms: crate::db::unix_now_ms(),
     };
     let (control, welcome) = match nats {
         Some(client) => register_nats(settings, client, register).await?,
@@ -278,9 +279,11 @@ async fn register_nats(
     let down = client.subscribe(nats::down(session)).await.map_err(|e| format!("cannot use NATS: {e}"))?;
     let request = Registration { token: settings.token.clone(), session, register };
     let request = serde_json::to_vec(&request).expect("a registration serializes");
-    let answer = tokio::time::timeout(Duration::from_secs(10), client.request(nats::REGISTER, request.into())).await;
+    // Short: NATS may still hand the request to an instance whose host died (until it notices),
+    // and the next attempt likely reaches a live one.
+    let answer = tokio::time::timeout(nats::ANSWER_WITHIN, client.request(nats::REGISTER, request.into())).await;
     let answer = match answer {
-        Err(_) => return Err("no hub instance answered the registration over NATS".into()),
+        Err(_) => return Err("no hub instance answered the registration over NATS in time".into()),
         Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
             return Err(
                 "no hub instance listens on NATS (are the hubs started with --nats-url, on this NATS server?)".into()

@@ -4,6 +4,8 @@
 //! every [`TRY_EVERY`], so one takes over within that (the queue is not lost: every instance
 //! keeps the whole cluster's queue, each the authority on its own players). The holder checks
 //! its connection as often, and stops matching the moment it cannot (it may have lost the lock).
+//! A holder that stops answering without closing its connection (its host died) loses the lock
+//! after 5 s idle (`idle_session_timeout`, PostgreSQL 14 and later).
 
 use std::time::Duration;
 
@@ -48,6 +50,11 @@ pub(super) async fn run(url: String, hub: mpsc::Sender<Command>) {
 async fn try_lock(url: &str) -> Option<sqlx::AnyConnection> {
     let attempt = async {
         let mut conn = sqlx::AnyConnection::connect(url).await.ok()?;
+        // A holder whose host dies without closing its connection (power, network) would keep
+        // the lock until the server's TCP keepalive noticed, hours later; a live holder checks
+        // every second, so a session idle for 5 s is a dead one: PostgreSQL ends it, and with
+        // it the lock.
+        let _ = sqlx::query("SET idle_session_timeout = '5s'").execute(&mut conn).await;
         let won: bool =
             sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(MATCHER_LOCK).fetch_one(&mut conn).await.ok()?;
         if won {

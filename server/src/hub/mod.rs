@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::accounts::SessionKey;
-use crate::bus::{Bus, InstanceId, Note};
+use crate::bus::{Bus, InstanceId, Note, ServerState};
 use crate::config::Limits;
 use crate::db::{Db, unix_now_ms};
 use crate::fleet::control::{self, Assignment, FromHub, FromServer, Player, Signed};
@@ -48,9 +48,13 @@ pub const PRESENCE_FLUSH: Duration = Duration::from_millis(100);
 /// place (asking again every [`crate::bus::HEARTBEAT`]) before being told to come back later.
 pub const JOIN_WAIT: Duration = Duration::from_secs(5);
 
+/// How long an instance must have been on the bus before it gives lobby places as the lease
+/// holder: long enough to hear every instance's players (they publish them when it says hello).
+const PEERS_HEARD: Duration = Duration::from_secs(2);
+
 /// How long a place the lease holder gave counts as taken before its player shows up in the
 /// presence of their instance (or never does: they left meanwhile).
-const ADMIT_HOLD: Duration = Duration::from_secs(3);
+const ADMIT_HOLD: Duration = Duration::from_secs(6);
 
 /// How often the queues are looked at for matches (besides whenever someone joins one).
 pub const MATCHMAKING_EVERY: Duration = Duration::from_millis(250);
@@ -70,6 +74,8 @@ pub enum Outbound {
 pub enum Closing {
     SessionEnded,
     GoingAway,
+    /// No lobby place could be had in time (a cluster without a lease holder).
+    TryAgain,
 }
 
 impl Closing {
@@ -78,6 +84,7 @@ impl Closing {
         match self {
             Self::SessionEnded => (close::SESSION_ENDED, "session ended"),
             Self::GoingAway => (close::GOING_AWAY, "server shutting down"),
+            Self::TryAgain => (close::TRY_AGAIN, "no place in a lobby could be had: try again"),
         }
     }
 }
@@ -88,9 +95,9 @@ struct Arrival {
     session: SessionKey,
     user: UserSummary,
     outbox: mpsc::Sender<Outbound>,
-    /// The welcome, the lobby's presence list and its recent chat, in order; `None` when no
-    /// lobby place could be had (a cluster without a lease holder for [`JOIN_WAIT`]).
-    welcome: oneshot::Sender<Option<Vec<Utf8Bytes>>>,
+    /// The welcome, the lobby's presence list and its recent chat, in order; or why the
+    /// connection closes before it (no lobby place for [`JOIN_WAIT`], the session ended).
+    welcome: oneshot::Sender<Result<Vec<Utf8Bytes>, Closing>>,
 }
 
 /// Requests to the hub task.
@@ -172,6 +179,8 @@ pub struct ServerUp {
     pub url: String,
     pub free: u32,
     pub running: Vec<control::Running>,
+    /// When the room server made this registration, on its clock.
+    pub registered_ms: i64,
     pub outbox: mpsc::Sender<FromHub>,
     /// Told which generation this registration is (or why it is refused).
     pub reply: oneshot::Sender<u64>,
@@ -253,6 +262,7 @@ impl Hub {
             placing: HashMap::new(),
             leader: bus.is_none(),
             joining: HashMap::new(),
+            started: Instant::now(),
             admitted: HashMap::new(),
             room_origins: Arc::clone(&room_origins),
             bus: bus.clone(),
@@ -489,6 +499,8 @@ struct State {
     leader: bool,
     /// Players arriving here who wait for the lease holder to give them a lobby place.
     joining: HashMap<ConnId, Joining>,
+    /// When this instance started (and said hello on the bus).
+    started: Instant,
     /// Lobby places the lease holder gave, by user, not yet seen in anyone's presence: with
     /// the members, what a lobby's bound counts.
     admitted: HashMap<i64, (usize, Instant)>,
@@ -502,7 +514,7 @@ pub const SERVER_GRACE: Duration = Duration::from_secs(2);
 /// How long a room server whose holding instance went may take to register with another before
 /// its matches are called off: its silence timeout, a retry, and room to spare (its matches play
 /// on meanwhile; called off too soon, their players would lose a seat that still exists).
-const ORPHAN_GRACE: Duration = Duration::from_secs(10);
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(15);
 /// How long a room server may take to answer a match it was sent.
 const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -518,6 +530,8 @@ struct Remote {
     /// it is up).
     via: Option<InstanceId>,
     generation: u64,
+    /// When it registered with its holder (see [`ServerState::registered_ms`]).
+    registered_ms: i64,
     /// Since when another instance's room server is up through no instance (its connection to
     /// its holder ended, or its holder went): it should register again; after [`ORPHAN_GRACE`]
     /// this instance calls its matches off even if its holder never said [`Note::ServerLost`].
@@ -639,14 +653,7 @@ impl State {
             Command::Leader(leader) => {
                 self.leader = leader;
                 if leader {
-                    let waiting: Vec<ConnId> = self.joining.keys().copied().collect();
-                    for conn in waiting {
-                        if let Some(j) = self.joining.remove(&conn)
-                            && let Some(lobby) = self.place_for(conn, &j.arrival.user)
-                        {
-                            self.enter(conn, j.arrival, lobby);
-                        }
-                    }
+                    self.place_waiting();
                     self.match_all();
                 }
             }
@@ -729,12 +736,33 @@ impl State {
         if already {
             return Some(self.lobby_with_room(user.id));
         }
-        if !self.leader {
+        if !self.gives_places() {
             bus.publish(Note::Seek { from: bus.id(), conn, user: user.clone() });
             return None;
         }
         let to = bus.id();
         Some(self.admit(to, conn, user.clone()))
+    }
+
+    /// Whether this instance gives lobby places: it holds the lease, and has been on the bus
+    /// long enough to have heard every instance's players ([`PEERS_HEARD`]).
+    fn gives_places(&self) -> bool {
+        self.leader && (self.bus.is_none() || self.started.elapsed() >= PEERS_HEARD)
+    }
+
+    /// As the lease holder, places this instance's players who wait for a place.
+    fn place_waiting(&mut self) {
+        if !self.gives_places() {
+            return;
+        }
+        let Some(to) = self.bus.as_ref().map(Bus::id) else { return };
+        let waiting: Vec<ConnId> = self.joining.keys().copied().collect();
+        for conn in waiting {
+            if let Some(j) = self.joining.remove(&conn) {
+                let lobby = self.admit(to, conn, j.arrival.user.clone());
+                self.enter(conn, j.arrival, lobby);
+            }
+        }
     }
 
     /// As the lease holder, gives `user` (of instance `to`) a lobby place and tells everyone.
@@ -749,6 +777,7 @@ impl State {
     /// Asks the lease holder again for players still waiting for a place, gives up on those
     /// who waited [`JOIN_WAIT`], and forgets places given that nobody took.
     fn expire_joins(&mut self) {
+        self.place_waiting();
         let now = Instant::now();
         self.admitted.retain(|_, (_, at)| now.duration_since(*at) < ADMIT_HOLD);
         let Some(bus) = &self.bus else { return };
@@ -760,7 +789,7 @@ impl State {
                     user = j.arrival.user.id,
                     "no lobby place given in time (is any instance holding the lease?)"
                 );
-                let _ = j.arrival.welcome.send(None);
+                let _ = j.arrival.welcome.send(Err(Closing::TryAgain));
             }
         }
         for (&conn, j) in &mut self.joining {
@@ -772,7 +801,13 @@ impl State {
     }
 
     fn end_sessions(&mut self, sessions: &[SessionKey]) {
-        self.joining.retain(|_, j| !sessions.contains(&j.arrival.session));
+        let ended: Vec<ConnId> =
+            self.joining.iter().filter(|(_, j)| sessions.contains(&j.arrival.session)).map(|(c, _)| *c).collect();
+        for conn in ended {
+            if let Some(j) = self.joining.remove(&conn) {
+                let _ = j.arrival.welcome.send(Err(Closing::SessionEnded));
+            }
+        }
         for session in sessions {
             for conn in self.by_session.get(session).cloned().unwrap_or_default() {
                 self.close(conn, Closing::SessionEnded);
@@ -822,7 +857,7 @@ impl State {
                 }
             }
             Note::Seek { conn, user, .. } => {
-                if self.leader {
+                if self.gives_places() {
                     self.admit(from, conn, user);
                 }
             }
@@ -833,7 +868,7 @@ impl State {
                 }
                 self.admitted.insert(user.id, (lobby, Instant::now()));
                 let mine = self.bus.as_ref().is_some_and(|b| b.id() == to);
-                if let Some(j) = self.joining.remove(&conn).filter(|_| mine) {
+                if let Some(j) = mine.then(|| self.joining.remove(&conn)).flatten() {
                     self.enter(conn, j.arrival, lobby);
                 }
             }
@@ -867,9 +902,7 @@ impl State {
                     self.on_place(server, match_id, mode, &players, start, Vec::new());
                 }
             }
-            Note::ServerState { server, name, url, free, draining, up, .. } => {
-                self.server_state(from, server, name, &url, free, draining, up);
-            }
+            Note::ServerState { state, .. } => self.server_state(from, state),
             Note::FromServer { server, msg, .. } => {
                 if self.servers.get(&server).is_some_and(|r| r.outbox.is_none()) {
                     self.on_server_message(server, 0, &msg);
@@ -927,38 +960,50 @@ impl State {
     /// Tells the cluster how room server `server`, held here, is now.
     fn publish_server(&self, server: u32) {
         let Some(r) = self.servers.get(&server).filter(|r| r.via.is_none()) else { return };
-        let (name, url, free, draining, up) =
-            (r.name.clone(), r.url.to_string(), r.free, r.draining, r.outbox.is_some());
-        self.tell_cluster(|from| Note::ServerState { from, server, name, url, free, draining, up });
+        let state = ServerState {
+            server,
+            name: r.name.clone(),
+            url: r.url.to_string(),
+            free: r.free,
+            draining: r.draining,
+            up: r.outbox.is_some(),
+            registered_ms: r.registered_ms,
+        };
+        self.tell_cluster(|from| Note::ServerState { from, state });
     }
 
-    /// Another instance says how a room server it holds is.
-    #[allow(clippy::too_many_arguments)]
-    fn server_state(
-        &mut self,
-        from: InstanceId,
-        server: u32,
-        name: String,
-        url: &str,
-        free: u32,
-        draining: bool,
-        up: bool,
-    ) {
-        if self.servers.get(&server).is_some_and(|r| r.outbox.is_some()) {
-            return; // held here: this instance knows best
+    /// Another instance says how a room server it holds is. Of two registrations of one server,
+    /// the later is the live one: what an instance says of an earlier one is stale, and an
+    /// instance holding an earlier one lets it go (the room server left it without a word).
+    fn server_state(&mut self, from: InstanceId, state: ServerState) {
+        let ServerState { server, name, url, free, draining, up, registered_ms } = state;
+        if let Some(r) = self.servers.get_mut(&server) {
+            if registered_ms < r.registered_ms {
+                return; // about an older registration
+            }
+            if r.outbox.is_some() {
+                if !up || registered_ms == r.registered_ms {
+                    return; // held here: this instance knows best
+                }
+                tracing::info!(server = r.name, "room server registered with another instance: letting go");
+                r.outbox = None; // its control session here ends
+            }
         }
         if up {
             self.room_origins
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(shared::room::socket_origin(url));
+                .insert(shared::room::socket_origin(&url));
         }
         let via = up.then_some(from);
         let free = if up { free } else { 0 };
         let url = Arc::from(url);
         let down_since =
             if up { None } else { self.servers.get(&server).and_then(|r| r.down_since).or(Some(Instant::now())) };
-        self.servers.insert(server, Remote { name, url, free, draining, outbox: None, via, generation: 0, down_since });
+        let generation = 0;
+        let remote = Remote { name, url, free, draining, outbox: None, via, generation, registered_ms, down_since };
+        self.servers.insert(server, remote);
+        self.update_server_metrics();
     }
 
     /// A match went to room server `server`: this instance's players in it (`own`, and those
@@ -1190,13 +1235,14 @@ impl State {
         if let Some(p) = self.playing.get(&user_id) {
             frames.push(self.match_found(user_id, p).to_json().into());
         }
-        if welcome.send(Some(frames)).is_err() {
+        if welcome.send(Ok(frames)).is_err() {
             // The connection ended while joining.
             self.leave(conn);
         }
     }
 
     fn leave(&mut self, conn: ConnId) {
+        self.joining.remove(&conn);
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
@@ -1547,6 +1593,7 @@ impl State {
                 outbox: Some(up.outbox),
                 via: None,
                 generation,
+                registered_ms: up.registered_ms,
                 down_since: None,
             },
         );

@@ -67,6 +67,32 @@ struct NatsLink {
     down: String,
     /// Where the welcome goes: the registration request's reply subject.
     reply: Option<async_nats::Subject>,
+    /// Says [`Down::Beat`] every [`nats::BEAT`] while the session lasts.
+    beat: tokio::task::AbortHandle,
+}
+
+impl NatsLink {
+    fn new(client: async_nats::Client, up: async_nats::Subscriber, session: u64, reply: async_nats::Subject) -> Self {
+        let down = nats::down(session);
+        let beat = {
+            let (client, down) = (client.clone(), down.clone());
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(nats::BEAT);
+                loop {
+                    every.tick().await;
+                    let _ = client.publish(down.clone(), Down::Beat.to_json().into()).await;
+                }
+            })
+            .abort_handle()
+        };
+        Self { client, up, down, reply: Some(reply), beat }
+    }
+}
+
+impl Drop for NatsLink {
+    fn drop(&mut self) {
+        self.beat.abort();
+    }
 }
 
 impl Link {
@@ -91,8 +117,8 @@ impl Link {
     async fn close(self, code: u16, reason: &str) {
         match self {
             Self::Ws(socket) => ws::close_with(socket, code, reason).await,
-            Self::Nats(link) => {
-                let to = link.reply.unwrap_or_else(|| link.down.into());
+            Self::Nats(mut link) => {
+                let to = link.reply.take().unwrap_or_else(|| link.down.clone().into());
                 let _ = link.client.publish(to, Down::Close { code, reason: reason.to_owned() }.to_json().into()).await;
             }
         }
@@ -100,20 +126,16 @@ impl Link {
 }
 
 impl NatsLink {
-    /// Like [`recv`]; each heartbeat is answered, so that the room server knows this instance
-    /// is still there.
+    /// Like [`recv`].
     async fn recv(&mut self) -> Result<Option<FromServer>, (u16, String)> {
         use futures_util::StreamExt as _;
         let Some(message) = self.up.next().await else { return Ok(None) };
         if message.payload.len() > control::MAX_MESSAGE {
             return Err((close::TOO_BIG, "message too big".into()));
         }
-        let msg: FromServer = serde_json::from_slice(&message.payload)
-            .map_err(|e| (close::POLICY, format!("unreadable control message: {e}")))?;
-        if matches!(msg, FromServer::Load { .. }) {
-            let _ = self.client.publish(self.down.clone(), Down::Beat.to_json().into()).await;
-        }
-        Ok(Some(msg))
+        serde_json::from_slice(&message.payload)
+            .map(Some)
+            .map_err(|e| (close::POLICY, format!("unreadable control message: {e}")))
     }
 }
 
@@ -163,7 +185,7 @@ async fn serve_nats(app: Arc<App>, client: async_nats::Client, payload: bytes::B
         Ok(up) => up,
         Err(e) => return tracing::warn!(error = %e, "cannot listen to a room server over NATS"),
     };
-    let link = NatsLink { client: client.clone(), up, down: nats::down(registration.session), reply: Some(reply) };
+    let link = NatsLink::new(client.clone(), up, registration.session, reply);
     serve(Link::Nats(link), app, server, registration.register).await;
 }
 
@@ -192,12 +214,21 @@ async fn recv(socket: &mut WebSocket) -> Result<Option<FromServer>, (u16, String
     }
 }
 
+/// A registration, checked.
+struct Checked {
+    /// The origin browsers reach it at.
+    url: String,
+    free: u32,
+    running: Vec<control::Running>,
+    registered_ms: i64,
+}
+
 /// Checks a registration: the versions, and a URL browsers can reach.
-fn check_registration(msg: &FromServer) -> Result<(String, u32, &[control::Running]), (u16, String)> {
-    let FromServer::Register { control_version, room_protocol, public_url, free, running } = msg else {
+fn check_registration(msg: FromServer) -> Result<Checked, (u16, String)> {
+    let FromServer::Register { control_version, room_protocol, public_url, free, running, registered_ms } = msg else {
         return Err((close::POLICY, "the first message must be a registration".into()));
     };
-    if *control_version != CONTROL_VERSION || *room_protocol != shared::room::ROOM_PROTOCOL_VERSION {
+    if control_version != CONTROL_VERSION || room_protocol != shared::room::ROOM_PROTOCOL_VERSION {
         return Err((
             close::VERSION,
             format!(
@@ -206,18 +237,18 @@ fn check_registration(msg: &FromServer) -> Result<(String, u32, &[control::Runni
             ),
         ));
     }
-    let origin = url::Url::parse(public_url)
+    let origin = url::Url::parse(&public_url)
         .ok()
         .filter(|u| public_url.len() <= control::MAX_URL && matches!(u.scheme(), "http" | "https"))
         .filter(|u| u.host().is_some() && u.path() == "/" && u.query().is_none() && u.username().is_empty())
         .map(|u| u.origin().ascii_serialization());
-    let Some(origin) = origin else {
+    let Some(url) = origin else {
         return Err((close::POLICY, format!("public URL {public_url:?} must be http(s)://host[:port]")));
     };
     if running.len() > control::MAX_RUNNING {
         return Err((close::POLICY, "too many running matches".into()));
     }
-    Ok((origin, *free, running))
+    Ok(Checked { url, free, running, registered_ms })
 }
 
 async fn serve_socket(mut socket: WebSocket, app: Arc<App>, server: RoomServer) {
@@ -232,8 +263,8 @@ async fn serve_socket(mut socket: WebSocket, app: Arc<App>, server: RoomServer) 
 /// A room server's control session, from its registration (`first`) on.
 async fn serve(mut link: Link, app: Arc<App>, server: RoomServer, first: FromServer) {
     let hub = app.hub.clone();
-    let (url, free, running) = match check_registration(&first) {
-        Ok((url, free, running)) => (url, free, running.to_vec()),
+    let Checked { url, free, running, registered_ms } = match check_registration(first) {
+        Ok(registered) => registered,
         Err((code, reason)) => {
             tracing::warn!(server = server.name, "room server refused: {reason}");
             return link.close(code, &reason).await;
@@ -251,6 +282,7 @@ async fn serve(mut link: Link, app: Arc<App>, server: RoomServer, first: FromSer
         url,
         free,
         running,
+        registered_ms,
         outbox: outbox_tx,
         reply,
     };

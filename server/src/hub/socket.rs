@@ -33,7 +33,11 @@ pub async fn serve(socket: WebSocket, hub: Hub, session: Session) {
             let _ = hub.send(Command::Leave { conn }).await;
             end
         }
-        Err(end) => end,
+        Err(end) => {
+            // It may have joined (the welcome then failed to write): the hub forgets it.
+            let _ = hub.send(Command::Leave { conn }).await;
+            end
+        }
     };
     tracing::debug!(conn, user = session.user.id, ?end, "hub connection ended");
     if let End::Close(code, reason) = end {
@@ -95,8 +99,10 @@ impl<'a> Connection<'a> {
         hub.send(join).await.map_err(|_| gone)?;
         // Written here rather than through the outbox: it may be many frames, and the outbox is
         // sized for what arrives while a client is connected.
-        let frames = welcome_rx.await.map_err(|_| gone)?;
-        let frames = frames.ok_or(End::Close(close::TRY_AGAIN, "no place in a lobby could be had: try again"))?;
+        let frames = welcome_rx.await.map_err(|_| gone)?.map_err(|why| {
+            let (code, reason) = why.frame();
+            End::Close(code, reason)
+        })?;
         for frame in frames {
             if let Step::Stop(end) = self.write_frame(Message::Text(frame)).await {
                 return Err(end);

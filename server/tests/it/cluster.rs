@@ -382,9 +382,10 @@ async fn a_room_server_registered_through_nats_moves_to_another_instance_when_it
     b.stop().await;
 }
 
-/// The instance holding a room server stops, and the room server dies with it: nobody can
-/// register it again, so after the grace the players of the other instance seated there are told
-/// and are back in the lobby, instead of keeping a seat in a match that no longer exists.
+/// The instance holding a room server stops, and the room server cannot register again (it knows
+/// only that instance's address): after the grace, the players of the other instance seated
+/// there are told and are back in the lobby, instead of keeping a seat forever. (Nobody says
+/// `ServerLost`: the holder is gone before its own grace ends.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seats_on_a_room_server_gone_with_its_instance_are_called_off() {
     use crate::room_servers::{RoomServer, matched_in, seat};
@@ -399,19 +400,47 @@ async fn seats_on_a_room_server_gone_with_its_instance_are_called_off() {
     let mut bob = crate::rooms::player(&b, "or_bob").await;
     let ((_, ta), (_, tb)) = matched_in(&mut ann, &mut bob).await;
     let _seats = (seat(&ann, &ta).await.unwrap(), seat(&bob, &tb).await.unwrap());
-    drop(rs);
+    let stopped = std::time::Instant::now();
     a.stop().await;
     let message = ann
         .hub
-        .recv_until(Duration::from_secs(20), |m| match m {
+        .recv_until(Duration::from_secs(30), |m| match m {
             ServerMsg::MatchAborted { message } => Some(message),
             _ => None,
         })
         .await
         .unwrap();
     assert!(message.contains("went away"), "{message}");
+    assert!(stopped.elapsed() >= rallypoint_server::hub::ORPHAN_GRACE, "{:?}", stopped.elapsed());
     assert_eq!(b.running.app.hub.stats().await.unwrap().playing, 0, "both free again");
+    drop(rs);
     b.stop().await;
+}
+
+/// A room server held by A restarts and registers with B while A still holds its old session
+/// (A learns it is gone only from the silence): the later registration wins everywhere. A lets
+/// go instead of calling its matches off, and the matcher (A) keeps placing matches on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_server_that_moves_while_its_old_instance_still_holds_it_stays_in_the_cluster() {
+    use crate::room_servers::RoomServer;
+    let (nats, database) = backing().await;
+    let a = hub_instance(&nats, &database).await;
+    let token = rallypoint_server::fleet::tokens::create(&a.running.app.db, "eu-1", false).await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let first = RoomServer::start_through_nats(&a.base, &nats.url(), &token, data.path());
+    holds(&a, 1, Duration::from_secs(10)).await;
+    let b = hub_instance(&nats, &database).await;
+    drop(first); // killed: A's session goes quiet
+    let _again = RoomServer::start(&b.base, &token, data.path());
+    holds(&b, 1, Duration::from_secs(10)).await;
+    holds(&a, 0, Duration::from_secs(5)).await;
+    // Past A's silence timeout and its grace: nothing it says of the old session counts.
+    tokio::time::sleep(rallypoint_server::fleet::control::SILENCE + rallypoint_server::hub::SERVER_GRACE * 2).await;
+    let mut ann = crate::rooms::player(&a, "mv_ann").await;
+    let mut bob = crate::rooms::player(&b, "mv_bob").await;
+    play_a_match(&mut ann, &mut bob).await;
+    b.stop().await;
+    a.stop().await;
 }
 
 /// What reaches the registration subject is checked like any client's message: garbage, an

@@ -312,6 +312,7 @@ async fn the_control_connection_refuses_other_versions_and_bad_messages_with_a_r
         public_url: public_url.into(),
         free: 1,
         running: Vec::new(),
+        registered_ms: 1,
     };
     let cases: Vec<(Message, u16, &str)> = vec![
         (Message::text(register(99, "http://127.0.0.1:9").to_json()), control::close::VERSION, "same release"),
