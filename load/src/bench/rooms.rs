@@ -335,35 +335,53 @@ impl Scrape {
         Ok(Self(reqwest::get(url).await?.error_for_status()?.text().await.context("metrics")?))
     }
 
-    fn value(&self, line_start: &str) -> Option<f64> {
-        self.0
-            .lines()
-            .find(|l| l.starts_with(line_start))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
+    /// The samples of metric `name`, whatever their labels (every series carries `instance`):
+    /// each as its labels' text and its value.
+    fn samples<'a>(&'a self, name: &'a str) -> impl Iterator<Item = (&'a str, f64)> + 'a {
+        self.0.lines().filter(|l| !l.starts_with('#')).filter_map(move |line| {
+            let (head, value) = line.rsplit_once(' ')?;
+            let (metric, labels) = head.split_once('{').map_or((head, ""), |(m, rest)| (m, rest.trim_end_matches('}')));
+            (metric == name).then_some((labels, value.parse().ok()?))
+        })
+    }
+
+    /// The sum of a metric's series, if it has any.
+    fn value(&self, name: &str) -> Option<f64> {
+        self.samples(name).map(|(_, v)| v).reduce(|a, b| a + b)
     }
 
     /// A counter's value.
     fn total(&self, name: &str) -> u64 {
-        self.value(&format!("{name} ")).unwrap_or(0.0) as u64
+        self.value(name).unwrap_or(0.0) as u64
     }
 
     fn count(&self, name: &str) -> u64 {
         self.value(&format!("{name}_count")).unwrap_or(0.0) as u64
     }
 
-    /// Cumulative bucket counts by upper bound.
+    /// Cumulative bucket counts by upper bound (summed over series).
     fn buckets(&self, name: &str) -> Vec<(f64, f64)> {
-        let prefix = format!("{name}_bucket{{le=\"");
-        self.0
-            .lines()
-            .filter_map(|l| l.strip_prefix(&prefix))
-            .filter_map(|rest| {
-                let (le, count) = rest.split_once("\"} ")?;
-                let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
-                Some((le, count.parse().ok()?))
-            })
-            .collect()
+        let bucket = format!("{name}_bucket");
+        let mut by_bound: Vec<(f64, f64)> = Vec::new();
+        for (labels, count) in self.samples(&bucket) {
+            let Some(le) = labels.split(',').find_map(|l| l.strip_prefix("le=\"")).map(|l| l.trim_end_matches('"'))
+            else {
+                continue;
+            };
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else if let Ok(le) = le.parse() {
+                le
+            } else {
+                continue;
+            };
+            match by_bound.iter_mut().find(|(b, _)| b.to_bits() == le.to_bits()) {
+                Some((_, n)) => *n += count,
+                None => by_bound.push((le, count)),
+            }
+        }
+        by_bound.sort_by(|a, b| a.0.total_cmp(&b.0));
+        by_bound
     }
 
     /// The `q` quantile of what was recorded between `earlier` and this scrape, interpolated
