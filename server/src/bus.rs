@@ -161,9 +161,7 @@ impl Bus {
             .await
             .map_err(|e| err(Box::new(e)))?;
         let subscriber = client.subscribe(SUBJECT).await.map_err(|e| err(Box::new(e)))?;
-        let mut id = [0u8; 8];
-        crate::random::fill(&mut id);
-        let id = u64::from_le_bytes(id);
+        let id = crate::random::u64();
         let (out, queue) = mpsc::channel(QUEUE);
         let (notes, inbox) = mpsc::channel(QUEUE);
         tokio::spawn(write(client.clone(), id, queue));

@@ -8,6 +8,13 @@ pub fn fill(buf: &mut [u8]) {
     getrandom::fill(buf).expect("the operating system's random number generator failed");
 }
 
+/// A random 64-bit number (ids, seeds, nonces).
+pub fn u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    fill(&mut bytes);
+    u64::from_le_bytes(bytes)
+}
+
 /// A random token of 32 bytes (256 bits), URL-safe base64 without padding.
 pub fn token() -> String {
     use base64::Engine as _;

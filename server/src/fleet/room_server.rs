@@ -273,9 +273,7 @@ async fn register_nats(
     client: &async_nats::Client,
     register: FromServer,
 ) -> Result<(Control, Option<FromHub>), String> {
-    let mut session = [0u8; 8];
-    crate::random::fill(&mut session);
-    let session = u64::from_le_bytes(session);
+    let session = crate::random::u64();
     let down = client.subscribe(nats::down(session)).await.map_err(|e| format!("cannot use NATS: {e}"))?;
     let request = Registration { token: settings.token.clone(), session, register };
     let request = serde_json::to_vec(&request).expect("a registration serializes");

@@ -1389,9 +1389,7 @@ impl State {
         let Some(queue) = self.queues.get_mut(mode.name) else { return };
         let matches = matchmaking::form_matches(queue, mode, Instant::now());
         for (i, players) in matches.iter().enumerate() {
-            let mut seed = [0u8; 8];
-            crate::random::fill(&mut seed);
-            let seed = u64::from_le_bytes(seed);
+            let seed = crate::random::u64();
             // Players on other instances reach rooms only on room servers (a hub's own room
             // socket is behind the load balancer, on whichever instance).
             let all_here = players.iter().all(|w| w.instance.is_none());
@@ -1446,9 +1444,7 @@ impl State {
         if remote.outbox.as_ref().is_some_and(|o| o.capacity() == 0) {
             return false;
         }
-        let mut id = [0u8; 8];
-        crate::random::fill(&mut id);
-        let match_id = u64::from_le_bytes(id) >> 11; // exact in a JavaScript number, for readers of the JSON
+        let match_id = crate::random::u64() >> 11; // exact in a JavaScript number, for readers of the JSON
         let assignment = Assignment {
             match_id,
             server,
@@ -1519,8 +1515,6 @@ impl State {
     }
 
     fn match_found(&self, user_id: i64, p: &Playing) -> ServerMsg {
-        let mut nonce = [0u8; 8];
-        crate::random::fill(&mut nonce);
         let expires_ms = unix_now_ms() + self.rooms.config().ticket_ttl.as_millis() as i64;
         let ticket = Ticket {
             server: p.server,
@@ -1528,7 +1522,7 @@ impl State {
             user_id,
             seat: p.seat,
             expires_ms,
-            nonce: u64::from_le_bytes(nonce),
+            nonce: crate::random::u64(),
         };
         let room = self.room_name(p);
         ServerMsg::MatchFound {
