@@ -756,13 +756,26 @@ impl State {
             return;
         }
         let Some(to) = self.bus.as_ref().map(Bus::id) else { return };
-        let waiting: Vec<ConnId> = self.joining.keys().copied().collect();
-        for conn in waiting {
-            if let Some(j) = self.joining.remove(&conn) {
-                let lobby = self.admit(to, conn, j.arrival.user.clone());
-                self.enter(conn, j.arrival, lobby);
-            }
+        for (conn, j) in std::mem::take(&mut self.joining) {
+            let lobby = self.admit(to, conn, j.arrival.user.clone());
+            self.enter(conn, j.arrival, lobby);
         }
+    }
+
+    /// Closes the held joins that `which` picks, telling each `why`; how many.
+    fn refuse_joins(&mut self, which: impl Fn(&Joining) -> bool, why: Closing) -> usize {
+        let mut refused = 0;
+        for (_, j) in self.joining.extract_if(|_, j| which(j)) {
+            let _ = j.arrival.welcome.send(Err(why));
+            refused += 1;
+        }
+        refused
+    }
+
+    /// A lobby number another instance names, unless it is past any lobby there could be.
+    fn plausible_lobby(&self, lobby: u32) -> Option<usize> {
+        let lobby = lobby as usize;
+        (lobby <= self.lobbies.len() + 1024).then_some(lobby)
     }
 
     /// As the lease holder, gives `user` (of instance `to`) a lobby place and tells everyone.
@@ -780,18 +793,11 @@ impl State {
         self.place_waiting();
         let now = Instant::now();
         self.admitted.retain(|_, (_, at)| now.duration_since(*at) < ADMIT_HOLD);
-        let Some(bus) = &self.bus else { return };
-        let late: Vec<ConnId> =
-            self.joining.iter().filter(|(_, j)| now.duration_since(j.since) >= JOIN_WAIT).map(|(c, _)| *c).collect();
-        for conn in late {
-            if let Some(j) = self.joining.remove(&conn) {
-                tracing::warn!(
-                    user = j.arrival.user.id,
-                    "no lobby place given in time (is any instance holding the lease?)"
-                );
-                let _ = j.arrival.welcome.send(Err(Closing::TryAgain));
-            }
+        let late = self.refuse_joins(|j| now.duration_since(j.since) >= JOIN_WAIT, Closing::TryAgain);
+        if late > 0 {
+            tracing::warn!(players = late, "no lobby place given in time (is any instance holding the lease?)");
         }
+        let Some(bus) = &self.bus else { return };
         for (&conn, j) in &mut self.joining {
             if now.duration_since(j.asked) >= crate::bus::HEARTBEAT {
                 j.asked = now;
@@ -801,13 +807,7 @@ impl State {
     }
 
     fn end_sessions(&mut self, sessions: &[SessionKey]) {
-        let ended: Vec<ConnId> =
-            self.joining.iter().filter(|(_, j)| sessions.contains(&j.arrival.session)).map(|(c, _)| *c).collect();
-        for conn in ended {
-            if let Some(j) = self.joining.remove(&conn) {
-                let _ = j.arrival.welcome.send(Err(Closing::SessionEnded));
-            }
-        }
+        self.refuse_joins(|j| sessions.contains(&j.arrival.session), Closing::SessionEnded);
         for session in sessions {
             for conn in self.by_session.get(session).cloned().unwrap_or_default() {
                 self.close(conn, Closing::SessionEnded);
@@ -845,10 +845,7 @@ impl State {
             Note::Alive { .. } | Note::Login { .. } => {}
             Note::Hello { .. } => self.publish_everyone(),
             Note::Presence { lobby, joined, left, .. } => {
-                let lobby = lobby as usize;
-                if lobby > self.lobbies.len() + 1024 {
-                    return;
-                }
+                let Some(lobby) = self.plausible_lobby(lobby) else { return };
                 for user in joined {
                     self.remote_join(from, lobby, user);
                 }
@@ -862,10 +859,7 @@ impl State {
                 }
             }
             Note::Admit { to, conn, user, lobby, .. } => {
-                let lobby = lobby as usize;
-                if lobby > self.lobbies.len() + 1024 {
-                    return;
-                }
+                let Some(lobby) = self.plausible_lobby(lobby) else { return };
                 self.admitted.insert(user.id, (lobby, Instant::now()));
                 let mine = self.bus.as_ref().is_some_and(|b| b.id() == to);
                 if let Some(j) = mine.then(|| self.joining.remove(&conn)).flatten() {
@@ -1516,14 +1510,8 @@ impl State {
 
     fn match_found(&self, user_id: i64, p: &Playing) -> ServerMsg {
         let expires_ms = unix_now_ms() + self.rooms.config().ticket_ttl.as_millis() as i64;
-        let ticket = Ticket {
-            server: p.server,
-            room: p.room,
-            user_id,
-            seat: p.seat,
-            expires_ms,
-            nonce: crate::random::u64(),
-        };
+        let ticket =
+            Ticket { server: p.server, room: p.room, user_id, seat: p.seat, expires_ms, nonce: crate::random::u64() };
         let room = self.room_name(p);
         ServerMsg::MatchFound {
             mode: p.mode.into(),

@@ -6,7 +6,7 @@ use shared::hub::{ClientMsg, ErrorCode, MAX_CHAT_CHARS, PROTOCOL_VERSION, Server
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
 
-use super::{Arrival, Command, ConnId, Hub, Outbound, RemoteSignal, results};
+use super::{Arrival, Closing, Command, ConnId, Hub, Outbound, RemoteSignal, results};
 use crate::accounts::Session;
 use crate::rate::TokenBucket;
 use crate::transport::webrtc::RtcError;
@@ -21,6 +21,13 @@ enum End {
     Close(u16, &'static str),
 }
 
+impl From<Closing> for End {
+    fn from(why: Closing) -> Self {
+        let (code, reason) = why.frame();
+        Self::Close(code, reason)
+    }
+}
+
 /// Runs one authenticated connection until it ends.
 pub async fn serve(socket: WebSocket, hub: Hub, session: Session) {
     let conn = hub.next_conn_id();
@@ -30,15 +37,13 @@ pub async fn serve(socket: WebSocket, hub: Hub, session: Session) {
             let end = task.run(conn, &hub, outbox).await;
             hub.rtc().signaling_closed(conn);
             hub.rtc_signaling_closed(conn).await;
-            let _ = hub.send(Command::Leave { conn }).await;
             end
         }
-        Err(end) => {
-            // It may have joined (the welcome then failed to write): the hub forgets it.
-            let _ = hub.send(Command::Leave { conn }).await;
-            end
-        }
+        Err(end) => end,
     };
+    // Joined or not (the welcome may have failed to write, or a held join ended), the hub
+    // forgets it.
+    let _ = hub.send(Command::Leave { conn }).await;
     tracing::debug!(conn, user = session.user.id, ?end, "hub connection ended");
     if let End::Close(code, reason) = end {
         task.close(code, reason).await;
@@ -95,14 +100,11 @@ impl<'a> Connection<'a> {
         let arrival =
             Arrival { session: session.key, user: session.user.summary(), outbox: outbox_tx, welcome: welcome_tx };
         let join = Command::Join { conn, arrival };
-        let gone = End::Close(close::GOING_AWAY, "server shutting down");
+        let gone = End::from(Closing::GoingAway);
         hub.send(join).await.map_err(|_| gone)?;
         // Written here rather than through the outbox: it may be many frames, and the outbox is
         // sized for what arrives while a client is connected.
-        let frames = welcome_rx.await.map_err(|_| gone)?.map_err(|why| {
-            let (code, reason) = why.frame();
-            End::Close(code, reason)
-        })?;
+        let frames = welcome_rx.await.map_err(|_| gone)?.map_err(End::from)?;
         for frame in frames {
             if let Step::Stop(end) = self.write_frame(Message::Text(frame)).await {
                 return Err(end);
@@ -128,10 +130,7 @@ impl<'a> Connection<'a> {
                 },
                 out = outbox.recv() => match out {
                     Some(Outbound::Text(text)) => self.write_frame(Message::Text((*text).clone())).await,
-                    Some(Outbound::Close(why)) => {
-                        let (code, reason) = why.frame();
-                        Step::Stop(End::Close(code, reason))
-                    }
+                    Some(Outbound::Close(why)) => Step::Stop(why.into()),
                     // The hub forgot this connection because its outbox was full.
                     None => Step::Stop(End::Close(close::TOO_SLOW, "too slow to read")),
                 },
