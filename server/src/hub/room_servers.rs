@@ -76,16 +76,36 @@ impl NatsLink {
         let down = nats::down(session);
         let beat = {
             let (client, down) = (client.clone(), down.clone());
+            let beat = bytes::Bytes::from(Down::Beat.to_json());
             tokio::spawn(async move {
                 let mut every = tokio::time::interval(nats::BEAT);
                 loop {
                     every.tick().await;
-                    let _ = client.publish(down.clone(), Down::Beat.to_json().into()).await;
+                    let _ = client.publish(down.clone(), beat.clone()).await;
                 }
             })
             .abort_handle()
         };
         Self { client, up, down, reply: Some(reply), beat }
+    }
+
+    /// Like [`recv`].
+    async fn recv(&mut self) -> Result<Option<FromServer>, (u16, String)> {
+        use futures_util::StreamExt as _;
+        let Some(message) = self.up.next().await else { return Ok(None) };
+        if message.payload.len() > control::MAX_MESSAGE {
+            return Err((close::TOO_BIG, "message too big".into()));
+        }
+        serde_json::from_slice(&message.payload)
+            .map(Some)
+            .map_err(|e| (close::POLICY, format!("unreadable control message: {e}")))
+    }
+
+    /// Publishes `down` to the room server: the first answer to the registration request's
+    /// reply subject, the rest to the session's own; `false` when NATS is gone.
+    async fn publish(&mut self, down: &Down) -> bool {
+        let to = self.reply.take().unwrap_or_else(|| self.down.clone().into());
+        self.client.publish(to, down.to_json().into()).await.is_ok()
     }
 }
 
@@ -107,10 +127,7 @@ impl Link {
     async fn send(&mut self, msg: &FromHub) -> bool {
         match self {
             Self::Ws(socket) => send(socket, msg).await,
-            Self::Nats(link) => {
-                let to = link.reply.take().unwrap_or_else(|| link.down.clone().into());
-                link.client.publish(to, Down::Msg { msg: msg.clone() }.to_json().into()).await.is_ok()
-            }
+            Self::Nats(link) => link.publish(&Down::Msg { msg: msg.clone() }).await,
         }
     }
 
@@ -118,24 +135,9 @@ impl Link {
         match self {
             Self::Ws(socket) => ws::close_with(socket, code, reason).await,
             Self::Nats(mut link) => {
-                let to = link.reply.take().unwrap_or_else(|| link.down.clone().into());
-                let _ = link.client.publish(to, Down::Close { code, reason: reason.to_owned() }.to_json().into()).await;
+                link.publish(&Down::Close { code, reason: reason.to_owned() }).await;
             }
         }
-    }
-}
-
-impl NatsLink {
-    /// Like [`recv`].
-    async fn recv(&mut self) -> Result<Option<FromServer>, (u16, String)> {
-        use futures_util::StreamExt as _;
-        let Some(message) = self.up.next().await else { return Ok(None) };
-        if message.payload.len() > control::MAX_MESSAGE {
-            return Err((close::TOO_BIG, "message too big".into()));
-        }
-        serde_json::from_slice(&message.payload)
-            .map(Some)
-            .map_err(|e| (close::POLICY, format!("unreadable control message: {e}")))
     }
 }
 
