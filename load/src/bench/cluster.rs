@@ -242,29 +242,10 @@ pub async fn run(args: ClusterArgs, backstage: &dyn Backstage) -> Result<()> {
 
     eprintln!("cluster of two: a burst of {} duels over both instances…", args.burst);
     let database = pg.create_database("cluster_burst")?;
-    let a = hub(backstage, &database, Some(&nats.url()), &[]).await?;
-    let b = hub(backstage, &database, Some(&nats.url()), &[]).await?;
-    let token = backstage.room_token(&database, "bench").await?;
-    let rooms = room_server(backstage, (&a.base, None), &token, args.burst + 8).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await; // registered, and a matcher elected
-    let tokens = backstage.players(&database, "burst", 2 * args.burst, PASSWORD).await?;
-    report.burst = super::fleet::burst(&[&a, &b], &tokens).await?;
-    rooms.stop()?;
-    a.stop()?;
-    b.stop()?;
-
+    report.burst = burst(backstage, &database, (&nats.url(), false), args.burst).await?;
     eprintln!("the same burst, the room server registered through NATS…");
     let database = pg.create_database("cluster_burst_nats")?;
-    let a = hub(backstage, &database, Some(&nats.url()), &[]).await?;
-    let b = hub(backstage, &database, Some(&nats.url()), &[]).await?;
-    let token = backstage.room_token(&database, "bench").await?;
-    let rooms = room_server(backstage, (&a.base, Some(&nats.url())), &token, args.burst + 8).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let tokens = backstage.players(&database, "burst", 2 * args.burst, PASSWORD).await?;
-    report.burst_room_server_through_nats = super::fleet::burst(&[&a, &b], &tokens).await?;
-    rooms.stop()?;
-    a.stop()?;
-    b.stop()?;
+    report.burst_room_server_through_nats = burst(backstage, &database, (&nats.url(), true), args.burst).await?;
 
     eprintln!("hub CPU per connection, alone then clustered…");
     let database = pg.create_database("cluster_alone")?;
@@ -293,6 +274,27 @@ pub async fn run(args: ClusterArgs, backstage: &dyn Backstage) -> Result<()> {
 
     println!("{}", serde_json::to_string_pretty(&report)?);
     write_json(args.json.as_ref(), &report)
+}
+
+/// `duels` queued at once on two hubs, players alternating between them, one room server
+/// registered with the first (through NATS when `through_nats`).
+async fn burst(
+    backstage: &dyn Backstage,
+    database: &str,
+    (nats, through_nats): (&str, bool),
+    duels: usize,
+) -> Result<super::fleet::Burst> {
+    let a = hub(backstage, database, Some(nats), &[]).await?;
+    let b = hub(backstage, database, Some(nats), &[]).await?;
+    let token = backstage.room_token(database, "bench").await?;
+    let rooms = room_server(backstage, (&a.base, through_nats.then_some(nats)), &token, duels + 8).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await; // registered, and a matcher elected
+    let tokens = backstage.players(database, "burst", 2 * duels, PASSWORD).await?;
+    let burst = super::fleet::burst(&[&a, &b], &tokens).await?;
+    rooms.stop()?;
+    a.stop()?;
+    b.stop()?;
+    Ok(burst)
 }
 
 /// Listeners on both instances, senders on A; every line's time from send to each receipt.
