@@ -302,6 +302,7 @@ async fn players_on_two_instances_meet_in_one_room_on_a_room_server_any_instance
     let token = rallypoint_server::fleet::tokens::create(&a.running.app.db, "eu-1", false).await.unwrap();
     let data = tempfile::tempdir().unwrap();
     let _rs = RoomServer::start(&b.base, &token, data.path());
+    holds(&b, 1, Duration::from_secs(20)).await;
     let mut ann = crate::rooms::player(&a, "cl_ann").await;
     let mut bob = crate::rooms::player(&b, "cl_bob").await;
     let ((room_a, ta), (room_b, tb)) = matched_in(&mut ann, &mut bob).await;
