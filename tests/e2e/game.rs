@@ -69,14 +69,21 @@ fn path(from: (i32, i32), to: (i32, i32)) -> Vec<(i32, i32)> {
 }
 
 /// Holds the direction keys that lead from the player's position towards `target` tile, tile
-/// by tile, until the player stands in it.
+/// by tile, until the player stands in it. A held key is pressed again while the player stands
+/// still, as a keyboard's auto-repeat does: the page lets go of every key when its window loses
+/// the focus, which another test window can take at any time.
 async fn walk_to(b: &Browser, target: (i32, i32)) {
     let mut held: [bool; 4] = [false; 4];
     let codes = ["KeyD", "KeyA", "KeyS", "KeyW"];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    let mut last = None;
     loop {
-        assert!(tokio::time::Instant::now() < deadline, "never reached {target:?}");
-        let Some((x, y)) = position(&state(b).await) else { continue };
+        let s = state(b).await;
+        assert!(tokio::time::Instant::now() < deadline, "never reached {target:?}: {s}");
+        let Some((x, y)) = position(&s) else {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            continue;
+        };
         let here = (x.div_euclid(TILE), y.div_euclid(TILE));
         let route = path(here, target);
         let next = route.get(1).copied().unwrap_or(target);
@@ -84,8 +91,10 @@ async fn walk_to(b: &Browser, target: (i32, i32)) {
         let (dx, dy) = (cx - x, cy - y);
         let done = here == target && dx.abs() < 40 && dy.abs() < 40;
         let want = [!done && dx > 24, !done && dx < -24, !done && dy > 24, !done && dy < -24];
+        let still = last == Some((x, y));
+        last = Some((x, y));
         for i in 0..4 {
-            if want[i] != held[i] {
+            if want[i] != held[i] || (want[i] && still) {
                 key(b, codes[i], want[i]).await;
                 held[i] = want[i];
             }
@@ -108,13 +117,13 @@ async fn seen(watcher: &Browser, seat: u64) -> Option<(i64, i64)> {
 }
 
 /// `mover` steps left and right while `watcher` records where it sees them: it must see them in
-/// several places.
+/// several places. The key is pressed again at each look, as a held key repeats (see `walk_to`).
 async fn sees_moving(watcher: &Browser, mover: &Browser) {
     let seat = state(mover).await["seat"].as_u64().unwrap();
     let mut places = std::collections::BTreeSet::new();
     for code in ["KeyA", "KeyD"] {
-        key(mover, code, true).await;
         for _ in 0..8 {
+            key(mover, code, true).await;
             if let Some(p) = seen(watcher, seat).await {
                 places.insert(p);
             }
@@ -122,7 +131,8 @@ async fn sees_moving(watcher: &Browser, mover: &Browser) {
         }
         key(mover, code, false).await;
     }
-    assert!(places.len() >= 3, "the watcher saw the mover at {places:?}");
+    let (w, m) = (state(watcher).await, state(mover).await);
+    assert!(places.len() >= 3, "the watcher saw the mover at {places:?}\nwatcher: {w}\nmover: {m}");
 }
 
 /// Waits until snapshots arrive on the WebRTC data channel, and the net graph says so.
