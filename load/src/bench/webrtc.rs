@@ -146,6 +146,7 @@ pub async fn run(args: WebrtcArgs, backstage: &dyn Backstage) -> Result<()> {
     for tally in warmup.leave().await {
         count_errors(&mut report, &tally);
     }
+    Scrape::wait_for_no_rooms(&metrics_url).await?;
     for (transport, tokens) in [(Transport::Ws, ws_tokens), (Transport::Webrtc, rtc_tokens)] {
         eprintln!("{transport:?}: {players} bots in {} rooms of {per_room}…", args.rooms);
         let before = Scrape::take(&metrics_url).await?;
@@ -172,7 +173,8 @@ pub async fn run(args: WebrtcArgs, backstage: &dyn Backstage) -> Result<()> {
             opens.extend(tally.data_channels);
         }
         if transport == Transport::Ws {
-            // Let the closed connections go before taking the baseline.
+            // Let the closed connections and their rooms go before taking the baseline.
+            Scrape::wait_for_no_rooms(&metrics_url).await?;
             tokio::time::sleep(Duration::from_secs(2)).await;
             report.server_rss_after_websocket_rooms_kib = server.rss_kib()?;
         }
