@@ -335,15 +335,21 @@ impl Scrape {
         Ok(Self(reqwest::get(url).await?.error_for_status()?.text().await.context("metrics")?))
     }
 
-    /// Waits until the server runs no room: a room whose players left ticks on while it holds
-    /// their seats, and its ticks would count in the next window.
+    /// Waits until no room ticks: a room whose players left ticks on while it holds their
+    /// seats, and its ticks would count in the next window.
     pub(super) async fn wait_for_no_rooms(url: &str) -> Result<()> {
         let deadline = tokio::time::Instant::now() + Duration::from_mins(1);
-        while Self::take(url).await?.value("rallypoint_rooms_running").unwrap_or(0.0) > 0.0 {
-            anyhow::ensure!(tokio::time::Instant::now() < deadline, "rooms still running a minute after their players left");
-            tokio::time::sleep(Duration::from_millis(250)).await;
+        let ticks = |s: &Self| s.count("rallypoint_room_tick_seconds");
+        let mut seen = ticks(&Self::take(url).await?);
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = ticks(&Self::take(url).await?);
+            if now == seen {
+                return Ok(());
+            }
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "rooms still tick a minute after their players left");
+            seen = now;
         }
-        Ok(())
     }
 
     /// The samples of metric `name`, whatever their labels (every series carries `instance`):
