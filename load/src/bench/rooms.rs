@@ -347,7 +347,10 @@ impl Scrape {
             if now == seen {
                 return Ok(());
             }
-            anyhow::ensure!(tokio::time::Instant::now() < deadline, "rooms still tick a minute after their players left");
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "rooms still tick a minute after their players left"
+            );
             seen = now;
         }
     }
