@@ -77,6 +77,13 @@ struct Storm {
     data_channels_opened: usize,
     data_channel_open_p50_ms: f64,
     data_channel_open_p99_ms: f64,
+    /// The first part of the above: from `match_found` to the room's welcome (the room
+    /// WebSocket's connection and join); the offer follows.
+    room_join_p50_ms: f64,
+    room_join_p99_ms: f64,
+    /// This process's CPU share (the bots', on their one core) while the storm came: near 100%
+    /// means the figures above measure the bots as much as the server.
+    bots_cpu_share: f64,
     server_open_p50_ms: f64,
     server_open_p99_ms: f64,
 }
@@ -223,23 +230,30 @@ async fn open_storm(
         storm_tokens.len()
     );
     let before = Scrape::take(metrics_url).await?;
+    let (own0, t0) = (super::cpu_of(std::process::id())?, std::time::Instant::now());
     let storm = Crowd::start(server, storm_tokens, Transport::Webrtc).await;
     wait_until_playing(&storm.live, storm_tokens.len()).await?;
+    let bots_cpu_share =
+        super::cpu_of(std::process::id())?.saturating_sub(own0).as_secs_f64() / t0.elapsed().as_secs_f64();
     let after = Scrape::take(metrics_url).await?;
-    let mut opens = Vec::new();
+    let (mut opens, mut joins) = (Vec::new(), Vec::new());
     for tally in storm.leave().await {
         errors.extend(tally.errors.iter().take(3).cloned());
         opens.extend(tally.data_channels);
+        joins.extend(tally.seats_claimed);
     }
     load.leave().await;
     let opened = opens.len();
-    let p = Percentiles::of(&opens);
+    let (p, j) = (Percentiles::of(&opens), Percentiles::of(&joins));
     Ok(Storm {
         peers: storm_tokens.len(),
         server_cpu_share_before: share,
         data_channels_opened: opened,
         data_channel_open_p50_ms: p.p50_ms,
         data_channel_open_p99_ms: p.p99_ms,
+        room_join_p50_ms: j.p50_ms,
+        room_join_p99_ms: j.p99_ms,
+        bots_cpu_share,
         server_open_p50_ms: after.quantile_since(&before, OPEN_SECONDS, 0.5) * 1000.0,
         server_open_p99_ms: after.quantile_since(&before, OPEN_SECONDS, 0.99) * 1000.0,
     })
