@@ -55,6 +55,8 @@ pub(super) struct Timing {
 pub(super) const PASSWORD: &str = "bench password 123";
 const PREFIX: &str = "roombench";
 pub(super) const TICK_HZ: f64 = 30.0;
+/// The histogram of room tick compute times: its count is the number of room ticks.
+const TICK_SECONDS: &str = "rallypoint_room_tick_seconds";
 
 #[derive(Debug, Default, Serialize)]
 pub(super) struct Window {
@@ -281,15 +283,15 @@ pub(super) async fn measure(
     let worker_cpu_seconds =
         workers.iter().zip(&workers0).map(|(now, then)| now.saturating_sub(*then).as_secs_f64()).collect();
     let per_player = |now: u64, then: u64| (now - then) as f64 / players as f64 / elapsed;
-    let ticks = after.count("rallypoint_room_tick_seconds") - before.count("rallypoint_room_tick_seconds");
+    let ticks = after.count(TICK_SECONDS) - before.count(TICK_SECONDS);
     let q = |name: &str, p: f64| after.quantile_since(&before, name, p) * 1000.0;
     Ok(Window {
         seconds: elapsed,
         server_cpu_seconds: cpu,
         room_ticks: ticks,
         cpu_per_room_tick_ms: cpu * 1000.0 / ticks.max(1) as f64,
-        tick_compute_p50_ms: q("rallypoint_room_tick_seconds", 0.5),
-        tick_compute_p99_ms: q("rallypoint_room_tick_seconds", 0.99),
+        tick_compute_p50_ms: q(TICK_SECONDS, 0.5),
+        tick_compute_p99_ms: q(TICK_SECONDS, 0.99),
         tick_lateness_p50_ms: q("rallypoint_room_tick_lateness_seconds", 0.5),
         tick_lateness_p99_ms: q("rallypoint_room_tick_lateness_seconds", 0.99),
         input_to_snapshot_p50_ms: q("rallypoint_room_input_to_snapshot_seconds", 0.5),
@@ -339,7 +341,7 @@ impl Scrape {
     /// seats, and its ticks would count in the next window.
     pub(super) async fn wait_for_no_rooms(url: &str) -> Result<()> {
         let deadline = tokio::time::Instant::now() + Duration::from_mins(1);
-        let ticks = |s: &Self| s.count("rallypoint_room_tick_seconds");
+        let ticks = |s: &Self| s.count(TICK_SECONDS);
         let mut seen = ticks(&Self::take(url).await?);
         loop {
             tokio::time::sleep(Duration::from_millis(300)).await;
