@@ -15,7 +15,7 @@ use anyhow::Result;
 use clap::Args;
 use serde::Serialize;
 
-use super::rooms::{Scrape, Timing, Window, measure, start_bots, wait_until_playing};
+use super::rooms::{PASSWORD, Scrape, TICK_HZ, Timing, Window, measure, start_bots, wait_until_playing};
 use super::{Backstage, Percentiles, ServerProcess, write_json};
 use crate::bots::{Live, Tally, Transport};
 
@@ -34,9 +34,7 @@ pub struct WebrtcArgs {
     timing: Timing,
 }
 
-const PASSWORD: &str = "bench password 123";
 const PREFIX: &str = "rtcbench";
-const TICK_HZ: f64 = 30.0;
 
 #[derive(Debug, Default, Serialize)]
 struct Report {
