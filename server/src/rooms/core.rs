@@ -37,7 +37,8 @@ pub enum Out {
 /// What one tick did, for metrics.
 #[derive(Debug, Default)]
 pub struct TickReport {
-    /// Snapshot bytes sent, and what whole views would have taken.
+    /// Snapshot bytes sent, and what whole views would have taken (for a seat whose whole
+    /// view was not encoded this tick, the size of its last one: measured once a second at least).
     pub bytes: (usize, usize),
     /// When each input first acknowledged by this tick's snapshots arrived.
     pub acked_arrivals: Vec<Instant>,
@@ -66,6 +67,8 @@ struct Seat<G: Game> {
     sent: Views<G::View>,
     /// The newest tick whose view this seat's client holds (0: send whole views).
     seen: u32,
+    /// The size of this seat's last whole view, encoded (0: measure it at the next tick).
+    whole_len: usize,
 }
 
 pub struct Core<G: Game> {
@@ -107,6 +110,7 @@ impl<G: Game> Core<G> {
                 malformed: 0,
                 sent: Views::default(),
                 seen: 0,
+                whole_len: 0,
             })
             .collect();
         Self {
@@ -262,16 +266,32 @@ impl<G: Game> Core<G> {
             }
             let ack = s.inputs.ack();
             let frame = Frame::<G>::Snapshot { tick, ack, view: self.game.view(i as u8) };
-            let mut bytes = Bytes::copy_from_slice(self.codec.encode(&frame));
-            report.bytes.1 += bytes.len();
-            let Frame::<G>::Snapshot { view, .. } = frame else { unreachable!("built above") };
+            // The delta when the client holds a base, unless the whole view is smaller. The whole
+            // view is encoded to compare only when the delta is not clearly smaller than the
+            // seat's last whole view, and once a second to keep that size current: encoding
+            // both every tick cost about as much as the game's step.
+            let mut delta = None;
             if let Some((back, base)) = s.sent.base(s.seen, tick) {
-                let delta = Frame::<G>::Delta { tick, ack, back, delta: G::diff(base, &view, u32::from(back)) };
-                let encoded = self.codec.encode(&delta);
-                if encoded.len() < bytes.len() {
-                    bytes = Bytes::copy_from_slice(encoded);
-                }
+                let Frame::<G>::Snapshot { view, .. } = &frame else { unreachable!("built above") };
+                let d = Frame::<G>::Delta { tick, ack, back, delta: G::diff(base, view, u32::from(back)) };
+                let encoded = self.codec.encode(&d);
+                let remeasure = tick.wrapping_add(i as u32).is_multiple_of(u32::from(self.tick_hz));
+                let clearly_smaller = 4 * encoded.len() < 3 * s.whole_len && !remeasure;
+                delta = Some((Bytes::copy_from_slice(encoded), clearly_smaller));
             }
+            let bytes = match delta {
+                Some((delta, true)) => delta,
+                delta => {
+                    let whole = self.codec.encode(&frame);
+                    s.whole_len = whole.len();
+                    match delta {
+                        Some((delta, _)) if delta.len() < whole.len() => delta,
+                        _ => Bytes::copy_from_slice(whole),
+                    }
+                }
+            };
+            report.bytes.1 += s.whole_len;
+            let Frame::<G>::Snapshot { view, .. } = frame else { unreachable!("built above") };
             report.bytes.0 += bytes.len();
             s.sent.insert(tick, view);
             out.push(Out::Send { seat: i, bytes, reliable: false });
@@ -363,13 +383,14 @@ mod tests {
         assert!(out.is_empty());
         let right = ArenaInput { buttons: ArenaInput::RIGHT, aim_x: 1, aim_y: 0 };
         let mut seen = 0;
-        let mut deltas = 0;
+        let (mut deltas, mut bytes) = (0, (0, 0));
         for n in 1..=60u32 {
             let now = start + T0 * n;
             let up = ToRoom::Inputs { first_seq: n, tick: n, seen, inputs: vec![right] }.encode();
             core.frame(0, &up, now, &mut out);
             out.clear();
-            core.tick(now, &mut out);
+            let report = core.tick(now, &mut out);
+            (bytes.0, bytes.1) = (bytes.0 + report.bytes.0, bytes.1 + report.bytes.1);
             for frame in snapshots(&out, 0) {
                 match frame {
                     FromRoom::Snapshot { tick, ack, .. } => {
@@ -387,6 +408,7 @@ mod tests {
             assert_eq!(snapshots(&out, 1).len(), 1, "the other seat gets its view too");
         }
         assert!(deltas > 50, "{deltas} deltas once the client said what it holds");
+        assert!(bytes.0 < bytes.1, "{bytes:?}: deltas are what makes the bytes sent smaller than whole views");
         // A ping is answered at once, unreliably.
         out.clear();
         core.frame(1, &ToRoom::<ArenaInput>::Ping { id: 9 }.encode(), start, &mut out);

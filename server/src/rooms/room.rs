@@ -77,6 +77,29 @@ struct Match<'a, G: Game> {
     out: Vec<Out>,
     /// Unreliable frames for datagram paths, one batch per shard.
     outgoing: Outgoing,
+    metrics: TickMetrics,
+}
+
+/// The series a tick records, looked up once per match rather than in the registry at
+/// every tick (and every acknowledged input).
+struct TickMetrics {
+    lateness: metrics::Histogram,
+    compute: metrics::Histogram,
+    input_to_snapshot: metrics::Histogram,
+    snapshot_bytes: metrics::Counter,
+    snapshot_whole_bytes: metrics::Counter,
+}
+
+impl TickMetrics {
+    fn new() -> Self {
+        Self {
+            lateness: metrics::histogram!("rallypoint_room_tick_lateness_seconds"),
+            compute: metrics::histogram!("rallypoint_room_tick_seconds"),
+            input_to_snapshot: metrics::histogram!("rallypoint_room_input_to_snapshot_seconds"),
+            snapshot_bytes: metrics::counter!("rallypoint_room_snapshot_bytes_total"),
+            snapshot_whole_bytes: metrics::counter!("rallypoint_room_snapshot_whole_bytes_total"),
+        }
+    }
 }
 
 async fn play<G: Game>(a: Assignment, rx: &mut mpsc::Receiver<RoomCommand>, shared: &Shared) -> Flow {
@@ -92,6 +115,7 @@ async fn play<G: Game>(a: Assignment, rx: &mut mpsc::Receiver<RoomCommand>, shar
         events: Vec::new(),
         out: Vec::new(),
         outgoing: Outgoing::default(),
+        metrics: TickMetrics::new(),
     };
     tracing::info!(room = %m.room, mode = m.mode.name, players = seats, "match starting");
 
@@ -263,21 +287,21 @@ impl<G: Game> Match<'_, G> {
 
     fn tick(&mut self, due: Instant) {
         let begun = Instant::now();
-        metrics::histogram!("rallypoint_room_tick_lateness_seconds").record(begun.saturating_duration_since(due));
+        self.metrics.lateness.record(begun.saturating_duration_since(due));
         let report = self.core.tick(begun.into_std(), &mut self.out);
         self.carry_out();
         let sent = std::time::Instant::now();
-        let stats = &self.shared.stats;
+        let (stats, m) = (&self.shared.stats, &self.metrics);
         let (sent_bytes, whole_bytes) = (report.bytes.0 as u64, report.bytes.1 as u64);
         stats.snapshot_bytes.fetch_add(sent_bytes, Ordering::Relaxed);
         stats.snapshot_whole_bytes.fetch_add(whole_bytes, Ordering::Relaxed);
-        metrics::counter!("rallypoint_room_snapshot_bytes_total").increment(sent_bytes);
-        metrics::counter!("rallypoint_room_snapshot_whole_bytes_total").increment(whole_bytes);
+        m.snapshot_bytes.increment(sent_bytes);
+        m.snapshot_whole_bytes.increment(whole_bytes);
         for arrived in report.acked_arrivals {
-            metrics::histogram!("rallypoint_room_input_to_snapshot_seconds").record(sent - arrived);
+            m.input_to_snapshot.record(sent - arrived);
         }
         stats.ticks.fetch_add(1, Ordering::Relaxed);
-        metrics::histogram!("rallypoint_room_tick_seconds").record(sent - begun.into_std());
+        m.compute.record(sent - begun.into_std());
     }
 
     async fn flush_events(&mut self) {
