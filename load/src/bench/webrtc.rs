@@ -82,6 +82,10 @@ struct Storm {
     /// This process's CPU share (the bots', on their one core) while the storm came: near 100%
     /// means the figures above measure the bots as much as the server.
     bots_cpu_share: f64,
+    /// The server's CPU share (of all its cores) from the storm's start until every channel
+    /// opened: near 100% means its cores were saturated (the storm's own rooms start playing as
+    /// their seats are claimed) and the open times are mostly queueing.
+    server_cpu_share_during: f64,
     server_open_p50_ms: f64,
     server_open_p99_ms: f64,
 }
@@ -193,7 +197,7 @@ pub async fn run(args: WebrtcArgs, backstage: &dyn Backstage) -> Result<()> {
     report.webrtc_cpu_over_websocket =
         report.webrtc.cpu_per_room_tick_ms / report.websocket.cpu_per_room_tick_ms.max(1e-9);
     if storm > 0 {
-        report.storm = open_storm(&server, &metrics_url, load_tokens, storm_tokens, &mut report.errors).await?;
+        report.storm = open_storm(&server, &metrics_url, load_tokens, storm_tokens, workers, &mut report.errors).await?;
     }
     server.stop()?;
     report.errors.truncate(5);
@@ -213,6 +217,7 @@ async fn open_storm(
     metrics_url: &str,
     load_tokens: &[String],
     storm_tokens: &[String],
+    workers: usize,
     errors: &mut Vec<String>,
 ) -> Result<Storm> {
     eprintln!("storm: {} WebSocket players as load…", load_tokens.len());
@@ -221,18 +226,20 @@ async fn open_storm(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (cpu0, t0) = (server.cpu()?, std::time::Instant::now());
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let share = server.cpu()?.saturating_sub(cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+    let share = server.cpu()?.saturating_sub(cpu0).as_secs_f64() / t0.elapsed().as_secs_f64() / workers.max(1) as f64;
     eprintln!(
-        "storm: the server is busy at {:.0}% of a core; {} peers open at once…",
+        "storm: the server is busy at {:.0}% of its cores; {} peers open at once…",
         share * 100.0,
         storm_tokens.len()
     );
     let before = Scrape::take(metrics_url).await?;
-    let (own0, t0) = (super::cpu_of(std::process::id())?, std::time::Instant::now());
+    let (own0, server0, t0) = (super::cpu_of(std::process::id())?, server.cpu()?, std::time::Instant::now());
     let storm = Crowd::start(server, storm_tokens, Transport::Webrtc).await;
     wait_until_playing(&storm.live, storm_tokens.len()).await?;
-    let bots_cpu_share =
-        super::cpu_of(std::process::id())?.saturating_sub(own0).as_secs_f64() / t0.elapsed().as_secs_f64();
+    let elapsed = t0.elapsed().as_secs_f64();
+    let bots_cpu_share = super::cpu_of(std::process::id())?.saturating_sub(own0).as_secs_f64() / elapsed;
+    let server_cpu_share_during =
+        server.cpu()?.saturating_sub(server0).as_secs_f64() / elapsed / workers.max(1) as f64;
     let after = Scrape::take(metrics_url).await?;
     let (mut opens, mut joins) = (Vec::new(), Vec::new());
     for tally in storm.leave().await {
@@ -252,6 +259,7 @@ async fn open_storm(
         room_join_p50_ms: j.p50_ms,
         room_join_p99_ms: j.p99_ms,
         bots_cpu_share,
+        server_cpu_share_during,
         server_open_p50_ms: after.quantile_since(&before, OPEN_SECONDS, 0.5) * 1000.0,
         server_open_p99_ms: after.quantile_since(&before, OPEN_SECONDS, 0.99) * 1000.0,
     })

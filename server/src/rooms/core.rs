@@ -37,8 +37,8 @@ pub enum Out {
 /// What one tick did, for metrics.
 #[derive(Debug, Default)]
 pub struct TickReport {
-    /// Snapshot bytes sent, and what whole views would have taken (for a seat whose whole
-    /// view was not encoded this tick, the size of its last one: measured once a second at least).
+    /// Snapshot bytes sent, and what whole views would have taken (each seat's whole view is
+    /// measured once a second; its size stands for the ticks in between).
     pub bytes: (usize, usize),
     /// When each input first acknowledged by this tick's snapshots arrived.
     pub acked_arrivals: Vec<Instant>,
@@ -67,8 +67,11 @@ struct Seat<G: Game> {
     sent: Views<G::View>,
     /// The newest tick whose view this seat's client holds (0: send whole views).
     seen: u32,
-    /// The size of this seat's last whole view, encoded (0: measure it at the next tick).
+    /// The size of this seat's last whole view encoded (0: none yet).
     whole_len: usize,
+    /// The same, taken only at the once-a-second measure: what the statistic of whole-view
+    /// bytes counts (`whole_len` leans high, as it is also taken when a delta is large).
+    whole_sampled: usize,
 }
 
 pub struct Core<G: Game> {
@@ -111,6 +114,7 @@ impl<G: Game> Core<G> {
                 sent: Views::default(),
                 seen: 0,
                 whole_len: 0,
+                whole_sampled: 0,
             })
             .collect();
         Self {
@@ -270,12 +274,12 @@ impl<G: Game> Core<G> {
             // view is encoded to compare only when the delta is not clearly smaller than the
             // seat's last whole view, and once a second to keep that size current: encoding
             // both every tick cost about as much as the game's step.
+            let remeasure = tick.wrapping_add(i as u32).is_multiple_of(u32::from(self.tick_hz));
             let mut delta = None;
             if let Some((back, base)) = s.sent.base(s.seen, tick) {
                 let Frame::<G>::Snapshot { view, .. } = &frame else { unreachable!("built above") };
                 let d = Frame::<G>::Delta { tick, ack, back, delta: G::diff(base, view, u32::from(back)) };
                 let encoded = self.codec.encode(&d);
-                let remeasure = tick.wrapping_add(i as u32).is_multiple_of(u32::from(self.tick_hz));
                 let clearly_smaller = 4 * encoded.len() < 3 * s.whole_len && !remeasure;
                 delta = Some((Bytes::copy_from_slice(encoded), clearly_smaller));
             }
@@ -284,13 +288,16 @@ impl<G: Game> Core<G> {
                 delta => {
                     let whole = self.codec.encode(&frame);
                     s.whole_len = whole.len();
+                    if remeasure || s.whole_sampled == 0 {
+                        s.whole_sampled = whole.len();
+                    }
                     match delta {
                         Some((delta, _)) if delta.len() < whole.len() => delta,
                         _ => Bytes::copy_from_slice(whole),
                     }
                 }
             };
-            report.bytes.1 += s.whole_len;
+            report.bytes.1 += s.whole_sampled;
             let Frame::<G>::Snapshot { view, .. } = frame else { unreachable!("built above") };
             report.bytes.0 += bytes.len();
             s.sent.insert(tick, view);
