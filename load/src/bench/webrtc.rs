@@ -197,7 +197,8 @@ pub async fn run(args: WebrtcArgs, backstage: &dyn Backstage) -> Result<()> {
     report.webrtc_cpu_over_websocket =
         report.webrtc.cpu_per_room_tick_ms / report.websocket.cpu_per_room_tick_ms.max(1e-9);
     if storm > 0 {
-        report.storm = open_storm(&server, &metrics_url, load_tokens, storm_tokens, workers, &mut report.errors).await?;
+        report.storm =
+            open_storm(&server, &metrics_url, load_tokens, storm_tokens, workers, &mut report.errors).await?;
     }
     server.stop()?;
     report.errors.truncate(5);
@@ -238,8 +239,7 @@ async fn open_storm(
     wait_until_playing(&storm.live, storm_tokens.len()).await?;
     let elapsed = t0.elapsed().as_secs_f64();
     let bots_cpu_share = super::cpu_of(std::process::id())?.saturating_sub(own0).as_secs_f64() / elapsed;
-    let server_cpu_share_during =
-        server.cpu()?.saturating_sub(server0).as_secs_f64() / elapsed / workers.max(1) as f64;
+    let server_cpu_share_during = server.cpu()?.saturating_sub(server0).as_secs_f64() / elapsed / workers.max(1) as f64;
     let after = Scrape::take(metrics_url).await?;
     let (mut opens, mut joins) = (Vec::new(), Vec::new());
     for tally in storm.leave().await {
