@@ -272,8 +272,8 @@ impl<G: Game> Core<G> {
             let frame = Frame::<G>::Snapshot { tick, ack, view: self.game.view(i as u8) };
             // The delta when the client holds a base, unless the whole view is smaller. The whole
             // view is encoded to compare only when the delta is not clearly smaller than the
-            // seat's last whole view, and once a second to keep that size current: encoding
-            // both every tick cost about as much as the game's step.
+            // seat's last whole view, and once a second to keep that size current: with both
+            // encoded at every tick, encoding was ~9% of the server's CPU (ARCHITECTURE: `delta`).
             let remeasure = tick.wrapping_add(i as u32).is_multiple_of(u32::from(self.tick_hz));
             let mut delta = None;
             if let Some((back, base)) = s.sent.base(s.seen, tick) {
