@@ -225,21 +225,25 @@ async fn open_storm(
     let load = Crowd::start(server, load_tokens, Transport::Ws).await;
     wait_until_playing(&load.live, load_tokens.len()).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (cpu0, t0) = (server.cpu()?, std::time::Instant::now());
+    // The server's CPU share per core since (`cpu0`, `t0`).
+    let server_share = |(cpu0, t0): (Duration, std::time::Instant)| -> Result<f64> {
+        Ok(server.cpu()?.saturating_sub(cpu0).as_secs_f64() / t0.elapsed().as_secs_f64() / workers.max(1) as f64)
+    };
+    let quiet = (server.cpu()?, std::time::Instant::now());
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let share = server.cpu()?.saturating_sub(cpu0).as_secs_f64() / t0.elapsed().as_secs_f64() / workers.max(1) as f64;
+    let share = server_share(quiet)?;
     eprintln!(
         "storm: the server is busy at {:.0}% of its cores; {} peers open at once…",
         share * 100.0,
         storm_tokens.len()
     );
     let before = Scrape::take(metrics_url).await?;
-    let (own0, server0, t0) = (super::cpu_of(std::process::id())?, server.cpu()?, std::time::Instant::now());
+    let (own0, start) = (super::cpu_of(std::process::id())?, (server.cpu()?, std::time::Instant::now()));
     let storm = Crowd::start(server, storm_tokens, Transport::Webrtc).await;
     wait_until_playing(&storm.live, storm_tokens.len()).await?;
-    let elapsed = t0.elapsed().as_secs_f64();
-    let bots_cpu_share = super::cpu_of(std::process::id())?.saturating_sub(own0).as_secs_f64() / elapsed;
-    let server_cpu_share_during = server.cpu()?.saturating_sub(server0).as_secs_f64() / elapsed / workers.max(1) as f64;
+    let server_cpu_share_during = server_share(start)?;
+    let bots_cpu_share =
+        super::cpu_of(std::process::id())?.saturating_sub(own0).as_secs_f64() / start.1.elapsed().as_secs_f64();
     let after = Scrape::take(metrics_url).await?;
     let (mut opens, mut joins) = (Vec::new(), Vec::new());
     for tally in storm.leave().await {
