@@ -275,16 +275,19 @@ impl<G: Game> Core<G> {
             // seat's last whole view, and once a second to keep that size current: with both
             // encoded at every tick, encoding was ~9% of the server's CPU (ARCHITECTURE: `delta`).
             let remeasure = tick.wrapping_add(i as u32).is_multiple_of(u32::from(self.tick_hz));
-            let mut delta = None;
-            if let Some((back, base)) = s.sent.base(s.seen, tick) {
+            // The encoded delta, and whether it is clearly smaller than a whole view.
+            let delta = s.sent.base(s.seen, tick).map(|(back, base)| {
                 let Frame::<G>::Snapshot { view, .. } = &frame else { unreachable!("built above") };
-                let d = Frame::<G>::Delta { tick, ack, back, delta: G::diff(base, view, u32::from(back)) };
-                let encoded = self.codec.encode(&d);
-                let clearly_smaller = 4 * encoded.len() < 3 * s.whole_len && !remeasure;
-                delta = Some((Bytes::copy_from_slice(encoded), clearly_smaller));
-            }
+                let encoded = self.codec.encode(&Frame::<G>::Delta {
+                    tick,
+                    ack,
+                    back,
+                    delta: G::diff(base, view, u32::from(back)),
+                });
+                (Bytes::copy_from_slice(encoded), 4 * encoded.len() < 3 * s.whole_len && !remeasure)
+            });
             let bytes = match delta {
-                Some((delta, true)) => delta,
+                Some((bytes, true)) => bytes,
                 delta => {
                     let whole = self.codec.encode(&frame);
                     s.whole_len = whole.len();
@@ -292,7 +295,7 @@ impl<G: Game> Core<G> {
                         s.whole_sampled = whole.len();
                     }
                     match delta {
-                        Some((delta, _)) if delta.len() < whole.len() => delta,
+                        Some((bytes, _)) if bytes.len() < whole.len() => bytes,
                         _ => Bytes::copy_from_slice(whole),
                     }
                 }
