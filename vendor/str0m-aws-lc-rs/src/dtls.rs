@@ -41,7 +41,7 @@ impl DtlsProvider for AwsLcRsDtlsProvider {
         // Rallypoint patch: the dimpl Config is built once per MTU and shared by every
         // instance. Building it validates the crypto provider, which runs a live key exchange
         // on every group (X25519, P-256, P-384): in a storm of peers opening at once, that was
-        // a tenth of the server's CPU, for a result that cannot change within a process.
+        // ~17% of the server's CPU, for a result that cannot change within a process.
         let is_test = self.is_test();
         let cached = if is_test { None } else { cached_config(mtu) };
         let config = match cached {
