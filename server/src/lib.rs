@@ -81,6 +81,13 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Running, Sta
 pub async fn start_game<G: shared::game::Game>(listener: TcpListener, config: Config) -> Result<Running, StartError> {
     let addr = listener.local_addr().map_err(|e| db::DbError::Folder { path: "listener".into(), source: e })?;
     let db = db::open(&config.database_url).await?;
+    // Before anything takes a handle on a series (the WebRTC loops take theirs once, at
+    // start): a handle taken before the recorder exists records nothing, ever.
+    if let Some(metrics) = config.metrics_listen {
+        metrics_endpoint::serve(metrics, &config.instance)
+            .await
+            .map_err(|e| db::DbError::Folder { path: format!("metrics listener {metrics}"), source: e })?;
+    }
     let signer = rooms::TicketSigner::from_seed(&db::secret(&db, "room-tickets-ed25519").await?);
     let (room_events, events) = tokio::sync::mpsc::channel(1024);
     let rtc = transport::webrtc::Rtc::bind(config.webrtc.clone(), addr)?;
@@ -93,11 +100,6 @@ pub async fn start_game<G: shared::game::Game>(listener: TcpListener, config: Co
         None => None,
     };
     let (hub, hub_task) = Hub::start(db.clone(), config.limits.clone(), local, rtc, signer, events, bus).await?;
-    if let Some(metrics) = config.metrics_listen {
-        metrics_endpoint::serve(metrics, &config.instance)
-            .await
-            .map_err(|e| db::DbError::Folder { path: format!("metrics listener {metrics}"), source: e })?;
-    }
     let sockets = site::caps::SocketCaps::new(config.socket_limits());
     let app = Arc::new(App { config, db, accounts, hub, sockets });
     let (stop, stopped) = oneshot::channel::<()>();

@@ -509,11 +509,16 @@ async fn metrics_carry_the_instance_label_and_what_an_operator_watches() {
     let ann = server.user("metric_ann").await;
     let _hub = ann.hub().await.unwrap();
     let _ = server.client().login("metric_ann", "wrong password").await;
+    // A datagram at the WebRTC port: its loops' counters, registered when they start, count it.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.send_to(b"not WebRTC", server.running.app.hub.rtc().udp_addr()).unwrap();
     let series = [
         "rallypoint_players_online{instance=\"hub-7\"} ",
         "rallypoint_hub_connections{instance=\"hub-7\"} ",
         "rallypoint_rooms_running{instance=\"hub-7\"} ",
         "rallypoint_logins_total{instance=\"hub-7\",result=\"wrong\"} ",
+        "rallypoint_webrtc_datagrams_in_total{instance=\"hub-7\"} ",
+        "rallypoint_webrtc_recv_calls_total{instance=\"hub-7\"} ",
     ];
     let mut text = String::new();
     for _ in 0..50 {
