@@ -86,6 +86,12 @@ pub(super) struct Window {
     /// TCP/UDP headers, acknowledgements, DTLS and SCTP included.
     wire_bytes_per_player_per_s: f64,
     wire_packets_per_player_per_s: f64,
+    /// Datagrams the WebRTC loops moved per `recvmmsg` and per `sendmmsg` call (absent when
+    /// no datagram moved): how much the batched syscalls batch at this load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    udp_datagrams_per_recv_call: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    udp_datagrams_per_send_call: Option<f64>,
     /// CPU seconds of each tokio worker thread in the window.
     worker_cpu_seconds: Vec<f64>,
 }
@@ -285,6 +291,10 @@ pub(super) async fn measure(
     let per_player = |now: u64, then: u64| (now - then) as f64 / players as f64 / elapsed;
     let ticks = after.count(TICK_SECONDS) - before.count(TICK_SECONDS);
     let q = |name: &str, p: f64| after.quantile_since(&before, name, p) * 1000.0;
+    let per_call = |datagrams: &str, calls: &str| {
+        let calls = after.total(calls) - before.total(calls);
+        (calls > 0).then(|| (after.total(datagrams) - before.total(datagrams)) as f64 / calls as f64)
+    };
     Ok(Window {
         seconds: elapsed,
         server_cpu_seconds: cpu,
@@ -311,6 +321,14 @@ pub(super) async fn measure(
         ),
         wire_bytes_per_player_per_s: per_player(wire.0, wire0.0),
         wire_packets_per_player_per_s: per_player(wire.1, wire0.1),
+        udp_datagrams_per_recv_call: per_call(
+            "rallypoint_webrtc_datagrams_in_total",
+            "rallypoint_webrtc_recv_calls_total",
+        ),
+        udp_datagrams_per_send_call: per_call(
+            "rallypoint_webrtc_datagrams_out_total",
+            "rallypoint_webrtc_send_calls_total",
+        ),
         worker_cpu_seconds,
     })
 }
