@@ -185,6 +185,9 @@ fn test() -> Result<()> {
     let mut cmd = cargo();
     cmd.args(["test", "-p", "rallypoint-server", "--test", "it"]).env("RALLYPOINT_TEST_DATABASE", "postgres");
     sh(&mut cmd)?;
+    step("The vendored crates' own tests, our patches' included (vendor/README.md)");
+    sh(cargo().args(["test", "-p", "str0m-aws-lc-rs"]))?;
+    sh(cargo().args(["test", "--manifest-path", "vendor/sctp-proto/Cargo.toml", "--target-dir", "target/vendor"]))?;
     step("Replaying the recorded input log in WebAssembly (Node): the hash must equal the native one");
     let mut cmd = cargo();
     cmd.args(["test", "-p", "rallypoint-shared", "--target", "wasm32-unknown-unknown", "--test", "golden"])

@@ -89,12 +89,19 @@ static CONFIGS: std::sync::Mutex<Vec<(Option<usize>, Arc<dimpl::Config>)>> =
     std::sync::Mutex::new(Vec::new());
 
 fn cached_config(mtu: Option<usize>) -> Option<Arc<dimpl::Config>> {
-    let configs = CONFIGS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    configs.iter().find(|(m, _)| *m == mtu).map(|(_, c)| Arc::clone(c))
+    let configs = CONFIGS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    configs
+        .iter()
+        .find(|(m, _)| *m == mtu)
+        .map(|(_, c)| Arc::clone(c))
 }
 
 fn cache_config(mtu: Option<usize>, config: &Arc<dimpl::Config>) {
-    let mut configs = CONFIGS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut configs = CONFIGS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if !configs.iter().any(|(m, _)| *m == mtu) {
         configs.push((mtu, Arc::clone(config)));
     }
@@ -124,7 +131,22 @@ impl DtlsInstance for AwsLcRsDtlsInstance {
     }
 
     fn poll_output<'a>(&mut self, buf: &'a mut [u8]) -> DtlsOutput<'a> {
-        self.dtls.poll_output(buf)
+        // Rallypoint patch: the SRTP keying material is not handed on. It is what makes str0m
+        // build its two SRTP contexts (a ~2 KB scratch buffer and two AES keys each) for every
+        // peer, and Rallypoint's peers carry data channels only, never media: that was ~10% of
+        // a peer's memory, for keys that are never used.
+        let again: *mut [u8] = &raw mut *buf;
+        match self.dtls.poll_output(buf) {
+            DtlsOutput::KeyingMaterial(..) => {
+                // SAFETY: the output that borrowed `buf` is dropped in this arm, so nothing
+                // borrows it any more; the borrow checker cannot see that a borrow returned
+                // from the other arm ends here (NLL "problem case #3", which Polonius accepts).
+                #[allow(unsafe_code)]
+                let buf = unsafe { &mut *again };
+                self.poll_output(buf)
+            }
+            other => other,
+        }
     }
 
     fn handle_timeout(&mut self, now: Instant) -> Result<(), DtlsImplError> {
@@ -153,5 +175,140 @@ impl DtlsInstance for AwsLcRsDtlsInstance {
 
     fn close(&mut self) -> Result<(), DtlsImplError> {
         self.dtls.close()
+    }
+}
+
+/// Rallypoint patch's test: a handshake between two instances completes, and neither hands on
+/// SRTP keying material, which plain dimpl (the same handshake, unwrapped) does.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What one side of a handshake reported: connected, and how many keying materials.
+    #[derive(Default, Debug, PartialEq)]
+    struct Seen {
+        connected: bool,
+        keying_materials: usize,
+    }
+
+    /// Runs a DTLS 1.2 handshake between a client and a server, each polled with `poll`.
+    fn handshake<D>(
+        mut client: D,
+        mut server: D,
+        poll: impl Fn(&mut D, &mut [u8], &mut Seen) -> Option<Vec<u8>>,
+        packet: impl Fn(&mut D, &[u8]),
+        timeout: impl Fn(&mut D, Instant),
+    ) -> (Seen, Seen) {
+        let (mut seen_client, mut seen_server) = (Seen::default(), Seen::default());
+        let mut buf = vec![0; 2048];
+        timeout(&mut client, Instant::now());
+        timeout(&mut server, Instant::now());
+        for _ in 0..50 {
+            let mut to_server = Vec::new();
+            while let Some(p) = poll(&mut client, &mut buf, &mut seen_client) {
+                to_server.push(p);
+            }
+            for p in to_server {
+                packet(&mut server, &p);
+            }
+            let mut to_client = Vec::new();
+            while let Some(p) = poll(&mut server, &mut buf, &mut seen_server) {
+                to_client.push(p);
+            }
+            for p in to_client {
+                packet(&mut client, &p);
+            }
+            if seen_client.connected && seen_server.connected {
+                break;
+            }
+        }
+        (seen_client, seen_server)
+    }
+
+    /// Takes one output: a packet to deliver, or `None` when it is time to wait.
+    fn take(output: DtlsOutput<'_>, seen: &mut Seen) -> Option<Option<Vec<u8>>> {
+        match output {
+            DtlsOutput::Packet(p) => Some(Some(p.to_vec())),
+            DtlsOutput::Timeout(_) => Some(None),
+            DtlsOutput::Connected => {
+                seen.connected = true;
+                None
+            }
+            DtlsOutput::KeyingMaterial(..) => {
+                seen.keying_materials += 1;
+                None
+            }
+            _ => None,
+        }
+    }
+
+    fn pair() -> (DtlsCert, DtlsCert) {
+        let provider = AwsLcRsDtlsProvider;
+        (
+            provider.generate_certificate().unwrap(),
+            provider.generate_certificate().unwrap(),
+        )
+    }
+
+    #[test]
+    fn the_handshake_completes_without_handing_on_srtp_keys() {
+        let (a, b) = pair();
+        let now = Instant::now();
+        let new = |cert: &DtlsCert, active: bool| {
+            let mut d = AwsLcRsDtlsProvider
+                .new_dtls(cert, now, DtlsVersion::Dtls12, None)
+                .unwrap();
+            d.set_active(active);
+            d
+        };
+        let poll = |d: &mut Box<dyn DtlsInstance>, buf: &mut [u8], seen: &mut Seen| loop {
+            if let Some(out) = take(d.poll_output(buf), seen) {
+                return out;
+            }
+        };
+        let (client, server) = handshake(
+            new(&a, true),
+            new(&b, false),
+            poll,
+            |d, p| d.handle_packet(p).unwrap(),
+            |d, t| d.handle_timeout(t).unwrap(),
+        );
+        let done = || Seen {
+            connected: true,
+            keying_materials: 0,
+        };
+        assert_eq!((client, server), (done(), done()));
+
+        // The same handshake with dimpl itself does export them: the patch is what removes them.
+        let (a, b) = pair();
+        let config = Arc::new(
+            dimpl::Config::builder()
+                .use_server_cookie(false)
+                .build()
+                .unwrap(),
+        );
+        let new = |cert: DtlsCert, active: bool| {
+            let cert = dimpl::DtlsCertificate {
+                certificate: cert.certificate,
+                private_key: cert.private_key,
+            };
+            let mut d = dimpl::Dtls::new_12(Arc::clone(&config), cert, now);
+            d.set_active(active);
+            d
+        };
+        let poll = |d: &mut dimpl::Dtls, buf: &mut [u8], seen: &mut Seen| loop {
+            if let Some(out) = take(d.poll_output(buf), seen) {
+                return out;
+            }
+        };
+        let (client, server) = handshake(
+            new(a, true),
+            new(b, false),
+            poll,
+            |d, p| d.handle_packet(p).unwrap(),
+            |d, t| d.handle_timeout(t).unwrap(),
+        );
+        assert!(client.connected && server.connected);
+        assert_eq!((client.keying_materials, server.keying_materials), (1, 1));
     }
 }
