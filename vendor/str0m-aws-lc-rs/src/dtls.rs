@@ -191,55 +191,68 @@ mod tests {
         keying_materials: usize,
     }
 
-    /// Runs a DTLS 1.2 handshake between a client and a server, each polled with `poll`.
-    fn handshake<D>(
-        mut client: D,
-        mut server: D,
-        poll: impl Fn(&mut D, &mut [u8], &mut Seen) -> Option<Vec<u8>>,
-        packet: impl Fn(&mut D, &[u8]),
-        timeout: impl Fn(&mut D, Instant),
-    ) -> (Seen, Seen) {
+    /// One end of a handshake: the backend's instance, or dimpl's own.
+    trait End {
+        fn output<'a>(&mut self, buf: &'a mut [u8]) -> DtlsOutput<'a>;
+        fn packet(&mut self, packet: &[u8]);
+        fn timeout(&mut self, now: Instant);
+
+        /// The next packet to deliver, or `None` when it is time to wait; notes what it saw.
+        fn next(&mut self, buf: &mut [u8], seen: &mut Seen) -> Option<Vec<u8>> {
+            loop {
+                match self.output(buf) {
+                    DtlsOutput::Packet(p) => return Some(p.to_vec()),
+                    DtlsOutput::Timeout(_) => return None,
+                    DtlsOutput::Connected => seen.connected = true,
+                    DtlsOutput::KeyingMaterial(..) => seen.keying_materials += 1,
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    impl End for Box<dyn DtlsInstance> {
+        fn output<'a>(&mut self, buf: &'a mut [u8]) -> DtlsOutput<'a> {
+            self.poll_output(buf)
+        }
+        fn packet(&mut self, packet: &[u8]) {
+            self.handle_packet(packet).unwrap();
+        }
+        fn timeout(&mut self, now: Instant) {
+            self.handle_timeout(now).unwrap();
+        }
+    }
+
+    impl End for dimpl::Dtls {
+        fn output<'a>(&mut self, buf: &'a mut [u8]) -> DtlsOutput<'a> {
+            self.poll_output(buf)
+        }
+        fn packet(&mut self, packet: &[u8]) {
+            self.handle_packet(packet).unwrap();
+        }
+        fn timeout(&mut self, now: Instant) {
+            self.handle_timeout(now).unwrap();
+        }
+    }
+
+    /// Runs a DTLS 1.2 handshake between a client and a server.
+    fn handshake<D: End>(mut client: D, mut server: D) -> (Seen, Seen) {
         let (mut seen_client, mut seen_server) = (Seen::default(), Seen::default());
         let mut buf = vec![0; 2048];
-        timeout(&mut client, Instant::now());
-        timeout(&mut server, Instant::now());
+        client.timeout(Instant::now());
+        server.timeout(Instant::now());
         for _ in 0..50 {
-            let mut to_server = Vec::new();
-            while let Some(p) = poll(&mut client, &mut buf, &mut seen_client) {
-                to_server.push(p);
+            while let Some(p) = client.next(&mut buf, &mut seen_client) {
+                server.packet(&p);
             }
-            for p in to_server {
-                packet(&mut server, &p);
-            }
-            let mut to_client = Vec::new();
-            while let Some(p) = poll(&mut server, &mut buf, &mut seen_server) {
-                to_client.push(p);
-            }
-            for p in to_client {
-                packet(&mut client, &p);
+            while let Some(p) = server.next(&mut buf, &mut seen_server) {
+                client.packet(&p);
             }
             if seen_client.connected && seen_server.connected {
                 break;
             }
         }
         (seen_client, seen_server)
-    }
-
-    /// Takes one output: a packet to deliver, or `None` when it is time to wait.
-    fn take(output: DtlsOutput<'_>, seen: &mut Seen) -> Option<Option<Vec<u8>>> {
-        match output {
-            DtlsOutput::Packet(p) => Some(Some(p.to_vec())),
-            DtlsOutput::Timeout(_) => Some(None),
-            DtlsOutput::Connected => {
-                seen.connected = true;
-                None
-            }
-            DtlsOutput::KeyingMaterial(..) => {
-                seen.keying_materials += 1;
-                None
-            }
-            _ => None,
-        }
     }
 
     fn pair() -> (DtlsCert, DtlsCert) {
@@ -261,18 +274,7 @@ mod tests {
             d.set_active(active);
             d
         };
-        let poll = |d: &mut Box<dyn DtlsInstance>, buf: &mut [u8], seen: &mut Seen| loop {
-            if let Some(out) = take(d.poll_output(buf), seen) {
-                return out;
-            }
-        };
-        let (client, server) = handshake(
-            new(&a, true),
-            new(&b, false),
-            poll,
-            |d, p| d.handle_packet(p).unwrap(),
-            |d, t| d.handle_timeout(t).unwrap(),
-        );
+        let (client, server) = handshake(new(&a, true), new(&b, false));
         let done = || Seen {
             connected: true,
             keying_materials: 0,
@@ -296,18 +298,7 @@ mod tests {
             d.set_active(active);
             d
         };
-        let poll = |d: &mut dimpl::Dtls, buf: &mut [u8], seen: &mut Seen| loop {
-            if let Some(out) = take(d.poll_output(buf), seen) {
-                return out;
-            }
-        };
-        let (client, server) = handshake(
-            new(a, true),
-            new(b, false),
-            poll,
-            |d, p| d.handle_packet(p).unwrap(),
-            |d, t| d.handle_timeout(t).unwrap(),
-        );
+        let (client, server) = handshake(new(a, true), new(b, false));
         assert!(client.connected && server.connected);
         assert_eq!((client.keying_materials, server.keying_materials), (1, 1));
     }
