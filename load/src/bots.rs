@@ -295,23 +295,28 @@ pub async fn play(
                 Err(e) => return tally.error(format!("queue: {e}")),
             },
         };
-        let found = Instant::now();
         let regained_before = tally.seats_regained.len();
-        let lost = match client.room_at::<Arena>(hub.room_url.as_deref(), &ticket).await {
-            Ok(mut room) => {
-                if transport == Transport::Webrtc {
-                    let limit = Duration::from_millis(u64::from(shared::room::DATA_CHANNEL_OPEN_TIMEOUT_MS));
-                    match room.open_data_channel_through(&mut hub, &room_name, limit, conditions).await {
-                        Ok(()) => tally.data_channels.push(found.elapsed()),
-                        // Counted as an error, and the match is played over the WebSocket.
-                        Err(e) => tally.error(format!("webrtc: {e}")),
-                    }
-                }
-                match play_match_counted(room, deadline, seed, tally, None, coming_back).await {
-                    MatchEnd::Over => None,
-                    MatchEnd::Lost(e) => Some(e),
-                }
+        let joined = match transport {
+            Transport::Webrtc => {
+                let limit = Duration::from_millis(u64::from(shared::room::DATA_CHANNEL_OPEN_TIMEOUT_MS));
+                client.seat_with_data_channel::<Arena>(&mut hub, &room_name, &ticket, limit, conditions).await.map(
+                    |seat| {
+                        match seat.channel {
+                            Ok(took) => tally.data_channels.push(took),
+                            // Counted as an error, and the match is played over the WebSocket.
+                            Err(e) => tally.error(format!("webrtc: {e}")),
+                        }
+                        seat.room
+                    },
+                )
             }
+            Transport::Ws => client.room_at::<Arena>(hub.room_url.as_deref(), &ticket).await,
+        };
+        let lost = match joined {
+            Ok(room) => match play_match_counted(room, deadline, seed, tally, None, coming_back).await {
+                MatchEnd::Over => None,
+                MatchEnd::Lost(e) => Some(e),
+            },
             Err(e) if e.is_connection_lost() => Some(e),
             Err(e) => return tally.error(format!("join: {e}")),
         };

@@ -70,13 +70,19 @@ pub enum ClientMsg {
     /// Leave the matchmaking queue.
     CancelMatch,
     /// Open a WebRTC peer connection to your room: an SDP offer with one data channel labelled
-    /// [`crate::room::DATA_CHANNEL_LABEL`]. Sent after joining the room over its WebSocket;
-    /// answered with [`ServerMsg::RtcAnswer`] or an [`ErrorCode::Rtc`] error.
+    /// [`crate::room::DATA_CHANNEL_LABEL`]. Sent with the seat's ticket as soon as the match is
+    /// found, while the room WebSocket joins (the peer then carries the seat's frames once the
+    /// join takes the seat), or without it after that join; answered with
+    /// [`ServerMsg::RtcAnswer`] or an [`ErrorCode::Rtc`] error.
     RtcOffer {
         /// The room, as [`ServerMsg::MatchFound`] named it.
         room: String,
         /// The offer's SDP.
         sdp: String,
+        /// The ticket of [`ServerMsg::MatchFound`] for that room, which proves the seat before
+        /// the room WebSocket has joined (the ticket stays good for that join).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ticket: Option<String>,
     },
     /// One of the client's ICE candidates for the peer connection of `room` (trickle ICE).
     RtcCandidate {
@@ -276,7 +282,8 @@ mod tests {
             ClientMsg::Ping { id: 42 },
             ClientMsg::FindMatch { mode: "duel".into() },
             ClientMsg::CancelMatch,
-            ClientMsg::RtcOffer { room: "r0-1".into(), sdp: "v=0\r\n".into() },
+            ClientMsg::RtcOffer { room: "r0-1".into(), sdp: "v=0\r\n".into(), ticket: None },
+            ClientMsg::RtcOffer { room: "r0-1".into(), sdp: "v=0\r\n".into(), ticket: Some("t.s".into()) },
             ClientMsg::RtcCandidate {
                 room: "r0-1".into(),
                 candidate: "candidate:1 1 udp 1 127.0.0.1 5000 typ host".into(),

@@ -2,10 +2,11 @@
 //! encodes and decodes them.
 //!
 //! The room WebSocket carries the join, the result and, until a WebRTC data channel opens (or
-//! when it never does), everything else. Once joined, [`RoomLink::start_webrtc`] offers a peer
-//! connection over the hub WebSocket; when its unordered, unreliable data channel opens within
-//! [`DATA_CHANNEL_OPEN_TIMEOUT_MS`], inputs go on it and snapshots arrive on it. When it does
-//! not open in time, fails later, or the browser has no WebRTC, play goes on over the WebSocket.
+//! when it never does), everything else. While it joins, [`RoomLink::start_webrtc`] offers a
+//! peer connection over the hub WebSocket with the seat's ticket; when its unordered, unreliable
+//! data channel opens within [`DATA_CHANNEL_OPEN_TIMEOUT_MS`], inputs go on it and snapshots
+//! arrive on it. When it does not open in time, fails later, or the browser has no WebRTC, play
+//! goes on over the WebSocket.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -98,9 +99,10 @@ impl RoomLink {
         })
     }
 
-    /// Offers a WebRTC peer connection for `room` over the hub. Errors mean the browser has no
-    /// usable WebRTC; the link then stays on the WebSocket.
-    pub fn start_webrtc(&mut self, room: &str, ice_servers: &[IceServer]) -> Result<(), JsValue> {
+    /// Offers a WebRTC peer connection for `room` over the hub, with the seat's `ticket` (which
+    /// lets the server answer before the room WebSocket has joined). Errors mean the browser has
+    /// no usable WebRTC; the link then stays on the WebSocket.
+    pub fn start_webrtc(&mut self, room: &str, ticket: &str, ice_servers: &[IceServer]) -> Result<(), JsValue> {
         self.stop_webrtc();
         let config = RtcConfiguration::new();
         let servers = Array::new();
@@ -173,6 +175,7 @@ impl RoomLink {
 
         {
             let (pc, room, state) = (pc.clone(), room.to_owned(), Rc::clone(&state));
+            let ticket = Some(ticket.to_owned());
             wasm_bindgen_futures::spawn_local(async move {
                 let offered = async {
                     let offer = JsFuture::from(pc.create_offer()).await?;
@@ -180,7 +183,7 @@ impl RoomLink {
                     let desc = RtcSessionDescriptionInit::new(RtcSdpType::Offer);
                     desc.set_sdp(&sdp);
                     JsFuture::from(pc.set_local_description(&desc)).await?;
-                    crate::send_hub(&ClientMsg::RtcOffer { room, sdp });
+                    crate::send_hub(&ClientMsg::RtcOffer { room, sdp, ticket });
                     for msg in waiting.borrow_mut().take().unwrap_or_default() {
                         crate::send_hub(&msg);
                     }

@@ -155,13 +155,11 @@ pub fn start(
         }
         m.ticket.clone_from(&ticket);
         m.ice_servers.clone_from(&ice_servers);
-        if m.joined.is_some() {
-            let m = &mut *m;
-            if let Some(link) = &mut m.link
-                && let Err(e) = link.start_webrtc(&m.room, &m.ice_servers)
-            {
-                web_sys::console::warn_1(&e);
-            }
+        let m = &mut *m;
+        if let Some(link) = &mut m.link
+            && let Err(e) = link.start_webrtc(&m.room, &m.ticket, &m.ice_servers)
+        {
+            web_sys::console::warn_1(&e);
         }
         Some(())
     });
@@ -196,7 +194,15 @@ pub fn start(
         on_exit: Rc::new(on_exit),
     }));
     MATCH.with(|slot| *slot.borrow_mut() = Some(Rc::clone(&m)));
-    let link = RoomLink::open(url, |event| with_match(|m| m.on_link(event)))?;
+    let mut link = RoomLink::open(url, |event| with_match(|m| m.on_link(event)))?;
+    {
+        // The offer goes out now, with the ticket: the peer connection opens while the room
+        // WebSocket joins, not after.
+        let m = m.borrow();
+        if let Err(e) = link.start_webrtc(&m.room, &m.ticket, &m.ice_servers) {
+            web_sys::console::warn_1(&format!("no WebRTC here, playing over the WebSocket: {e:?}").into());
+        }
+    }
     m.borrow_mut().link = Some(link);
     install_listeners_once()?;
     animate();
@@ -254,17 +260,16 @@ impl Match {
     }
 
     fn on_frame(&mut self, frame: Down) {
+        // The data channel may open, and bring a snapshot, before the join's answer arrives
+        // over the WebSocket: such a frame is as good as lost.
+        if self.joined.is_none() && !matches!(frame, Down::Joined { .. } | Down::Ended { .. }) {
+            return;
+        }
         match frame {
             Down::Joined { seat, players, tick_hz, rules, .. } => {
                 self.predictor = Some(Predictor::new(rules));
                 self.joined = Some(Joined { seat, players, tick_hz });
                 self.clock = Some(SnapshotClock::new(tick_hz));
-                // The seat is ours: now the server accepts a peer connection for it.
-                if let Some(link) = &mut self.link
-                    && let Err(e) = link.start_webrtc(&self.room, &self.ice_servers)
-                {
-                    web_sys::console::warn_1(&format!("no WebRTC here, playing over the WebSocket: {e:?}").into());
-                }
                 self.view.banner.set_text_content(Some("Waiting for the other players…"));
                 let _ = self.view.section.set_attribute("data-state", "waiting");
             }

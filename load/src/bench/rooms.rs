@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use super::{Backstage, ServerProcess, Storm, write_json};
 use crate::bots::{Live, Tally, Transport, play_match_counted};
-use crate::client::Client;
+use crate::client::{Client, Conditions};
 use shared::hub::ClientMsg;
 
 #[derive(Debug, Args)]
@@ -246,15 +246,21 @@ async fn bot(
         let mut hub = client.hub().await?;
         hub.send(&ClientMsg::FindMatch { mode: "brawl".into() }).await?;
         let (room_name, ticket) = hub.match_found(Duration::from_mins(2)).await?;
-        let found = Instant::now();
-        let mut room = client.room_at::<shared::arena::Arena>(hub.room_url.as_deref(), &ticket).await?;
-        tally.seats_claimed.push(found.elapsed());
-        if transport == Transport::Webrtc {
+        let room = if transport == Transport::Webrtc {
             // Generous here: the bench opens many at once on a loaded machine; what it took
             // is what is reported.
-            room.open_data_channel(&mut hub, &room_name, Duration::from_secs(30)).await?;
-            tally.data_channels.push(found.elapsed());
-        }
+            let limit = Duration::from_secs(30);
+            let seat =
+                client.seat_with_data_channel(&mut hub, &room_name, &ticket, limit, Conditions::default()).await?;
+            tally.seats_claimed.push(seat.seated);
+            tally.data_channels.push(seat.channel?);
+            seat.room
+        } else {
+            let found = Instant::now();
+            let room = client.room_at::<shared::arena::Arena>(hub.room_url.as_deref(), &ticket).await?;
+            tally.seats_claimed.push(found.elapsed());
+            room
+        };
         let _ = play_match_counted(room, deadline, seed, tally, Some(live), None).await;
         drop(hub);
         Ok(())

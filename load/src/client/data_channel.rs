@@ -134,11 +134,23 @@ fn certificate() -> Option<DtlsCert> {
     CERT.get_or_init(|| crypto().dtls_provider.generate_certificate()).clone()
 }
 
+/// A peer connection offered for a room, waiting for the server's answer.
+pub struct Offered {
+    rtc: Box<str0m::Rtc>,
+    pending: str0m::change::SdpPendingOffer,
+    room: String,
+}
+
 impl DataChannel {
     /// Offers a peer connection for `room` over `hub` (which must stay open: the server binds
     /// the peer to it) and waits at most `limit` for the channel to open.
     pub async fn open(hub: &mut Hub, room: &str, limit: Duration, conditions: Conditions) -> Result<Self, ClientError> {
-        let rtc_error = |e: &dyn std::fmt::Display| ClientError::WebRtc(e.to_string());
+        Self::offer(hub, room, None).await?.open(hub, limit, conditions).await
+    }
+
+    /// Sends the offer of a peer connection for `room` over `hub`: with the seat's `ticket`,
+    /// before the room WebSocket has joined (as the browser does); without, after.
+    pub async fn offer(hub: &mut Hub, room: &str, ticket: Option<&str>) -> Result<Offered, ClientError> {
         let mut config = str0m::RtcConfig::new().clear_codecs().clear_extension_map().set_crypto_provider(crypto());
         if let Some(cert) = certificate() {
             config = config.set_dtls_cert(cert);
@@ -157,7 +169,23 @@ impl DataChannel {
             ..ChannelConfig::default()
         });
         let (offer, pending) = change.apply().ok_or_else(|| ClientError::WebRtc("no offer to make".into()))?;
-        hub.send(&ClientMsg::RtcOffer { room: room.to_owned(), sdp: offer.to_sdp_string() }).await?;
+        let ticket = ticket.map(str::to_owned);
+        hub.send(&ClientMsg::RtcOffer { room: room.to_owned(), sdp: offer.to_sdp_string(), ticket }).await?;
+        Ok(Offered { rtc, pending, room: room.to_owned() })
+    }
+}
+
+impl Offered {
+    /// Waits at most `limit` for the server's answer over `hub`, then for the channel to open.
+    pub async fn open(
+        self,
+        hub: &mut Hub,
+        limit: Duration,
+        conditions: Conditions,
+    ) -> Result<DataChannel, ClientError> {
+        let rtc_error = |e: &dyn std::fmt::Display| ClientError::WebRtc(e.to_string());
+        let Self { mut rtc, pending, room } = self;
+        let room = room.as_str();
         let answer = hub
             .recv_until(limit, |m| match m {
                 ServerMsg::RtcAnswer { room: r, sdp } if r == room => Some(Ok(sdp)),
@@ -182,7 +210,7 @@ impl DataChannel {
         rtc.sdp_api().accept_answer(pending, answer).map_err(|e| rtc_error(&e))?;
         let lanes = (!conditions.is_perfect())
             .then(|| Box::new((Lane::new(conditions, 0x6f75_7467), Lane::new(conditions, 0x0069_6e63))));
-        let mut dc = Self {
+        let mut dc = DataChannel {
             rtc,
             socket,
             local,
@@ -211,7 +239,9 @@ impl DataChannel {
             Err(_) => Err(ClientError::Timeout),
         }
     }
+}
 
+impl DataChannel {
     /// Sends one message; `false` when the channel is gone.
     pub fn send(&mut self, bytes: &[u8]) -> bool {
         let written = match self.channel.and_then(|cid| self.rtc.channel(cid)) {

@@ -451,6 +451,47 @@ impl Client {
     }
 }
 
+/// A seat taken with its WebRTC data channel ([`Client::seat_with_data_channel`]).
+pub struct Seat<G: shared::game::Game> {
+    pub room: Room<G>,
+    /// From the call to the room's join answer.
+    pub seated: Duration,
+    /// From the call to the open channel, or why it did not open (the room then plays over its
+    /// WebSocket).
+    pub channel: Result<Duration, ClientError>,
+}
+
+impl Client {
+    /// Takes the seat that `ticket` grants in `room` and opens its WebRTC data channel at the
+    /// same time, as the browser does: the offer, with the ticket, goes out over `hub` first,
+    /// and the channel opens while the room WebSocket joins. Waits at most `limit` for the
+    /// channel.
+    pub async fn seat_with_data_channel<G: shared::game::Game>(
+        &self,
+        hub: &mut Hub,
+        room: &str,
+        ticket: &str,
+        limit: Duration,
+        conditions: Conditions,
+    ) -> Result<Seat<G>, ClientError> {
+        let start = std::time::Instant::now();
+        let url = hub.room_url.clone();
+        let offered = DataChannel::offer(hub, room, Some(ticket)).await;
+        let join = async { (self.room_at::<G>(url.as_deref(), ticket).await, start.elapsed()) };
+        let open = async {
+            let channel = offered?.open(hub, limit, conditions).await?;
+            Ok::<_, ClientError>((channel, start.elapsed()))
+        };
+        let ((joined, seated), opened) = tokio::join!(join, open);
+        let mut room = joined?;
+        let channel = opened.map(|(channel, took)| {
+            room.data = Some(channel);
+            took
+        });
+        Ok(Seat { room, seated, channel })
+    }
+}
+
 impl<G: shared::game::Game> Room<G> {
     /// Connects (over `stream` when given), presents the ticket and waits for the seat.
     pub async fn join(

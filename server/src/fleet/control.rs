@@ -20,7 +20,7 @@ use crate::rooms::{Seated, TicketSigner, TicketVerifier};
 /// Where the hub takes control connections.
 pub const PATH: &str = "/room-servers";
 /// Version of this protocol; the room protocol version must match too.
-pub const CONTROL_VERSION: u32 = 2;
+pub const CONTROL_VERSION: u32 = 3;
 /// Largest control message either way.
 pub const MAX_MESSAGE: usize = 256 * 1024;
 /// How often a room server says how many rooms it has free.
@@ -153,7 +153,15 @@ pub enum FromHub {
     Recorded { match_id: u64, ratings: Vec<RatingChange> },
     /// A player's WebRTC offer for their seat in `room` (`r0-1`), made on hub connection
     /// `signaling`: the browser signals through the hub, the peer connection is the room server's.
-    RtcOffer { user_id: i64, signaling: u64, room: String, sdp: String },
+    /// With the seat's ticket while the player's room WebSocket joins.
+    RtcOffer {
+        user_id: i64,
+        signaling: u64,
+        room: String,
+        sdp: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ticket: Option<String>,
+    },
     /// A trickled ICE candidate of that peer connection.
     RtcCandidate { user_id: i64, signaling: u64, room: String, candidate: String },
     /// The player's hub connection `signaling` closed: its peer connections go.

@@ -614,8 +614,8 @@ impl Server<'_> {
                 }
                 None
             }
-            FromHub::RtcOffer { user_id, signaling, room, sdp } => {
-                Some(match self.rtc.offer(user_id, signaling, &room, &sdp) {
+            FromHub::RtcOffer { user_id, signaling, room, sdp, ticket } => {
+                Some(match self.rtc.offer(user_id, signaling, &room, &sdp, ticket.as_deref(), &self.rooms) {
                     Ok(sdp) => FromServer::RtcAnswer { user_id, signaling, sdp },
                     Err(e) => FromServer::RtcRefused { user_id, signaling, reason: e.to_string() },
                 })

@@ -165,7 +165,7 @@ enum Command {
 /// What a browser signals for a peer connection to a room server.
 #[derive(Debug)]
 pub enum RemoteSignal {
-    Offer(String),
+    Offer { sdp: String, ticket: Option<String> },
     Candidate(String),
     Closed,
 }
@@ -1712,7 +1712,9 @@ impl State {
             return;
         };
         let msg = match signal {
-            RemoteSignal::Offer(sdp) => FromHub::RtcOffer { user_id, signaling: conn, room: local_room, sdp },
+            RemoteSignal::Offer { sdp, ticket } => {
+                FromHub::RtcOffer { user_id, signaling: conn, room: local_room, sdp, ticket }
+            }
             RemoteSignal::Candidate(candidate) => {
                 FromHub::RtcCandidate { user_id, signaling: conn, room: local_room, candidate }
             }

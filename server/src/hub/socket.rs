@@ -185,14 +185,15 @@ impl<'a> Connection<'a> {
                 self.forward(hub, Command::FindMatch { conn, mode, rating }).await
             }
             Ok(ClientMsg::CancelMatch) => self.forward(hub, Command::CancelMatch { conn }).await,
-            Ok(ClientMsg::RtcOffer { room, sdp }) => {
+            Ok(ClientMsg::RtcOffer { room, sdp, ticket }) => {
                 // A seat on a room server: the hub relays; the answer comes back through it.
-                match hub.relay_rtc(conn, &room, RemoteSignal::Offer(sdp.clone())).await {
+                let signal = RemoteSignal::Offer { sdp: sdp.clone(), ticket: ticket.clone() };
+                match hub.relay_rtc(conn, &room, signal).await {
                     Ok(true) => return Step::Continue,
                     Ok(false) => {}
                     Err(_) => return Step::Stop(End::Close(close::GOING_AWAY, "server shutting down")),
                 }
-                match hub.rtc().offer(self.user_id, conn, &room, &sdp) {
+                match hub.rtc().offer(self.user_id, conn, &room, &sdp, ticket.as_deref(), hub.rooms()) {
                     Ok(sdp) => self.reply(ServerMsg::RtcAnswer { room, sdp }).await,
                     Err(e) => self.refuse_rtc(hub, &e).await,
                 }

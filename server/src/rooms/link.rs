@@ -118,11 +118,21 @@ pub struct Link {
     pub route: Arc<Route>,
 }
 
+/// A link id no link has had yet.
+pub fn next_link_id() -> LinkId {
+    NEXT_LINK.fetch_add(1, Ordering::Relaxed)
+}
+
 impl Link {
     /// A new link and the receiving end its transport drains.
     pub fn new() -> (Self, mpsc::Receiver<ToClient>) {
+        Self::on_route(next_link_id(), Arc::default())
+    }
+
+    /// A link with an id and a route chosen already (a seat's WebRTC side may have them first).
+    pub fn on_route(id: LinkId, route: Arc<Route>) -> (Self, mpsc::Receiver<ToClient>) {
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
-        (Self { id: NEXT_LINK.fetch_add(1, Ordering::Relaxed), tx, route: Arc::default() }, rx)
+        (Self { id, tx, route }, rx)
     }
 
     /// Queues a frame that may be lost on the reliable connection; `false` when it was dropped

@@ -21,7 +21,7 @@ use shared::game::{Game, MatchSetup, Mode, Outcome};
 use shared::room::RatingChange;
 use tokio::sync::{mpsc, oneshot};
 
-pub use link::{DatagramPeer, Datagrams, Link, LinkId, NoDatagrams, Route, ToClient};
+pub use link::{DatagramPeer, Datagrams, Link, LinkId, NoDatagrams, Route, ToClient, next_link_id};
 pub use ticket::{LOCAL_SERVER, RoomId, Ticket, TicketError, TicketSigner, TicketVerifier};
 
 /// Settings of every room, from the configuration.
@@ -270,6 +270,11 @@ impl Rooms {
         let shared = &self.0.shared;
         let slots = self.0.slots.read().unwrap_or_else(std::sync::PoisonError::into_inner).len();
         shared.config.max_rooms.saturating_sub(slots) + lock(&shared.idle).len()
+    }
+
+    /// The mailbox of the room a verified ticket names, while that room is in the pool.
+    pub fn mailbox(&self, room: RoomId) -> Option<mpsc::Sender<RoomCommand>> {
+        self.sender(room.slot)
     }
 
     /// Gives a verified ticket's seat to `link`. On success, returns the room's mailbox, where

@@ -18,7 +18,7 @@ use super::webrtc::{Rtc, SeatGuard};
 use crate::accounts::Session;
 use crate::config::Limits;
 use crate::rate::TokenBucket;
-use crate::rooms::{Link, RoomCommand, Rooms, ToClient};
+use crate::rooms::{Link, RoomCommand, Rooms, TicketError, ToClient};
 
 /// Writes one frame, giving up after `limit` (a client that does not read is dropped).
 pub async fn write(socket: &mut WebSocket, frame: Message, limit: Duration) -> bool {
@@ -77,14 +77,19 @@ pub async fn serve(mut socket: WebSocket, rooms: Rooms, rtc: Rtc, session: Optio
         Ok(ticket) => ticket,
         Err(e) => return close_with(socket, e.close_code(), &e.to_string()).await,
     };
-    let (link, mut to_client) = Link::new();
-    let (link_id, route) = (link.id, Arc::clone(&link.route));
+    let Some(mailbox) = rooms.mailbox(ticket.room) else {
+        return close_with(socket, TicketError::Foreign.close_code(), &TicketError::Foreign.to_string()).await;
+    };
+    // The link takes the id and route of the peer an offer with this ticket may have begun.
+    let reservation = rtc.reserve(ticket.user_id, &ticket.room.to_string(), mailbox);
+    let (link, mut to_client) = Link::on_route(reservation.link(), reservation.route());
+    let link_id = link.id;
     let room = match rooms.claim(ticket, link).await {
         Ok(room) => room,
         Err(e) => return close_with(socket, e.close_code(), &e.to_string()).await,
     };
     tracing::debug!(link = link_id, room = %ticket.room, user = ticket.user_id, "room connection joined");
-    let seat = rtc.seat(ticket.user_id, &ticket.room.to_string(), link_id, room.clone(), route);
+    let seat = rtc.seat(reservation);
     let end = pump(&mut socket, &room, link_id, &mut to_client, &seat, &limits).await;
     drop(seat);
     // Tell the room, even if its mailbox is busy for a moment.

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use rallypoint_load::bots::{BotReport, BotsArgs, NetworkArgs, Transport};
-use rallypoint_load::client::{Client, Conditions, FromRoom, Hub, Room};
+use rallypoint_load::client::{Client, Conditions, DataChannel, FromRoom, Hub, Room};
 use rallypoint_server::config::Config;
 use shared::arena::{Arena, ArenaInput};
 use shared::hub::{ClientMsg, ErrorCode, ServerMsg};
@@ -114,6 +114,100 @@ async fn a_match_is_played_over_the_data_channel_and_snapshots_arrive_on_it() {
     wait_for("every peer to be freed", || rtc.peers.load(Relaxed) == 0).await;
 }
 
+/// A user matched in a duel who has not joined the room yet: their client, hub connection,
+/// room name and ticket.
+async fn matched(server: &TestServer, name: &str) -> (Client, Hub, String, String) {
+    let client = server.user(name).await;
+    let mut hub = client.hub().await.unwrap();
+    hub.send(&ClientMsg::FindMatch { mode: "duel".into() }).await.unwrap();
+    let (room, ticket) = hub.match_found(WAIT).await.unwrap();
+    (client, hub, room, ticket)
+}
+
+#[tokio::test]
+async fn an_offer_with_the_ticket_opens_the_channel_while_the_room_joins() {
+    let server = TestServer::start_with(long_matches).await;
+    let ((a, mut a_hub, room, a_ticket), (b, mut b_hub, _, b_ticket)) =
+        tokio::join!(matched(&server, "early_a"), matched(&server, "early_b"));
+    let (a_seat, b_seat) = tokio::join!(
+        a.seat_with_data_channel::<Arena>(&mut a_hub, &room, &a_ticket, OPEN, Conditions::default()),
+        b.seat_with_data_channel::<Arena>(&mut b_hub, &room, &b_ticket, OPEN, Conditions::default()),
+    );
+    let (mut a_seat, b_seat) = (a_seat.unwrap(), b_seat.unwrap());
+    assert!(a_seat.channel.is_ok() && b_seat.channel.is_ok(), "{:?} {:?}", a_seat.channel, b_seat.channel);
+    assert_eq!(a_seat.room.transport(), "webrtc");
+    let rtc = server.running.app.hub.rtc().stats();
+    wait_for("the server to see both channels open", || rtc.channels_opened.load(Relaxed) == 2).await;
+    // The peer negotiated before the join carries the seat's frames: inputs up, snapshots down.
+    let (messages_in, datagrams_out) = (rtc.messages_in.load(Relaxed), rtc.datagrams_out.load(Relaxed));
+    let mut acked = 0;
+    for seq in 1..=60u32 {
+        let input = ArenaInput { buttons: ArenaInput::RIGHT, aim_x: 1, aim_y: 0 };
+        a_seat.room.send(&ToRoom::Inputs { first_seq: seq, tick: 0, seen: 0, inputs: vec![input] }).await.unwrap();
+        if let FromRoom::<Arena>::Snapshot { ack, .. } = a_seat.room.recv_timeout(WAIT).await.unwrap() {
+            acked = ack;
+        }
+    }
+    assert!(acked > 30, "acked {acked}");
+    assert!(rtc.messages_in.load(Relaxed) >= messages_in + 60);
+    assert!(rtc.datagrams_out.load(Relaxed) >= datagrams_out + 60);
+    a_seat.room.close().await;
+    b_seat.room.close().await;
+    wait_for("every peer to be freed", || rtc.peers.load(Relaxed) == 0).await;
+}
+
+#[tokio::test]
+async fn an_offer_before_the_join_needs_the_seats_own_ticket_and_the_join_in_time() {
+    let server = TestServer::start_with(|c| {
+        long_matches(c);
+        c.webrtc.handshake_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let ((a, mut a_hub, room, a_ticket), (_b, _b_hub, _, b_ticket)) =
+        tokio::join!(matched(&server, "ticket_a"), matched(&server, "ticket_b"));
+    let sdp = offer_sdp();
+    let offer = |room: &str, ticket: Option<&str>| ClientMsg::RtcOffer {
+        room: room.to_owned(),
+        sdp: sdp.clone(),
+        ticket: ticket.map(str::to_owned),
+    };
+    // No ticket, someone else's, a forged one, or a good one for another room: no seat.
+    // One character of the signature changed (not the last, whose low bits are padding).
+    let at = a_ticket.len() - 10;
+    let swapped = if a_ticket.as_bytes()[at] == b'A' { "B" } else { "A" };
+    let forged = format!("{}{swapped}{}", &a_ticket[..at], &a_ticket[at + 1..]);
+    for (room, ticket) in
+        [(room.as_str(), None), (&room, Some(b_ticket.as_str())), (&room, Some(&forged)), ("r0-999", Some(&a_ticket))]
+    {
+        a_hub.send(&offer(room, ticket)).await.unwrap();
+        let refusal = rtc_refusal(&mut a_hub).await;
+        assert!(refusal.as_deref().is_some_and(|r| r.contains("no seat")), "{room} {ticket:?}: {refusal:?}");
+    }
+    let rtc = server.running.app.hub.rtc().stats();
+    assert_eq!(rtc.peers.load(Relaxed), 0);
+
+    // The seat's own ticket: the channel opens with no room WebSocket yet. No join comes within
+    // the handshake timeout, so the server forgets the seat and closes that peer.
+    let channel = DataChannel::offer(&mut a_hub, &room, Some(&a_ticket)).await.unwrap();
+    let mut channel = channel.open(&mut a_hub, OPEN, Conditions::default()).await.unwrap();
+    assert_eq!(rtc.peers.load(Relaxed), 1);
+    let closed = tokio::time::timeout(WAIT, async {
+        while !channel.is_closed() {
+            channel.wait().await;
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the server kept a peer whose seat was never taken");
+    wait_for("the peer to be freed", || rtc.peers.load(Relaxed) == 0).await;
+    a_hub.send(&offer(&room, None)).await.unwrap();
+    assert!(rtc_refusal(&mut a_hub).await.unwrap().contains("no seat"), "the unclaimed seat was forgotten");
+
+    // The offers did not use the ticket up: the join takes the seat, and an offer follows.
+    let mut seated = a.room::<Arena>(&a_ticket).await.unwrap();
+    seated.open_data_channel(&mut a_hub, &room, OPEN).await.unwrap();
+    assert_eq!(seated.transport(), "webrtc");
+}
+
 /// Two bots playing duels over WebRTC for six seconds through `network`.
 async fn two_webrtc_bots(server: &TestServer, name_prefix: &str, network: NetworkArgs) -> BotReport {
     let args = BotsArgs {
@@ -172,7 +266,10 @@ async fn bad_signaling_is_refused_with_a_reason() {
         .recv_until(WAIT, |m| matches!(m, ServerMsg::Error { code: ErrorCode::Malformed, .. }).then_some(()))
         .await;
     assert!(malformed.is_ok());
-    a.hub.send(&ClientMsg::RtcOffer { room: a.room_name.clone(), sdp: "v=0 nonsense".into() }).await.unwrap();
+    a.hub
+        .send(&ClientMsg::RtcOffer { room: a.room_name.clone(), sdp: "v=0 nonsense".into(), ticket: None })
+        .await
+        .unwrap();
     assert!(rtc_refusal(&mut a.hub).await.unwrap().contains("not a valid SDP offer"));
 
     // Out of order: a candidate before any offer.
@@ -186,16 +283,16 @@ async fn bad_signaling_is_refused_with_a_reason() {
     assert!(rtc_refusal(&mut a.hub).await.unwrap().contains("no offer"));
 
     // A room the user has no seat in (another match's, or made up).
-    a.hub.send(&ClientMsg::RtcOffer { room: "r999-999".into(), sdp: sdp.clone() }).await.unwrap();
+    a.hub.send(&ClientMsg::RtcOffer { room: "r999-999".into(), sdp: sdp.clone(), ticket: None }).await.unwrap();
     assert!(rtc_refusal(&mut a.hub).await.unwrap().contains("no seat"));
     let mut stranger = server.user("stranger").await.hub().await.unwrap();
-    stranger.send(&ClientMsg::RtcOffer { room: b.room_name.clone(), sdp: sdp.clone() }).await.unwrap();
+    stranger.send(&ClientMsg::RtcOffer { room: b.room_name.clone(), sdp: sdp.clone(), ticket: None }).await.unwrap();
     assert!(rtc_refusal(&mut stranger).await.unwrap().contains("no seat"));
 
     // A flood of offers: the first ones are answered (each replacing the last), then refused.
     let mut refused = 0;
     for _ in 0..6 {
-        a.hub.send(&ClientMsg::RtcOffer { room: a.room_name.clone(), sdp: sdp.clone() }).await.unwrap();
+        a.hub.send(&ClientMsg::RtcOffer { room: a.room_name.clone(), sdp: sdp.clone(), ticket: None }).await.unwrap();
         if let Some(reason) = rtc_refusal(&mut a.hub).await {
             assert!(reason.contains("too many offers"), "{reason}");
             refused += 1;
@@ -212,7 +309,7 @@ async fn bad_signaling_is_refused_with_a_reason() {
     assert!(rtc_refusal(&mut other_tab).await.unwrap().contains("no offer"));
 
     // Oversized: the hub's 4 KiB limit closes the socket with 1009.
-    let huge = ClientMsg::RtcOffer { room: a.room_name.clone(), sdp: "a".repeat(5000) };
+    let huge = ClientMsg::RtcOffer { room: a.room_name.clone(), sdp: "a".repeat(5000), ticket: None };
     a.hub.send(&huge).await.unwrap();
     expect_close(&mut a.hub, shared::hub::close::TOO_BIG).await;
     // The signaling connection is gone, and so is every peer it negotiated.
@@ -230,7 +327,7 @@ async fn a_peer_that_never_completes_its_handshake_is_dropped_on_time() {
     let (mut a, _b) = duel(&server, "silent_a", "silent_b").await;
     // An offer whose answer is never applied: ICE and DTLS never start.
     let sdp = offer_sdp();
-    a.hub.send(&ClientMsg::RtcOffer { room: a.room_name.clone(), sdp }).await.unwrap();
+    a.hub.send(&ClientMsg::RtcOffer { room: a.room_name.clone(), sdp, ticket: None }).await.unwrap();
     assert_eq!(rtc_refusal(&mut a.hub).await, None);
     let rtc = server.running.app.hub.rtc().stats();
     assert_eq!(rtc.peers.load(Relaxed), 1);

@@ -2,11 +2,14 @@
 //! and snapshots, every peer on one UDP port, served by a sans-I/O stack (str0m) from a few
 //! loops of our own.
 //!
-//! A player first takes their seat over the room WebSocket ([`super::ws`]), which stays the
-//! reliable channel and the fallback. Their browser then offers a peer connection over the hub
-//! WebSocket; [`Rtc::offer`] accepts it only for a user who holds a seat in that room at that
-//! moment, answers as an ICE-lite server, and binds the peer to the hub connection that
-//! negotiated it. The peer waits (pending, by its ICE username fragment) until its first STUN
+//! A player takes their seat over the room WebSocket ([`super::ws`]), which stays the reliable
+//! channel and the fallback. Their browser offers a peer connection over the hub WebSocket at
+//! the same time, with the seat's ticket, so that the handshake does not wait for the join;
+//! [`Rtc::offer`] accepts it only for a user who holds a seat in that room, or shows that
+//! seat's ticket, answers as an ICE-lite server, and binds the peer to the hub connection that
+//! negotiated it. The seat's entry gives the peer and the joining WebSocket one link id and
+//! one route ([`Rtc::reserve`]), whichever comes first; an entry no WebSocket takes within the
+//! handshake timeout goes, with its peer. The peer waits (pending, by its ICE username fragment) until its first STUN
 //! check reaches one of the [`shard`] loops, which adopts it: from then on that loop alone owns
 //! it, with no lock, task or channel of its own. When the data channel opens, the loop sets the
 //! seat's [`Route`], and the room hands the player's unreliable frames to the loop in its tick's
@@ -16,6 +19,7 @@ mod shard;
 mod udp;
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -30,7 +34,7 @@ use tokio::time::Instant;
 
 use self::shard::{Peer, ShardCommand};
 use crate::rate::TokenBucket;
-use crate::rooms::{Datagrams, LinkId, RoomCommand, Route};
+use crate::rooms::{Datagrams, LinkId, RoomCommand, Rooms, Route, next_link_id};
 
 /// Settings of the WebRTC transport, from the configuration.
 #[derive(Debug, Clone)]
@@ -130,6 +134,17 @@ struct SeatEntry {
     route: Arc<Route>,
     offers: TokenBucket,
     peer: Option<PeerRef>,
+    /// Until a room WebSocket holds the seat ([`SeatGuard`]): since when the entry waits for
+    /// one. An offer with the seat's ticket, or a join whose claim is in flight, made it.
+    unclaimed_since: Option<Instant>,
+}
+
+impl SeatEntry {
+    fn new(config: &RtcConfig, link: LinkId, room: mpsc::Sender<RoomCommand>, route: Arc<Route>) -> Self {
+        let now = Instant::now();
+        let offers = TokenBucket::new(config.offers_per_second, config.offer_burst, now);
+        Self { link, room, route, offers, peer: None, unclaimed_since: Some(now) }
+    }
 }
 
 /// A seat's current peer.
@@ -245,28 +260,50 @@ impl Rtc {
         &self.0.config.ice_servers
     }
 
-    /// Registers a seat that a room WebSocket took: from now on its player may offer a peer
-    /// connection, whose channel will carry the frames of `route`. Dropping the guard forgets
-    /// the seat and closes its peer connection.
-    pub fn seat(
-        &self,
-        user_id: i64,
-        room: &str,
-        link: LinkId,
-        room_tx: mpsc::Sender<RoomCommand>,
-        route: Arc<Route>,
-    ) -> SeatGuard {
-        let config = &self.0.config;
-        let entry = SeatEntry {
-            link,
-            room: room_tx,
-            route: Arc::clone(&route),
-            offers: TokenBucket::new(config.offers_per_second, config.offer_burst, Instant::now()),
-            peer: None,
-        };
+    /// The link id and route for a room WebSocket about to claim `user_id`'s seat in `room`
+    /// with a verified ticket (`mailbox`: the room's). They are those of the entry an offer
+    /// with the seat's ticket made, when there is one: the peer it negotiated then carries
+    /// this connection's frames. Dropping the reservation (the claim failed) forgets an entry
+    /// nobody holds; [`Self::seat`] makes it the seat.
+    pub fn reserve(&self, user_id: i64, room: &str, mailbox: mpsc::Sender<RoomCommand>) -> Reservation {
         let key = (user_id, room.to_owned());
-        // A newer connection of the same seat (a reloaded tab) replaces the older one.
-        let old = lock(&self.0.seats).insert(key.clone(), entry);
+        let mut seats = lock(&self.0.seats);
+        let (link, route) = match seats.get(&key) {
+            Some(entry) if entry.unclaimed_since.is_some() => (entry.link, Arc::clone(&entry.route)),
+            // Another connection holds the seat, and keeps it until this one's claim succeeds.
+            Some(_) => (next_link_id(), Arc::default()),
+            None => {
+                let entry = SeatEntry::new(&self.0.config, next_link_id(), mailbox.clone(), Arc::default());
+                let ids = (entry.link, Arc::clone(&entry.route));
+                seats.insert(key.clone(), entry);
+                ids
+            }
+        };
+        Reservation { rtc: self.clone(), key, link, route, mailbox: Some(mailbox) }
+    }
+
+    /// Registers the seat that a room WebSocket took with `reservation`: from now on its player
+    /// may offer a peer connection, whose channel will carry the frames of the reservation's
+    /// route. Dropping the guard forgets the seat and closes its peer connection.
+    pub fn seat(&self, mut reservation: Reservation) -> SeatGuard {
+        let mailbox = reservation.mailbox.take().expect("a reservation is used once");
+        let (key, link, route) = (reservation.key.clone(), reservation.link, Arc::clone(&reservation.route));
+        let old = {
+            let mut seats = lock(&self.0.seats);
+            match seats.get_mut(&key) {
+                // Ours, perhaps with the peer an early offer negotiated: now held.
+                Some(entry) if entry.link == link => {
+                    entry.unclaimed_since = None;
+                    None
+                }
+                // A newer connection of the same seat (a reloaded tab) replaces the older one.
+                _ => {
+                    let mut entry = SeatEntry::new(&self.0.config, link, mailbox, Arc::clone(&route));
+                    entry.unclaimed_since = None;
+                    seats.insert(key.clone(), entry)
+                }
+            }
+        };
         if let Some(peer) = old.and_then(|mut e| e.peer.take()) {
             self.close_peer(&peer);
         }
@@ -274,11 +311,33 @@ impl Rtc {
     }
 
     /// Answers a client's offer for the room `room`, negotiated on hub connection `signaling`.
-    pub fn offer(&self, user_id: i64, signaling: u64, room: &str, sdp: &str) -> Result<String, RtcError> {
+    /// The player must hold their seat, or show its `ticket` (checked by `rooms`) while their
+    /// room WebSocket joins.
+    pub fn offer(
+        &self,
+        user_id: i64,
+        signaling: u64,
+        room: &str,
+        sdp: &str,
+        ticket: Option<&str>,
+        rooms: &Rooms,
+    ) -> Result<String, RtcError> {
         let key = (user_id, room.to_owned());
+        let known = lock(&self.0.seats).contains_key(&key);
+        // The ticket is checked outside the lock (a signature check).
+        let ticketed = match ticket {
+            Some(ticket) if !known => Some(ticketed_room(rooms, user_id, room, ticket).ok_or(RtcError::NoSeat)?),
+            _ => None,
+        };
         let (link, room_tx, route) = {
             let mut seats = lock(&self.0.seats);
-            let entry = seats.get_mut(&key).ok_or(RtcError::NoSeat)?;
+            let entry = match (seats.entry(key.clone()), ticketed) {
+                (Entry::Occupied(entry), _) => entry.into_mut(),
+                (Entry::Vacant(vacant), Some(mailbox)) => {
+                    vacant.insert(SeatEntry::new(&self.0.config, next_link_id(), mailbox, Arc::default()))
+                }
+                (Entry::Vacant(_), None) => return Err(RtcError::NoSeat),
+            };
             if !entry.offers.take(Instant::now()) {
                 return Err(RtcError::TooManyOffers);
             }
@@ -396,13 +455,29 @@ impl Datagrams for Rtc {
     }
 }
 
-/// Drops pending peers whose first check never came within the handshake timeout. Ends with
-/// the transport.
+/// Drops pending peers whose first check never came within the handshake timeout, and seats
+/// that no room WebSocket took within it (with their peers). Ends with the transport.
 async fn sweep_pending(inner: Weak<Inner>) {
     let mut every = tokio::time::interval(Duration::from_millis(500));
     loop {
         every.tick().await;
         let Some(inner) = inner.upgrade() else { return };
+        let unclaimed: Vec<PeerRef> = {
+            let limit = inner.config.handshake_timeout;
+            let mut peers = Vec::new();
+            lock(&inner.seats).retain(|_, entry| {
+                let keep = entry.unclaimed_since.is_none_or(|since| since.elapsed() < limit);
+                if !keep {
+                    peers.extend(entry.peer.take());
+                }
+                keep
+            });
+            peers
+        };
+        let rtc = Rtc(Arc::clone(&inner));
+        for peer in &unclaimed {
+            rtc.close_peer(peer);
+        }
         let now = std::time::Instant::now();
         let expired: Vec<Box<Peer>> = {
             let mut places = lock(&inner.places);
@@ -424,6 +499,57 @@ async fn sweep_pending(inner: Weak<Inner>) {
             drop(peer);
         }
     }
+}
+
+/// The seat's WebRTC side kept for a room WebSocket whose claim is in flight.
+pub struct Reservation {
+    rtc: Rtc,
+    key: SeatKey,
+    link: LinkId,
+    route: Arc<Route>,
+    /// The room's; taken by [`Rtc::seat`].
+    mailbox: Option<mpsc::Sender<RoomCommand>>,
+}
+
+impl Reservation {
+    /// The link id the connection's [`crate::rooms::Link`] must have.
+    pub fn link(&self) -> LinkId {
+        self.link
+    }
+
+    /// The route its link must share with the seat's peer.
+    pub fn route(&self) -> Arc<Route> {
+        Arc::clone(&self.route)
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.mailbox.is_none() {
+            return;
+        }
+        let peer = {
+            let mut seats = lock(&self.rtc.0.seats);
+            match seats.get(&self.key) {
+                Some(entry) if entry.link == self.link && entry.unclaimed_since.is_some() => {
+                    seats.remove(&self.key).and_then(|mut e| e.peer.take())
+                }
+                _ => None,
+            }
+        };
+        if let Some(peer) = peer {
+            self.rtc.close_peer(&peer);
+        }
+    }
+}
+
+/// The mailbox of `room` when `ticket` is a good ticket of `user_id` for a seat there.
+fn ticketed_room(rooms: &Rooms, user_id: i64, room: &str, ticket: &str) -> Option<mpsc::Sender<RoomCommand>> {
+    let ticket = rooms.verify(ticket, Some(user_id)).ok()?;
+    if ticket.room.to_string() != room {
+        return None;
+    }
+    rooms.mailbox(ticket.room)
 }
 
 /// The room WebSocket's hold on its seat's WebRTC side.
