@@ -99,10 +99,11 @@ impl RoomLink {
         })
     }
 
-    /// Offers a WebRTC peer connection for `room` over the hub, with the seat's `ticket` (which
-    /// lets the server answer before the room WebSocket has joined). Errors mean the browser has
-    /// no usable WebRTC; the link then stays on the WebSocket.
-    pub fn start_webrtc(&mut self, room: &str, ticket: &str, ice_servers: &[IceServer]) -> Result<(), JsValue> {
+    /// Offers a WebRTC peer connection for `room` over the hub: with the `ticket` the room
+    /// WebSocket joins with while it joins (the server then answers before the join), without
+    /// once the seat is held. Errors mean the browser has no usable WebRTC; the link then stays
+    /// on the WebSocket.
+    pub fn start_webrtc(&mut self, room: &str, ticket: Option<&str>, ice_servers: &[IceServer]) -> Result<(), JsValue> {
         self.stop_webrtc();
         let config = RtcConfiguration::new();
         let servers = Array::new();
@@ -175,7 +176,7 @@ impl RoomLink {
 
         {
             let (pc, room, state) = (pc.clone(), room.to_owned(), Rc::clone(&state));
-            let ticket = Some(ticket.to_owned());
+            let ticket = ticket.map(str::to_owned);
             wasm_bindgen_futures::spawn_local(async move {
                 let offered = async {
                     let offer = JsFuture::from(pc.create_offer()).await?;

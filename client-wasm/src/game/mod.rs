@@ -156,8 +156,11 @@ pub fn start(
         m.ticket.clone_from(&ticket);
         m.ice_servers.clone_from(&ice_servers);
         let m = &mut *m;
+        // The seat is held: the offer needs no ticket (a newer one would move the seat's WebRTC
+        // side to a join that never comes).
+        let ticket = m.joined.is_none().then_some(m.ticket.as_str());
         if let Some(link) = &mut m.link
-            && let Err(e) = link.start_webrtc(&m.room, &m.ticket, &m.ice_servers)
+            && let Err(e) = link.start_webrtc(&m.room, ticket, &m.ice_servers)
         {
             web_sys::console::warn_1(&e);
         }
@@ -199,7 +202,7 @@ pub fn start(
         // The offer goes out now, with the ticket: the peer connection opens while the room
         // WebSocket joins, not after.
         let m = m.borrow();
-        if let Err(e) = link.start_webrtc(&m.room, &m.ticket, &m.ice_servers) {
+        if let Err(e) = link.start_webrtc(&m.room, Some(&m.ticket), &m.ice_servers) {
             web_sys::console::warn_1(&format!("no WebRTC here, playing over the WebSocket: {e:?}").into());
         }
     }

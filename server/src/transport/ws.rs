@@ -81,7 +81,7 @@ pub async fn serve(mut socket: WebSocket, rooms: Rooms, rtc: Rtc, session: Optio
         return close_with(socket, TicketError::Foreign.close_code(), &TicketError::Foreign.to_string()).await;
     };
     // The link takes the id and route of the peer an offer with this ticket may have begun.
-    let reservation = rtc.reserve(ticket.user_id, &ticket.room.to_string(), mailbox);
+    let reservation = rtc.reserve(&ticket, mailbox);
     let (link, mut to_client) = Link::on_route(reservation.link(), reservation.route());
     let link_id = link.id;
     let room = match rooms.claim(ticket, link).await {

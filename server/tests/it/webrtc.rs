@@ -208,6 +208,32 @@ async fn an_offer_before_the_join_needs_the_seats_own_ticket_and_the_join_in_tim
     assert_eq!(seated.transport(), "webrtc");
 }
 
+#[tokio::test]
+async fn a_player_back_with_a_fresh_ticket_gets_the_channel_while_the_old_connection_lingers() {
+    let server = TestServer::start_with(long_matches).await;
+    let (mut a, _b) = duel(&server, "back_a", "back_b").await;
+    a.room.open_data_channel(&mut a.hub, &a.room_name, OPEN).await.unwrap();
+    let rtc = server.running.app.hub.rtc().stats();
+    wait_for("the first channel to open", || rtc.channels_opened.load(Relaxed) == 1).await;
+    // The player comes back on a new hub connection with a fresh ticket, while the server still
+    // holds their old room connection (its network went quiet; nothing closed it yet). The new
+    // offer, made while the new join is under way, must end up carrying the seat.
+    let mut hub = a.client.hub().await.unwrap();
+    let (room, ticket) = hub.match_found(WAIT).await.unwrap();
+    let mut seat =
+        a.client.seat_with_data_channel::<Arena>(&mut hub, &room, &ticket, OPEN, Conditions::default()).await.unwrap();
+    assert!(seat.channel.is_ok(), "{:?}", seat.channel);
+    let mut snapshots = 0;
+    while snapshots < 30 {
+        if let FromRoom::<Arena>::Snapshot { .. } = seat.room.recv_timeout(WAIT).await.unwrap() {
+            snapshots += 1;
+        }
+    }
+    assert_eq!(seat.room.transport(), "webrtc", "the new connection lost its data channel");
+    assert_eq!(rtc.peers.load(Relaxed), 1, "the old connection's peer is closed");
+    drop(a);
+}
+
 /// Two bots playing duels over WebRTC for six seconds through `network`.
 async fn two_webrtc_bots(server: &TestServer, name_prefix: &str, network: NetworkArgs) -> BotReport {
     let args = BotsArgs {

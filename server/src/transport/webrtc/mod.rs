@@ -34,7 +34,7 @@ use tokio::time::Instant;
 
 use self::shard::{Peer, ShardCommand};
 use crate::rate::TokenBucket;
-use crate::rooms::{Datagrams, LinkId, RoomCommand, Rooms, Route, next_link_id};
+use crate::rooms::{Datagrams, LinkId, RoomCommand, Rooms, Route, Ticket, next_link_id};
 
 /// Settings of the WebRTC transport, from the configuration.
 #[derive(Debug, Clone)]
@@ -137,13 +137,35 @@ struct SeatEntry {
     /// Until a room WebSocket holds the seat ([`SeatGuard`]): since when the entry waits for
     /// one. An offer with the seat's ticket, or a join whose claim is in flight, made it.
     unclaimed_since: Option<Instant>,
+    /// The ticket it is for: an offer or a join with a newer one (a player who came back)
+    /// takes the seat's WebRTC side over, even while the older connection lingers.
+    ticket: TicketStamp,
+}
+
+/// Which ticket an entry is for. Tickets are single-use and short-lived: a later expiry is a
+/// newer ticket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TicketStamp {
+    expires_ms: i64,
+    nonce: u64,
+}
+
+impl TicketStamp {
+    fn of(ticket: &Ticket) -> Self {
+        Self { expires_ms: ticket.expires_ms, nonce: ticket.nonce }
+    }
+
+    fn newer_than(self, other: Self) -> bool {
+        self.expires_ms > other.expires_ms
+    }
 }
 
 impl SeatEntry {
-    fn new(config: &RtcConfig, link: LinkId, room: mpsc::Sender<RoomCommand>, route: Arc<Route>) -> Self {
+    fn new(config: &RtcConfig, room: mpsc::Sender<RoomCommand>, ticket: TicketStamp) -> Self {
         let now = Instant::now();
         let offers = TokenBucket::new(config.offers_per_second, config.offer_burst, now);
-        Self { link, room, route, offers, peer: None, unclaimed_since: Some(now) }
+        let (link, route) = (next_link_id(), Arc::default());
+        Self { link, room, route, offers, peer: None, unclaimed_since: Some(now), ticket }
     }
 }
 
@@ -260,26 +282,32 @@ impl Rtc {
         &self.0.config.ice_servers
     }
 
-    /// The link id and route for a room WebSocket about to claim `user_id`'s seat in `room`
-    /// with a verified ticket (`mailbox`: the room's). They are those of the entry an offer
-    /// with the seat's ticket made, when there is one: the peer it negotiated then carries
-    /// this connection's frames. Dropping the reservation (the claim failed) forgets an entry
-    /// nobody holds; [`Self::seat`] makes it the seat.
-    pub fn reserve(&self, user_id: i64, room: &str, mailbox: mpsc::Sender<RoomCommand>) -> Reservation {
-        let key = (user_id, room.to_owned());
-        let mut seats = lock(&self.0.seats);
-        let (link, route) = match seats.get(&key) {
-            Some(entry) if entry.unclaimed_since.is_some() => (entry.link, Arc::clone(&entry.route)),
-            // Another connection holds the seat, and keeps it until this one's claim succeeds.
-            Some(_) => (next_link_id(), Arc::default()),
-            None => {
-                let entry = SeatEntry::new(&self.0.config, next_link_id(), mailbox.clone(), Arc::default());
-                let ids = (entry.link, Arc::clone(&entry.route));
-                seats.insert(key.clone(), entry);
-                ids
+    /// The link id and route for a room WebSocket about to claim a seat with `ticket`,
+    /// verified (`mailbox`: the room's). They are those of the entry an offer with the same
+    /// ticket made, when there is one: the peer it negotiated then carries this connection's
+    /// frames. Dropping the reservation (the claim failed) forgets an entry nobody holds;
+    /// [`Self::seat`] makes it the seat.
+    pub fn reserve(&self, ticket: &Ticket, mailbox: mpsc::Sender<RoomCommand>) -> Reservation {
+        let (key, stamp) = ((ticket.user_id, ticket.room.to_string()), TicketStamp::of(ticket));
+        let (link, route, old) = {
+            let mut seats = lock(&self.0.seats);
+            match seats.get(&key) {
+                Some(entry) if entry.ticket == stamp && entry.unclaimed_since.is_some() => {
+                    (entry.link, Arc::clone(&entry.route), None)
+                }
+                // Held under this ticket (a second use, which the claim refuses) or a newer one.
+                Some(entry) if !stamp.newer_than(entry.ticket) => (next_link_id(), Arc::default(), None),
+                _ => {
+                    let entry = SeatEntry::new(&self.0.config, mailbox.clone(), stamp);
+                    let (link, route) = (entry.link, Arc::clone(&entry.route));
+                    (link, route, seats.insert(key.clone(), entry))
+                }
             }
         };
-        Reservation { rtc: self.clone(), key, link, route, mailbox: Some(mailbox) }
+        if let Some(peer) = old.and_then(|mut e| e.peer.take()) {
+            self.close_peer(&peer);
+        }
+        Reservation { rtc: self.clone(), key, link, route, mailbox: Some(mailbox), ticket: stamp }
     }
 
     /// Registers the seat that a room WebSocket took with `reservation`: from now on its player
@@ -298,8 +326,12 @@ impl Rtc {
                 }
                 // A newer connection of the same seat (a reloaded tab) replaces the older one.
                 _ => {
-                    let mut entry = SeatEntry::new(&self.0.config, link, mailbox, Arc::clone(&route));
-                    entry.unclaimed_since = None;
+                    let entry = SeatEntry {
+                        link,
+                        route: Arc::clone(&route),
+                        unclaimed_since: None,
+                        ..SeatEntry::new(&self.0.config, mailbox, reservation.ticket)
+                    };
                     seats.insert(key.clone(), entry)
                 }
             }
@@ -323,18 +355,24 @@ impl Rtc {
         rooms: &Rooms,
     ) -> Result<String, RtcError> {
         let key = (user_id, room.to_owned());
-        let known = lock(&self.0.seats).contains_key(&key);
         // The ticket is checked outside the lock (a signature check).
         let ticketed = match ticket {
-            Some(ticket) if !known => Some(ticketed_room(rooms, user_id, room, ticket).ok_or(RtcError::NoSeat)?),
-            _ => None,
+            Some(ticket) => Some(ticketed_room(rooms, user_id, room, ticket).ok_or(RtcError::NoSeat)?),
+            None => None,
         };
+        let mut taken_over = None;
         let (link, room_tx, route) = {
             let mut seats = lock(&self.0.seats);
             let entry = match (seats.entry(key.clone()), ticketed) {
+                // A newer ticket: the player came back, and their new join will take the seat.
+                (Entry::Occupied(entry), Some((mailbox, stamp))) if stamp.newer_than(entry.get().ticket) => {
+                    let entry = entry.into_mut();
+                    taken_over = std::mem::replace(entry, SeatEntry::new(&self.0.config, mailbox, stamp)).peer;
+                    entry
+                }
                 (Entry::Occupied(entry), _) => entry.into_mut(),
-                (Entry::Vacant(vacant), Some(mailbox)) => {
-                    vacant.insert(SeatEntry::new(&self.0.config, next_link_id(), mailbox, Arc::default()))
+                (Entry::Vacant(vacant), Some((mailbox, stamp))) => {
+                    vacant.insert(SeatEntry::new(&self.0.config, mailbox, stamp))
                 }
                 (Entry::Vacant(_), None) => return Err(RtcError::NoSeat),
             };
@@ -343,6 +381,9 @@ impl Rtc {
             }
             (entry.link, entry.room.clone(), Arc::clone(&entry.route))
         };
+        if let Some(peer) = taken_over {
+            self.close_peer(&peer);
+        }
         if self.0.stats.peers.load(Ordering::Relaxed) >= self.0.config.max_peers {
             return Err(RtcError::Full);
         }
@@ -509,6 +550,7 @@ pub struct Reservation {
     route: Arc<Route>,
     /// The room's; taken by [`Rtc::seat`].
     mailbox: Option<mpsc::Sender<RoomCommand>>,
+    ticket: TicketStamp,
 }
 
 impl Reservation {
@@ -543,13 +585,19 @@ impl Drop for Reservation {
     }
 }
 
-/// The mailbox of `room` when `ticket` is a good ticket of `user_id` for a seat there.
-fn ticketed_room(rooms: &Rooms, user_id: i64, room: &str, ticket: &str) -> Option<mpsc::Sender<RoomCommand>> {
+/// The mailbox of `room`, and the ticket's stamp, when `ticket` is a good ticket of `user_id`
+/// for a seat there.
+fn ticketed_room(
+    rooms: &Rooms,
+    user_id: i64,
+    room: &str,
+    ticket: &str,
+) -> Option<(mpsc::Sender<RoomCommand>, TicketStamp)> {
     let ticket = rooms.verify(ticket, Some(user_id)).ok()?;
     if ticket.room.to_string() != room {
         return None;
     }
-    rooms.mailbox(ticket.room)
+    Some((rooms.mailbox(ticket.room)?, TicketStamp::of(&ticket)))
 }
 
 /// The room WebSocket's hold on its seat's WebRTC side.
