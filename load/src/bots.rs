@@ -178,6 +178,9 @@ pub struct Tally {
     pub playing: Duration,
     /// Time from each match found to the seat taken (the room's join answer).
     pub seats_claimed: Vec<Duration>,
+    /// Time from each match found to a data channel open and its seat taken, the later of
+    /// the two: when play over the channel can begin.
+    pub data_channels_ready: Vec<Duration>,
 }
 
 impl Tally {
@@ -302,7 +305,10 @@ pub async fn play(
                 client.seat_with_data_channel::<Arena>(&mut hub, &room_name, &ticket, limit, conditions).await.map(
                     |seat| {
                         match seat.channel {
-                            Ok(took) => tally.data_channels.push(took),
+                            Ok(took) => {
+                                tally.data_channels.push(took);
+                                tally.data_channels_ready.push(took.max(seat.seated));
+                            }
                             // Counted as an error, and the match is played over the WebSocket.
                             Err(e) => tally.error(format!("webrtc: {e}")),
                         }

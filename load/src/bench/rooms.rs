@@ -252,8 +252,10 @@ async fn bot(
             let limit = Duration::from_secs(30);
             let seat =
                 client.seat_with_data_channel(&mut hub, &room_name, &ticket, limit, Conditions::default()).await?;
+            let opened = seat.channel?;
             tally.seats_claimed.push(seat.seated);
-            tally.data_channels.push(seat.channel?);
+            tally.data_channels.push(opened);
+            tally.data_channels_ready.push(opened.max(seat.seated));
             seat.room
         } else {
             let found = Instant::now();

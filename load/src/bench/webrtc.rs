@@ -43,10 +43,14 @@ struct Report {
     rooms_per_transport: usize,
     players_per_room: usize,
     data_channels_opened: usize,
-    /// From the hub's `match_found` to the data channel's `open`, with the room WebSocket's
-    /// join in between (as in the browser).
+    /// From the hub's `match_found` to the data channel's `open`; the offer goes out with the
+    /// seat's ticket while the room WebSocket joins (as in the browser).
     data_channel_open_p50_ms: f64,
     data_channel_open_p99_ms: f64,
+    /// From `match_found` until the channel is open and the seat taken (the later of the two):
+    /// when play over the channel can begin.
+    data_channel_ready_p50_ms: f64,
+    data_channel_ready_p99_ms: f64,
     /// The server's own view: from answering the offer to the channel's opening.
     server_open_p50_ms: f64,
     server_open_p99_ms: f64,
@@ -75,8 +79,11 @@ struct Storm {
     data_channels_opened: usize,
     data_channel_open_p50_ms: f64,
     data_channel_open_p99_ms: f64,
-    /// The first part of the above: from `match_found` to the room's welcome (the room
-    /// WebSocket's connection and join); the offer follows.
+    /// Open and the seat taken, as in [`Report`].
+    data_channel_ready_p50_ms: f64,
+    data_channel_ready_p99_ms: f64,
+    /// From `match_found` to the room's welcome (the room WebSocket's connection and join),
+    /// while the offer and the handshake go on beside it.
     room_join_p50_ms: f64,
     room_join_p99_ms: f64,
     /// This process's CPU share (the bots', on their one core) while the storm came: near 100%
@@ -142,7 +149,7 @@ pub async fn run(args: WebrtcArgs, backstage: &dyn Backstage) -> Result<()> {
         players_per_room: per_room,
         ..Report::default()
     };
-    let mut opens = Vec::new();
+    let (mut opens, mut readies) = (Vec::new(), Vec::new());
     let (ws_tokens, rest) = tokens.split_at(players);
     let (rtc_tokens, rest) = rest.split_at(players);
     let (load_tokens, rest) = rest.split_at(load);
@@ -180,6 +187,7 @@ pub async fn run(args: WebrtcArgs, backstage: &dyn Backstage) -> Result<()> {
         for tally in crowd.leave().await {
             count_errors(&mut report, &tally);
             opens.extend(tally.data_channels);
+            readies.extend(tally.data_channels_ready);
         }
         if transport == Transport::Ws {
             // Let the closed connections and their rooms go before taking the baseline.
@@ -189,8 +197,9 @@ pub async fn run(args: WebrtcArgs, backstage: &dyn Backstage) -> Result<()> {
         }
     }
     report.data_channels_opened = opens.len();
-    let p = Percentiles::of(&opens);
+    let (p, r) = (Percentiles::of(&opens), Percentiles::of(&readies));
     (report.data_channel_open_p50_ms, report.data_channel_open_p99_ms) = (p.p50_ms, p.p99_ms);
+    (report.data_channel_ready_p50_ms, report.data_channel_ready_p99_ms) = (r.p50_ms, r.p99_ms);
     report.server_memory_per_peer_kib =
         report.server_rss_with_webrtc_rooms_kib.saturating_sub(report.server_rss_after_websocket_rooms_kib) as f64
             / players as f64;
@@ -245,21 +254,24 @@ async fn open_storm(
     let bots_cpu_share =
         super::cpu_of(std::process::id())?.saturating_sub(own0).as_secs_f64() / start.1.elapsed().as_secs_f64();
     let after = Scrape::take(metrics_url).await?;
-    let (mut opens, mut joins) = (Vec::new(), Vec::new());
+    let (mut opens, mut joins, mut readies) = (Vec::new(), Vec::new(), Vec::new());
     for tally in storm.leave().await {
         errors.extend(tally.errors.iter().take(3).cloned());
         opens.extend(tally.data_channels);
         joins.extend(tally.seats_claimed);
+        readies.extend(tally.data_channels_ready);
     }
     load.leave().await;
     let opened = opens.len();
-    let (p, j) = (Percentiles::of(&opens), Percentiles::of(&joins));
+    let (p, j, r) = (Percentiles::of(&opens), Percentiles::of(&joins), Percentiles::of(&readies));
     Ok(Storm {
         peers: storm_tokens.len(),
         server_cpu_share_before: share,
         data_channels_opened: opened,
         data_channel_open_p50_ms: p.p50_ms,
         data_channel_open_p99_ms: p.p99_ms,
+        data_channel_ready_p50_ms: r.p50_ms,
+        data_channel_ready_p99_ms: r.p99_ms,
         room_join_p50_ms: j.p50_ms,
         room_join_p99_ms: j.p99_ms,
         bots_cpu_share,
