@@ -1,6 +1,7 @@
 //! A TCP relay between clients and a server that can cut connections at will: the "network
 //! failure" of the reconnection benchmark and tests. It tells hub, room and page connections
-//! apart by their HTTP request line, so that a cut can aim at players in a match.
+//! apart by their HTTP request line, so that a cut can aim at players in a match. It can also
+//! delay everything it carries, as a distant server's network would.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -8,8 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
+use tokio::time::{Duration, Instant};
 
 /// What a relayed connection carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +47,12 @@ impl Drop for Relay {
 impl Relay {
     /// Listens on a free loopback port and relays every connection to `target`.
     pub async fn start(target: SocketAddr) -> std::io::Result<Self> {
+        Self::start_with_latency(target, Duration::ZERO).await
+    }
+
+    /// Like [`Self::start`], each byte arriving `latency` after it was sent, either way (and a
+    /// connection's first bytes a round trip later still: its TCP handshake).
+    pub async fn start_with_latency(target: SocketAddr, latency: Duration) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let live = Arc::new(Live::default());
@@ -52,7 +61,7 @@ impl Relay {
             async move {
                 while let Ok((client, _)) = listener.accept().await {
                     let id = live.next.fetch_add(1, Ordering::Relaxed);
-                    let task = tokio::spawn(relay(client, target, id, Arc::clone(&live)));
+                    let task = tokio::spawn(relay(client, target, id, Arc::clone(&live), latency));
                     // Registered as a page until its request line says otherwise; a task that
                     // already ended has removed nothing yet, so it is dropped at its next cut.
                     live.conns
@@ -98,7 +107,7 @@ impl Relay {
     }
 }
 
-async fn relay(mut client: TcpStream, target: SocketAddr, id: u64, live: Arc<Live>) {
+async fn relay(mut client: TcpStream, target: SocketAddr, id: u64, live: Arc<Live>, latency: Duration) {
     let Ok(mut server) = TcpStream::connect(target).await else { return };
     let _ = (client.set_nodelay(true), server.set_nodelay(true));
     // The request line comes in the first read (clients send it in one write).
@@ -118,8 +127,38 @@ async fn relay(mut client: TcpStream, target: SocketAddr, id: u64, live: Arc<Liv
     if let Some(entry) = live.conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_mut(&id) {
         entry.0 = kind;
     }
+    // Sent after the handshake's round trip, it arrives one way later.
+    tokio::time::sleep(3 * latency).await;
     if server.write_all(&first[..n]).await.is_ok() {
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+        if latency.is_zero() {
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+        } else {
+            let ((client_in, client_out), (server_in, server_out)) = (client.into_split(), server.into_split());
+            tokio::join!(delayed_copy(client_in, server_out, latency), delayed_copy(server_in, client_out, latency));
+        }
     }
     live.conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
+}
+
+/// Copies `from` to `to`, each read written `latency` after it came, in order.
+async fn delayed_copy(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, latency: Duration) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(256);
+    let read = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            if tx.send((Instant::now() + latency, buf[..n].to_vec())).await.is_err() {
+                break;
+            }
+        }
+    };
+    let write = async move {
+        while let Some((due, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(read, write);
 }

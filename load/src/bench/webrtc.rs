@@ -15,9 +15,14 @@ use anyhow::Result;
 use clap::Args;
 use serde::Serialize;
 
+use super::relay::Relay;
 use super::rooms::{PASSWORD, Scrape, TICK_HZ, Timing, Window, measure, start_bots, wait_until_playing};
 use super::{Backstage, Percentiles, ServerProcess, write_json};
 use crate::bots::{Live, Tally, Transport};
+use crate::client::{Client, Conditions};
+use shared::arena::Arena;
+use shared::hub::ClientMsg;
+use shared::room::ToRoom;
 
 #[derive(Debug, Args)]
 pub struct WebrtcArgs {
@@ -30,6 +35,14 @@ pub struct WebrtcArgs {
     /// WebSocket rooms that keep the server busy during the storm.
     #[arg(long, default_value_t = 24)]
     load_rooms: usize,
+    /// Delay each way, in milliseconds, of the network that the far duels' players reach the
+    /// server through (a delaying TCP relay for their WebSockets, their own conditioner for the
+    /// data channel): when their channel opens with the offer after the join and beside it.
+    #[arg(long, default_value_t = 50)]
+    far_latency_ms: u64,
+    /// Far duels of each kind, alternated (0: none).
+    #[arg(long, default_value_t = 8)]
+    far_duels: usize,
     #[command(flatten)]
     timing: Timing,
 }
@@ -67,8 +80,29 @@ struct Report {
     /// WebRTC's all-in CPU per room tick over the WebSocket's, same rooms, same run.
     webrtc_cpu_over_websocket: f64,
     storm: Storm,
+    far: Far,
     protocol_errors: u64,
     errors: Vec<String>,
+}
+
+/// Duels played one at a time by players far from the server, each player opening its data
+/// channel as the browser used to (the offer after the room's join) or as it does now (the
+/// offer with the ticket, beside the join), alternately. Times from `match_found`.
+#[derive(Debug, Default, Serialize)]
+struct Far {
+    latency_ms_each_way: u64,
+    duels_of_each_kind: usize,
+    /// The offer after the join: the channel is open, and play over it can begin.
+    after_join_open_p50_ms: f64,
+    after_join_open_p99_ms: f64,
+    /// The offer beside the join: the channel is open, and, later of that and the join, play
+    /// over it can begin.
+    beside_join_open_p50_ms: f64,
+    beside_join_open_p99_ms: f64,
+    beside_join_ready_p50_ms: f64,
+    beside_join_ready_p99_ms: f64,
+    /// The join alone (both kinds).
+    room_join_p50_ms: f64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -131,7 +165,8 @@ pub async fn run(args: WebrtcArgs, backstage: &dyn Backstage) -> Result<()> {
     let per_room = args.timing.players;
     let players = args.rooms * per_room;
     let (storm, load) = (args.storm_rooms * per_room, args.load_rooms * per_room);
-    let users = 2 * players + storm + load + per_room;
+    let far = 4 * args.far_duels;
+    let users = 2 * players + storm + load + far + per_room;
     eprintln!("seeding {users} users…");
     let (dir, url) = ServerProcess::prepare(backstage)?;
     let tokens = backstage.players(&url, PREFIX, users, PASSWORD).await?;
@@ -153,7 +188,8 @@ pub async fn run(args: WebrtcArgs, backstage: &dyn Backstage) -> Result<()> {
     let (ws_tokens, rest) = tokens.split_at(players);
     let (rtc_tokens, rest) = rest.split_at(players);
     let (load_tokens, rest) = rest.split_at(load);
-    let (storm_tokens, warmup_tokens) = rest.split_at(storm);
+    let (storm_tokens, rest) = rest.split_at(storm);
+    let (far_tokens, warmup_tokens) = rest.split_at(far);
     // One WebRTC room plays briefly first, so that what the first peers cost once (crypto
     // tables, the loops' maps and buffers) is not counted per peer below.
     eprintln!("warm-up: one WebRTC room…");
@@ -208,6 +244,10 @@ pub async fn run(args: WebrtcArgs, backstage: &dyn Backstage) -> Result<()> {
     if storm > 0 {
         report.storm =
             open_storm(&server, &metrics_url, load_tokens, storm_tokens, workers, &mut report.errors).await?;
+    }
+    if args.far_duels > 0 {
+        let latency = Duration::from_millis(args.far_latency_ms);
+        report.far = far_duels(&server, far_tokens, latency, &mut report.errors).await?;
     }
     server.stop()?;
     report.errors.truncate(5);
@@ -279,4 +319,82 @@ async fn open_storm(
         server_open_p50_ms: after.quantile_since(&before, OPEN_SECONDS, 0.5) * 1000.0,
         server_open_p99_ms: after.quantile_since(&before, OPEN_SECONDS, 0.99) * 1000.0,
     })
+}
+
+/// Plays `tokens.len() / 4` duels of each kind, one at a time, through a network with
+/// `latency` each way ([`Far`]).
+async fn far_duels(
+    server: &ServerProcess,
+    tokens: &[String],
+    latency: Duration,
+    errors: &mut Vec<String>,
+) -> Result<Far> {
+    eprintln!("far: duels {} ms away…", latency.as_millis());
+    let relay = Relay::start_with_latency(server.addr, latency).await?;
+    let conditions = Conditions { latency, ..Conditions::default() };
+    let (mut after, mut beside, mut ready, mut joins) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (i, pair) in tokens.chunks_exact(2).enumerate() {
+        let offer_beside = i % 2 == 1;
+        let base = relay.base();
+        let (a, b) = tokio::join!(
+            far_player(&base, &pair[0], offer_beside, conditions),
+            far_player(&base, &pair[1], offer_beside, conditions)
+        );
+        for played in [a, b] {
+            match played {
+                Ok((seated, open)) if offer_beside => {
+                    beside.push(open);
+                    ready.push(open.max(seated));
+                    joins.push(seated);
+                }
+                Ok((seated, open)) => {
+                    after.push(open);
+                    joins.push(seated);
+                }
+                Err(e) => errors.push(format!("far: {e:#}")),
+            }
+        }
+    }
+    let (a, b, r, j) =
+        (Percentiles::of(&after), Percentiles::of(&beside), Percentiles::of(&ready), Percentiles::of(&joins));
+    Ok(Far {
+        latency_ms_each_way: latency.as_millis() as u64,
+        duels_of_each_kind: tokens.len() / 4,
+        after_join_open_p50_ms: a.p50_ms,
+        after_join_open_p99_ms: a.p99_ms,
+        beside_join_open_p50_ms: b.p50_ms,
+        beside_join_open_p99_ms: b.p99_ms,
+        beside_join_ready_p50_ms: r.p50_ms,
+        beside_join_ready_p99_ms: r.p99_ms,
+        room_join_p50_ms: j.p50_ms,
+    })
+}
+
+/// One far player: queues for a duel, takes the seat and opens the channel (the offer after
+/// the join, or beside it), then leaves. Returns the times to the seat and to the open channel.
+async fn far_player(
+    base: &str,
+    token: &str,
+    offer_beside: bool,
+    conditions: Conditions,
+) -> Result<(Duration, Duration)> {
+    let client = Client::with_session(base, token)?;
+    let mut hub = client.hub().await?;
+    hub.send(&ClientMsg::FindMatch { mode: "duel".into() }).await?;
+    let (room_name, ticket) = hub.match_found(Duration::from_secs(30)).await?;
+    let limit = Duration::from_secs(10);
+    let (mut room, seated, open) = if offer_beside {
+        let seat = client.seat_with_data_channel::<Arena>(&mut hub, &room_name, &ticket, limit, conditions).await?;
+        (seat.room, seat.seated, seat.channel?)
+    } else {
+        let found = std::time::Instant::now();
+        let mut room = client.room_at::<Arena>(hub.room_url.as_deref(), &ticket).await?;
+        let seated = found.elapsed();
+        room.open_data_channel_through(&mut hub, &room_name, limit, conditions).await?;
+        (room, seated, found.elapsed())
+    };
+    let _ = room.send(&ToRoom::Leave).await;
+    room.close().await;
+    hub.close().await;
+    Ok((seated, open))
 }

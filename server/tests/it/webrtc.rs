@@ -72,6 +72,20 @@ fn offer_sdp() -> String {
     change.apply().unwrap().0.to_sdp_string()
 }
 
+/// Sends sixty inputs, reading a frame after each; returns the newest input the snapshots
+/// acknowledged.
+async fn sixty_inputs(room: &mut Room<Arena>) -> u32 {
+    let mut acked = 0;
+    for seq in 1..=60u32 {
+        let input = ArenaInput { buttons: ArenaInput::RIGHT, aim_x: 1, aim_y: 0 };
+        room.send(&ToRoom::Inputs { first_seq: seq, tick: 0, seen: 0, inputs: vec![input] }).await.unwrap();
+        if let FromRoom::<Arena>::Snapshot { ack, .. } = room.recv_timeout(WAIT).await.unwrap() {
+            acked = ack;
+        }
+    }
+    acked
+}
+
 #[tokio::test]
 async fn a_match_is_played_over_the_data_channel_and_snapshots_arrive_on_it() {
     let server = TestServer::start_with(long_matches).await;
@@ -83,14 +97,7 @@ async fn a_match_is_played_over_the_data_channel_and_snapshots_arrive_on_it() {
     assert_eq!(rtc.peers.load(Relaxed), 2);
     wait_for("the server to see both channels open", || rtc.channels_opened.load(Relaxed) == 2).await;
     // Inputs go up the data channel and are applied: the acks in the snapshots climb.
-    let mut acked = 0;
-    for seq in 1..=60u32 {
-        let input = ArenaInput { buttons: ArenaInput::RIGHT, aim_x: 1, aim_y: 0 };
-        a.room.send(&ToRoom::Inputs { first_seq: seq, tick: 0, seen: 0, inputs: vec![input] }).await.unwrap();
-        if let FromRoom::<Arena>::Snapshot { ack, .. } = a.room.recv_timeout(WAIT).await.unwrap() {
-            acked = ack;
-        }
-    }
+    let acked = sixty_inputs(&mut a.room).await;
     assert!(acked > 30, "acked {acked}");
     // A data-channel frame that does not decode is dropped and counted; play goes on.
     let rooms = server.running.app.hub.rooms().stats();
@@ -140,14 +147,7 @@ async fn an_offer_with_the_ticket_opens_the_channel_while_the_room_joins() {
     wait_for("the server to see both channels open", || rtc.channels_opened.load(Relaxed) == 2).await;
     // The peer negotiated before the join carries the seat's frames: inputs up, snapshots down.
     let (messages_in, datagrams_out) = (rtc.messages_in.load(Relaxed), rtc.datagrams_out.load(Relaxed));
-    let mut acked = 0;
-    for seq in 1..=60u32 {
-        let input = ArenaInput { buttons: ArenaInput::RIGHT, aim_x: 1, aim_y: 0 };
-        a_seat.room.send(&ToRoom::Inputs { first_seq: seq, tick: 0, seen: 0, inputs: vec![input] }).await.unwrap();
-        if let FromRoom::<Arena>::Snapshot { ack, .. } = a_seat.room.recv_timeout(WAIT).await.unwrap() {
-            acked = ack;
-        }
-    }
+    let acked = sixty_inputs(&mut a_seat.room).await;
     assert!(acked > 30, "acked {acked}");
     assert!(rtc.messages_in.load(Relaxed) >= messages_in + 60);
     assert!(rtc.datagrams_out.load(Relaxed) >= datagrams_out + 60);
