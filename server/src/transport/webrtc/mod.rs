@@ -9,11 +9,12 @@
 //! seat's ticket, answers as an ICE-lite server, and binds the peer to the hub connection that
 //! negotiated it. The seat's entry gives the peer and the joining WebSocket one link id and
 //! one route ([`Rtc::reserve`]), whichever comes first; an entry no WebSocket takes within the
-//! handshake timeout goes, with its peer. The peer waits (pending, by its ICE username fragment) until its first STUN
-//! check reaches one of the [`shard`] loops, which adopts it: from then on that loop alone owns
-//! it, with no lock, task or channel of its own. When the data channel opens, the loop sets the
-//! seat's [`Route`], and the room hands the player's unreliable frames to the loop in its tick's
-//! batch; when it closes or fails, the route goes back to the WebSocket.
+//! handshake timeout goes, with its peer. The peer waits (pending, by its ICE username
+//! fragment) until its first STUN check reaches one of the [`shard`] loops, which adopts it:
+//! from then on that loop alone owns it, with no lock, task or channel of its own. When the
+//! data channel opens, the loop sets the seat's [`Route`], and the room hands the player's
+//! unreliable frames to the loop in its tick's batch; when it closes or fails, the route goes
+//! back to the WebSocket.
 
 mod shard;
 mod udp;
