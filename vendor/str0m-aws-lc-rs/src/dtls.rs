@@ -3,6 +3,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
+use dimpl::crypto::{Buf, HashAlgorithm, KeyProvider, SignatureAlgorithm, SigningKey};
 use str0m_proto::crypto::CryptoError;
 use str0m_proto::crypto::DtlsVersion;
 use str0m_proto::crypto::dtls::ProtocolVersion;
@@ -49,7 +51,12 @@ impl DtlsProvider for AwsLcRsDtlsProvider {
             None => {
                 // Create a default dimpl Config with AWS-LC-RS crypto provider
                 // ICE verifies return routability before DTLS, making server cookies redundant.
-                let mut builder = dimpl::Config::builder().use_server_cookie(false);
+                let mut builder = dimpl::Config::builder()
+                    .use_server_cookie(false)
+                    .with_crypto_provider(dimpl::crypto::CryptoProvider {
+                        key_provider: &SHARED_KEYS,
+                        ..dimpl::crypto::aws_lc_rs::default_provider()
+                    });
                 if let Some(mtu) = mtu {
                     builder = builder.mtu(mtu);
                 }
@@ -104,6 +111,108 @@ fn cache_config(mtu: Option<usize>, config: &Arc<dimpl::Config>) {
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     if !configs.iter().any(|(m, _)| *m == mtu) {
         configs.push((mtu, Arc::clone(config)));
+    }
+}
+
+/// Rallypoint patch: every DTLS instance parsed its certificate's private key anew, though a
+/// process signs with one key (str0m's `RtcConfig` holds one certificate for all its peers):
+/// ~45 µs per peer, half of `Rtc::new`, in a storm of peers opening at once, and a parsed key
+/// (aws-lc's `EC_KEY`) held by each peer for its whole life. The keys parsed here are shared.
+static SHARED_KEYS: SharedKeys = SharedKeys::new();
+
+/// Distinct keys kept at most (a process that makes a certificate per peer, as the native
+/// bots do, only keeps its last few).
+const SHARED_KEYS_KEPT: usize = 4;
+
+/// Rallypoint patch: a key provider that parses each P-256 PKCS#8 key once and hands out
+/// shared signers of it. Any other key goes to dimpl's own provider, parsed every time.
+#[derive(Debug)]
+struct SharedKeys {
+    keys: std::sync::Mutex<Vec<(Vec<u8>, Arc<EcdsaKeyPair>)>>,
+}
+
+impl SharedKeys {
+    const fn new() -> Self {
+        Self {
+            keys: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    #[cfg(test)]
+    fn kept(&self) -> usize {
+        self.lock().len()
+    }
+
+    #[cfg(test)]
+    fn holds(&self, key_der: &[u8]) -> bool {
+        self.lock().iter().any(|(der, _)| der == key_der)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Vec<u8>, Arc<EcdsaKeyPair>)>> {
+        self.keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl KeyProvider for SharedKeys {
+    fn load_private_key(&self, key_der: &[u8]) -> Result<Box<dyn SigningKey>, dimpl::CryptoError> {
+        let mut keys = self.lock();
+        if let Some((_, pair)) = keys.iter().find(|(der, _)| der == key_der) {
+            return Ok(Box::new(SharedP256Key(Arc::clone(pair))));
+        }
+        let Ok(pair) = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, key_der) else {
+            drop(keys);
+            return dimpl::crypto::aws_lc_rs::default_provider()
+                .key_provider
+                .load_private_key(key_der);
+        };
+        let pair = Arc::new(pair);
+        if keys.len() >= SHARED_KEYS_KEPT {
+            keys.remove(0);
+        }
+        keys.push((key_der.to_vec(), Arc::clone(&pair)));
+        Ok(Box::new(SharedP256Key(pair)))
+    }
+}
+
+/// Rallypoint patch: a P-256 ECDSA signer of a shared key (what dimpl's own provider makes of
+/// such a key, without owning it).
+#[derive(Debug)]
+struct SharedP256Key(Arc<EcdsaKeyPair>);
+
+impl SigningKey for SharedP256Key {
+    fn sign(
+        &mut self,
+        data: &[u8],
+        hash_alg: HashAlgorithm,
+        out: &mut Buf,
+    ) -> Result<(), dimpl::CryptoError> {
+        if hash_alg != HashAlgorithm::SHA256 {
+            return Err(dimpl::CryptoError::SigningKeyHashMismatch {
+                key_hash: HashAlgorithm::SHA256,
+                requested: hash_alg,
+            });
+        }
+        let signature = self
+            .0
+            .sign(&aws_lc_rs::rand::SystemRandom::new(), data)
+            .map_err(|_| dimpl::CryptoError::OperationFailed(dimpl::CryptoOperation::Sign))?;
+        out.clear();
+        out.extend_from_slice(signature.as_ref());
+        Ok(())
+    }
+
+    fn algorithm(&self) -> SignatureAlgorithm {
+        SignatureAlgorithm::ECDSA
+    }
+
+    fn hash_algorithm(&self) -> HashAlgorithm {
+        HashAlgorithm::SHA256
+    }
+
+    fn supported_hash_algorithms(&self) -> &[HashAlgorithm] {
+        &[HashAlgorithm::SHA256]
     }
 }
 
@@ -301,5 +410,61 @@ mod tests {
         let (client, server) = handshake(new(a, true), new(b, false));
         assert!(client.connected && server.connected);
         assert_eq!((client.keying_materials, server.keying_materials), (1, 1));
+    }
+
+    /// Rallypoint patch's test: a key is parsed once and its signers, shared by every instance,
+    /// make signatures that the certificate verifies; a handshake of two instances on one
+    /// certificate works (both sign with the one parsed key), and a new key pushes the oldest out.
+    #[test]
+    fn a_key_is_parsed_once_and_every_signer_of_it_signs() {
+        let keys = SharedKeys::new();
+        let cert = AwsLcRsDtlsProvider.generate_certificate().unwrap();
+        let provider = dimpl::crypto::aws_lc_rs::default_provider();
+        let mut signers = [(); 2].map(|()| keys.load_private_key(&cert.private_key).unwrap());
+        assert_eq!(keys.kept(), 1);
+        for signer in &mut signers {
+            let mut signature = Buf::new();
+            signer
+                .sign(b"hello", HashAlgorithm::SHA256, &mut signature)
+                .unwrap();
+            provider
+                .signature_verification
+                .verify_signature(
+                    &cert.certificate,
+                    b"hello",
+                    &signature,
+                    HashAlgorithm::SHA256,
+                    SignatureAlgorithm::ECDSA,
+                )
+                .expect("the certificate verifies what its shared key signs");
+            let wrong_hash = signer.sign(b"hello", HashAlgorithm::SHA384, &mut signature);
+            assert!(wrong_hash.is_err());
+        }
+        for _ in 0..SHARED_KEYS_KEPT {
+            let other = AwsLcRsDtlsProvider.generate_certificate().unwrap();
+            keys.load_private_key(&other.private_key).unwrap();
+        }
+        assert_eq!(keys.kept(), SHARED_KEYS_KEPT);
+        keys.load_private_key(&cert.private_key).unwrap();
+        assert_eq!(
+            keys.kept(),
+            SHARED_KEYS_KEPT,
+            "parsed again in place of the oldest"
+        );
+
+        let now = Instant::now();
+        let new = |active: bool| {
+            let mut d = AwsLcRsDtlsProvider
+                .new_dtls(&cert, now, DtlsVersion::Dtls12, None)
+                .unwrap();
+            d.set_active(active);
+            d
+        };
+        let (client, server) = handshake(new(true), new(false));
+        assert!(client.connected && server.connected);
+        assert!(
+            SHARED_KEYS.holds(&cert.private_key),
+            "the backend's instances take their key from the shared keys"
+        );
     }
 }
