@@ -267,6 +267,7 @@ impl Hub {
             room_origins: Arc::clone(&room_origins),
             bus: bus.clone(),
             peers: HashMap::new(),
+            recording: tokio::task::JoinSet::new(),
         };
         for (lobby, lines) in recent {
             state.lobby_mut(lobby).recent = lines.into();
@@ -506,6 +507,9 @@ struct State {
     admitted: HashMap<i64, (usize, Instant)>,
     /// Room servers' WebSocket origins, for the pages' CSP (shared with [`Hub`]).
     room_origins: Arc<std::sync::RwLock<BTreeSet<String>>>,
+    /// The results of this process's matches being written: waited for before the hub stops,
+    /// since the database closes after it.
+    recording: tokio::task::JoinSet<()>,
 }
 
 /// How long a room server whose control connection ended may take to come back before its
@@ -517,6 +521,9 @@ pub const SERVER_GRACE: Duration = Duration::from_secs(2);
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(15);
 /// How long a room server may take to answer a match it was sent.
 const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a stopping hub waits for the results being written (a database that is down for
+/// longer loses them, and says so in the log).
+const RECORDING_GRACE: Duration = Duration::from_secs(10);
 
 /// A registered room server.
 struct Remote {
@@ -592,9 +599,9 @@ impl State {
             };
             tokio::select! {
                 command = rx.recv() => {
-                    let Some(command) = command else { return };
+                    let Some(command) = command else { break };
                     if !self.command(command) {
-                        return;
+                        break;
                     }
                 }
                 Some(event) = events.recv() => self.room_event(event),
@@ -617,6 +624,21 @@ impl State {
             if flush_at.is_none() && self.lobbies.iter().any(|l| !l.pending.is_empty() || !l.outgoing.is_empty()) {
                 flush_at = Some(Instant::now() + PRESENCE_FLUSH);
             }
+        }
+        self.finish_recording(&mut events).await;
+    }
+
+    /// Stopping: the matches that finished before the stop get their results written (those
+    /// reported but not handled yet too), within [`RECORDING_GRACE`].
+    async fn finish_recording(&mut self, events: &mut mpsc::Receiver<RoomEvent>) {
+        while let Ok(event) = events.try_recv() {
+            if matches!(event, RoomEvent::Finished { .. }) {
+                self.room_event(event);
+            }
+        }
+        let all = async { while self.recording.join_next().await.is_some() {} };
+        if tokio::time::timeout(RECORDING_GRACE, all).await.is_err() {
+            tracing::error!(results = self.recording.len(), "stopped before these match results could be written");
         }
     }
 
@@ -1761,7 +1783,8 @@ impl State {
                     self.leave_room(p.user_id, room);
                 }
                 let db = self.db.clone();
-                tokio::spawn(async move {
+                while self.recording.try_join_next().is_some() {}
+                self.recording.spawn(async move {
                     let label = room.to_string();
                     let finished = results::Finished {
                         room: &label,

@@ -91,6 +91,32 @@ async fn two_players_go_from_the_queue_to_a_recorded_result() {
     assert!(queued.is_ok());
 }
 
+/// A match that ends just as the server stops still has its result written: the hub waits
+/// for the results it is writing before the database closes. (Without that wait, the
+/// benchmarks' servers, stopped as their bots left, logged "closed pool" for such results.)
+#[tokio::test]
+async fn a_match_that_ends_as_the_server_stops_is_still_recorded() {
+    let server = TestServer::start_with(quick).await;
+    let mut a = player(&server, "leaver").await;
+    let mut b = player(&server, "stayer").await;
+    let (ta, tb) = tokio::join!(find_match(&mut a, "duel"), find_match(&mut b, "duel"));
+    let mut ra = a.client.room::<Arena>(&ta).await.unwrap();
+    let _rb = b.client.room::<Arena>(&tb).await.unwrap();
+    while !matches!(ra.recv_timeout(WAIT).await.unwrap(), FromRoom::<Arena>::Snapshot { .. }) {}
+    // One player leaves: the match ends, and the hub (which frees both players as it takes
+    // the result) writes it while the server is asked to stop.
+    ra.send(&ToRoom::Leave).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server.running.app.hub.stats().await.unwrap().playing > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the match never ended");
+        tokio::task::yield_now().await;
+    }
+    let dir = server.stop().await;
+    let server = TestServer::start_in(dir, quick).await;
+    assert_eq!(count(&server, "SELECT COUNT(*) FROM matches").await, 1);
+    assert_eq!(count(&server, "SELECT COUNT(*) FROM match_players").await, 2);
+}
+
 #[tokio::test]
 async fn snapshots_carry_the_last_input_applied_and_only_what_the_player_sees() {
     let server = TestServer::start_with(quick).await;
