@@ -83,6 +83,12 @@ pub enum ClientMsg {
         /// the room WebSocket has joined (the ticket stays good for that join).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ticket: Option<String>,
+        /// Whether the client's data channel is pre-negotiated, with id
+        /// [`crate::room::DATA_CHANNEL_ID`]: the server then makes its side of it, which opens
+        /// with the SCTP association. Without it (older pages) the client opens the channel in
+        /// band, a round trip later.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        negotiated: bool,
     },
     /// One of the client's ICE candidates for the peer connection of `room` (trickle ICE).
     RtcCandidate {
@@ -282,8 +288,13 @@ mod tests {
             ClientMsg::Ping { id: 42 },
             ClientMsg::FindMatch { mode: "duel".into() },
             ClientMsg::CancelMatch,
-            ClientMsg::RtcOffer { room: "r0-1".into(), sdp: "v=0\r\n".into(), ticket: None },
-            ClientMsg::RtcOffer { room: "r0-1".into(), sdp: "v=0\r\n".into(), ticket: Some("t.s".into()) },
+            ClientMsg::RtcOffer { room: "r0-1".into(), sdp: "v=0\r\n".into(), ticket: None, negotiated: false },
+            ClientMsg::RtcOffer {
+                room: "r0-1".into(),
+                sdp: "v=0\r\n".into(),
+                ticket: Some("t.s".into()),
+                negotiated: true,
+            },
             ClientMsg::RtcCandidate {
                 room: "r0-1".into(),
                 candidate: "candidate:1 1 udp 1 127.0.0.1 5000 typ host".into(),

@@ -25,6 +25,11 @@ pub const MAX_INPUTS_PER_MESSAGE: usize = 32;
 /// retransmissions. The client creates it; everything else stays on the room's WebSocket.
 pub const DATA_CHANNEL_LABEL: &str = "rallypoint-unreliable";
 
+/// SCTP stream id of that channel when the client pre-negotiates it (`negotiated: true`): both
+/// sides make it themselves, and it opens with the SCTP association, without the in-band open
+/// (DCEP) and its round trip.
+pub const DATA_CHANNEL_ID: u16 = 0;
+
 /// How long a client waits for the data channel to open before it plays over the WebSocket.
 pub const DATA_CHANNEL_OPEN_TIMEOUT_MS: u32 = 3000;
 

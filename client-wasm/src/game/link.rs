@@ -13,7 +13,7 @@ use std::rc::Rc;
 
 use js_sys::{Array, ArrayBuffer, Reflect, Uint8Array};
 use shared::hub::{ClientMsg, IceServer};
-use shared::room::{DATA_CHANNEL_LABEL, DATA_CHANNEL_OPEN_TIMEOUT_MS};
+use shared::room::{DATA_CHANNEL_ID, DATA_CHANNEL_LABEL, DATA_CHANNEL_OPEN_TIMEOUT_MS};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{
@@ -121,6 +121,10 @@ impl RoomLink {
         let init = RtcDataChannelInit::new();
         init.set_ordered(false);
         init.set_max_retransmits(0);
+        // Pre-negotiated: the server makes its side too, so the channel opens with the SCTP
+        // association, a round trip before an in-band open would.
+        init.set_negotiated(true);
+        init.set_id(DATA_CHANNEL_ID);
         let dc = pc.create_data_channel_with_data_channel_dict(DATA_CHANNEL_LABEL, &init);
         dc.set_binary_type(RtcDataChannelType::Arraybuffer);
         let state = Rc::new(Cell::new(PathState::Connecting));
@@ -184,7 +188,7 @@ impl RoomLink {
                     let desc = RtcSessionDescriptionInit::new(RtcSdpType::Offer);
                     desc.set_sdp(&sdp);
                     JsFuture::from(pc.set_local_description(&desc)).await?;
-                    crate::send_hub(&ClientMsg::RtcOffer { room, sdp, ticket });
+                    crate::send_hub(&ClientMsg::RtcOffer { room, sdp, ticket, negotiated: true });
                     for msg in waiting.borrow_mut().take().unwrap_or_default() {
                         crate::send_hub(&msg);
                     }

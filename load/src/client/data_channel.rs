@@ -149,8 +149,23 @@ impl DataChannel {
     }
 
     /// Sends the offer of a peer connection for `room` over `hub`: with the seat's `ticket`,
-    /// before the room WebSocket has joined (as the browser does); without, after.
+    /// before the room WebSocket has joined (as the browser does); without, after. Its channel
+    /// is pre-negotiated, as the browser's is.
     pub async fn offer(hub: &mut Hub, room: &str, ticket: Option<&str>) -> Result<Offered, ClientError> {
+        Self::offer_with(hub, room, ticket, true).await
+    }
+
+    /// Like [`Self::offer`], with the channel opened in band (DCEP), as older pages do.
+    pub async fn offer_in_band(hub: &mut Hub, room: &str, ticket: Option<&str>) -> Result<Offered, ClientError> {
+        Self::offer_with(hub, room, ticket, false).await
+    }
+
+    async fn offer_with(
+        hub: &mut Hub,
+        room: &str,
+        ticket: Option<&str>,
+        negotiated: bool,
+    ) -> Result<Offered, ClientError> {
         let mut config = str0m::RtcConfig::new().clear_codecs().clear_extension_map().set_crypto_provider(crypto());
         if let Some(cert) = certificate() {
             config = config.set_dtls_cert(cert);
@@ -166,11 +181,13 @@ impl DataChannel {
             label: shared::room::DATA_CHANNEL_LABEL.to_owned(),
             ordered: false,
             reliability: Reliability::MaxRetransmits { retransmits: 0 },
+            negotiated: negotiated.then_some(shared::room::DATA_CHANNEL_ID),
             ..ChannelConfig::default()
         });
         let (offer, pending) = change.apply().ok_or_else(|| ClientError::WebRtc("no offer to make".into()))?;
         let ticket = ticket.map(str::to_owned);
-        hub.send(&ClientMsg::RtcOffer { room: room.to_owned(), sdp: offer.to_sdp_string(), ticket }).await?;
+        let sdp = offer.to_sdp_string();
+        hub.send(&ClientMsg::RtcOffer { room: room.to_owned(), sdp, ticket, negotiated }).await?;
         Ok(Offered { rtc, pending, room: room.to_owned() })
     }
 }

@@ -633,6 +633,19 @@ impl<G: shared::game::Game> Room<G> {
         Ok(())
     }
 
+    /// Like [`Self::open_data_channel`], with the channel opened in band (DCEP), as older pages
+    /// do.
+    pub async fn open_data_channel_in_band(
+        &mut self,
+        hub: &mut Hub,
+        room: &str,
+        limit: Duration,
+    ) -> Result<(), ClientError> {
+        let offered = DataChannel::offer_in_band(hub, room, None).await?;
+        self.data = Some(offered.open(hub, limit, Conditions::default()).await?);
+        Ok(())
+    }
+
     /// Like [`Self::recv`], giving up after `limit`.
     pub async fn recv_timeout(&mut self, limit: Duration) -> Result<FromRoom<G>, ClientError> {
         tokio::time::timeout(limit, self.recv()).await.map_err(|_| ClientError::Timeout)?

@@ -161,6 +161,9 @@ pub enum FromHub {
         sdp: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ticket: Option<String>,
+        /// The client's data channel is pre-negotiated (see `ClientMsg::RtcOffer`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        negotiated: bool,
     },
     /// A trickled ICE candidate of that peer connection.
     RtcCandidate { user_id: i64, signaling: u64, room: String, candidate: String },

@@ -34,7 +34,7 @@ use super::control::{self, CONTROL_VERSION, FromHub, FromServer, Running, Signed
 use super::outbox::Outbox;
 use crate::config::Limits;
 use crate::rooms::{RoomConfig, RoomEvent, RoomId, Rooms, Seated, TicketVerifier};
-use crate::transport::webrtc::{Rtc, RtcConfig};
+use crate::transport::webrtc::{Offer, Rtc, RtcConfig};
 
 #[derive(Debug, Args)]
 pub struct RoomServerArgs {
@@ -614,8 +614,9 @@ impl Server<'_> {
                 }
                 None
             }
-            FromHub::RtcOffer { user_id, signaling, room, sdp, ticket } => {
-                Some(match self.rtc.offer(user_id, signaling, &room, &sdp, ticket.as_deref(), &self.rooms) {
+            FromHub::RtcOffer { user_id, signaling, room, sdp, ticket, negotiated } => {
+                let offer = Offer { sdp: &sdp, ticket: ticket.as_deref(), negotiated };
+                Some(match self.rtc.offer(user_id, signaling, &room, offer, &self.rooms) {
                     Ok(sdp) => FromServer::RtcAnswer { user_id, signaling, sdp },
                     Err(e) => FromServer::RtcRefused { user_id, signaling, reason: e.to_string() },
                 })

@@ -165,7 +165,7 @@ enum Command {
 /// What a browser signals for a peer connection to a room server.
 #[derive(Debug)]
 pub enum RemoteSignal {
-    Offer { sdp: String, ticket: Option<String> },
+    Offer { sdp: String, ticket: Option<String>, negotiated: bool },
     Candidate(String),
     Closed,
 }
@@ -1734,8 +1734,8 @@ impl State {
             return;
         };
         let msg = match signal {
-            RemoteSignal::Offer { sdp, ticket } => {
-                FromHub::RtcOffer { user_id, signaling: conn, room: local_room, sdp, ticket }
+            RemoteSignal::Offer { sdp, ticket, negotiated } => {
+                FromHub::RtcOffer { user_id, signaling: conn, room: local_room, sdp, ticket, negotiated }
             }
             RemoteSignal::Candidate(candidate) => {
                 FromHub::RtcCandidate { user_id, signaling: conn, room: local_room, candidate }

@@ -9,7 +9,7 @@ use tokio::time::{Instant, sleep_until, timeout};
 use super::{Arrival, Closing, Command, ConnId, Hub, Outbound, RemoteSignal, results};
 use crate::accounts::Session;
 use crate::rate::TokenBucket;
-use crate::transport::webrtc::RtcError;
+use crate::transport::webrtc::{Offer, RtcError};
 use crate::transport::ws;
 
 /// Why a connection ended, for the log and for tests.
@@ -185,15 +185,16 @@ impl<'a> Connection<'a> {
                 self.forward(hub, Command::FindMatch { conn, mode, rating }).await
             }
             Ok(ClientMsg::CancelMatch) => self.forward(hub, Command::CancelMatch { conn }).await,
-            Ok(ClientMsg::RtcOffer { room, sdp, ticket }) => {
+            Ok(ClientMsg::RtcOffer { room, sdp, ticket, negotiated }) => {
                 // A seat on a room server: the hub relays; the answer comes back through it.
-                let signal = RemoteSignal::Offer { sdp: sdp.clone(), ticket: ticket.clone() };
+                let signal = RemoteSignal::Offer { sdp: sdp.clone(), ticket: ticket.clone(), negotiated };
                 match hub.relay_rtc(conn, &room, signal).await {
                     Ok(true) => return Step::Continue,
                     Ok(false) => {}
                     Err(_) => return Step::Stop(End::Close(close::GOING_AWAY, "server shutting down")),
                 }
-                match hub.rtc().offer(self.user_id, conn, &room, &sdp, ticket.as_deref(), hub.rooms()) {
+                let offer = Offer { sdp: &sdp, ticket: ticket.as_deref(), negotiated };
+                match hub.rtc().offer(self.user_id, conn, &room, offer, hub.rooms()) {
                     Ok(sdp) => self.reply(ServerMsg::RtcAnswer { room, sdp }).await,
                     Err(e) => self.refuse_rtc(hub, &e).await,
                 }

@@ -121,6 +121,26 @@ async fn a_match_is_played_over_the_data_channel_and_snapshots_arrive_on_it() {
     wait_for("every peer to be freed", || rtc.peers.load(Relaxed) == 0).await;
 }
 
+/// The bots' channel, like the browser's, is pre-negotiated; a page from before that opens its
+/// channel in band (DCEP), and the server still answers it: play goes over it.
+#[tokio::test]
+async fn an_older_page_that_opens_its_channel_in_band_still_plays_over_it() {
+    let server = TestServer::start_with(long_matches).await;
+    let (mut a, mut b) = duel(&server, "dcep_a", "dcep_b").await;
+    a.room.open_data_channel_in_band(&mut a.hub, &a.room_name, OPEN).await.unwrap();
+    b.room.open_data_channel(&mut b.hub, &b.room_name, OPEN).await.unwrap();
+    assert_eq!((a.room.transport(), b.room.transport()), ("webrtc", "webrtc"));
+    let rtc = server.running.app.hub.rtc().stats();
+    wait_for("the server to see both channels open", || rtc.channels_opened.load(Relaxed) == 2).await;
+    let messages_in = rtc.messages_in.load(Relaxed);
+    let acked = sixty_inputs(&mut a.room).await;
+    assert!(acked > 30, "acked {acked}");
+    assert!(rtc.messages_in.load(Relaxed) >= messages_in + 60, "the inputs came over the channel");
+    a.room.close().await;
+    b.room.close().await;
+    wait_for("every peer to be freed", || rtc.peers.load(Relaxed) == 0).await;
+}
+
 /// A user matched in a duel who has not joined the room yet: their client, hub connection,
 /// room name and ticket.
 async fn matched(server: &TestServer, name: &str) -> (Client, Hub, String, String) {
@@ -170,6 +190,7 @@ async fn an_offer_before_the_join_needs_the_seats_own_ticket_and_the_join_in_tim
         room: room.to_owned(),
         sdp: sdp.clone(),
         ticket: ticket.map(str::to_owned),
+        negotiated: false,
     };
     // No ticket, someone else's, a forged one, or a good one for another room: no seat.
     // One character of the signature changed (not the last, whose low bits are padding).
@@ -293,7 +314,12 @@ async fn bad_signaling_is_refused_with_a_reason() {
         .await;
     assert!(malformed.is_ok());
     a.hub
-        .send(&ClientMsg::RtcOffer { room: a.room_name.clone(), sdp: "v=0 nonsense".into(), ticket: None })
+        .send(&ClientMsg::RtcOffer {
+            room: a.room_name.clone(),
+            sdp: "v=0 nonsense".into(),
+            ticket: None,
+            negotiated: false,
+        })
         .await
         .unwrap();
     assert!(rtc_refusal(&mut a.hub).await.unwrap().contains("not a valid SDP offer"));
@@ -309,16 +335,25 @@ async fn bad_signaling_is_refused_with_a_reason() {
     assert!(rtc_refusal(&mut a.hub).await.unwrap().contains("no offer"));
 
     // A room the user has no seat in (another match's, or made up).
-    a.hub.send(&ClientMsg::RtcOffer { room: "r999-999".into(), sdp: sdp.clone(), ticket: None }).await.unwrap();
+    a.hub
+        .send(&ClientMsg::RtcOffer { room: "r999-999".into(), sdp: sdp.clone(), ticket: None, negotiated: false })
+        .await
+        .unwrap();
     assert!(rtc_refusal(&mut a.hub).await.unwrap().contains("no seat"));
     let mut stranger = server.user("stranger").await.hub().await.unwrap();
-    stranger.send(&ClientMsg::RtcOffer { room: b.room_name.clone(), sdp: sdp.clone(), ticket: None }).await.unwrap();
+    stranger
+        .send(&ClientMsg::RtcOffer { room: b.room_name.clone(), sdp: sdp.clone(), ticket: None, negotiated: false })
+        .await
+        .unwrap();
     assert!(rtc_refusal(&mut stranger).await.unwrap().contains("no seat"));
 
     // A flood of offers: the first ones are answered (each replacing the last), then refused.
     let mut refused = 0;
     for _ in 0..6 {
-        a.hub.send(&ClientMsg::RtcOffer { room: a.room_name.clone(), sdp: sdp.clone(), ticket: None }).await.unwrap();
+        a.hub
+            .send(&ClientMsg::RtcOffer { room: a.room_name.clone(), sdp: sdp.clone(), ticket: None, negotiated: false })
+            .await
+            .unwrap();
         if let Some(reason) = rtc_refusal(&mut a.hub).await {
             assert!(reason.contains("too many offers"), "{reason}");
             refused += 1;
@@ -335,7 +370,8 @@ async fn bad_signaling_is_refused_with_a_reason() {
     assert!(rtc_refusal(&mut other_tab).await.unwrap().contains("no offer"));
 
     // Oversized: the hub's 4 KiB limit closes the socket with 1009.
-    let huge = ClientMsg::RtcOffer { room: a.room_name.clone(), sdp: "a".repeat(5000), ticket: None };
+    let huge =
+        ClientMsg::RtcOffer { room: a.room_name.clone(), sdp: "a".repeat(5000), ticket: None, negotiated: false };
     a.hub.send(&huge).await.unwrap();
     expect_close(&mut a.hub, shared::hub::close::TOO_BIG).await;
     // The signaling connection is gone, and so is every peer it negotiated.
@@ -353,7 +389,7 @@ async fn a_peer_that_never_completes_its_handshake_is_dropped_on_time() {
     let (mut a, _b) = duel(&server, "silent_a", "silent_b").await;
     // An offer whose answer is never applied: ICE and DTLS never start.
     let sdp = offer_sdp();
-    a.hub.send(&ClientMsg::RtcOffer { room: a.room_name.clone(), sdp, ticket: None }).await.unwrap();
+    a.hub.send(&ClientMsg::RtcOffer { room: a.room_name.clone(), sdp, ticket: None, negotiated: false }).await.unwrap();
     assert_eq!(rtc_refusal(&mut a.hub).await, None);
     let rtc = server.running.app.hub.rtc().stats();
     assert_eq!(rtc.peers.load(Relaxed), 1);

@@ -120,8 +120,8 @@ fn cache_config(mtu: Option<usize>, config: &Arc<dimpl::Config>) {
 /// (aws-lc's `EC_KEY`) held by each peer for its whole life. The keys parsed here are shared.
 static SHARED_KEYS: SharedKeys = SharedKeys::new();
 
-/// Distinct keys kept at most (a process that makes a certificate per peer, as the native
-/// bots do, only keeps its last few).
+/// Distinct keys kept at most (a process that makes a certificate per peer keeps only its
+/// last few; Rallypoint's server and bots each use one).
 const SHARED_KEYS_KEPT: usize = 4;
 
 /// Rallypoint patch: a key provider that parses each P-256 PKCS#8 key once and hands out

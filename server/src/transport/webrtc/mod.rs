@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use str0m::change::SdpOffer;
+use str0m::channel::{ChannelConfig, Reliability};
 use str0m::config::{CryptoProvider, DtlsCert};
 use str0m::{Candidate, IceCreds};
 use tokio::sync::mpsc;
@@ -36,6 +37,16 @@ use tokio::time::Instant;
 use self::shard::{Peer, ShardCommand};
 use crate::rate::TokenBucket;
 use crate::rooms::{Datagrams, LinkId, RoomCommand, Rooms, Route, Ticket, next_link_id};
+
+/// A client's offer of a peer connection for its seat, as it came over the hub.
+#[derive(Debug, Clone, Copy)]
+pub struct Offer<'a> {
+    pub sdp: &'a str,
+    /// The seat's ticket, while the player's room WebSocket joins.
+    pub ticket: Option<&'a str>,
+    /// The client's data channel is pre-negotiated ([`shared::room::DATA_CHANNEL_ID`]).
+    pub negotiated: bool,
+}
 
 /// Settings of the WebRTC transport, from the configuration.
 #[derive(Debug, Clone)]
@@ -351,13 +362,12 @@ impl Rtc {
         user_id: i64,
         signaling: u64,
         room: &str,
-        sdp: &str,
-        ticket: Option<&str>,
+        offer: Offer<'_>,
         rooms: &Rooms,
     ) -> Result<String, RtcError> {
         let key = (user_id, room.to_owned());
         // The ticket is checked outside the lock (a signature check).
-        let ticketed = match ticket {
+        let ticketed = match offer.ticket {
             Some(ticket) => Some(ticketed_room(rooms, user_id, room, ticket).ok_or(RtcError::NoSeat)?),
             None => None,
         };
@@ -396,7 +406,7 @@ impl Rtc {
             max_buffered_bytes: self.0.config.max_buffered_bytes,
             candidate: self.0.candidate,
         };
-        let (rtc, answer) = answerer.answer(sdp, creds.clone(), now)?;
+        let (rtc, answer) = answerer.answer(offer.sdp, offer.negotiated, creds.clone(), now)?;
         let id = self.0.next_peer.fetch_add(1, Ordering::Relaxed);
         let config = &self.0.config;
         let inbound = TokenBucket::new(config.messages_per_second, config.message_burst, Instant::now());
@@ -705,8 +715,15 @@ struct Answerer<'a> {
 impl Answerer<'_> {
     /// Checks and parses a browser's offer, builds the peer's connection (ICE-lite, one DTLS
     /// certificate for all, no media: no codecs or RTP header extensions to keep per peer) and
-    /// answers it.
-    fn answer(&self, sdp: &str, creds: IceCreds, now: std::time::Instant) -> Result<(str0m::Rtc, String), RtcError> {
+    /// answers it. With `negotiated`, the client's channel is pre-negotiated, and the peer makes
+    /// its side of it: it opens as the SCTP association comes up.
+    fn answer(
+        &self,
+        sdp: &str,
+        negotiated: bool,
+        creds: IceCreds,
+        now: std::time::Instant,
+    ) -> Result<(str0m::Rtc, String), RtcError> {
         // A browser's offer for our one data channel has an application section; without it
         // the peer could never open a channel.
         if !sdp.contains("m=application") {
@@ -726,6 +743,15 @@ impl Answerer<'_> {
         let host = Candidate::host(self.candidate, "udp").map_err(|_| RtcError::BadOffer)?;
         rtc.add_local_candidate(host);
         let answer = rtc.sdp_api().accept_offer(offer).map_err(|_| RtcError::BadOffer)?;
+        if negotiated {
+            rtc.direct_api().create_data_channel(ChannelConfig {
+                label: shared::room::DATA_CHANNEL_LABEL.to_owned(),
+                ordered: false,
+                reliability: Reliability::MaxRetransmits { retransmits: 0 },
+                negotiated: Some(shared::room::DATA_CHANNEL_ID),
+                ..ChannelConfig::default()
+            });
+        }
         Ok((rtc, answer.to_sdp_string()))
     }
 }
@@ -742,7 +768,7 @@ pub(crate) fn fuzz_offer(sdp: &str) {
     let answerer =
         Answerer { crypto, cert, max_buffered_bytes: 64 * 1024, candidate: SocketAddr::from(([127, 0, 0, 1], 9)) };
     let creds = IceCreds { ufrag: "fuzzfuzz".into(), pass: "fuzzfuzzfuzzfuzz".into() };
-    let _ = answerer.answer(sdp, creds, std::time::Instant::now());
+    let _ = answerer.answer(sdp, false, creds, std::time::Instant::now());
 }
 
 /// Parses a trickled candidate line as the server does: the fuzz target of candidates.
