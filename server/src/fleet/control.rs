@@ -20,7 +20,7 @@ use crate::rooms::{Seated, TicketSigner, TicketVerifier};
 /// Where the hub takes control connections.
 pub const PATH: &str = "/room-servers";
 /// Version of this protocol; the room protocol version must match too.
-pub const CONTROL_VERSION: u32 = 3;
+pub const CONTROL_VERSION: u32 = 4;
 /// Largest control message either way.
 pub const MAX_MESSAGE: usize = 256 * 1024;
 /// How often a room server says how many rooms it has free.
