@@ -277,14 +277,12 @@ impl Rooms {
         self.sender(room.slot)
     }
 
-    /// Gives a verified ticket's seat to `link`. On success, returns the room's mailbox, where
-    /// the transport sends the client's frames.
-    pub async fn claim(&self, ticket: Ticket, link: Link) -> Result<mpsc::Sender<RoomCommand>, TicketError> {
-        let tx = self.sender(ticket.room.slot).ok_or(TicketError::Foreign)?;
+    /// Gives a verified ticket's seat to `link`, through `room`: the mailbox of the room the
+    /// ticket names ([`Self::mailbox`]), where the transport then sends the client's frames.
+    pub async fn claim(room: &mpsc::Sender<RoomCommand>, ticket: Ticket, link: Link) -> Result<(), TicketError> {
         let (reply, answer) = oneshot::channel();
-        tx.send(RoomCommand::Claim(Claim { ticket, link, reply })).await.map_err(|_| TicketError::Foreign)?;
-        answer.await.map_err(|_| TicketError::Foreign)??;
-        Ok(tx)
+        room.send(RoomCommand::Claim(Claim { ticket, link, reply })).await.map_err(|_| TicketError::Foreign)?;
+        answer.await.map_err(|_| TicketError::Foreign)?
     }
 
     /// Stops every room task (their matches end without a result).

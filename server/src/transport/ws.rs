@@ -77,17 +77,16 @@ pub async fn serve(mut socket: WebSocket, rooms: Rooms, rtc: Rtc, session: Optio
         Ok(ticket) => ticket,
         Err(e) => return close_with(socket, e.close_code(), &e.to_string()).await,
     };
-    let Some(mailbox) = rooms.mailbox(ticket.room) else {
+    let Some(room) = rooms.mailbox(ticket.room) else {
         return close_with(socket, TicketError::Foreign.close_code(), &TicketError::Foreign.to_string()).await;
     };
     // The link takes the id and route of the peer an offer with this ticket may have begun.
-    let reservation = rtc.reserve(&ticket, mailbox);
+    let reservation = rtc.reserve(&ticket, room.clone());
     let (link, mut to_client) = Link::on_route(reservation.link(), reservation.route());
     let link_id = link.id;
-    let room = match rooms.claim(ticket, link).await {
-        Ok(room) => room,
-        Err(e) => return close_with(socket, e.close_code(), &e.to_string()).await,
-    };
+    if let Err(e) = Rooms::claim(&room, ticket, link).await {
+        return close_with(socket, e.close_code(), &e.to_string()).await;
+    }
     tracing::debug!(link = link_id, room = %ticket.room, user = ticket.user_id, "room connection joined");
     let seat = rtc.seat(reservation);
     let end = pump(&mut socket, &room, link_id, &mut to_client, &seat, &limits).await;
