@@ -359,9 +359,17 @@ impl Record {
 
 pub struct ParsedRecord {
     record: DTLSRecord,
-    handshakes: ArrayVec<Handshake, 8>,
+    // Rallypoint patch: a `Vec`, not an `ArrayVec<Handshake, 8>`. The inline array made every
+    // `ParsedRecord` several KB (a `Handshake` holds a whole ClientHello), and each record of
+    // application data, which has no handshake, was built twice (before and after decryption),
+    // moved and boxed at that size: a malloc of several KB and a few memmoves per datagram.
+    // Still at most `MAX_HANDSHAKES_PER_RECORD` (see `parse_handshakes`).
+    handshakes: Vec<Handshake>,
     handled: AtomicBool,
 }
+
+/// Handshakes parsed from one record at most (the `ArrayVec`'s capacity before the patch).
+const MAX_HANDSHAKES_PER_RECORD: usize = 8;
 
 impl ParsedRecord {
     pub fn parse(
@@ -379,7 +387,7 @@ impl ParsedRecord {
             let fragment_offset = record.fragment_range.start;
             parse_handshakes(record.fragment(input), fragment_offset, cipher_suite)
         } else {
-            ArrayVec::new()
+            Vec::new()
         };
 
         Ok(ParsedRecord {
@@ -428,17 +436,18 @@ fn parse_handshakes(
     mut input: &[u8],
     mut base_offset: usize,
     cipher_suite: Option<Dtls12CipherSuite>,
-) -> ArrayVec<Handshake, 8> {
-    let mut handshakes = ArrayVec::new();
+) -> Vec<Handshake> {
+    let mut handshakes = Vec::new();
     while !input.is_empty() {
         if let Ok((remaining, handshake)) = Handshake::parse(input, base_offset, cipher_suite, true)
         {
             let len = input.len() - remaining.len();
             base_offset += len;
             input = remaining;
-            if handshakes.try_push(handshake).is_err() {
+            if handshakes.len() == MAX_HANDSHAKES_PER_RECORD {
                 break;
             }
+            handshakes.push(handshake);
         } else {
             break;
         }
@@ -770,6 +779,31 @@ mod tests {
         assert_eq!(
             handler.buffers_returned, handler.buffers_acquired,
             "discarding a datagram with too many records must recycle every record"
+        );
+    }
+
+    // Rallypoint patch: the test of the change above.
+    #[test]
+    fn a_parsed_record_is_small_whatever_its_handshakes() {
+        // Before the patch it held 8 handshakes inline (several KB), built, moved and boxed
+        // twice for every record of application data.
+        let size = std::mem::size_of::<ParsedRecord>();
+        assert!(size <= 128, "ParsedRecord is {size} bytes");
+        assert!(
+            std::mem::size_of::<Handshake>() > size,
+            "a Handshake is what was inline"
+        );
+
+        let body = build_handshake(4, 0, &[0; 4]);
+        let handshakes = body.repeat(MAX_HANDSHAKES_PER_RECORD + 2);
+        let packet = build_record(ContentType::Handshake, 0, 0, &handshakes);
+        let mut handler = TestHandler::default();
+        let incoming = Incoming::parse_packet(&packet, &mut handler, None)
+            .expect("parse handshakes")
+            .expect("a record of handshakes");
+        assert_eq!(
+            incoming.first().handshakes().len(),
+            MAX_HANDSHAKES_PER_RECORD
         );
     }
 }
