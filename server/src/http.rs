@@ -13,11 +13,12 @@ use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tower::ServiceExt as _;
 
 use crate::tls::Tls;
+use crate::transport::direct::{self, Direct};
 
 /// Time given to requests in flight when the server stops.
 const DRAIN: Duration = Duration::from_secs(10);
@@ -53,23 +54,36 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let counted = Counted { stream, _permit: permit };
         let router = router.clone();
-        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-            request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-            router.clone().oneshot(request)
-        });
+        let service = move |direct: Option<Direct>| {
+            hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+                request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                if let Some(direct) = &direct {
+                    request.extensions_mut().insert(direct.clone());
+                }
+                router.clone().oneshot(request)
+            })
+        };
         let (builder, stop, tls) = (builder.clone(), stop.clone(), tls.clone());
         tokio::spawn(async move {
             match tls {
-                None => serve_connection(&builder, TokioIo::new(counted), service, stop).await,
+                // Plain TCP: a room may write to the connection itself (`transport::direct`).
+                None => {
+                    let (io, direct) = direct::split(stream);
+                    let counted = Counted { stream: io, _permit: permit };
+                    serve_connection(&builder, TokioIo::new(counted), service(Some(direct)), stop).await;
+                }
                 // The handshake has the header timeout: a client that stalls in it holds a
                 // connection permit no longer than one that stalls in its headers.
-                Some(Tls(acceptor)) => match tokio::time::timeout(header_timeout, acceptor.accept(counted)).await {
-                    Ok(Ok(stream)) => serve_connection(&builder, TokioIo::new(stream), service, stop).await,
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                },
+                Some(Tls(acceptor)) => {
+                    match tokio::time::timeout(header_timeout, acceptor.accept(Counted { stream, _permit: permit }))
+                        .await
+                    {
+                        Ok(Ok(stream)) => serve_connection(&builder, TokioIo::new(stream), service(None), stop).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
             }
         });
     }
@@ -110,18 +124,18 @@ async fn serve_connection<I, S>(
 
 /// A TCP stream that holds one connection permit for as long as it lives, including after an
 /// upgrade to WebSocket, when hyper has let go of the connection.
-struct Counted {
-    stream: TcpStream,
+struct Counted<S> {
+    stream: S,
     _permit: OwnedSemaphorePermit,
 }
 
-impl AsyncRead for Counted {
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for Counted {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }

@@ -529,6 +529,11 @@ impl<G: shared::game::Game> Room<G> {
         self.send_raw(msg.encode()).await
     }
 
+    /// Sends one WebSocket message as it is on the room connection (tests: pings, text).
+    pub async fn send_ws(&mut self, message: Message) -> Result<(), ClientError> {
+        Ok(self.socket.send(message).await?)
+    }
+
     /// Sends raw bytes as one frame, on the data channel while it is open (tests use it for
     /// bad input).
     pub async fn send_raw(&mut self, bytes: Vec<u8>) -> Result<(), ClientError> {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use axum::Extension;
 use axum::Router;
 use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
@@ -34,6 +35,7 @@ use super::control::{self, CONTROL_VERSION, FromHub, FromServer, Running, Signed
 use super::outbox::Outbox;
 use crate::config::Limits;
 use crate::rooms::{RoomConfig, RoomEvent, RoomId, Rooms, Seated, TicketVerifier};
+use crate::transport::direct::Direct;
 use crate::transport::webrtc::{Offer, Rtc, RtcConfig};
 
 #[derive(Debug, Args)]
@@ -676,7 +678,12 @@ struct Door {
     limits: Arc<Limits>,
 }
 
-async fn room_socket(State(door): State<Arc<Door>>, headers: HeaderMap, upgrade: WebSocketUpgrade) -> Response {
+async fn room_socket(
+    State(door): State<Arc<Door>>,
+    headers: HeaderMap,
+    direct: Option<Extension<Direct>>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
     // Browsers always send an Origin: only the site's pages may open a room here. Native
     // clients send none and are judged by their ticket, like everyone.
     if let Some(origin) = headers.get(header::ORIGIN)
@@ -691,5 +698,7 @@ async fn room_socket(State(door): State<Arc<Door>>, headers: HeaderMap, upgrade:
         .write_buffer_size(0)
         .max_message_size(shared::room::MAX_TO_ROOM_BYTES)
         .max_frame_size(shared::room::MAX_TO_ROOM_BYTES)
-        .on_upgrade(move |socket| crate::transport::ws::serve(socket, rooms, rtc, None, limits))
+        .on_upgrade(move |socket| {
+            crate::transport::ws::serve(socket, direct.map(|Extension(d)| d), rooms, rtc, None, limits)
+        })
 }

@@ -6,9 +6,13 @@
 //! transport (WebRTC) sets while the player's data channel is open. At each tick the room reads
 //! every route and hands all the frames bound for one datagram shard over in one batch
 //! ([`Datagrams::send`]), so a tick costs one hand-over per shard, not one per player.
+//!
+//! When the reliable connection lets the room write to it itself ([`DirectWrite`]: the room
+//! WebSocket over plain TCP), the link's frames go straight to its socket, and the queue only
+//! carries the close.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -110,12 +114,27 @@ impl Datagrams for NoDatagrams {
     fn send(&self, _: u16, _: Vec<(u64, Bytes)>) {}
 }
 
+/// A reliable connection that the room writes its frames to itself, with no task between: each
+/// frame is written at once, kept in a bounded backlog, or dropped — never waited for.
+pub trait DirectWrite: Send + Sync {
+    /// Writes `frame` as one message. A `lossy` frame is dropped when the connection is behind;
+    /// another waits in its backlog up to a bound. `false`: dropped.
+    fn write(&self, frame: &[u8], lossy: bool) -> bool;
+}
+
 /// A room's handle on one player connection.
-#[derive(Debug)]
 pub struct Link {
     pub id: LinkId,
     tx: mpsc::Sender<ToClient>,
     pub route: Arc<Route>,
+    /// The connection's write side, while it lives.
+    direct: Option<Weak<dyn DirectWrite>>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link").field("id", &self.id).field("direct", &self.direct.is_some()).finish_non_exhaustive()
+    }
 }
 
 /// A link id no link has had yet.
@@ -132,21 +151,35 @@ impl Link {
     /// A link with an id and a route chosen already (a seat's WebRTC side may have them first).
     pub fn on_route(id: LinkId, route: Arc<Route>) -> (Self, mpsc::Receiver<ToClient>) {
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
-        (Self { id, tx, route }, rx)
+        (Self { id, tx, route, direct: None }, rx)
     }
 
-    /// Queues a frame that may be lost on the reliable connection; `false` when it was dropped
-    /// (the queue is full).
+    /// The room writes this link's frames to `direct` itself (while it lives) instead of
+    /// queueing them.
+    #[must_use]
+    pub fn writing_to(mut self, direct: Weak<dyn DirectWrite>) -> Self {
+        self.direct = Some(direct);
+        self
+    }
+
+    /// Sends a frame that may be lost on the reliable connection; `false` when it was dropped
+    /// (the client is behind).
     pub fn unreliable(&self, frame: Bytes) -> bool {
-        self.tx.try_send(ToClient::Unreliable(frame)).is_ok()
+        match &self.direct {
+            Some(direct) => direct.upgrade().is_some_and(|d| d.write(&frame, true)),
+            None => self.tx.try_send(ToClient::Unreliable(frame)).is_ok(),
+        }
     }
 
-    /// Queues a frame that must arrive; `false` when the client is too far behind to take it.
+    /// Sends a frame that must arrive; `false` when the client is too far behind to take it.
     pub fn reliable(&self, frame: Bytes) -> bool {
-        self.tx.try_send(ToClient::Reliable(frame)).is_ok()
+        match &self.direct {
+            Some(direct) => direct.upgrade().is_some_and(|d| d.write(&frame, false)),
+            None => self.tx.try_send(ToClient::Reliable(frame)).is_ok(),
+        }
     }
 
-    /// Asks the transport to close the connection.
+    /// Asks the transport to close the connection (after the frames sent before).
     pub fn close(&self, code: u16, reason: &'static str) {
         let _ = self.tx.try_send(ToClient::Close(code, reason));
     }

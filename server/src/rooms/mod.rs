@@ -21,7 +21,7 @@ use shared::game::{Game, MatchSetup, Mode, Outcome};
 use shared::room::RatingChange;
 use tokio::sync::{mpsc, oneshot};
 
-pub use link::{DatagramPeer, Datagrams, Link, LinkId, NoDatagrams, Route, ToClient, next_link_id};
+pub use link::{DatagramPeer, Datagrams, DirectWrite, Link, LinkId, NoDatagrams, Route, ToClient, next_link_id};
 pub use ticket::{LOCAL_SERVER, RoomId, Ticket, TicketError, TicketSigner, TicketVerifier};
 
 /// Settings of every room, from the configuration.

@@ -11,7 +11,6 @@ mod pages;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
 use axum::http::request::Parts;
@@ -19,6 +18,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use axum_extra::extract::CookieJar;
 use axum_extra::extract::cookie::{Cookie, SameSite};
 use serde::Deserialize;
@@ -29,6 +29,7 @@ use tower_http::timeout::TimeoutLayer;
 use crate::App;
 use crate::accounts::{LoginError, NewSession, RegisterError, Session};
 use crate::hub::results;
+use crate::transport::direct::Direct;
 pub use error::AppError;
 use pages::{AccountPage, AuthPage, HomePage, Layout, LeaderboardPage, Pager, PlayPage, ProfilePage};
 
@@ -412,6 +413,7 @@ async fn room_socket(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     MaybeSession(session): MaybeSession,
+    direct: Option<Extension<Direct>>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let (session, upgrade, permit) =
@@ -422,7 +424,8 @@ async fn room_socket(
     let (rooms, rtc) = (app.hub.rooms().clone(), app.hub.rtc().clone());
     let limits = app.hub.shared_limits();
     upgrade.on_upgrade(move |socket| async move {
-        crate::transport::ws::serve(socket, rooms, rtc, Some(session), limits).await;
+        let direct = direct.map(|Extension(direct)| direct);
+        crate::transport::ws::serve(socket, direct, rooms, rtc, Some(session), limits).await;
         drop(permit);
     })
 }

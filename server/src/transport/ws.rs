@@ -4,16 +4,19 @@
 //! this connection, binary frames go to the room as they come, and the room's frames for this
 //! WebSocket go out. While the player's WebRTC data channel is open the room sends the frames
 //! that may be lost there instead (through the link's route), and this task only sees the
-//! reliable ones.
+//! reliable ones. Over plain TCP the room writes its frames itself ([`Direct`]), and this task
+//! writes only what the socket could not take at once, and the close.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::SinkExt;
 use shared::room::{JoinRequest, ROOM_PROTOCOL_VERSION, close};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 
+use super::direct::Direct;
 use super::webrtc::{Rtc, SeatGuard};
 use crate::accounts::Session;
 use crate::config::Limits;
@@ -54,8 +57,16 @@ pub fn read_error_code(e: axum::Error) -> Option<u16> {
 }
 
 /// Runs one player's room connection until it ends. With a `session` (the hub's own rooms) the
-/// ticket must be that user's; a room server has no sessions and goes by the ticket alone.
-pub async fn serve(mut socket: WebSocket, rooms: Rooms, rtc: Rtc, session: Option<Session>, limits: Arc<Limits>) {
+/// ticket must be that user's; a room server has no sessions and goes by the ticket alone. With
+/// `direct` (a plain TCP connection) the room writes its frames to the socket itself.
+pub async fn serve(
+    mut socket: WebSocket,
+    direct: Option<Direct>,
+    rooms: Rooms,
+    rtc: Rtc,
+    session: Option<Session>,
+    limits: Arc<Limits>,
+) {
     let first = match timeout(limits.ws_hello_timeout, socket.recv()).await {
         Ok(Some(Ok(Message::Binary(frame)))) => JoinRequest::decode(&frame).ok(),
         Ok(Some(Err(e))) => {
@@ -82,14 +93,23 @@ pub async fn serve(mut socket: WebSocket, rooms: Rooms, rtc: Rtc, session: Optio
     };
     // The link takes the id and route of the peer an offer with this ticket may have begun.
     let reservation = rtc.reserve(&ticket, room.clone());
-    let (link, mut to_client) = Link::on_route(reservation.link(), reservation.route());
+    let (mut link, mut to_client) = Link::on_route(reservation.link(), reservation.route());
+    if let Some(direct) = &direct {
+        // Nothing is on its way out yet: the upgrade's answer is written, no frame since.
+        direct.arm();
+        link = link.writing_to(direct.downgrade());
+    }
     let link_id = link.id;
     if let Err(e) = Rooms::claim(&room, ticket, link).await {
         return close_with(socket, e.close_code(), &e.to_string()).await;
     }
     tracing::debug!(link = link_id, room = %ticket.room, user = ticket.user_id, "room connection joined");
     let seat = rtc.seat(reservation);
-    let end = pump(&mut socket, &room, link_id, &mut to_client, &seat, &limits).await;
+    let end = pump(&mut socket, direct.as_ref(), &room, link_id, &mut to_client, &seat, &limits).await;
+    if let Some(direct) = &direct {
+        // Nothing after the close frame.
+        direct.close();
+    }
     drop(seat);
     // Tell the room, even if its mailbox is busy for a moment.
     let _ = timeout(Duration::from_secs(1), room.send(RoomCommand::Closed { link: link_id })).await;
@@ -101,6 +121,7 @@ pub async fn serve(mut socket: WebSocket, rooms: Rooms, rtc: Rtc, session: Optio
 /// Moves frames both ways until one side ends; returns the close frame to send, if any.
 async fn pump(
     socket: &mut WebSocket,
+    direct: Option<&Direct>,
     room: &mpsc::Sender<RoomCommand>,
     link: u64,
     to_client: &mut mpsc::Receiver<ToClient>,
@@ -133,7 +154,12 @@ async fn pump(
                             return Some((close::POLICY, "rooms speak binary"));
                         }
                     }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    // Answered by tungstenite, so they cost a write: under the same limit.
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
+                        if !inbound.take(Instant::now()) {
+                            return Some((close::POLICY, "too many messages"));
+                        }
+                    }
                 }
             }
             out = to_client.recv() => match out {
@@ -145,6 +171,14 @@ async fn pump(
                 Some(ToClient::Close(code, reason)) => return Some((code, reason)),
                 None => return Some((close::ROOM_FAILED, "the match stopped")),
             },
+            // The room left a frame the socket could not take at once, or found it full: write it
+            // out, or wait until the socket takes bytes again; a client that does not read for
+            // the write timeout is let go.
+            () = backlog(direct) => {
+                if !matches!(timeout(limits.ws_write_timeout, socket.flush()).await, Ok(Ok(()))) {
+                    return None;
+                }
+            }
             _ = idle_check.tick() => {
                 let heard = seat.last_heard().map_or(last_heard, |dc| dc.max(last_heard));
                 if heard.elapsed() >= limits.room_idle_timeout {
@@ -152,5 +186,13 @@ async fn pump(
                 }
             }
         }
+    }
+}
+
+/// Resolves when the room left bytes for this task to write; never without a direct writer.
+async fn backlog(direct: Option<&Direct>) {
+    match direct {
+        Some(direct) => direct.backlog().await,
+        None => std::future::pending().await,
     }
 }

@@ -323,6 +323,61 @@ async fn a_reloaded_tab_goes_back_to_its_seat_and_an_empty_seat_is_given_up() {
     assert!(ratings[usize::from(rb.seat)].after > ratings[usize::from(rb.seat)].before);
 }
 
+/// The room writes to a room WebSocket itself (plain TCP): a player who stops reading loses
+/// snapshots, holds neither the room nor the other player up, and is let go once their socket
+/// has taken nothing for the write timeout.
+#[tokio::test]
+async fn a_player_who_stops_reading_loses_snapshots_holds_nobody_up_and_is_let_go() {
+    use tokio_tungstenite::tungstenite::Message;
+    let server = TestServer::start_with(|c| {
+        quick(c);
+        c.rooms.time_limit_secs = Some(120);
+        c.limits.ws_write_timeout = Duration::from_millis(500);
+        c.limits.room_messages_per_second = 100_000.0;
+        c.limits.room_message_burst = 100_000.0;
+    })
+    .await;
+    let mut a = player(&server, "stalled").await;
+    let mut b = player(&server, "reader").await;
+    let (ta, tb) = tokio::join!(find_match(&mut a, "duel"), find_match(&mut b, "duel"));
+    // A real WebSocket over a socket with a tiny receive buffer, never read after the join.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(server.running.addr).await.unwrap();
+    let mut stalled = Room::<Arena>::join(a.client.room_request().unwrap(), Some(stream), &ta).await.unwrap();
+    let mut rb = b.client.room::<Arena>(&tb).await.unwrap();
+    // Snapshots are small: the stalled player fills its socket faster with pings, whose pongs
+    // the server writes on the same connection (the kernel takes a few MB first).
+    let flood = tokio::spawn(async move {
+        for _ in 0..100_000 {
+            if stalled.send_ws(Message::Ping(vec![0; 125].into())).await.is_err() {
+                return true;
+            }
+        }
+        false
+    });
+    let stats = server.running.app.hub.rooms().stats();
+    let started = tokio::time::Instant::now();
+    let mut last = tokio::time::Instant::now();
+    let outcome = loop {
+        match rb.recv_timeout(WAIT).await.unwrap() {
+            FromRoom::<Arena>::Snapshot { .. } => {
+                assert!(last.elapsed() < Duration::from_millis(500), "the reader waited {:?}", last.elapsed());
+                last = tokio::time::Instant::now();
+            }
+            FromRoom::<Arena>::Ended { outcome, .. } => break outcome,
+            _ => {}
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the stalled player was never let go");
+    };
+    // Let go, the stalled player's seat was given up after the hold: the reader wins.
+    assert_eq!(outcome.reason, shared::game::EndReason::Forfeit);
+    assert_eq!(outcome.ranks[usize::from(rb.seat)], 1);
+    assert!(stats.snapshots_dropped.load(std::sync::atomic::Ordering::Relaxed) > 0, "dropped and counted");
+    assert!(flood.await.unwrap(), "the server closed the stalled connection");
+    eprintln!("let go after {:?}", started.elapsed());
+}
+
 #[tokio::test]
 async fn nobody_is_queued_twice_and_leaving_the_lobby_leaves_the_queue() {
     let server = TestServer::start_with(quick).await;
