@@ -191,6 +191,35 @@ fn binary_header(len: usize, out: &mut [u8; MAX_HEADER]) -> &[u8] {
     &out[..n]
 }
 
+/// Whether the whole frames in `bufs` (as written, one after the other) include a close frame.
+fn holds_close(bufs: &[IoSlice<'_>]) -> bool {
+    let byte = |at: usize| {
+        let mut at = at;
+        for buf in bufs {
+            match buf.get(at) {
+                Some(&b) => return Some(b),
+                None => at -= buf.len(),
+            }
+        }
+        None
+    };
+    let mut at = 0;
+    while let (Some(first), Some(second)) = (byte(at), byte(at + 1)) {
+        if first & 0x0F == 0x8 {
+            return true;
+        }
+        // Server frames carry no mask: 2 header bytes, then 0, 2 or 8 bytes of length.
+        let (extra, len) = match second & 0x7F {
+            126 => (2, (0..2).try_fold(0u64, |n, i| Some(n << 8 | u64::from(byte(at + 2 + i)?)))),
+            127 => (8, (0..8).try_fold(0u64, |n, i| Some(n << 8 | u64::from(byte(at + 2 + i)?)))),
+            n => (0, Some(u64::from(n))),
+        };
+        let Some(len) = len.and_then(|len| usize::try_from(len).ok()) else { return false };
+        at = at.saturating_add(2 + extra).saturating_add(len);
+    }
+    false
+}
+
 /// The connection's own I/O: reads straight from the socket; writes as the socket does until
 /// armed, then through the shared backlog.
 pub struct DirectIo {
@@ -220,17 +249,23 @@ impl AsyncWrite for DirectIo {
         }
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         // Whole or nothing: a write taken in part could let a room's frame in mid-message.
-        if w.poll_drain(cx)?.is_ready() {
+        let ready = w.poll_drain(cx)?.is_ready();
+        if !ready && w.backlog.len() + total > MAX_BACKLOG {
+            // The socket will wake us (poll_drain registered).
+            return Poll::Pending;
+        }
+        if holds_close(bufs) {
+            // Nothing from the room after the close frame (tungstenite answers a client's close
+            // before the connection's task hears of it).
+            w.closed = true;
+        }
+        if ready {
             if w.write_now(bufs)?.is_none() {
                 for buf in bufs {
                     w.backlog.extend_from_slice(buf);
                 }
             }
             return Poll::Ready(Ok(total));
-        }
-        if w.backlog.len() + total > MAX_BACKLOG {
-            // The socket will wake us (poll_drain registered).
-            return Poll::Pending;
         }
         for buf in bufs {
             w.backlog.extend_from_slice(buf);
@@ -323,10 +358,39 @@ mod tests {
         // Drained: lossy frames go straight out again, and the connection can close cleanly.
         assert!(room.write(b"again", true));
         assert_eq!(client.next().await.unwrap().unwrap(), Message::binary(&b"again"[..]));
-        direct.close();
-        assert!(!room.write(b"after close", false), "nothing is written once the connection closes");
+        // Nothing from the room follows the connection's close frame.
         server.close(None).await.unwrap();
+        assert!(!room.write(b"after close", false));
         assert!(matches!(client.next().await.unwrap().unwrap(), Message::Close(_)));
+    }
+
+    #[test]
+    fn a_close_frame_is_found_among_the_frames_of_a_write() {
+        use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+        let frame = |message: Message| {
+            let mut out = Vec::new();
+            let frame = match message {
+                Message::Binary(b) => Frame::message(b, OpCode::Data(Data::Binary), true),
+                Message::Pong(b) => Frame::pong(b),
+                Message::Close(c) => Frame::close(c),
+                _ => unreachable!(),
+            };
+            frame.format(&mut out).unwrap();
+            out
+        };
+        let close = frame(Message::Close(None));
+        let pong = frame(Message::Pong(vec![1; 125].into()));
+        let long = frame(Message::binary(vec![0x88; 70_000]));
+        let mid = frame(Message::binary(vec![0x88; 300]));
+        assert!(holds_close(&[IoSlice::new(&close)]));
+        assert!(!holds_close(&[IoSlice::new(&pong)]));
+        assert!(!holds_close(&[IoSlice::new(&long), IoSlice::new(&mid)]), "payloads are skipped");
+        let mut all = [pong.clone(), long.clone(), mid.clone()].concat();
+        assert!(!holds_close(&[IoSlice::new(&all)]));
+        all.extend_from_slice(&close);
+        assert!(holds_close(&[IoSlice::new(&all)]));
+        let (a, b) = all.split_at(pong.len() + 3);
+        assert!(holds_close(&[IoSlice::new(a), IoSlice::new(b)]), "across slices");
     }
 
     #[tokio::test]
@@ -343,12 +407,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_room_cannot_write_before_the_upgrade_is_armed_or_after_the_connection_is_gone() {
+    async fn a_room_writes_only_between_arming_and_closing_and_does_not_keep_the_connection() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (_client, accepted) = tokio::join!(TcpStream::connect(listener.local_addr().unwrap()), listener.accept());
         let (io, direct) = split(accepted.unwrap().0);
         let weak = direct.downgrade();
         assert!(!weak.upgrade().unwrap().write(b"too early", false));
+        direct.arm();
+        assert!(weak.upgrade().unwrap().write(b"armed", false));
+        direct.close();
+        assert!(!weak.upgrade().unwrap().write(b"closing", false));
         drop((io, direct));
         assert!(weak.upgrade().is_none(), "the room's handle does not keep the connection");
     }

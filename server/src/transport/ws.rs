@@ -95,7 +95,11 @@ pub async fn serve(
     let reservation = rtc.reserve(&ticket, room.clone());
     let (mut link, mut to_client) = Link::on_route(reservation.link(), reservation.route());
     if let Some(direct) = &direct {
-        // Nothing is on its way out yet: the upgrade's answer is written, no frame since.
+        // Arm between two messages: the upgrade's answer is written, and nothing of
+        // tungstenite's (a pong) may be half out.
+        if !matches!(timeout(limits.ws_write_timeout, socket.flush()).await, Ok(Ok(()))) {
+            return;
+        }
         direct.arm();
         link = link.writing_to(direct.downgrade());
     }
