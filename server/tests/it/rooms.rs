@@ -263,6 +263,25 @@ async fn malformed_frames_are_dropped_counted_and_repeated_ones_close_the_connec
 }
 
 #[tokio::test]
+async fn a_flood_of_pings_is_held_to_the_message_limit() {
+    use tokio_tungstenite::tungstenite::Message;
+    let server = TestServer::start_with(quick).await;
+    let mut a = player(&server, "pinger").await;
+    let mut b = player(&server, "bystander").await;
+    let (ta, tb) = tokio::join!(find_match(&mut a, "duel"), find_match(&mut b, "duel"));
+    let mut ra = a.client.room::<Arena>(&ta).await.unwrap();
+    let mut rb = b.client.room::<Arena>(&tb).await.unwrap();
+    // Each ping costs the server a pong: past the burst (180), the connection is closed.
+    for _ in 0..400 {
+        if ra.send_ws(Message::Ping(vec![0; 125].into())).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(close_code(&mut ra).await, close::POLICY);
+    while !matches!(rb.recv_timeout(WAIT).await.unwrap(), FromRoom::<Arena>::Snapshot { .. }) {}
+}
+
+#[tokio::test]
 async fn inputs_far_ahead_or_far_behind_are_dropped_and_counted() {
     let server = TestServer::start_with(quick).await;
     let mut a = player(&server, "cheater").await;
