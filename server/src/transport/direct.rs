@@ -85,6 +85,10 @@ impl Writer {
                 0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 n => self.backlog.advance(n),
             }
+            if self.backlog.is_empty() {
+                // Backlogs are rare: an idle connection keeps no buffer.
+                self.backlog = BytesMut::new();
+            }
         }
         if self.stalled {
             ready!(self.socket.as_ref().poll_write_ready(cx))?;
@@ -355,6 +359,7 @@ mod tests {
         assert_eq!(client.next().await.unwrap().unwrap(), Message::binary(&b"must arrive"[..]));
         assert_eq!(client.next().await.unwrap().unwrap(), Message::binary(vec![1u8; 3000]));
         let mut server = flushing.await.unwrap();
+        assert_eq!(direct.0.writer().backlog.capacity(), 0, "the drained backlog's buffer is freed");
         // Drained: lossy frames go straight out again, and the connection can close cleanly.
         assert!(room.write(b"again", true));
         assert_eq!(client.next().await.unwrap().unwrap(), Message::binary(&b"again"[..]));
