@@ -182,6 +182,37 @@ async fn without_webrtc_in_the_page_the_match_is_played_over_the_websocket() {
     server.stop().await;
 }
 
+/// Over TLS the room WebSocket keeps its queue and task (a room writes to a player's socket
+/// itself only over plain TCP): two players without WebRTC play over `wss` there.
+#[tokio::test]
+async fn over_https_players_without_webrtc_play_over_the_secure_websocket() {
+    let _one = crate::ONE_AT_A_TIME.lock().await;
+    let server = Server::start_tls_with(&["--match-seconds", "20"]).await;
+    let driver = Driver::start().await;
+    let erin = driver.browser(&["--ignore-certificate-errors"]).await;
+    let frank = driver.browser(&["--ignore-certificate-errors"]).await;
+    register(&erin, &server, "erin").await;
+    register(&frank, &server, "frank").await;
+    for b in [&erin, &frank] {
+        b.js("window.RTCPeerConnection = undefined; return null").await;
+        find_duel(b).await;
+    }
+    for b in [&erin, &frank] {
+        b.wait_until("a second of snapshots over the WebSocket", || async {
+            let s = state(b).await;
+            s["transport"] == "websocket" && s["state"] == "playing" && s["snapshots"].as_u64() > Some(30)
+        })
+        .await;
+    }
+    let before = position(&state(&frank).await).unwrap();
+    key(&frank, "KeyS", true).await;
+    frank.wait_until("frank moves", || async { position(&state(&frank).await) != Some(before) }).await;
+    key(&frank, "KeyS", false).await;
+    erin.close().await;
+    frank.close().await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn two_players_are_matched_see_each_other_move_and_the_result_is_kept() {
     let _one = crate::ONE_AT_A_TIME.lock().await;

@@ -83,6 +83,11 @@ impl Server {
     /// Starts the server serving TLS itself, with a fresh self-signed certificate for
     /// 127.0.0.1 (browsers need `--ignore-certificate-errors`).
     pub async fn start_tls() -> Self {
+        Self::start_tls_with(&[]).await
+    }
+
+    /// [`Server::start_tls`] with extra flags.
+    pub async fn start_tls_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("a temporary folder");
         let key = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
             .expect("a self-signed certificate");
@@ -90,7 +95,9 @@ impl Server {
         std::fs::write(&cert_path, key.cert.pem()).unwrap();
         std::fs::write(&key_path, key.signing_key.serialize_pem()).unwrap();
         let (cert_path, key_path) = (cert_path.display().to_string(), key_path.display().to_string());
-        let mut server = Self::start_with(&["--tls-cert", &cert_path, "--tls-key", &key_path]).await;
+        let mut args = vec!["--tls-cert", &cert_path, "--tls-key", &key_path];
+        args.extend_from_slice(extra);
+        let mut server = Self::start_with(&args).await;
         server.certs = Some(dir);
         server
     }
