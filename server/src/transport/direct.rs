@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 
 use crate::rooms::DirectWrite;
 
@@ -95,6 +95,13 @@ impl Writer {
             self.stalled = false;
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Puts `bufs` at the end of the backlog.
+    fn keep(&mut self, bufs: &[IoSlice<'_>]) {
+        for buf in bufs {
+            self.backlog.extend_from_slice(buf);
+        }
     }
 
     /// Writes `bufs` now as far as the socket takes them and keeps the rest; nothing may be in
@@ -176,8 +183,7 @@ impl DirectWrite for Shared {
                 self.drain.notify_one();
                 return false;
             }
-            w.backlog.extend_from_slice(header);
-            w.backlog.extend_from_slice(frame);
+            w.keep(&[IoSlice::new(header), IoSlice::new(frame)]);
         }
         if !w.backlog.is_empty() {
             self.drain.notify_one();
@@ -197,29 +203,21 @@ fn binary_header(len: usize, out: &mut [u8; MAX_HEADER]) -> &[u8] {
 
 /// Whether the whole frames in `bufs` (as written, one after the other) include a close frame.
 fn holds_close(bufs: &[IoSlice<'_>]) -> bool {
-    let byte = |at: usize| {
-        let mut at = at;
-        for buf in bufs {
-            match buf.get(at) {
-                Some(&b) => return Some(b),
-                None => at -= buf.len(),
-            }
+    // tungstenite writes one slice at a time; join the rare write of several.
+    let joined: Vec<u8>;
+    let bytes: &[u8] = match bufs {
+        [one] => one,
+        _ => {
+            joined = bufs.iter().flat_map(|buf| buf.iter().copied()).collect();
+            &joined
         }
-        None
     };
-    let mut at = 0;
-    while let (Some(first), Some(second)) = (byte(at), byte(at + 1)) {
-        if first & 0x0F == 0x8 {
+    let mut cursor = io::Cursor::new(bytes);
+    while let Ok(Some((header, len))) = FrameHeader::parse(&mut cursor) {
+        if header.opcode == OpCode::Control(Control::Close) {
             return true;
         }
-        // Server frames carry no mask: 2 header bytes, then 0, 2 or 8 bytes of length.
-        let (extra, len) = match second & 0x7F {
-            126 => (2, (0..2).try_fold(0u64, |n, i| Some(n << 8 | u64::from(byte(at + 2 + i)?)))),
-            127 => (8, (0..8).try_fold(0u64, |n, i| Some(n << 8 | u64::from(byte(at + 2 + i)?)))),
-            n => (0, Some(u64::from(n))),
-        };
-        let Some(len) = len.and_then(|len| usize::try_from(len).ok()) else { return false };
-        at = at.saturating_add(2 + extra).saturating_add(len);
+        cursor.set_position(cursor.position().saturating_add(len));
     }
     false
 }
@@ -263,16 +261,9 @@ impl AsyncWrite for DirectIo {
             // before the connection's task hears of it).
             w.closed = true;
         }
-        if ready {
-            if w.write_now(bufs)?.is_none() {
-                for buf in bufs {
-                    w.backlog.extend_from_slice(buf);
-                }
-            }
-            return Poll::Ready(Ok(total));
-        }
-        for buf in bufs {
-            w.backlog.extend_from_slice(buf);
+        let taken = ready && w.write_now(bufs)?.is_some();
+        if !taken {
+            w.keep(bufs);
         }
         Poll::Ready(Ok(total))
     }
