@@ -622,3 +622,30 @@ async fn players_cut_off_mid_match_take_their_seat_back_over_the_websocket() {
 async fn players_cut_off_mid_match_take_their_seat_back_over_webrtc() {
     cut_room_connections_are_taken_back(rallypoint_load::bots::Transport::Webrtc).await;
 }
+
+/// A `Leave` sent just before the connection closes reaches the room before the close does, so
+/// the seat is given up at once rather than held for the player's return.
+#[tokio::test]
+async fn a_leave_sent_as_the_connection_closes_gives_the_seat_up_at_once() {
+    let server = TestServer::start_with(|c| {
+        c.rooms.time_limit_secs = Some(60);
+        c.rooms.seat_hold = Duration::from_secs(60);
+    })
+    .await;
+    let mut a = player(&server, "quitter").await;
+    let mut b = player(&server, "remains").await;
+    let (ta, tb) = tokio::join!(find_match(&mut a, "duel"), find_match(&mut b, "duel"));
+    let mut ra = a.client.room::<Arena>(&ta).await.unwrap();
+    let mut rb = b.client.room::<Arena>(&tb).await.unwrap();
+    while !matches!(ra.recv_timeout(WAIT).await.unwrap(), FromRoom::<Arena>::Snapshot { .. }) {}
+    ra.send(&ToRoom::Leave).await.unwrap();
+    ra.close().await;
+    // The duel ends with one player gone, well before the 60 s hold would have run out.
+    loop {
+        match rb.recv_timeout(WAIT).await {
+            Ok(FromRoom::<Arena>::Ended { .. }) => break,
+            Ok(_) => {}
+            Err(e) => panic!("the seat was held, not given up: {e:?}"),
+        }
+    }
+}
