@@ -629,16 +629,36 @@ impl State {
     }
 
     /// Stopping: the matches that finished before the stop get their results written (those
-    /// reported but not handled yet too), within [`RECORDING_GRACE`].
+    /// reported but not handled yet too, and those that end as the rooms hear of the stop:
+    /// until every room task has ended, a room that reports a result waits for it to be
+    /// written), within [`RECORDING_GRACE`].
     async fn finish_recording(&mut self, events: &mut mpsc::Receiver<RoomEvent>) {
-        while let Ok(event) = events.try_recv() {
-            if matches!(event, RoomEvent::Finished { .. }) {
-                self.room_event(event);
+        let deadline = tokio::time::Instant::now() + RECORDING_GRACE;
+        let rooms = self.rooms.clone();
+        let stopped = rooms.stopped();
+        tokio::pin!(stopped);
+        let mut rooms_stopped = false;
+        loop {
+            tokio::select! {
+                Some(event) = events.recv() => {
+                    if matches!(event, RoomEvent::Finished { .. }) {
+                        self.room_event(event);
+                    }
+                }
+                Some(_) = self.recording.join_next(), if !self.recording.is_empty() => {}
+                () = &mut stopped, if !rooms_stopped => rooms_stopped = true,
+                () = tokio::time::sleep_until(deadline) => {
+                    if self.recording.is_empty() {
+                        tracing::warn!("stopped with rooms that had not yet heard of the stop");
+                    } else {
+                        tracing::error!(results = self.recording.len(), "stopped before these match results could be written");
+                    }
+                    return;
+                }
             }
-        }
-        let all = async { while self.recording.join_next().await.is_some() {} };
-        if tokio::time::timeout(RECORDING_GRACE, all).await.is_err() {
-            tracing::error!(results = self.recording.len(), "stopped before these match results could be written");
+            if rooms_stopped && self.recording.is_empty() && events.is_empty() {
+                return;
+            }
         }
     }
 

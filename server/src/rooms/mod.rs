@@ -12,7 +12,7 @@ pub mod link;
 mod room;
 pub mod ticket;
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -150,6 +150,9 @@ struct Shared {
     datagrams: Arc<dyn Datagrams>,
     idle: Mutex<Vec<u32>>,
     stats: RoomStats,
+    /// Room tasks running, and told when one ends ([`Rooms::stopped`]).
+    live: AtomicUsize,
+    ended: tokio::sync::Notify,
 }
 
 type Spawner = dyn Fn(u32, mpsc::Receiver<RoomCommand>, Arc<Shared>) + Send + Sync;
@@ -180,7 +183,17 @@ impl Rooms {
         datagrams: Arc<dyn Datagrams>,
     ) -> Self {
         let stats = RoomStats::default();
-        let shared = Arc::new(Shared { config, tickets, server, events, datagrams, idle: Mutex::default(), stats });
+        let shared = Arc::new(Shared {
+            config,
+            tickets,
+            server,
+            events,
+            datagrams,
+            idle: Mutex::default(),
+            stats,
+            live: AtomicUsize::new(0),
+            ended: tokio::sync::Notify::new(),
+        });
         let spawn: Box<Spawner> = Box::new(|slot, rx, shared| {
             tokio::spawn(room::run::<G>(slot, rx, shared));
         });
@@ -218,6 +231,7 @@ impl Rooms {
                 let (tx, rx) = mpsc::channel(MAILBOX);
                 let slot = slots.len() as u32;
                 slots.push(tx);
+                shared.live.fetch_add(1, Ordering::SeqCst);
                 (self.0.spawn)(slot, rx, Arc::clone(shared));
                 slot
             }
@@ -285,7 +299,20 @@ impl Rooms {
         answer.await.map_err(|_| TicketError::Foreign)?
     }
 
-    /// Stops every room task (their matches end without a result).
+    /// Resolves once every room task has ended, after [`Self::shutdown`]: a room whose match
+    /// ended before it heard of the stop waits for its result to be recorded first.
+    pub async fn stopped(&self) {
+        let shared = &self.0.shared;
+        loop {
+            let ended = shared.ended.notified();
+            if shared.live.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            ended.await;
+        }
+    }
+
+    /// Stops every room task (matches still playing end without a result).
     pub fn shutdown(&self) {
         let slots = std::mem::take(&mut *self.0.slots.write().unwrap_or_else(std::sync::PoisonError::into_inner));
         for slot in slots {
