@@ -12,7 +12,7 @@ pub mod link;
 mod room;
 pub mod ticket;
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -150,9 +150,8 @@ struct Shared {
     datagrams: Arc<dyn Datagrams>,
     idle: Mutex<Vec<u32>>,
     stats: RoomStats,
-    /// Room tasks running, and told when one ends ([`Rooms::stopped`]).
-    live: AtomicUsize,
-    ended: tokio::sync::Notify,
+    /// The room tasks, for [`Rooms::stopped`].
+    tasks: tokio_util::task::TaskTracker,
 }
 
 type Spawner = dyn Fn(u32, mpsc::Receiver<RoomCommand>, Arc<Shared>) + Send + Sync;
@@ -191,11 +190,10 @@ impl Rooms {
             datagrams,
             idle: Mutex::default(),
             stats,
-            live: AtomicUsize::new(0),
-            ended: tokio::sync::Notify::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
         });
         let spawn: Box<Spawner> = Box::new(|slot, rx, shared| {
-            tokio::spawn(room::run::<G>(slot, rx, shared));
+            shared.tasks.spawn(room::run::<G>(slot, rx, Arc::clone(&shared)));
         });
         Self(Arc::new(Inner { shared, modes: G::modes(), slots: RwLock::default(), numbers: AtomicU32::new(1), spawn }))
     }
@@ -231,7 +229,6 @@ impl Rooms {
                 let (tx, rx) = mpsc::channel(MAILBOX);
                 let slot = slots.len() as u32;
                 slots.push(tx);
-                shared.live.fetch_add(1, Ordering::SeqCst);
                 (self.0.spawn)(slot, rx, Arc::clone(shared));
                 slot
             }
@@ -302,14 +299,9 @@ impl Rooms {
     /// Resolves once every room task has ended, after [`Self::shutdown`]: a room whose match
     /// ended before it heard of the stop waits for its result to be recorded first.
     pub async fn stopped(&self) {
-        let shared = &self.0.shared;
-        loop {
-            let ended = shared.ended.notified();
-            if shared.live.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            ended.await;
-        }
+        let tasks = &self.0.shared.tasks;
+        tasks.close();
+        tasks.wait().await;
     }
 
     /// Stops every room task (matches still playing end without a result).

@@ -34,15 +34,6 @@ enum Flow {
 }
 
 pub(super) async fn run<G: Game>(slot: u32, mut rx: mpsc::Receiver<RoomCommand>, shared: Arc<Shared>) {
-    /// Counts the task out however it ends.
-    struct Live(Arc<Shared>);
-    impl Drop for Live {
-        fn drop(&mut self) {
-            self.0.live.fetch_sub(1, Ordering::SeqCst);
-            self.0.ended.notify_waiters();
-        }
-    }
-    let _live = Live(Arc::clone(&shared));
     while let Some(command) = rx.recv().await {
         match command {
             RoomCommand::Start(assignment) => {
