@@ -41,6 +41,14 @@ fn position(state: &Value) -> Option<(i32, i32)> {
     Some((me["x"].as_i64()? as i32, me["y"].as_i64()? as i32))
 }
 
+/// `b`'s player holds "down" until it has moved.
+async fn moves_down(b: &Browser, what: &str) {
+    let before = position(&state(b).await).unwrap();
+    key(b, "KeyS", true).await;
+    b.wait_until(what, || async { position(&state(b).await) != Some(before) }).await;
+    key(b, "KeyS", false).await;
+}
+
 /// The tiles from `from` to `to`, stepping to neighbours that are not walls.
 fn path(from: (i32, i32), to: (i32, i32)) -> Vec<(i32, i32)> {
     let mut came_from = HashMap::from([(from, from)]);
@@ -173,10 +181,7 @@ async fn without_webrtc_in_the_page_the_match_is_played_over_the_websocket() {
     assert_eq!(s["data_channel_frames"], 0, "{s}");
     on_the_data_channel(&carol).await;
     // Dave moves, and Carol's prediction and Dave's inputs over the WebSocket agree.
-    let before = position(&state(&dave).await).unwrap();
-    key(&dave, "KeyS", true).await;
-    dave.wait_until("dave moves", || async { position(&state(&dave).await) != Some(before) }).await;
-    key(&dave, "KeyS", false).await;
+    moves_down(&dave, "dave moves").await;
     carol.close().await;
     dave.close().await;
     server.stop().await;
@@ -204,10 +209,7 @@ async fn over_https_players_without_webrtc_play_over_the_secure_websocket() {
         })
         .await;
     }
-    let before = position(&state(&frank).await).unwrap();
-    key(&frank, "KeyS", true).await;
-    frank.wait_until("frank moves", || async { position(&state(&frank).await) != Some(before) }).await;
-    key(&frank, "KeyS", false).await;
+    moves_down(&frank, "frank moves").await;
     erin.close().await;
     frank.close().await;
     server.stop().await;
@@ -312,10 +314,7 @@ async fn play_a_short_duel_over_webrtc(first: &Browser, second: &Browser) {
         b.find("#game[data-state='playing']").await;
         on_the_data_channel(b).await;
     }
-    let before = position(&state(second).await).unwrap();
-    key(second, "KeyS", true).await;
-    second.wait_until("the second player moves", || async { position(&state(second).await) != Some(before) }).await;
-    key(second, "KeyS", false).await;
+    moves_down(second, "the second player moves").await;
     for b in [first, second] {
         b.find_within("#result:not([hidden])", Duration::from_secs(30)).await;
     }
