@@ -171,16 +171,13 @@ impl OutboundQueue {
     /// expiry is independent of send limits.
     pub(crate) fn expired_inflight(&self, now: Instant) -> Vec<u32> {
         self.inflight
-            .sorted
             .iter()
-            .copied()
-            .filter(|tsn| {
-                self.inflight.get(*tsn).is_some_and(|c| {
-                    !c.abandoned
-                        && c.deadline.is_some_and(|deadline| now >= deadline)
-                        && (!c.acked || self.pending.contains_message(c.message_id))
-                })
+            .filter(|c| {
+                !c.abandoned
+                    && c.deadline.is_some_and(|deadline| now >= deadline)
+                    && (!c.acked || self.pending.contains_message(c.message_id))
             })
+            .map(|c| c.tsn)
             .collect()
     }
 
@@ -205,11 +202,10 @@ impl OutboundQueue {
     }
 
     pub(crate) fn earliest_outstanding_tsn(&self) -> Option<u32> {
-        self.inflight.sorted.iter().copied().find(|tsn| {
-            self.inflight
-                .get(*tsn)
-                .is_some_and(|c| !c.acked && !c.abandoned)
-        })
+        self.inflight
+            .iter()
+            .find(|c| !c.acked && !c.abandoned)
+            .map(|c| c.tsn)
     }
 
     pub(crate) fn inflight_len(&self) -> usize {

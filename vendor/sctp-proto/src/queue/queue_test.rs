@@ -37,7 +37,7 @@ fn test_payload_queue_push_no_check() -> Result<()> {
     assert_eq!(3, pq.len(), "item count mismatch");
 
     for i in 0..3 {
-        assert!(!pq.sorted.is_empty(), "should not be empty");
+        assert!(!pq.is_empty(), "should not be empty");
         let c = pq.pop(i);
         assert!(c.is_some(), "pop should succeed");
         if let Some(c) = c {
@@ -48,14 +48,14 @@ fn test_payload_queue_push_no_check() -> Result<()> {
     assert_eq!(0, pq.get_num_bytes(), "total bytes mismatch");
     assert_eq!(0, pq.len(), "item count mismatch");
 
-    assert!(pq.sorted.is_empty(), "should be empty");
+    assert!(pq.is_empty(), "should be empty");
     pq.push_no_check(make_payload(3, 13));
     assert_eq!(13, pq.get_num_bytes(), "total bytes mismatch");
     pq.push_no_check(make_payload(4, 14));
     assert_eq!(27, pq.get_num_bytes(), "total bytes mismatch");
 
     for i in 3..5 {
-        assert!(!pq.sorted.is_empty(), "should not be empty");
+        assert!(!pq.is_empty(), "should not be empty");
         let c = pq.pop(i);
         assert!(c.is_some(), "pop should succeed");
         if let Some(c) = c {
@@ -1317,4 +1317,35 @@ fn test_queue_front_pop_then_reorder_across_wrap() -> Result<()> {
     assert_eq!(pq.get_num_bytes(), 0);
     assert_eq!(rq.get_num_bytes(), 0);
     Ok(())
+}
+
+// Rallypoint patch: the queue is one deque in TSN order (see `PayloadQueue`).
+#[test]
+fn test_payload_queue_keeps_tsn_order_whatever_the_push_order() {
+    let mut pq = PayloadQueue::new();
+    // Out of order, across the wrap, with a gap (u32::MAX + 3 = 2 is missing).
+    for tsn in [u32::MAX, 3, u32::MAX - 1, 1, 0] {
+        assert!(pq.push(make_payload(tsn, 10), u32::MAX - 2));
+    }
+    // A duplicate and an old one are refused and reported.
+    assert!(!pq.push(make_payload(1, 10), u32::MAX - 2));
+    assert!(!pq.push(make_payload(u32::MAX - 2, 10), u32::MAX - 2));
+    assert_eq!(pq.pop_duplicates(), vec![1, u32::MAX - 2]);
+    let order: Vec<u32> = pq.iter().map(|c| c.tsn).collect();
+    assert_eq!(order, vec![u32::MAX - 1, u32::MAX, 0, 1, 3]);
+    for tsn in &order {
+        assert_eq!(pq.get(*tsn).map(|c| c.tsn), Some(*tsn));
+    }
+    assert!(pq.get(2).is_none());
+    assert_eq!(pq.get_num_bytes(), 50);
+    // Pushed again without the check, a TSN replaces its chunk (and its byte count).
+    pq.push_no_check(make_payload(0, 4));
+    assert_eq!((pq.len(), pq.get_num_bytes()), (5, 44));
+    assert_eq!(pq.mark_as_acked(3), 10);
+    assert_eq!(pq.get_num_bytes(), 34);
+    pq.pop_up_to(0);
+    assert_eq!(pq.iter().map(|c| c.tsn).collect::<Vec<_>>(), vec![1, 3]);
+    assert_eq!(pq.get_num_bytes(), 10);
+    assert!(pq.pop(3).is_none(), "only the oldest pops");
+    assert_eq!(pq.pop(1).map(|c| c.tsn), Some(1));
 }
