@@ -12,7 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -22,6 +22,7 @@ use axum::{Extension, Router};
 use axum_extra::extract::CookieJar;
 use axum_extra::extract::cookie::{Cookie, SameSite};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::services::ServeDir;
 use tower_http::timeout::TimeoutLayer;
@@ -121,6 +122,29 @@ impl FromRequestParts<Arc<App>> for MaybeSession {
     }
 }
 
+/// A posted form whose CSRF token matches the cookie's: a handler that takes one cannot forget
+/// the check. A body that does not parse is [`AppError::BadForm`]; a token that does not match
+/// is [`AppError::Csrf`].
+pub(crate) struct CheckedForm<T>(T);
+
+/// A form that carries the CSRF token.
+pub(crate) trait WithCsrf {
+    fn csrf(&self) -> &str;
+}
+
+impl<T: DeserializeOwned + WithCsrf> FromRequest<Arc<App>> for CheckedForm<T> {
+    type Rejection = AppError;
+
+    async fn from_request(request: Request, app: &Arc<App>) -> Result<Self, AppError> {
+        let jar = CookieJar::from_headers(request.headers());
+        let axum::Form(form) = axum::Form::<T>::from_request(request, app).await.map_err(|_| AppError::BadForm)?;
+        if !csrf::verify(&app.config, &jar, form.csrf()) {
+            return Err(AppError::Csrf);
+        }
+        Ok(Self(form))
+    }
+}
+
 fn session_cookie(config: &crate::config::Config) -> &'static str {
     if config.secure_cookies { "__Host-rp_session" } else { "rp_session" }
 }
@@ -171,6 +195,12 @@ pub(crate) struct AuthForm {
     csrf: String,
 }
 
+impl WithCsrf for AuthForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
 async fn register_form(State(app): AppState, jar: CookieJar, MaybeSession(s): MaybeSession) -> Response {
     if s.is_some() {
         return Redirect::to("/play").into_response();
@@ -192,12 +222,8 @@ async fn register(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     jar: CookieJar,
-    form: Result<axum::Form<AuthForm>, axum::extract::rejection::FormRejection>,
+    CheckedForm(form): CheckedForm<AuthForm>,
 ) -> Result<Response, AppError> {
-    let axum::Form(form) = form.map_err(|_| AppError::BadForm)?;
-    if !csrf::verify(&app.config, &jar, &form.csrf) {
-        return Err(AppError::Csrf);
-    }
     let ip = client_ip(&app, &headers, peer);
     let error = match app.accounts.register(&form.username, &form.password, &form.password_confirm, ip).await {
         Ok(new) => return Ok(signed_in(&app, jar, new).await),
@@ -224,12 +250,8 @@ async fn login(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     jar: CookieJar,
-    form: Result<axum::Form<AuthForm>, axum::extract::rejection::FormRejection>,
+    CheckedForm(form): CheckedForm<AuthForm>,
 ) -> Result<Response, AppError> {
-    let axum::Form(form) = form.map_err(|_| AppError::BadForm)?;
-    if !csrf::verify(&app.config, &jar, &form.csrf) {
-        return Err(AppError::Csrf);
-    }
     let ip = client_ip(&app, &headers, peer);
     let (status, retry_after, message) = match app.accounts.login(&form.username, &form.password, ip).await {
         Ok(new) => return Ok(signed_in(&app, jar, new).await),
@@ -273,16 +295,18 @@ pub(crate) struct CsrfForm {
     csrf: String,
 }
 
+impl WithCsrf for CsrfForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
 async fn logout(
     State(app): AppState,
     jar: CookieJar,
     MaybeSession(session): MaybeSession,
-    form: Result<axum::Form<CsrfForm>, axum::extract::rejection::FormRejection>,
+    _: CheckedForm<CsrfForm>,
 ) -> Result<Response, AppError> {
-    let axum::Form(form) = form.map_err(|_| AppError::BadForm)?;
-    if !csrf::verify(&app.config, &jar, &form.csrf) {
-        return Err(AppError::Csrf);
-    }
     if let Some(session) = session {
         app.accounts.end_session(session.key).await?;
         let _ = app.hub.end_sessions(vec![session.key]).await;
@@ -369,14 +393,9 @@ async fn account(
 
 async fn end_other_sessions(
     State(app): AppState,
-    jar: CookieJar,
     MaybeSession(session): MaybeSession,
-    form: Result<axum::Form<CsrfForm>, axum::extract::rejection::FormRejection>,
+    _: CheckedForm<CsrfForm>,
 ) -> Result<Response, AppError> {
-    let axum::Form(form) = form.map_err(|_| AppError::BadForm)?;
-    if !csrf::verify(&app.config, &jar, &form.csrf) {
-        return Err(AppError::Csrf);
-    }
     let Some(session) = session else {
         return Ok(Redirect::to("/login").into_response());
     };
