@@ -37,6 +37,12 @@ async fn find_match(p: &mut Player, mode: &str) -> String {
     p.hub.match_found(WAIT).await.unwrap().1
 }
 
+/// Both queue for a duel together, and each takes their seat over the room WebSocket.
+async fn seat_both(a: &mut Player, b: &mut Player) -> (Room<Arena>, Room<Arena>) {
+    let (ta, tb) = tokio::join!(find_match(a, "duel"), find_match(b, "duel"));
+    (a.client.room::<Arena>(&ta).await.unwrap(), b.client.room::<Arena>(&tb).await.unwrap())
+}
+
 /// Plays (walking right, shooting) until the match ends; returns the outcome and ratings and
 /// the snapshots seen.
 pub(crate) async fn play_out(room: &mut Room<Arena>) -> (Outcome, Vec<shared::room::RatingChange>, u32) {
@@ -68,9 +74,7 @@ async fn two_players_go_from_the_queue_to_a_recorded_result() {
     let server = TestServer::start_with(quick).await;
     let mut a = player(&server, "alice").await;
     let mut b = player(&server, "bob").await;
-    let (ta, tb) = tokio::join!(find_match(&mut a, "duel"), find_match(&mut b, "duel"));
-    let mut ra = a.client.room::<Arena>(&ta).await.unwrap();
-    let mut rb = b.client.room::<Arena>(&tb).await.unwrap();
+    let (mut ra, mut rb) = seat_both(&mut a, &mut b).await;
     assert_eq!(ra.players, rb.players);
     assert_ne!(ra.seat, rb.seat);
     assert_eq!(ra.tick_hz, 30);
@@ -99,9 +103,7 @@ async fn a_match_that_ends_as_the_server_stops_is_still_recorded() {
     let server = TestServer::start_with(quick).await;
     let mut a = player(&server, "leaver").await;
     let mut b = player(&server, "stayer").await;
-    let (ta, tb) = tokio::join!(find_match(&mut a, "duel"), find_match(&mut b, "duel"));
-    let mut ra = a.client.room::<Arena>(&ta).await.unwrap();
-    let _rb = b.client.room::<Arena>(&tb).await.unwrap();
+    let (mut ra, _rb) = seat_both(&mut a, &mut b).await;
     while !matches!(ra.recv_timeout(WAIT).await.unwrap(), FromRoom::<Arena>::Snapshot { .. }) {}
     // One player leaves: the match ends, and the hub (which frees both players as it takes
     // the result) writes it while the server is asked to stop.
@@ -122,9 +124,7 @@ async fn snapshots_carry_the_last_input_applied_and_only_what_the_player_sees() 
     let server = TestServer::start_with(quick).await;
     let mut a = player(&server, "seer").await;
     let mut b = player(&server, "seen").await;
-    let (ta, tb) = tokio::join!(find_match(&mut a, "duel"), find_match(&mut b, "duel"));
-    let mut ra = a.client.room::<Arena>(&ta).await.unwrap();
-    let _rb = b.client.room::<Arena>(&tb).await.unwrap();
+    let (mut ra, _rb) = seat_both(&mut a, &mut b).await;
     // Like a browser, start sending once play has started (the first snapshot).
     while !matches!(ra.recv_timeout(WAIT).await.unwrap(), FromRoom::<Arena>::Snapshot { .. }) {}
     // Three inputs at once: two are taken this tick, the third is dropped and, as a client
@@ -241,9 +241,7 @@ async fn malformed_frames_are_dropped_counted_and_repeated_ones_close_the_connec
     let server = TestServer::start_with(quick).await;
     let mut a = player(&server, "garbler").await;
     let mut b = player(&server, "victim").await;
-    let (ta, tb) = tokio::join!(find_match(&mut a, "duel"), find_match(&mut b, "duel"));
-    let mut ra = a.client.room::<Arena>(&ta).await.unwrap();
-    let mut rb = b.client.room::<Arena>(&tb).await.unwrap();
+    let (mut ra, mut rb) = seat_both(&mut a, &mut b).await;
     let stats = server.running.app.hub.rooms().stats();
     ra.send_raw(vec![0, 255, 255, 255, 255, 255]).await.unwrap();
     // Still playing: snapshots keep coming.
@@ -268,9 +266,7 @@ async fn a_flood_of_pings_is_held_to_the_message_limit() {
     let server = TestServer::start_with(quick).await;
     let mut a = player(&server, "pinger").await;
     let mut b = player(&server, "bystander").await;
-    let (ta, tb) = tokio::join!(find_match(&mut a, "duel"), find_match(&mut b, "duel"));
-    let mut ra = a.client.room::<Arena>(&ta).await.unwrap();
-    let mut rb = b.client.room::<Arena>(&tb).await.unwrap();
+    let (mut ra, mut rb) = seat_both(&mut a, &mut b).await;
     // Each ping costs the server a pong: past the burst (180), the connection is closed.
     for _ in 0..400 {
         if ra.send_ws(Message::Ping(vec![0; 125].into())).await.is_err() {
@@ -286,9 +282,7 @@ async fn inputs_far_ahead_or_far_behind_are_dropped_and_counted() {
     let server = TestServer::start_with(quick).await;
     let mut a = player(&server, "cheater").await;
     let mut b = player(&server, "honest").await;
-    let (ta, tb) = tokio::join!(find_match(&mut a, "duel"), find_match(&mut b, "duel"));
-    let mut ra = a.client.room::<Arena>(&ta).await.unwrap();
-    let _rb = b.client.room::<Arena>(&tb).await.unwrap();
+    let (mut ra, _rb) = seat_both(&mut a, &mut b).await;
     let input = ArenaInput { buttons: ArenaInput::RIGHT, aim_x: 1, aim_y: 0 };
     // Wait for play to start, then send inputs far ahead in sequence and far off in time.
     while !matches!(ra.recv_timeout(WAIT).await.unwrap(), FromRoom::<Arena>::Snapshot { .. }) {}
@@ -634,9 +628,7 @@ async fn a_leave_sent_as_the_connection_closes_gives_the_seat_up_at_once() {
     .await;
     let mut a = player(&server, "quitter").await;
     let mut b = player(&server, "remains").await;
-    let (ta, tb) = tokio::join!(find_match(&mut a, "duel"), find_match(&mut b, "duel"));
-    let mut ra = a.client.room::<Arena>(&ta).await.unwrap();
-    let mut rb = b.client.room::<Arena>(&tb).await.unwrap();
+    let (mut ra, mut rb) = seat_both(&mut a, &mut b).await;
     while !matches!(ra.recv_timeout(WAIT).await.unwrap(), FromRoom::<Arena>::Snapshot { .. }) {}
     ra.send(&ToRoom::Leave).await.unwrap();
     ra.close().await;
@@ -671,9 +663,7 @@ async fn every_match_a_player_is_told_has_ended_is_recorded_when_the_server_stop
         for i in 0..DUELS {
             let mut a = player(&server, &format!("goes{round}_{i}")).await;
             let mut b = player(&server, &format!("stays{round}_{i}")).await;
-            let (ta, tb) = tokio::join!(find_match(&mut a, "duel"), find_match(&mut b, "duel"));
-            let mut ra = a.client.room::<Arena>(&ta).await.unwrap();
-            let rb = b.client.room::<Arena>(&tb).await.unwrap();
+            let (mut ra, rb) = seat_both(&mut a, &mut b).await;
             while !matches!(ra.recv_timeout(WAIT).await.unwrap(), FromRoom::<Arena>::Snapshot { .. }) {}
             leavers.push((a, ra));
             stayers.push((b, rb));
