@@ -357,6 +357,9 @@ async fn account_page_shows_sessions_and_ends_the_others() {
     assert!(matches!(closed, Err(ClientError::Closed { code: 4001, .. })), "{closed:?}");
     let page = here.http().get(format!("{}/account", server.base)).send().await.unwrap().text().await.unwrap();
     assert!(page.contains("<dd>1</dd>"));
+    // The ended session's cookie gets nowhere now.
+    let response = there.http().get(format!("{}/play", server.base)).send().await.unwrap();
+    assert_eq!(location(&response), "/login");
 }
 
 #[tokio::test]
