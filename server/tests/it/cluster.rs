@@ -8,7 +8,7 @@ use rallypoint_load::client::{Client, Hub};
 use rallypoint_load::services::{Nats, fresh_postgres_database};
 use shared::hub::{ClientMsg, ServerMsg, close};
 
-use crate::support::{TestServer, expect_close};
+use crate::support::{TestServer, expect_close, location};
 
 /// A NATS server and a PostgreSQL database for one cluster.
 async fn backing() -> (Nats, String) {
@@ -125,8 +125,7 @@ async fn logging_out_on_one_instance_closes_that_session_on_every_instance() {
     let replay = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
     for base in [&a.base, &b.base] {
         let response = replay.get(format!("{base}/play")).header("cookie", &cookie).send().await.unwrap();
-        let location = response.headers().get("location").and_then(|l| l.to_str().ok());
-        assert_eq!(location, Some("/login"), "{base}: {}", response.status());
+        assert_eq!(location(&response), "/login", "{base}: {}", response.status());
     }
     b.stop().await;
     a.stop().await;

@@ -4,13 +4,9 @@ use std::time::Duration;
 
 use rallypoint_load::client::{ClientError, page_message};
 use reqwest::StatusCode;
-use reqwest::header::{LOCATION, RETRY_AFTER, SET_COOKIE};
+use reqwest::header::{RETRY_AFTER, SET_COOKIE};
 
-use crate::support::{PASSWORD, TestServer};
-
-fn location(response: &reqwest::Response) -> String {
-    response.headers().get(LOCATION).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default()
-}
+use crate::support::{PASSWORD, TestServer, location};
 
 fn refused(result: Result<(), ClientError>) -> (StatusCode, String) {
     match result {

@@ -137,3 +137,8 @@ pub async fn expect_close(hub: &mut rallypoint_load::client::Hub, code: u16) {
         other => panic!("expected close {code}, got {other:?}"),
     }
 }
+
+/// Where a redirect points; empty for a response that is not one.
+pub(crate) fn location(response: &reqwest::Response) -> String {
+    response.headers().get(reqwest::header::LOCATION).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default()
+}
